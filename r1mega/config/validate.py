@@ -1,0 +1,142 @@
+"""Cross-field checks on a composed config, run before any process group starts.
+
+Each failure names the keys involved and says what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from r1mega.config.schema import R1Config
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the keys and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError on the first rule the config breaks."""
+    _check_model(cfg)
+    _check_parallel(cfg, world_size)
+    _check_optimizer(cfg)
+    _check_data(cfg, world_size)
+
+
+def _one_of(value, allowed, key: str) -> None:
+    _check(value in allowed, f"{key}={value!r} is not one of {sorted(map(str, allowed))}")
+
+
+def _check_model(cfg: R1Config) -> None:
+    m = cfg.model
+    _one_of(m.arch, {"qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v3"}, "model.arch")
+    _one_of(m.dtype, {"fp32", "bf16", "fp16"}, "model.dtype")
+    _one_of(m.attention_backend, {"auto", "te", "flash", "sdpa"}, "model.attention_backend")
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "vocab_size"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(
+        m.num_attention_heads % m.num_query_groups == 0,
+        f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
+        f"model.num_query_groups={m.num_query_groups}",
+    )
+    if m.head_dim is None:
+        _check(
+            m.hidden_size % m.num_attention_heads == 0,
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}; set model.head_dim",
+        )
+    if m.moe is not None:
+        e = m.moe
+        _check(1 <= e.router_topk <= e.num_experts,
+               f"model.moe.router_topk={e.router_topk} must be in [1, model.moe.num_experts={e.num_experts}]")
+        _one_of(e.score_function, {"softmax", "sigmoid"}, "model.moe.score_function")
+        _one_of(e.token_dispatcher, {"allgather", "alltoall"}, "model.moe.token_dispatcher")
+        _check(0 <= e.first_k_dense < m.num_layers,
+               f"model.moe.first_k_dense={e.first_k_dense} must be below model.num_layers={m.num_layers}")
+    if m.fp8.format is not None:
+        _one_of(m.fp8.format, {"hybrid", "e4m3"}, "model.fp8.format")
+        _one_of(m.fp8.recipe, {"delayed", "tensorwise", "blockwise", "mxfp8"}, "model.fp8.recipe")
+        _check(m.dtype == "bf16", "model.fp8.format needs model.dtype=bf16")
+    if m.mla is not None:
+        _check(m.attention_backend in ("auto", "te", "sdpa"),
+               "model.mla (multi-latent attention) runs on the te or sdpa attention backend")
+
+
+def _check_parallel(cfg: R1Config, world_size: Optional[int]) -> None:
+    p, m = cfg.parallel, cfg.model
+    for key in ("tp", "pp", "ep", "cp"):
+        _check(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _check(
+        m.num_attention_heads % p.tp == 0,
+        f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    _check(
+        m.num_query_groups % p.tp == 0,
+        f"parallel.tp={p.tp} must divide model.num_query_groups={m.num_query_groups} (KV heads); "
+        f"use a tp that divides both head counts",
+    )
+    if p.ep > 1:
+        _check(m.moe is not None, f"parallel.ep={p.ep} needs an MoE model (model.moe is unset)")
+    if m.moe is not None:
+        _check(
+            m.moe.num_experts % p.ep == 0,
+            f"parallel.ep={p.ep} must divide model.moe.num_experts={m.moe.num_experts}",
+        )
+    if m.moe is not None and p.tp > 1:
+        _check(p.sequence_parallel, "an MoE model with parallel.tp > 1 needs parallel.sequence_parallel=true "
+               "(megatron's MoE layer requires it under tensor parallelism)")
+    if p.pipeline_layout is not None:
+        _check(len(p.pipeline_layout) == p.pp,
+               f"parallel.pipeline_layout has {len(p.pipeline_layout)} stages but parallel.pp={p.pp}")
+        _check(sum(p.pipeline_layout) == m.num_layers,
+               f"parallel.pipeline_layout sums to {sum(p.pipeline_layout)} layers, "
+               f"model.num_layers={m.num_layers}")
+    else:
+        _check(
+            m.num_layers % p.pp == 0,
+            f"parallel.pp={p.pp} must divide model.num_layers={m.num_layers}, "
+            f"or give parallel.pipeline_layout (layers per stage)",
+        )
+    _check(p.sequence_parallel is False or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+    if p.cp > 1:
+        _check(m.attention_backend in ("auto", "te"), "parallel.cp > 1 needs Transformer Engine attention")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size is not None:
+        _check(
+            world_size % model_parallel == 0,
+            f"world size {world_size} must equal parallel.tp x pp x cp x dp = {p.tp} x {p.pp} x "
+            f"{p.cp} x dp: {world_size} is not a multiple of {model_parallel}",
+        )
+        etp = p.etp or p.tp
+        _check(
+            world_size % (etp * p.ep * p.pp) == 0,
+            f"world size {world_size} is not a multiple of parallel.etp x ep x pp = "
+            f"{etp} x {p.ep} x {p.pp}",
+        )
+
+
+def _check_optimizer(cfg: R1Config) -> None:
+    o = cfg.optimizer
+    _one_of(o.name, {"adam", "sgd"}, "optimizer.name")
+    _one_of(o.decay_style, {"constant", "linear", "cosine"}, "optimizer.decay_style")
+    _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
+    _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+
+
+def _check_data(cfg: R1Config, world_size: Optional[int]) -> None:
+    d = cfg.data
+    _check(d.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
+    if world_size is not None:
+        p = cfg.parallel
+        dp = world_size // (p.tp * p.pp * p.cp)
+        unit = d.micro_batch_size * dp
+        _check(
+            d.global_batch_size % unit == 0,
+            f"data.global_batch_size={d.global_batch_size} must be a multiple of "
+            f"data.micro_batch_size x dp = {d.micro_batch_size} x {dp}",
+        )

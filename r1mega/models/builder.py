@@ -1,0 +1,204 @@
+"""Build megatron-core GPTModel chunks from the model config, one per (virtual) pipeline stage."""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.models.specs import decoder_block_spec, resolve_backend
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """megatron TransformerConfig for a Llama/Qwen-style decoder (dense, MoE or MLA)."""
+    on_gpu = torch.cuda.is_available()
+    dtype = DTYPES[model.dtype]
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim or model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Initialise the full weight then split it: the same seed gives the same model
+        # under every TP/EP layout, which the layout-parity tests rely on.
+        use_cpu_initialization=True,
+        # Fusions below are CUDA kernels (apex / TE / triton); megatron falls back to torch.
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    if parallel.pipeline_layout is not None:
+        kwargs["pipeline_model_parallel_layout"] = _pipeline_layout(parallel.pipeline_layout)
+    if model.moe is not None:
+        kwargs.update(_moe_kwargs(model))
+    if model.fp8.format is not None:
+        kwargs.update(
+            fp8=model.fp8.format,
+            fp8_recipe=model.fp8.recipe,
+            fp8_param=model.fp8.param,
+            fp8_amax_history_len=model.fp8.amax_history_len,
+            fp8_amax_compute_algo=model.fp8.amax_compute_algo,
+        )
+    if model.mla is not None:
+        mla = model.mla
+        kwargs.update(
+            multi_latent_attention=True,
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_head_dim=mla.qk_head_dim,
+            qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_type="rope",
+            rotary_base=model.rotary_base,
+        )
+        return MLATransformerConfig(**kwargs)
+    return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(model: ModelConfig) -> dict:
+    e = model.moe
+    pattern = [0] * e.first_k_dense + [1] * (model.num_layers - e.first_k_dense)
+    out = dict(
+        num_moe_experts=e.num_experts,
+        moe_ffn_hidden_size=e.ffn_hidden_size,
+        moe_router_topk=e.router_topk,
+        moe_shared_expert_intermediate_size=e.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=e.shared_expert_gate,
+        moe_router_score_function=e.score_function,
+        moe_router_pre_softmax=e.pre_softmax,
+        moe_router_enable_expert_bias=e.expert_bias,
+        moe_router_topk_scaling_factor=e.topk_scaling_factor,
+        moe_router_num_groups=e.num_groups,
+        moe_router_group_topk=e.group_topk,
+        moe_aux_loss_coeff=e.aux_loss_coeff,
+        moe_router_load_balancing_type=e.load_balancing_type,
+        moe_z_loss_coeff=e.z_loss_coeff,
+        moe_layer_freq=pattern,
+        moe_grouped_gemm=e.grouped_gemm and resolve_backend(model.attention_backend) == "te",
+        moe_token_dispatcher_type=e.token_dispatcher,
+        moe_router_dtype=e.router_dtype,
+    )
+    if e.dense_ffn_hidden_size is not None:
+        out["ffn_hidden_size"] = e.dense_ffn_hidden_size
+    return out
+
+
+def _pipeline_layout(layers_per_stage: List[int]) -> list:
+    """[2, 3, 3] -> megatron layout: embedding on the first stage, loss on the last."""
+    stages = [["decoder"] * n for n in layers_per_stage]
+    stages[0].insert(0, "embedding")
+    stages[-1].append("loss")
+    return stages
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
+    """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
+    config = transformer_config(model, parallel)
+    backend = resolve_backend(model.attention_backend)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    vpp = parallel.vpp or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        vp = vp_stage if parallel.vpp else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, backend, pp_rank=pp_rank, vp_stage=vp),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="none" if model.mla is not None else "rope",
+            rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling_factor is not None,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0,
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def parameter_counts(model: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters of the full model, from the config alone."""
+    h, L, V = model.hidden_size, model.num_layers, model.vocab_size
+    head_dim = model.head_dim or h // model.num_attention_heads
+    q = model.num_attention_heads * head_dim
+    kv = model.num_query_groups * head_dim
+    attn = h * (q + 2 * kv) + q * h
+    if model.add_qkv_bias:
+        attn += q + 2 * kv
+    if model.qk_layernorm:
+        attn += 2 * head_dim
+    if model.mla is not None:
+        attn = _mla_params(model)
+    norms = 2 * h
+    embed = V * h * (1 if model.tie_word_embeddings else 2) + h
+    if model.moe is None:
+        dense = L * (attn + 3 * h * model.ffn_hidden_size + norms)
+        return embed + dense, embed + dense
+    e = model.moe
+    k = e.first_k_dense
+    dense_ffn = 3 * h * (e.dense_ffn_hidden_size or model.ffn_hidden_size)
+    expert = 3 * h * e.ffn_hidden_size
+    shared = 3 * h * (e.shared_expert_ffn_hidden_size or 0)
+    router = h * e.num_experts
+    moe_layer_total = attn + norms + router + shared + e.num_experts * expert
+    moe_layer_active = attn + norms + router + shared + e.router_topk * expert
+    dense_layers = k * (attn + norms + dense_ffn)
+    total = embed + dense_layers + (L - k) * moe_layer_total
+    active = embed + dense_layers + (L - k) * moe_layer_active
+    return total, active
+
+
+def _mla_params(model: ModelConfig) -> int:
+    m, h, n = model.mla, model.hidden_size, model.num_attention_heads
+    qk = m.qk_head_dim + m.qk_pos_emb_head_dim
+    if m.q_lora_rank is None:
+        q = h * n * qk
+    else:
+        q = h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * n * qk
+    kv = h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) + m.kv_lora_rank
+    kv += m.kv_lora_rank * n * (m.qk_head_dim + m.v_head_dim)
+    return q + kv + n * m.v_head_dim * h
+
+
+def local_parameter_count(chunks: List[torch.nn.Module]) -> int:
+    return sum(p.numel() for c in chunks for p in c.parameters())

@@ -1,0 +1,75 @@
+"""Layer-spec choice: what is installed decides the backend.
+
+Transformer Engine spec when TE imports (required for FP8); else megatron's local spec
+with a flash-attn core attention on CUDA when flash-attn imports; else torch SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@functools.cache
+def have_transformer_engine() -> bool:
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE build (ABI mismatch) is treated as absent
+        return False
+    return True
+
+
+@functools.cache
+def have_flash_attn() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(requested: str) -> str:
+    """auto -> te | flash | sdpa by what imports; an explicit choice must be available."""
+    available = {"te": have_transformer_engine(), "flash": have_flash_attn(), "sdpa": True}
+    if requested == "auto":
+        return next(name for name in ("te", "flash", "sdpa") if available[name])
+    if not available[requested]:
+        raise RuntimeError(
+            f"model.attention_backend={requested} is not available here "
+            f"(transformer_engine: {available['te']}, flash_attn: {available['flash']}); use auto"
+        )
+    return requested
+
+
+def decoder_block_spec(
+    config: TransformerConfig, backend: str, pp_rank: int | None = None, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """Per-layer specs of this pipeline stage, dense and MoE layers as config.moe_layer_freq says."""
+    use_te = backend == "te"
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    if not use_te:
+        core = _core_attention_module(backend)
+        for layer in block.layer_specs:
+            _set_core_attention(layer, core)
+    return block
+
+
+def _core_attention_module(backend: str) -> type:
+    if backend == "flash":
+        from r1mega.models.flash_attention import FlashAttention
+
+        return FlashAttention
+    from r1mega.models.attention import SDPAttention
+
+    return SDPAttention
+
+
+def _set_core_attention(layer: ModuleSpec, core: type) -> None:
+    attn = layer.submodules.self_attention.submodules
+    attn.core_attention = core

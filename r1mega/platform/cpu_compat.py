@@ -1,0 +1,171 @@
+"""Make megatron-core 0.16 run on CPU with gloo.
+
+megatron-core assumes CUDA in many places. Everything r1mega does to run it without a GPU
+lives here, is applied once by `install()` and only when CUDA is absent; each measure names
+the upstream code it covers. On a CUDA machine this module changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, bool):
+        return False
+    if isinstance(dev, int):  # torch.cuda.current_device() returns an int index
+        return True
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites device="cuda"/int arguments to CPU, and Tensor.cuda() to a no-op.
+
+    Covers megatron-core's tensor factories with `device=torch.cuda.current_device()`
+    (e.g. rotary_pos_embedding.get_emb, moe token dispatchers, optimizer buffers,
+    distributed.param_and_grad_buffer) and `.cuda()` calls on CPU tensors.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _InertStream:
+    """Stand-in for torch.cuda.Stream/ExternalStream: work on CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_event(self, *args, **kwargs) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event or _InertEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _InertEvent:
+    """Stand-in for torch.cuda.Event (megatron timers, overlapped grad reduce, offloading)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    """Give torch.cuda inert stream/event/sync functions and a CPU-backed RNG.
+
+    megatron-core calls torch.cuda.current_device() (175 sites), Stream/Event/synchronize
+    (pipeline_parallel.schedules, distributed.param_and_grad_buffer, timers) and the CUDA
+    RNG (tensor_parallel.random) unconditionally.
+    """
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.Stream = _InertStream
+    cuda.ExternalStream = _InertStream
+    cuda.Event = _InertEvent
+    cuda.current_stream = lambda *a, **k: _InertStream()
+    cuda.default_stream = lambda *a, **k: _InertStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    # CudaRNGStatesTracker.add seeds, reads and restores "the CUDA RNG"; the CPU generator
+    # stands in so each tracked stream (data-, tensor-, expert-parallel) stays distinct.
+    # (torch.manual_seed itself calls cuda.manual_seed_all, which must stay a no-op.)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed) and None
+    cuda.manual_seed_all = lambda seed: None
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+
+
+def _patch_megatron() -> None:
+    """Point megatron-core's CUDA-only helpers at CPU equivalents."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # tensor_parallel.random._get/_set_cuda_rng_state read torch.cuda.default_generators;
+    # the CudaRNGStatesTracker swaps states through them, so back them with the CPU RNG.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # transformer.moe.moe_utils imports te_general_gemm from megatron.core.extensions
+    # inside a try block whose except branch never binds the name (NameError without TE).
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+
+
+def install() -> None:
+    """Apply every CPU measure once; no-op when CUDA is available."""
+    global _INSTALLED, _MODE
+    if _INSTALLED or torch.cuda.is_available():
+        return
+    _patch_torch_cuda()
+    _patch_megatron()
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _INSTALLED = True
+
+
+def installed() -> bool:
+    return _INSTALLED

@@ -1,0 +1,102 @@
+"""Process-group and megatron parallel_state setup: the one place that picks device and backend."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from r1mega.config.schema import ParallelConfig
+from r1mega.platform import cpu_compat
+from r1mega.platform.env import DistEnv, read_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a rank knows about where it runs after `initialize`."""
+
+    env: DistEnv
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    ep: int
+    cp: int
+    dp: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def device_and_backend(env: DistEnv) -> tuple[torch.device, str]:
+    """CUDA + NCCL when GPUs exist, else CPU + gloo."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> Runtime:
+    """Start the process group, megatron's parallel_state and the RNG trackers."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    env = env or read_env()
+    device, backend = device_and_backend(env)
+    if backend == "gloo":
+        cpu_compat.install()
+    else:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
+    seed_everything(seed)
+    dp = parallel_state.get_data_parallel_world_size()
+    return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron's model-parallel RNG trackers.
+
+    The same seed on every rank keeps replicated weights identical; megatron's tracker
+    derives distinct streams for tensor- and expert-parallel regions from it.
+    """
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down parallel_state and the process group (tests start several in one process)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,66 @@
+"""Start N local ranks of a function on this host (CPU runs, tests), like a minimal torchrun."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable, List
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    try:
+        # Results travel as torch.save bytes: torch's shared-memory tensor pickling would
+        # hand over file descriptors that die with this process.
+        buf = io.BytesIO()
+        torch.save(fn(*args), buf)
+        queue.put((rank, True, buf.getvalue()))
+    except BaseException:  # report every failure, then let the parent raise it
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0) -> List[Any]:
+    """Run fn(*args) on nproc ranks; return each rank's result, or raise the first failure.
+
+    Uses fork, so ranks reuse the parent's imports (megatron-core and transformers take
+    seconds each to import); the parent must not have started a process group itself.
+    """
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nproc, port, fn, args, queue)) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failures = []
+    try:
+        for _ in range(nproc):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                failures.append((rank, value))
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failures else 60)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        rank, tb = failures[0]
+        raise RuntimeError(f"rank {rank} of {nproc} failed:\n{tb}")
+    return [results[r] for r in range(nproc)]
