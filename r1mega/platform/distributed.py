@@ -53,6 +53,9 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
     device, backend = device_and_backend(env)
     if backend == "gloo":
         cpu_compat.install()
+        # Ranks on one host share its cores; oversubscribed intra-op threads slow all of them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
