@@ -11,9 +11,12 @@ import importlib.util
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from r1mega.models.norm import RMSNorm
 
 
 @functools.cache
@@ -56,7 +59,8 @@ def decoder_block_spec(
     if not use_te:
         core = _core_attention_module(backend)
         for layer in block.layer_specs:
-            _set_core_attention(layer, core)
+            _localize(layer, core)
+        block.layer_norm = RMSNorm
     return block
 
 
@@ -70,6 +74,13 @@ def _core_attention_module(backend: str) -> type:
     return SDPAttention
 
 
-def _set_core_attention(layer: ModuleSpec, core: type) -> None:
-    attn = layer.submodules.self_attention.submodules
+def _localize(layer: ModuleSpec, core: type) -> None:
+    """Our core attention and RMSNorm in place of megatron's local ones (see their docstrings)."""
+    sub = layer.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    attn = sub.self_attention.submodules
     attn.core_attention = core
+    for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+        if getattr(attn, name, None) not in (None, IdentityOp):
+            setattr(attn, name, RMSNorm)

@@ -12,6 +12,10 @@ from typing import Any, Callable, List
 import torch
 
 
+PRELOAD = ["torch", "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
+           "r1mega.platform.distributed"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,10 +40,12 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
 def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0) -> List[Any]:
     """Run fn(*args) on nproc ranks; return each rank's result, or raise the first failure.
 
-    Uses fork, so ranks reuse the parent's imports (megatron-core and transformers take
-    seconds each to import); the parent must not have started a process group itself.
+    Ranks fork from a forkserver that has imported torch and megatron-core once (they take
+    seconds to import); a plain fork of a parent that already ran torch's OpenMP thread
+    pool can deadlock in the child's first parallel matmul. fn must be picklable.
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, nproc, port, fn, args, queue)) for r in range(nproc)]

@@ -1,0 +1,145 @@
+"""HF config.json <-> r1mega ModelConfig for the supported families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from r1mega.config.schema import ModelConfig, MoEConfig
+
+# HF architecture -> r1mega arch
+ARCHS = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+HF_ARCH = {v: k for k, v in ARCHS.items()}
+MODEL_TYPE = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe"}
+
+
+class UnsupportedModelError(ValueError):
+    """An HF checkpoint whose architecture or options r1mega cannot convert."""
+
+
+def read_hf_config(path: str | Path) -> Dict[str, Any]:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json in the HF checkpoint folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def _rope_theta(hf: Dict[str, Any]) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: Dict[str, Any], where: str) -> float | None:
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedModelError(f"{where}: rope_type={kind!r} is not supported (default, llama3)")
+    # megatron's rope_scaling implements Llama 3.1's rule with these constants.
+    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for key, value in expected.items():
+        if float(scaling.get(key, value)) != value:
+            raise UnsupportedModelError(f"{where}: llama3 rope {key}={scaling[key]} (supported: {value})")
+    return float(scaling["factor"])
+
+
+def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConfig:
+    """ModelConfig for the HF checkpoint at `path` (config.json only)."""
+    hf = read_hf_config(path)
+    where = str(Path(path) / "config.json")
+    archs = hf.get("architectures") or []
+    arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"{where}: architectures={archs} not supported; r1mega converts {sorted(ARCHS)}"
+        )
+    heads = hf["num_attention_heads"]
+    cfg = ModelConfig(
+        name=name or Path(path).name,
+        arch=arch,
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rotary_base=_rope_theta(hf),
+        rope_scaling_factor=_rope_scaling(hf, where),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        qk_layernorm=arch in ("qwen3", "qwen3_moe"),
+        add_qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{where}: hidden_act={hf['hidden_act']} (supported: silu)")
+    if arch == "qwen3_moe":
+        cfg.moe = _qwen3_moe(hf, where)
+    return cfg
+
+
+def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(f"{where}: dense layers inside Qwen3-MoE (mlp_only_layers, "
+                                    f"decoder_sparse_step) are not supported")
+    return MoEConfig(
+        num_experts=hf.get("num_experts") or hf["num_local_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=hf["num_experts_per_tok"],
+        score_function="softmax",
+        # norm_topk_prob: softmax over the top-k logits == renormalised top-k probabilities.
+        pre_softmax=not hf.get("norm_topk_prob", False),
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
+    )
+
+
+def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
+    """config.json content for exporting `cfg` in HF format."""
+    if cfg.arch not in HF_ARCH:
+        raise UnsupportedModelError(f"model.arch={cfg.arch} has no HF export (supported: {sorted(HF_ARCH)})")
+    hf: Dict[str, Any] = {
+        "architectures": [HF_ARCH[cfg.arch]],
+        "model_type": MODEL_TYPE[cfg.arch],
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype],
+    }
+    if cfg.arch == "llama":
+        hf["attention_bias"] = cfg.add_qkv_bias
+        if cfg.rope_scaling_factor is not None:
+            hf["rope_scaling"] = {
+                "rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            }
+    if cfg.arch == "qwen3":
+        hf["attention_bias"] = cfg.add_qkv_bias
+    if cfg.arch == "qwen3_moe":
+        e = cfg.moe
+        hf.update(
+            num_experts=e.num_experts, num_local_experts=e.num_experts,
+            moe_intermediate_size=e.ffn_hidden_size, num_experts_per_tok=e.router_topk,
+            norm_topk_prob=not e.pre_softmax, decoder_sparse_step=1, mlp_only_layers=[],
+            router_aux_loss_coef=e.aux_loss_coeff, attention_bias=cfg.add_qkv_bias,
+        )
+    return hf

@@ -1,0 +1,194 @@
+"""Load HF weights into megatron-core chunks and export them back, shard-aware.
+
+Each rank reads only the slices of its own tensor-parallel shard, pipeline stage and
+experts; export gathers each parameter over its tensor-parallel group and lets one rank
+per replica write it. The HF family comes from r1mega.checkpoint.hf_mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.checkpoint.hf_config import hf_config_from_model
+from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, publish, write_index
+from r1mega.checkpoint.hf_mapping import Rule, rule_for
+from r1mega.config.schema import ModelConfig
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
+    """(name, parameter, rule) for every parameter of this rank, in a rank-independent order."""
+    num_local = 0
+    if model.moe is not None:
+        num_local = model.moe.num_experts // ps.get_expert_model_parallel_world_size()
+    expert_offset = ps.get_expert_model_parallel_rank() * num_local
+    for chunk in map(_unwrap, chunks):
+        for name, param in chunk.named_parameters():
+            layer_number = None
+            if name.startswith("decoder.layers."):
+                local = int(name.split(".")[2])
+                layer_number = chunk.decoder.layers[local].layer_number
+            yield name, param, rule_for(name, layer_number, expert_offset, model)
+
+
+def _tp(rule: Rule) -> Tuple[int, int, object]:
+    if rule.is_expert:
+        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_tensor_parallel_group())
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_group())
+
+
+def _is_split(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+# ---------------------------------------------------------------- HF -> megatron
+
+
+def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig, hf_path: str | Path) -> None:
+    """Copy this rank's shard of every parameter from the HF checkpoint at `hf_path`."""
+    with HFReader(hf_path) as reader, torch.no_grad():
+        for name, param, rule in _named_params(chunks, model):
+            shard = _read_shard(reader, param, rule, model)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{reader.path}: {' + '.join(rule.hf_names)} gives shape {tuple(shard.shape)} for "
+                    f"{name}, which has shape {tuple(param.shape)} here (model config or layout mismatch)"
+                )
+            param.copy_(shard.to(param.dtype))
+
+
+def _read_shard(reader: HFReader, param: torch.Tensor, rule: Rule, model: ModelConfig) -> torch.Tensor:
+    rank, size, _ = _tp(rule)
+    if not _is_split(param):
+        return reader.read(rule.hf_names[0])
+    if rule.layout == "plain":
+        dim = param.partition_dim
+        n = reader.shape(rule.hf_names[0])[dim]
+        return reader.read(rule.hf_names[0], dim, *_rows(n, rank, size))
+    if rule.layout == "glu":
+        parts = []
+        for hf in rule.hf_names:
+            n = reader.shape(hf)[0]
+            parts.append(reader.read(hf, 0, *_rows(n, rank, size)))
+        return torch.cat(parts, dim=0)
+    return _read_qkv(reader, rule, model, rank, size)
+
+
+def _rows(n: int, rank: int, size: int) -> Tuple[int, int]:
+    if n % size:
+        raise CheckpointError(f"dimension {n} does not split into {size} tensor-parallel shards")
+    return rank * n // size, (rank + 1) * n // size
+
+
+def _read_qkv(reader: HFReader, rule: Rule, model: ModelConfig, rank: int, size: int) -> torch.Tensor:
+    """Rows of this rank's query groups, interleaved [q heads of g, k of g, v of g] per group."""
+    groups = model.num_query_groups // size
+    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    q_per_group = model.num_attention_heads // model.num_query_groups
+    g0 = rank * groups
+    q_name, k_name, v_name = rule.hf_names
+    q = reader.read(q_name, 0, g0 * q_per_group * head_dim, (g0 + groups) * q_per_group * head_dim)
+    k = reader.read(k_name, 0, g0 * head_dim, (g0 + groups) * head_dim)
+    v = reader.read(v_name, 0, g0 * head_dim, (g0 + groups) * head_dim)
+    tail = q.shape[1:]
+    q = q.reshape(groups, q_per_group * head_dim, *tail)
+    k = k.reshape(groups, head_dim, *tail)
+    v = v.reshape(groups, head_dim, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+# ---------------------------------------------------------------- megatron -> HF
+
+
+def iter_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, bool]]:
+    """(hf_name, full tensor, this rank writes it) for this rank's stage and experts.
+
+    Every rank must consume the iterator: the tensor-parallel gathers are collective.
+    Tied output weights on the last stage are skipped (they are the embedding).
+    """
+    writer_dense = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(
+        with_context_parallel=True) == 0
+    writer_expert = ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
+    for name, param, rule in _named_params(chunks, model):
+        if name == "output_layer.weight" and model.tie_word_embeddings:
+            continue
+        full = _gather(param, rule)
+        writes = writer_expert if rule.is_expert else writer_dense
+        for hf_name, tensor in zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1])):
+            yield hf_name, tensor, writes
+
+
+def _gather(param: torch.Tensor, rule: Rule) -> torch.Tensor:
+    _, size, group = _tp(rule)
+    if size == 1 or not _is_split(param):
+        return param.detach()
+    parts = [torch.empty_like(param) for _ in range(size)]
+    dist.all_gather(parts, param.detach().contiguous(), group=group)
+    if rule.layout == "glu":  # each shard is [gate_r; up_r]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def _split_hf(full: torch.Tensor, rule: Rule, model: ModelConfig, tp_size: int) -> List[torch.Tensor]:
+    if rule.layout == "plain":
+        return [full]
+    if rule.layout == "glu":
+        return list(full.chunk(2, dim=0))
+    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    q_per_group = model.num_attention_heads // model.num_query_groups
+    tail = full.shape[1:]
+    grouped = full.reshape(model.num_query_groups, (q_per_group + 2) * head_dim, *tail)
+    q, k, v = grouped.split([q_per_group * head_dim, head_dim, head_dim], dim=1)
+    return [x.reshape(-1, *tail) for x in (q, k, v)]
+
+
+def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Path,
+            max_shard_bytes: int = 2 << 30) -> None:
+    """Write the model as an HF checkpoint folder (safetensors shards + index + config.json).
+
+    Every rank calls this. Files go to `<out_dir>.tmp` and the folder is renamed once complete.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    writer = ShardWriter(tmp, f"model-rank{rank:05d}", max_shard_bytes)
+    total = 0
+    for hf_name, tensor, writes in iter_hf_tensors(chunks, model):
+        if writes:
+            writer.add(hf_name, tensor)
+            total += tensor.numel() * tensor.element_size()
+    writer.flush()
+    maps = [(writer.weight_map, total)]
+    if dist.is_initialized():
+        maps = [None] * dist.get_world_size()
+        dist.all_gather_object(maps, (writer.weight_map, total))
+    if rank == 0:
+        weight_map = {k: v for m, _ in maps for k, v in m.items()}
+        write_index(tmp, weight_map, sum(t for _, t in maps))
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model), indent=2))
+        publish(tmp, out)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

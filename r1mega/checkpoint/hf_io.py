@@ -1,0 +1,138 @@
+"""Reading and writing HF safetensors checkpoints tensor by tensor, slices only where asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatched checkpoint; the message names the file and tensor."""
+
+
+class HFReader:
+    """Lazy access to the tensors of an HF checkpoint folder (single file or sharded index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: HF checkpoint folder does not exist")
+        self.files = self._index()
+        self._stack = ExitStack()
+        self._open: Dict[str, object] = {}
+
+    def _index(self) -> Dict[str, str]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            return dict(weight_map)
+        single = self.path / SINGLE
+        if not single.is_file():
+            raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
+        with self._safe_open(single) as f:
+            return {name: SINGLE for name in f.keys()}
+
+    def _safe_open(self, file: Path):
+        try:
+            return safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError, Exception) as e:  # safetensors raises several types
+            raise CheckpointError(f"{file}: cannot open as safetensors ({e})") from None
+
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        file = self.files[name]
+        if file not in self._open:
+            path = self.path / file
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {INDEX} for {name!r} does not exist")
+            self._open[file] = self._stack.enter_context(self._safe_open(path))
+        return self._open[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def shape(self, name: str) -> List[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """Tensor `name`, or only rows [start, stop) along `dim` (read from disk, not sliced after)."""
+        handle = self._handle(name)
+        try:
+            if start is None:
+                return handle.get_tensor(name)
+            view = handle.get_slice(name)
+            index = [slice(None)] * len(view.get_shape())
+            index[dim] = slice(start, stop)
+            return view[tuple(index)]
+        except (SafetensorError, Exception) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.path / self.files[name]}: cannot read tensor {name!r} ({e})") from None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardWriter:
+    """Writes (name, tensor) pairs into safetensors files of about `max_bytes` each."""
+
+    def __init__(self, folder: Path, prefix: str, max_bytes: int = 2 << 30):
+        self.folder, self.prefix, self.max_bytes = folder, prefix, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.weight_map: Dict[str, str] = {}
+        self.count = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        file = f"{self.prefix}-{self.count:05d}.safetensors"
+        save_file(self.pending, str(self.folder / file), metadata={"format": "pt"})
+        self.weight_map.update({name: file for name in self.pending})
+        self.pending, self.pending_bytes = {}, 0
+        self.count += 1
+
+
+def write_index(folder: Path, weight_map: Dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Make a completely written folder visible under its final name (replacing an old one)."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
