@@ -59,9 +59,12 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
     where = str(Path(path) / "config.json")
     archs = hf.get("architectures") or []
     arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
+    if arch is None and not archs:  # a bare config.json names only its model_type
+        arch = {v: k for k, v in MODEL_TYPE.items()}.get(hf.get("model_type"))
     if arch is None:
         raise UnsupportedModelError(
-            f"{where}: architectures={archs} not supported; r1mega converts {sorted(ARCHS)}"
+            f"{where}: architectures={archs} (model_type={hf.get('model_type')!r}) not supported; "
+            f"r1mega converts {sorted(ARCHS)}"
         )
     heads = hf["num_attention_heads"]
     cfg = ModelConfig(

@@ -1,0 +1,60 @@
+"""What every entry point does the same way: load config, start ranks, report errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch.distributed as dist
+
+from r1mega.config.loader import load_config, to_yaml
+from r1mega.config.schema import R1Config
+from r1mega.config.validate import ConfigError, validate
+from r1mega.platform.env import read_env
+from r1mega.platform.launch import spawn
+
+log = logging.getLogger("r1mega")
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr, then exit."""
+    print(f"r1mega: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None]) -> None:
+    """Load and validate the config, then run rank_main on every rank.
+
+    Under torchrun or Slurm this process is one rank. Started bare with parallel.nproc > 1,
+    it spawns that many local ranks itself (CPU runs, quick checks).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    env = read_env()
+    try:
+        cfg = load_config(argv)
+        nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
+        validate(cfg, nproc or env.world_size)  # now with the world size this run will have
+    except ConfigError as e:
+        fail(str(e))
+    if nproc and nproc > 1:
+        spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
+    else:
+        rank_main(cfg)
+
+
+def share_output_dir(cfg: R1Config) -> Path:
+    """Rank 0's output folder on every rank (ranks resolve ${now:...} at different instants)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [cfg.trainer.output_dir]
+        dist.broadcast_object_list(box, src=0)
+        cfg.trainer.output_dir = box[0]
+    out = Path(cfg.trainer.output_dir)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "config.yaml.tmp"
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, out / "config.yaml")
+    return out

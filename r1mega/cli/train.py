@@ -1,0 +1,31 @@
+"""`r1mega-train`: the main job. Hydra overrides on the command line, e.g.
+
+    r1mega-train model=qwen2.5-1.5b parallel.tp=2 optimizer.lr=1e-6
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1mega.cli.common import launch, share_output_dir
+from r1mega.config.schema import R1Config
+
+
+def rank_main(cfg: R1Config) -> None:
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.lm_loop import train
+
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        share_output_dir(cfg)
+        train(cfg, runtime)
+    finally:
+        destroy()
+
+
+def main() -> None:
+    launch(sys.argv[1:], rank_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Config composition, overrides and the cross-field rules, plus the CLI's one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from r1mega.config.loader import load_config
+from r1mega.config.validate import ConfigError
+
+
+def test_default_and_overrides():
+    cfg = load_config(["model=qwen2.5-1.5b", "parallel.tp=2", "optimizer.lr=1e-6"], world_size=2)
+    assert (cfg.model.name, cfg.model.num_layers, cfg.parallel.tp, cfg.optimizer.lr) == ("qwen2.5-1.5b", 28, 2, 1e-6)
+    assert cfg.model.moe is None
+
+
+def test_every_model_preset_composes():
+    from r1mega.config.loader import CONF_DIR
+
+    for preset in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
+        cfg = load_config([f"model={preset}"])
+        assert cfg.model.name == preset
+
+
+def test_moe_preset_is_typed():
+    cfg = load_config(["model=qwen3-moe-30b-a3b", "parallel.ep=8", "parallel.tp=2",
+                       "parallel.sequence_parallel=true", "data.global_batch_size=64"], world_size=16)
+    assert cfg.model.moe.num_experts == 128 and cfg.model.moe.router_topk == 8
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallel.tp=3"], 3, "parallel.tp=3 must divide model.num_attention_heads=4"),
+    (["parallel.tp=4"], 4, "model.num_query_groups=2"),
+    (["model=tiny_moe", "parallel.ep=3"], 3, "parallel.ep=3 must divide model.moe.num_experts=8"),
+    (["parallel.pp=3"], 3, "parallel.pp=3 must divide model.num_layers=4"),
+    (["parallel.tp=2"], 3, "world size 3"),
+    (["parallel.tpp=2"], None, "Key 'tpp' not in 'ParallelConfig'"),
+    (["optimizer.lr=fast"], None, "optimizer.lr"),
+    (["model=nope"], None, "model/nope"),
+    (["parallel.ep=2"], 2, "needs an MoE model"),
+    (["model=tiny_moe", "parallel.tp=2"], 2, "sequence_parallel"),
+    (["data.global_batch_size=12"], 1, "data.global_batch_size=12"),
+])
+def test_bad_configs_are_refused(overrides, world, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(overrides, world_size=world)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_pipeline_layout_rules():
+    cfg = load_config(["parallel.pp=3", "parallel.pipeline_layout=[2,1,1]"], world_size=3)
+    assert cfg.parallel.pipeline_layout == [2, 1, 1]
+    with pytest.raises(ConfigError, match="sums to 5"):
+        load_config(["parallel.pp=3", "parallel.pipeline_layout=[2,2,1]"], world_size=3)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["parallel.tp=3", "parallel.nproc=3"], "parallel.tp=3 must divide"),
+    (["parallel.tpp=2"], "Key 'tpp' not in 'ParallelConfig'"),
+    (["model=tiny_moe", "parallel.ep=3", "parallel.nproc=3"], "parallel.ep=3 must divide"),
+])
+def test_cli_exits_with_one_line(args, needle):
+    proc = subprocess.run([sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("r1mega: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]

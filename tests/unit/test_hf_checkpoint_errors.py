@@ -1,0 +1,76 @@
+"""Bad HF checkpoints and configs get errors that name the file and tensor."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from r1mega.checkpoint.hf_config import UnsupportedModelError, hf_config_from_model, model_config_from_hf
+from r1mega.checkpoint.hf_io import CheckpointError, HFReader
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        HFReader(tmp_path / "nope")
+
+
+def test_no_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        HFReader(tmp_path)
+
+
+def test_corrupt_file_names_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        HFReader(tmp_path)
+
+
+def test_missing_tensor_and_missing_shard(tmp_path):
+    save_file({"a": torch.randn(4, 2)}, str(tmp_path / "part-1.safetensors"))
+    index = {"weight_map": {"a": "part-1.safetensors", "b": "part-2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    reader = HFReader(tmp_path)
+    assert reader.read("a", 0, 1, 3).shape == (2, 2)
+    with pytest.raises(CheckpointError, match="'zzz' is missing"):
+        reader.read("zzz")
+    with pytest.raises(CheckpointError, match="part-2.safetensors.*'b'"):
+        reader.read("b")
+
+
+def test_truncated_file(tmp_path):
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        HFReader(tmp_path).read("w")
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        model_config_from_hf(tmp_path)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model_config_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama", "qwen3_moe"])
+def test_config_roundtrip_through_transformers(tmp_path, kind):
+    """Our exported config.json loads in transformers and maps back to the same ModelConfig."""
+    from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+    make = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "qwen3_moe": Qwen3MoeConfig}[kind]
+    extra = {"qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)}
+    hf = make(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **extra.get(kind, {}))
+    hf.save_pretrained(tmp_path / "a")
+    cfg = model_config_from_hf(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps(hf_config_from_model(cfg)))
+    again = AutoConfig.from_pretrained(tmp_path / "b")
+    assert type(again).__name__ == type(hf).__name__
+    back = model_config_from_hf(tmp_path / "b", name=cfg.name)
+    assert back == cfg
