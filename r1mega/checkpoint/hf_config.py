@@ -16,6 +16,7 @@ ARCHS = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 HF_ARCH = {v: k for k, v in ARCHS.items()}
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MODEL_TYPE = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe"}
 
 
@@ -84,6 +85,7 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
         qk_layernorm=arch in ("qwen3", "qwen3_moe"),
         add_qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dtype=_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "fp32"),
     )
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{where}: hidden_act={hf['hidden_act']} (supported: silu)")
@@ -126,7 +128,7 @@ def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
         "rope_theta": cfg.rotary_base,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",
-        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype],
+        "torch_dtype": {v: k for k, v in _DTYPES.items()}[cfg.dtype],
     }
     if cfg.arch == "llama":
         hf["attention_bias"] = cfg.add_qkv_bias

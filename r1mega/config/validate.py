@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from r1mega.config.schema import R1Config
+from r1mega.config.schema import ModelConfig, ParallelConfig, R1Config
 
 
 class ConfigError(ValueError):
@@ -21,8 +21,8 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
-    _check_model(cfg)
-    _check_parallel(cfg, world_size)
+    check_model(cfg.model)
+    check_layout(cfg.model, cfg.parallel, world_size)
     _check_optimizer(cfg)
     _check_data(cfg, world_size)
 
@@ -31,8 +31,8 @@ def _one_of(value, allowed, key: str) -> None:
     _check(value in allowed, f"{key}={value!r} is not one of {sorted(map(str, allowed))}")
 
 
-def _check_model(cfg: R1Config) -> None:
-    m = cfg.model
+def check_model(m: ModelConfig) -> None:
+    """Rules of the model config alone."""
     _one_of(m.arch, {"qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v3"}, "model.arch")
     _one_of(m.dtype, {"fp32", "bf16", "fp16"}, "model.dtype")
     _one_of(m.attention_backend, {"auto", "te", "flash", "sdpa"}, "model.attention_backend")
@@ -67,14 +67,16 @@ def _check_model(cfg: R1Config) -> None:
                "model.mla (multi-latent attention) runs on the te or sdpa attention backend")
 
 
-def _check_parallel(cfg: R1Config, world_size: Optional[int]) -> None:
-    p, m = cfg.parallel, cfg.model
+def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = None) -> None:
+    """Does the parallel layout fit the model (and the world size, when known)?"""
     for key in ("tp", "pp", "ep", "cp"):
         _check(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _check(
         m.num_attention_heads % p.tp == 0,
         f"parallel.tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}",
     )
+    _check(m.vocab_size % p.tp == 0,
+           f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size} (vocab-parallel embedding)")
     _check(
         m.num_query_groups % p.tp == 0,
         f"parallel.tp={p.tp} must divide model.num_query_groups={m.num_query_groups} (KV heads); "

@@ -1,0 +1,10 @@
+# The two commands of the README's quick start.
+.PHONY: train test
+
+train:  ## set up, then run the default job (tiny model, built-in task, CPU or GPU)
+	bash scripts/setup.sh
+	.venv/bin/r1mega-train $(ARGS)
+
+test:   ## set up with test dependencies, then run the test suite
+	bash scripts/setup.sh dev
+	bash scripts/test.sh

@@ -1,0 +1,86 @@
+"""`r1mega-convert`: HF <-> megatron checkpoints under any parallel layout.
+
+    r1mega-convert hf-to-mcore src=/ckpt/Qwen3-8B dst=/ckpt/qwen3-8b-mcore parallel.tp=2 parallel.nproc=2
+    r1mega-convert mcore-to-hf src=/ckpt/qwen3-8b-mcore dst=/ckpt/Qwen3-8B-export
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from r1mega.checkpoint.hf_config import model_config_from_hf
+from r1mega.checkpoint.mcore import read_model_config
+from r1mega.cli.common import fail
+from r1mega.config.loader import compose_config, to_config
+from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.config.validate import ConfigError, check_layout, check_model
+from r1mega.platform.env import read_env
+from r1mega.platform.launch import spawn
+
+DIRECTIONS = ("hf-to-mcore", "mcore-to-hf")
+
+
+@dataclass
+class ConvertConfig:
+    src: str = "???"
+    dst: str = "???"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 1234
+
+
+def source_model(direction: str, cfg: ConvertConfig, world_size: int) -> ModelConfig:
+    """The model config of the source checkpoint, checked against the layout before any rank starts."""
+    model = model_config_from_hf(cfg.src) if direction == "hf-to-mcore" else read_model_config(cfg.src)
+    check_model(model)
+    check_layout(model, cfg.parallel, world_size)
+    return model
+
+
+def convert(direction: str, cfg: ConvertConfig, model: ModelConfig) -> None:
+    """One rank's part of the conversion (every rank calls it)."""
+    from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
+    from r1mega.checkpoint.mcore import load_model, save_model
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+
+    initialize(cfg.parallel, cfg.seed)
+    try:
+        chunks = build_model(model, cfg.parallel)
+        if direction == "hf-to-mcore":
+            load_hf_weights(chunks, model, cfg.src)
+            save_model(chunks, model, cfg.dst)
+        else:
+            load_model(chunks, cfg.src)
+            save_hf(chunks, model, cfg.dst)
+    finally:
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in DIRECTIONS:
+        fail(f"usage: r1mega-convert {{{'|'.join(DIRECTIONS)}}} src=PATH dst=PATH [parallel.tp=N ...]")
+    ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
+    try:
+        cfg: ConvertConfig = to_config(compose_config(argv[1:], config_name="convert"))
+    except ConfigError as e:
+        fail(str(e))
+    env = read_env()
+    nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
+    try:
+        model = source_model(argv[0], cfg, nproc or env.world_size)
+        if nproc and nproc > 1:
+            spawn(nproc, convert, argv[0], cfg, model)
+        else:
+            convert(argv[0], cfg, model)
+    except (ValueError, OSError, NotImplementedError, RuntimeError) as e:
+        # CheckpointError / ConfigError / UnsupportedModelError are ValueErrors; a failed
+        # spawned rank arrives as RuntimeError whose last line is the rank's error.
+        fail(str(e).strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install r1mega into it. Usage: scripts/setup.sh [extra,...]  (e.g. dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first: a bare `torch` requirement with no torch installed resolves to a multi-GB
+# build of the newest release; pin the tested one (CUDA build on GPU hosts, CPU elsewhere).
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+extras=${1:-}
+python -m pip install -q -e ".${extras:+[$extras]}"
