@@ -25,13 +25,17 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def setup_logging() -> None:
+    """INFO to stderr; called in each rank (spawned ranks do not inherit the parent's handlers)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+
+
 def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None]) -> None:
     """Load and validate the config, then run rank_main on every rank.
 
     Under torchrun or Slurm this process is one rank. Started bare with parallel.nproc > 1,
     it spawns that many local ranks itself (CPU runs, quick checks).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     env = read_env()
     try:
         cfg = load_config(argv)

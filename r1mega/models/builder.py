@@ -51,8 +51,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        # Initialise the full weight then split it: the same seed gives the same model
-        # under every TP/EP layout, which the layout-parity tests rely on.
+        # Initialise the full weight then split it: the same seed gives the same model under
+        # every TP layout. (Not under EP: experts and later tensors draw differently; parity
+        # checks across EP layouts load shared weights.)
         use_cpu_initialization=True,
         # Fusions below are CUDA kernels (apex / TE / triton); megatron falls back to torch.
         bias_activation_fusion=on_gpu,

@@ -43,6 +43,14 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda,):
             return args[0]
+        if func is torch.Tensor.backward:
+            # handle_torch_function pops this mode while it runs a handler, so calling func
+            # here would run the whole backward pass (megatron's autograd Functions, e.g.
+            # tensor_parallel.mappings._AllToAll / _gather_along_first_dim backward, which
+            # allocate on torch.cuda.current_device()) without it. Re-push it, and run
+            # Tensor.backward's body: torch.autograd.backward ignores modes (_patch_autograd).
+            with self:
+                return _tensor_backward(*args, **kwargs)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
@@ -50,6 +58,30 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.pin_memory:
             return args[0]
         return func(*args, **kwargs)
+
+
+def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    """torch.Tensor.backward without its __torch_function__ check (torch/_tensor.py)."""
+    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
+
+
+def _patch_autograd() -> None:
+    """Let torch.autograd.backward/grad run under the device mode instead of handing themselves to it.
+
+    In torch 2.13 they call handle_torch_function whenever any TorchFunctionMode is active,
+    and handle_torch_function pops the mode for the call: megatron's backward_step
+    (pipeline_parallel.schedules: torch.autograd.backward) would then run every backward
+    node without the cuda -> cpu mapping. Their override check now looks at tensor
+    subclasses only (as without a mode); modes stay on the stack through the backward pass.
+    """
+    import torch.autograd as autograd
+    from torch.overrides import _get_overloaded_args
+
+    # (plain torch.Tensor carries the default __torch_function__: not an override, as in C++.)
+    def has_subclass_override(args) -> bool:
+        return any(type(a) is not torch.Tensor for a in _get_overloaded_args(args))
+
+    autograd.has_torch_function = has_subclass_override
 
 
 class _InertStream:
@@ -154,6 +186,48 @@ def _patch_megatron() -> None:
 
     moe_utils.te_general_gemm = None
 
+    # transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize
+    # turns its all-to-all split sizes into numpy arrays through moe_utils.maybe_move_tensor_to_cpu,
+    # which converts only `tensor.is_cuda` tensors. On CPU the splits stayed torch tensors, and
+    # torch.distributed.all_to_all_single (tensor_parallel.mappings._AllToAll) rejects a tensor
+    # as split sizes (TypeError: it takes a sequence of ints). Give CPU tensors the numpy copy
+    # the CUDA path makes; gloo handles uneven splits given as a sequence.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    upstream = moe_utils.maybe_move_tensor_to_cpu
+
+    @functools.wraps(upstream)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().numpy().copy()
+        return upstream(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # tensor_parallel.mappings._gather_along_first_dim with output_split_sizes (the alltoall
+    # dispatcher's gather over the TP group when TP > 1 and EP > 1, and the backward of its
+    # uneven reduce-scatter) calls torch.distributed.all_gather on unequal tensors, which
+    # ProcessGroupGloo rejects ("invalid tensor size"). Send the whole input to every rank with
+    # all_to_all_single, which gloo runs with uneven splits. (Uneven reduce_scatter works.)
+    from megatron.core.tensor_parallel import mappings
+
+    upstream_gather = mappings._gather_along_first_dim
+
+    @functools.wraps(upstream_gather)
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return upstream_gather(input_, group, output_split_sizes, use_global_buffer)
+        world, rows = group.size(), input_.size(0)
+        output = input_.new_empty([sum(output_split_sizes), *input_.shape[1:]])
+        copies = input_.contiguous().repeat(world, *[1] * (input_.dim() - 1))
+        torch.distributed.all_to_all_single(
+            output, copies, output_split_sizes=[int(n) for n in output_split_sizes],
+            input_split_sizes=[rows] * world, group=group)
+        return output
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+
 
 def install() -> None:
     """Apply every CPU measure once; no-op when CUDA is available."""
@@ -161,6 +235,7 @@ def install() -> None:
     if _INSTALLED or torch.cuda.is_available():
         return
     _patch_torch_cuda()
+    _patch_autograd()
     _patch_megatron()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
