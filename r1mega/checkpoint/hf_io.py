@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open

@@ -126,6 +126,8 @@ def _check_optimizer(cfg: R1Config) -> None:
     o = cfg.optimizer
     _one_of(o.name, {"adam", "sgd"}, "optimizer.name")
     _one_of(o.decay_style, {"constant", "linear", "cosine"}, "optimizer.decay_style")
+    _check(o.name == "adam" or not o.distributed,
+           "optimizer.name=sgd needs optimizer.distributed=false (megatron's distributed optimizer is Adam only)")
     _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
     _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
 

@@ -57,7 +57,13 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = (args[0], "cpu", *args[2:])
         if func is torch.Tensor.pin_memory:
             return args[0]
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and not out.startswith("torch.cuda."):
+            # megatron's optimizers sort and assert parameters by their CUDA type name
+            # (optimizer/distrib_optimizer.py, optimizer/optimizer.py, optimizer/clip_grads.py):
+            # a CPU parameter reads as its CUDA counterpart ('torch.cuda.FloatTensor').
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
 
 
 def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):

@@ -47,7 +47,6 @@ def device_and_backend(env: DistEnv) -> tuple[torch.device, str]:
 def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> Runtime:
     """Start the process group, megatron's parallel_state and the RNG trackers."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     env = env or read_env()
     device, backend = device_and_backend(env)

@@ -1,0 +1,1 @@
+"""Datasets, templates, tokenizers and built-in tasks."""

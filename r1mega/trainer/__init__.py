@@ -1,0 +1,1 @@
+"""Training loops, optimizer and scheduler set-up, metrics."""

@@ -1,0 +1,95 @@
+"""Language-model pre-training loop on the built-in synthetic task: build, resume, step, log, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from r1mega.checkpoint.state import MARKER, latest_checkpoint, load_checkpoint, save_checkpoint
+from r1mega.config.schema import R1Config
+from r1mega.data.synthetic import SyntheticLM
+from r1mega.models.builder import build_model, parameter_counts
+from r1mega.platform.distributed import Runtime
+from r1mega.trainer.lm_step import train_step
+from r1mega.trainer.optimizer import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(cfg: R1Config) -> Path:
+    return Path(cfg.trainer.output_dir) / "checkpoints"
+
+
+def resume_path(cfg: R1Config) -> Optional[Path]:
+    """The checkpoint trainer.load names: None (fresh start), 'auto' (latest here, if any) or a path."""
+    load = cfg.trainer.load
+    if not load:
+        return None
+    if load == "auto":
+        return latest_checkpoint(checkpoint_dir(cfg))
+    path = Path(load)
+    if (path / MARKER).is_file():
+        return path
+    # A checkpoints folder (step_<N>/ and `latest`) stands for its newest checkpoint; anything
+    # else is returned as given, for load_checkpoint to reject with the path in the message.
+    return latest_checkpoint(path) or path
+
+
+def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
+    """Run cfg.trainer.steps optimizer steps (counting those before a resume); return per-step metrics."""
+    if cfg.data.name != "synthetic":
+        raise ValueError(f"data.name={cfg.data.name!r}: the LM loop trains on the built-in 'synthetic' task")
+    total, active = parameter_counts(cfg.model)
+    if runtime.is_main:
+        log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6,
+                 active / 1e6)
+
+    chunks = build_model(cfg.model, cfg.parallel)
+    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.model, cfg.optimizer, cfg.trainer.steps)
+    d = cfg.data
+    data = SyntheticLM(cfg.model.vocab_size, d.seq_length, d.global_batch_size, d.micro_batch_size, d.seed,
+                       parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+
+    step = 0
+    resume = resume_path(cfg)
+    if resume is not None:
+        state = load_checkpoint(resume, ddp_chunks, optimizer, scheduler)
+        data.load_state_dict(state["data"])
+        step = state["step"]
+        if runtime.is_main:
+            log.info("resumed from %s at step %d", resume, step)
+
+    metrics_file = Path(cfg.trainer.output_dir) / "metrics.jsonl"
+    if runtime.is_main:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    tokens_per_step = d.global_batch_size * d.seq_length
+    history: List[Dict[str, float]] = []
+    while step < cfg.trainer.steps:
+        start = time.perf_counter()
+        out = train_step(ddp_chunks, optimizer, scheduler, data.next_micro_batches(), d.seq_length,
+                         d.micro_batch_size)
+        step += 1
+        out = {"step": step, **out, "tokens_per_s": tokens_per_step / (time.perf_counter() - start)}
+        history.append(out)
+        if runtime.is_main:
+            with metrics_file.open("a") as f:  # one line per step: a crash loses at most this one
+                f.write(json.dumps(out) + "\n")
+            if step % cfg.trainer.log_every == 0:
+                log.info("step %d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s",
+                         step, out["loss"], out["grad_norm"], out["lr"], out["tokens_per_s"])
+        every = cfg.trainer.save_every
+        at_end = step == cfg.trainer.steps and cfg.trainer.save_at_end
+        if (every > 0 and step % every == 0) or at_end:
+            path = save_checkpoint(checkpoint_dir(cfg), step, ddp_chunks, optimizer, scheduler,
+                                   data.state_dict())
+            if runtime.is_main:
+                log.info("saved %s", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return history
