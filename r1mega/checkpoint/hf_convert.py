@@ -8,7 +8,6 @@ per replica write it. The HF family comes from r1mega.checkpoint.hf_mapping.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -17,15 +16,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
-from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, publish, write_index
+from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
+from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap
 from r1mega.config.schema import ModelConfig
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
@@ -34,7 +28,7 @@ def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator
     if model.moe is not None:
         num_local = model.moe.num_experts // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local
-    for chunk in map(_unwrap, chunks):
+    for chunk in map(unwrap, chunks):
         for name, param in chunk.named_parameters():
             layer_number = None
             if name.startswith("decoder.layers."):
@@ -164,13 +158,8 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
     Every rank calls this. Files go to `<out_dir>.tmp` and the folder is renamed once complete.
     """
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    writer = ShardWriter(tmp, f"model-rank{rank:05d}", max_shard_bytes)
+    tmp = staging_dir(out)
+    writer = ShardWriter(tmp, f"model-rank{rank():05d}", max_shard_bytes)
     total = 0
     for hf_name, tensor, writes in iter_hf_tensors(chunks, model):
         if writes:
@@ -181,14 +170,9 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
     if dist.is_initialized():
         maps = [None] * dist.get_world_size()
         dist.all_gather_object(maps, (writer.weight_map, total))
-    if rank == 0:
+    if rank() == 0:
         weight_map = {k: v for m, _ in maps for k, v in m.items()}
         write_index(tmp, weight_map, sum(t for _, t in maps))
         (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model), indent=2))
         publish(tmp, out)
-    _barrier()
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()

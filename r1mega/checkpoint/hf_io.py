@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -124,15 +122,3 @@ class ShardWriter:
 def write_index(folder: Path, weight_map: Dict[str, str], total_bytes: int) -> None:
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2))
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Make a completely written folder visible under its final name (replacing an old one)."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)

@@ -6,17 +6,16 @@ checkpoint can be loaded or exported without knowing how it was made.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
-from r1mega.checkpoint.hf_io import CheckpointError, publish
+from r1mega.checkpoint.hf_io import CheckpointError
+from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap
 from r1mega.config.schema import ModelConfig
 
 MODEL_YAML = "model.yaml"
@@ -25,31 +24,20 @@ MODEL_YAML = "model.yaml"
 def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, object]:
     """{'model': ...} for one chunk, {'model0': ..., 'model1': ...} under virtual pipelining."""
     if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path) -> None:
     """Every rank calls this; the folder appears under its name only once complete."""
     final = Path(folder)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = staging_dir(final)
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
-    _barrier()
-    if rank == 0:
+    barrier()
+    if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
         publish(tmp, final)
-    _barrier()
+    barrier()
 
 
 def read_model_config(folder: str | Path) -> ModelConfig:
@@ -71,17 +59,12 @@ def load_model(chunks: List[torch.nn.Module], folder: str | Path) -> None:
     except (Exception, CheckpointException) as e:  # the latter derives from BaseException
         raise CheckpointError(f"{folder}: cannot load model weights ({_last_line(e)})") from None
     for key, chunk in zip(sorted(state), chunks):
-        _unwrap(chunk).load_state_dict(state[key], strict=True)
+        unwrap(chunk).load_state_dict(state[key], strict=True)
 
 
 def _last_line(exc: BaseException) -> str:
     """torch's CheckpointException carries each rank's traceback; its last line is the cause."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 

@@ -13,10 +13,8 @@ layout loads under another. RNG states are per rank and restored only under the 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,7 +27,8 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.distributed.checkpoint.api import CheckpointException
 
-from r1mega.checkpoint.hf_io import CheckpointError, publish
+from r1mega.checkpoint.hf_io import CheckpointError
+from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap, write_text_atomic
 
 MARKER = "r1mega_state.json"  # written last, inside the .tmp folder: its presence means complete
 LATEST = "latest"
@@ -52,12 +51,6 @@ def sharded_metadata() -> Dict[str, Any]:
         "chained_optim_avoid_prefix": True,
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
     }
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _model_keys(n: int) -> List[str]:
@@ -103,7 +96,7 @@ def _rng_object(data: Any) -> ShardedObject:
 
 def _state_dict(chunks, optimizer, scheduler, is_loading: bool, with_rng: bool) -> Dict[str, Any]:
     metadata = sharded_metadata()
-    model_state = {k: _unwrap(c).sharded_state_dict(metadata=metadata)
+    model_state = {k: unwrap(c).sharded_state_dict(metadata=metadata)
                    for k, c in zip(_model_keys(len(chunks)), chunks)}
     state: Dict[str, Any] = dict(model_state)
     state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
@@ -173,11 +166,6 @@ def _patch_torch_adam_step_on_load() -> None:
     cls._r1mega_step_patch = True
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -188,30 +176,20 @@ def save_checkpoint(
 ) -> Path:
     """Every rank calls this; <root>/step_<step> appears only once all ranks have written."""
     root = Path(root)
-    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    final = root / f"step_{step}"
+    tmp = staging_dir(final)
     _prime_optimizer_state(optimizer)  # e.g. every fp16 step so far skipped on overflow
     state = _state_dict(chunks, optimizer, scheduler, is_loading=False, with_rng=True)
     state.update(step=step, data=data_state)
     dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if rank == 0:
+    barrier()
+    if rank() == 0:
         info = {"format": FORMAT, "step": step, "layout": _layout()}
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
         publish(tmp, final)
-        _write_atomic(root / LATEST, final.name + "\n")
-    _barrier()
+        write_text_atomic(root / LATEST, final.name + "\n")
+    barrier()
     return final
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -270,7 +248,7 @@ def load_checkpoint(
     try:
         state = dist_checkpointing.load(template, str(folder))
         for key, chunk in zip(_model_keys(len(chunks)), chunks):
-            _unwrap(chunk).load_state_dict(state[key], strict=True)
+            unwrap(chunk).load_state_dict(state[key], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         _unshare_steps(optimizer)
         scheduler.num_steps = 0  # load_state_dict advances by the saved count from wherever it is

@@ -11,29 +11,24 @@ from typing import Dict, List, Optional
 import torch
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def save_model(chunks: List[torch.nn.Module], folder: str) -> None:
     """Model weights only, as a megatron dist checkpoint (every rank calls this)."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    if dist.get_rank() == 0:
+    from r1mega.checkpoint.mcore import model_sharded_state_dict
+    from r1mega.checkpoint.staging import barrier, rank
+
+    if rank() == 0:
         Path(folder).mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": _unwrap(chunks[0]).sharded_state_dict()}, folder)
-    dist.barrier()
+    barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), folder)
+    barrier()
 
 
 def load_model(chunks: List[torch.nn.Module], folder: str) -> None:
-    from megatron.core import dist_checkpointing
+    from r1mega.checkpoint.mcore import load_model as load
 
-    state = dist_checkpointing.load({"model": _unwrap(chunks[0]).sharded_state_dict()}, folder)
-    _unwrap(chunks[0]).load_state_dict(state["model"])
+    load(chunks, folder)
 
 
 def plain_tensors(folder: str) -> Optional[Dict[str, torch.Tensor]]:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from layout_utils import logits, rel
+
 from r1mega.config.schema import ParallelConfig
 from r1mega.platform.launch import spawn
 
@@ -52,30 +54,6 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _forward(chunks, ids: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocab logits on the last pipeline stage (None elsewhere)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-
-    def step(data_iterator, model):
-        logits = model(ids, positions, None)
-
-        def collect(output):
-            return output.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(output)}
-
-        return logits, collect
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
-            seq_length=ids.shape[1], micro_batch_size=ids.shape[0], forward_only=True,
-        )
-    return out[0]["logits"] if ps.is_pipeline_last_stage() else None
-
-
 def _convert_on_ranks(kinds, tp: int, pp: int, ep: int, paths, ids, out_root: str):
     from r1mega.checkpoint.hf_config import model_config_from_hf
     from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
@@ -90,7 +68,7 @@ def _convert_on_ranks(kinds, tp: int, pp: int, ep: int, paths, ids, out_root: st
             model_cfg = model_config_from_hf(paths[kind])
             chunks = build_model(model_cfg, parallel)
             load_hf_weights(chunks, model_cfg, paths[kind])
-            results[kind] = _forward(chunks, ids[kind])
+            results[kind] = logits(chunks, ids[kind])
             save_hf(chunks, model_cfg, f"{out_root}/{kind}")
     finally:
         destroy()
@@ -127,8 +105,8 @@ def test_logits_and_roundtrip(checkpoints, tmp_path, layout, kinds):
             if got is None:
                 continue
             assert torch.isfinite(got).all()
-            rel = ((got.double() - ref).norm() / ref.norm()).item()
-            assert rel < 1e-5, f"{kind} {layout}: logits relative error {rel:.2e}"
+            error = rel(got, ref)
+            assert error < 1e-5, f"{kind} {layout}: logits relative error {error:.2e}"
         original, exported = _tensors(checkpoints[kind][0]), _tensors(tmp_path / kind)
         assert original.keys() == exported.keys(), f"{kind}: {original.keys() ^ exported.keys()}"
         for name in original:
