@@ -63,8 +63,8 @@ def check_model(m: ModelConfig) -> None:
         _one_of(m.fp8.recipe, {"delayed", "tensorwise", "blockwise", "mxfp8"}, "model.fp8.recipe")
         _check(m.dtype == "bf16", "model.fp8.format needs model.dtype=bf16")
     if m.mla is not None:
-        _check(m.attention_backend in ("auto", "te", "sdpa"),
-               "model.mla (multi-latent attention) runs on the te or sdpa attention backend")
+        _check(m.attention_backend in ("auto", "te"),
+               "model.mla (multi-latent attention) runs on the te attention backend only")
 
 
 def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = None) -> None:

@@ -132,6 +132,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
     config = transformer_config(model, parallel)
     backend = resolve_backend(model.attention_backend)
+    if model.mla is not None and backend != "te":
+        # megatron-core's MLASelfAttention tests its projections against TELinear.
+        raise RuntimeError(f"model {model.name}: multi-latent attention needs Transformer Engine "
+                           f"(not importable here)")
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     vpp = parallel.vpp or 1
     chunks = []
