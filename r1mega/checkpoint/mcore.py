@@ -7,7 +7,7 @@ checkpoint can be loaded or exported without knowing how it was made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -15,17 +15,19 @@ from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.hf_io import CheckpointError
-from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap
+from r1mega.checkpoint.staging import barrier, error_line, publish, rank, staging_dir, unwrap
 from r1mega.config.schema import ModelConfig
 
 MODEL_YAML = "model.yaml"
 
 
-def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> Dict[str, object]:
-    """{'model': ...} for one chunk, {'model0': ..., 'model1': ...} under virtual pipelining."""
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+def model_keys(n: int) -> List[str]:
+    """'model' for one chunk, 'model0', 'model1', ... under virtual pipelining (megatron's names)."""
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def model_sharded_state_dict(chunks: List[torch.nn.Module], metadata: Optional[dict] = None) -> Dict[str, object]:
+    return {k: unwrap(c).sharded_state_dict(metadata=metadata) for k, c in zip(model_keys(len(chunks)), chunks)}
 
 
 def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path) -> None:
@@ -57,14 +59,8 @@ def load_model(chunks: List[torch.nn.Module], folder: str | Path) -> None:
     try:
         state = dist_checkpointing.load(sharded, str(folder))
     except (Exception, CheckpointException) as e:  # the latter derives from BaseException
-        raise CheckpointError(f"{folder}: cannot load model weights ({_last_line(e)})") from None
-    for key, chunk in zip(sorted(state), chunks):
+        raise CheckpointError(f"{folder}: cannot load model weights ({error_line(e)})") from None
+    for key, chunk in zip(model_keys(len(chunks)), chunks):
         unwrap(chunk).load_state_dict(state[key], strict=True)
-
-
-def _last_line(exc: BaseException) -> str:
-    """torch's CheckpointException carries each rank's traceback; its last line is the cause."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
 
 

@@ -48,6 +48,18 @@ def publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def error_line(exc: BaseException) -> str:
+    """The cause in one line; torch's CheckpointException carries each rank's traceback, cause last."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if isinstance(exc, CheckpointException):
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -28,7 +28,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.distributed.checkpoint.api import CheckpointException
 
 from r1mega.checkpoint.hf_io import CheckpointError
-from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap, write_text_atomic
+from r1mega.checkpoint.mcore import model_keys, model_sharded_state_dict
+from r1mega.checkpoint.staging import barrier, error_line, publish, rank, staging_dir, unwrap, write_text_atomic
 
 MARKER = "r1mega_state.json"  # written last, inside the .tmp folder: its presence means complete
 LATEST = "latest"
@@ -51,10 +52,6 @@ def sharded_metadata() -> Dict[str, Any]:
         "chained_optim_avoid_prefix": True,
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
     }
-
-
-def _model_keys(n: int) -> List[str]:
-    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
 
 
 def _layout() -> Dict[str, int]:
@@ -96,8 +93,7 @@ def _rng_object(data: Any) -> ShardedObject:
 
 def _state_dict(chunks, optimizer, scheduler, is_loading: bool, with_rng: bool) -> Dict[str, Any]:
     metadata = sharded_metadata()
-    model_state = {k: unwrap(c).sharded_state_dict(metadata=metadata)
-                   for k, c in zip(_model_keys(len(chunks)), chunks)}
+    model_state = model_sharded_state_dict(chunks, metadata)
     state: Dict[str, Any] = dict(model_state)
     state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     state["scheduler"] = scheduler.state_dict()
@@ -247,22 +243,15 @@ def load_checkpoint(
     template.pop("scheduler")  # plain values come from the checkpoint's common state
     try:
         state = dist_checkpointing.load(template, str(folder))
-        for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        for key, chunk in zip(model_keys(len(chunks)), chunks):
             unwrap(chunk).load_state_dict(state[key], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         _unshare_steps(optimizer)
         scheduler.num_steps = 0  # load_state_dict advances by the saved count from wherever it is
         scheduler.load_state_dict(state["scheduler"])
     except (Exception, CheckpointException) as e:  # the latter derives from BaseException
-        raise TrainingCheckpointError(f"{folder}: cannot load checkpoint ({_last_line(e)})") from None
+        raise TrainingCheckpointError(f"{folder}: cannot load checkpoint ({error_line(e)})") from None
     if same_layout:
         _set_rng_state(state["rng_state"])
     return {"step": int(state["step"]), "data": state["data"]}
 
-
-def _last_line(exc: BaseException) -> str:
-    """The cause in one line (torch's CheckpointException carries each rank's traceback: its last line)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if isinstance(exc, CheckpointException):
-        return lines[-1] if lines else type(exc).__name__
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -13,6 +13,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_model_config
 
 from r1mega.config.schema import ModelConfig, OptimizerConfig
+from r1mega.models.builder import DTYPES
 
 
 def megatron_optimizer_config(model: ModelConfig, opt: OptimizerConfig) -> MegatronOptimizerConfig:
@@ -33,7 +34,7 @@ def megatron_optimizer_config(model: ModelConfig, opt: OptimizerConfig) -> Megat
         clip_grad=opt.clip_grad,
         bf16=model.dtype == "bf16",
         fp16=model.dtype == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model.dtype],
+        params_dtype=DTYPES[model.dtype],
         use_distributed_optimizer=opt.distributed,
     )
 
