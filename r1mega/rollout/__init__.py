@@ -1,0 +1,1 @@
+"""Rollout engines: generate groups of responses for the RL step."""

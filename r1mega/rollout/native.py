@@ -1,0 +1,216 @@
+"""The native rollout engine: batched KV-cache decoding with the trainer's own megatron model.
+
+Runs in the trainer's processes on the trainer's parameters (no copy, nothing to sync).
+Every rank of a model-parallel group (TP x PP) generates the same rows: pipeline stages pass
+activations forward, the last stage samples, and the chosen tokens are broadcast back so
+the first stage can embed them. Prompts are left-padded; rotary embeddings are relative, so
+the shifted positions give the same log-probs as the trainer's unpadded forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+from r1mega.rollout.sampling import sample_next
+from r1mega.rollout.types import Rollouts, SamplingParams
+
+# Compact the KV cache once this share of rows has finished: fewer rows per decode step.
+_COMPACT_BELOW = 0.75
+
+
+class NativeEngine:
+    """RolloutEngine over megatron GPTModel chunks (one per virtual pipeline stage)."""
+
+    def __init__(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        detokenize: Optional[Callable[[List[int]], str]] = None,
+        max_batch_size: int = 512,
+        seed: int = 0,
+    ):
+        self.chunks = list(chunks)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.detokenize = detokenize
+        self.max_batch_size = max_batch_size
+        self.seed = seed
+        self._calls = 0
+        config = self.chunks[0].config
+        self._hidden = config.hidden_size
+        self._dtype = config.params_dtype
+        self._lockstep = config.num_moe_experts is not None and ps.get_expert_model_parallel_world_size() > 1
+
+    def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
+        """n samples of each prompt; reproducible for a given params.seed (else engine seed + call)."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        rows = [list(p) for p in prompts for _ in range(n)]
+        group_index = [i for i in range(len(prompts)) for _ in range(n)]
+        seed = params.seed if params.seed is not None else self.seed * 1_000_003 + self._calls
+        self._calls += 1
+        generator = torch.Generator(device=self._device()).manual_seed(seed)
+        responses, logprobs, reasons = [], [], []
+        with self._inference_mode():
+            for start in self._batch_starts(len(rows)):
+                r, lp, fr = self._generate_batch(rows[start:start + self.max_batch_size], params, generator)
+                responses += r
+                logprobs += lp
+                reasons += fr
+        return Rollouts(rows, responses, logprobs, reasons, group_index)
+
+    def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Nothing to do: the engine decodes with the trainer's parameters themselves."""
+
+    def release_memory(self) -> None:
+        """KV caches live only inside generate(); return cached blocks to the device."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Nothing was released beyond the allocator cache."""
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _batch_starts(self, num_rows: int) -> range:
+        if self._lockstep:  # MoE all-to-alls need the same number of forwards on every EP rank
+            counts = torch.tensor([num_rows, -num_rows], device=self._device())
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+            if counts[0].item() != -counts[1].item():
+                raise ValueError("expert-parallel generation needs the same number of rows on every rank")
+        return range(0, num_rows, self.max_batch_size)
+
+    def _generate_batch(self, rows, params: SamplingParams, generator):
+        device = self._device()
+        b = len(rows)
+        width = max(len(r) for r in rows)
+        pad = torch.tensor([width - len(r) for r in rows], device=device)
+        tokens = torch.full((b, width), self.pad_token_id, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        ctx = StaticInferenceContext(b, width + params.max_new_tokens)
+        alive = torch.arange(b, device=device)  # original row of each cache row
+        out_ids = [[] for _ in range(b)]
+        out_lp = [[] for _ in range(b)]
+        reasons = ["length"] * b
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        positions = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
+        mask = _prefill_mask(pad, width)
+        for _ in range(params.max_new_tokens):
+            logits = self._forward(tokens, positions, mask, ctx)
+            next_ids, next_lp = self._choose(logits, params, generator, len(alive))
+            ctx.sequence_len_offset += tokens.size(1)
+            for j, row in enumerate(alive.tolist()):
+                if done[row]:
+                    continue
+                out_ids[row].append(int(next_ids[j]))
+                out_lp[row].append(float(next_lp[j]))
+                if self._stops(out_ids[row], params):
+                    done[row] = True
+                    reasons[row] = "stop"
+            if not self._any_active(done):
+                break
+            keep = ~done[alive]
+            if keep.sum() < _COMPACT_BELOW * len(alive) and keep.any():
+                alive, next_ids, pad = alive[keep], next_ids[keep], pad[keep]
+                _compact_cache(ctx, keep.nonzero().squeeze(1))
+            offset = ctx.sequence_len_offset
+            tokens = next_ids[:, None]
+            positions = (offset - pad)[:, None]
+            mask = (torch.arange(offset + 1, device=device)[None] < pad[:, None])[:, None, None, :]
+        return out_ids, out_lp, reasons
+
+    def _stops(self, ids: List[int], params: SamplingParams) -> bool:
+        last = ids[-1]
+        if last in self.eos_token_ids or last in params.stop_token_ids:
+            return True
+        if params.stop and self.detokenize is not None:
+            tail = self.detokenize(ids[-(8 + max(len(s) for s in params.stop)):])
+            return any(s in tail for s in params.stop)
+        return False
+
+    def _any_active(self, done: torch.Tensor) -> bool:
+        active = (~done).any().to(torch.int32)
+        if self._lockstep:
+            dist.all_reduce(active, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return bool(active.item())
+
+    # -- model-parallel plumbing ---------------------------------------------------------
+
+    def _forward(self, tokens, positions, mask, ctx) -> Optional[torch.Tensor]:
+        """Logits [b, v] of the last position on the last stage; None on other stages."""
+        b, s = tokens.shape
+        for chunk in self.chunks:
+            if not chunk.pre_process:
+                hidden = torch.empty(s, b, self._hidden, dtype=self._dtype, device=tokens.device)
+                dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                chunk.set_input_tensor(hidden)
+            out = chunk(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
+            if not chunk.post_process:
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            else:
+                return out[:, -1]
+        return None
+
+    def _choose(self, logits, params, generator, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sample on the last stage, then share (ids, log-probs) with all of the model-parallel group."""
+        packed = torch.empty(2, b, dtype=torch.float64, device=self._device())
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+            ids, lp = sample_next(logits, params, generator)
+            packed[0], packed[1] = ids.double(), lp.double()
+        elif logits is not None and not params.greedy:
+            # keep every TP rank's generator in step with the sampling rank's
+            sample_next(logits, params, generator)
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_world_size() > 1:
+            dist.broadcast(packed, src=ps.get_tensor_model_parallel_src_rank(),
+                           group=ps.get_tensor_model_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return packed[0].long(), packed[1].float()
+
+    def _device(self) -> torch.device:
+        return next(self.chunks[0].parameters()).device
+
+    @contextmanager
+    def _inference_mode(self):
+        """Eval mode, no grad, and sequence parallelism off (a decode step has one token)."""
+        modes = [c.training for c in self.chunks]
+        sp = self.chunks[0].config.sequence_parallel
+        exclude = [BaseMoELayer] if ps.get_tensor_model_parallel_world_size() > 1 else None
+        for c in self.chunks:
+            c.eval()
+            if sp:
+                set_model_to_sequence_parallel(c, False, exclude_modules=exclude)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for c, mode in zip(self.chunks, modes):
+                c.train(mode)
+                if sp:
+                    set_model_to_sequence_parallel(c, True, exclude_modules=exclude)
+                c.set_input_tensor(None)
+
+
+def _prefill_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, 1, s, s], True = masked: padding keys, except a pad query's own key (no empty rows)."""
+    key_is_pad = torch.arange(width, device=pad.device)[None] < pad[:, None]
+    masked = key_is_pad[:, None, :].expand(-1, width, -1)
+    masked = masked & ~torch.eye(width, dtype=torch.bool, device=pad.device)[None]
+    return masked[:, None]
+
+
+def _compact_cache(ctx: StaticInferenceContext, keep: torch.Tensor) -> None:
+    """Drop finished rows from every layer's KV cache ([s, b, ...] buffers)."""
+    for layer, (k, v) in ctx.key_value_memory_dict.items():
+        ctx.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])

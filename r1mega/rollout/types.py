@@ -1,0 +1,90 @@
+"""The seam between trainer and generator: sampling settings, rollouts, the engine protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample; temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: Tuple[str, ...] = ()  # stop strings, checked on the decoded tail
+    stop_token_ids: Tuple[int, ...] = ()  # besides the tokenizer's EOS
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or positive, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature the returned log-probs (and the trainer's) are computed at."""
+        return 1.0 if self.greedy else self.temperature
+
+
+@dataclass
+class Rollouts:
+    """n responses per prompt, grouped: rows [i*n, (i+1)*n) answer prompt i."""
+
+    prompt_ids: List[List[int]]
+    response_ids: List[List[int]]
+    logprobs: List[List[float]]  # of each response token, at params.logprob_temperature
+    finish_reasons: List[str]  # "stop" (EOS or a stop string/token) | "length"
+    group_index: List[int]  # prompt of each row
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def response_lengths(self) -> List[int]:
+        return [len(r) for r in self.response_ids]
+
+    def select(self, rows: Sequence[int]) -> "Rollouts":
+        """The given rows, in order."""
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return Rollouts(pick(self.prompt_ids), pick(self.response_ids), pick(self.logprobs),
+                        pick(self.finish_reasons), pick(self.group_index))
+
+    @staticmethod
+    def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """Rows of all parts; group indices are renumbered so groups stay distinct."""
+        out = Rollouts([], [], [], [], [])
+        offset = 0
+        for part in parts:
+            out.prompt_ids += part.prompt_ids
+            out.response_ids += part.response_ids
+            out.logprobs += part.logprobs
+            out.finish_reasons += part.finish_reasons
+            out.group_index += [g + offset for g in part.group_index]
+            offset += max(part.group_index, default=-1) + 1
+        return out
+
+
+class RolloutEngine(Protocol):
+    """What the RL trainer needs from a generator (native megatron or SGLang)."""
+
+    def generate(self, prompts: List[List[int]], params: SamplingParams, n: int) -> Rollouts: ...
+
+    def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None: ...
+
+    def release_memory(self) -> None: ...
+
+    def resume_memory(self) -> None: ...
