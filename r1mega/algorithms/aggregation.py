@@ -1,0 +1,44 @@
+"""Reduce a per-token loss [B, T] to a scalar with global (whole-minibatch) denominators."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+Count = int | float | torch.Tensor | None
+
+
+def local_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of masked tokens, number of sequences) of this micro-batch, to be summed by the caller."""
+    m = mask.bool()
+    return m.sum(), torch.tensor(m.shape[0], device=m.device)
+
+
+def _denominator(value: Count, default: torch.Tensor | int) -> torch.Tensor | float:
+    """A count usable as a divisor: the caller's global one, else the local one; never below 1."""
+    value = default if value is None else value
+    return value.clamp(min=1) if isinstance(value, torch.Tensor) else max(float(value), 1.0)
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: AggregationMode = "token-mean", *,
+              num_tokens: Count = None, num_seqs: Count = None, norm_length: Count = None) -> torch.Tensor:
+    """Scalar loss of one micro-batch; summing it over all micro-batches and ranks gives the minibatch loss.
+
+    num_tokens / num_seqs are the GLOBAL masked-token / sequence counts of the minibatch; when None
+    the local ones are used. norm_length defaults to T (Dr. GRPO uses the max response length).
+    Every row counts as a sequence, including an all-masked one (it adds 0).
+    """
+    m = mask.bool()
+    # where, not a product: masked positions may hold inf/NaN that a product would spread.
+    masked = torch.where(m, loss, torch.zeros_like(loss))
+    if mode == "token-mean":
+        return masked.sum() / _denominator(num_tokens, m.sum())
+    if mode == "seq-mean-token-mean":
+        seq_len = m.sum(-1).clamp(min=1).to(masked.dtype)
+        return (masked.sum(-1) / seq_len).sum() / _denominator(num_seqs, m.shape[0])
+    if mode == "seq-mean-token-sum-norm":
+        length = _denominator(norm_length, m.shape[-1])
+        return masked.sum() / (_denominator(num_seqs, m.shape[0]) * length)
+    raise ValueError(f"unknown aggregation mode {mode!r}")

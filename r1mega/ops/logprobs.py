@@ -1,0 +1,163 @@
+"""Target log-probs and entropy from vocab-parallel logits, without gathering the vocabulary.
+
+Each tensor-parallel rank holds a contiguous vocab slice [vocab_start, vocab_start + V_local)
+of the logits. Per chunk of rows: one all-reduce MAX of the row maxima m, then one all-reduce
+SUM of the stacked (S = sum e^(z-m), B = sum (z-m) e^(z-m), z_y - m), giving
+logp = (z_y - m) - log S and entropy = log S - B / S. Shifting by the global m before
+exponentiating (rather than rescaling per-shard sums afterwards) keeps a shard whose logits
+are all -inf from producing inf - inf.
+
+Backward needs no collective: with lse = m + log S and p = softmax(z),
+d logp / dz_j = onehot_j - p_j and d entropy / dz_j = -p_j (log p_j + entropy),
+both scaled by 1/temperature, and each rank owns the gradient of its own slice.
+
+Numerics: math runs in fp32 (fp64 for fp64 input) whatever the logits' dtype. -inf logits
+(masked vocab padding) get probability 0, add 0 to the entropy and receive gradient 0; a
+target on such an entry gets logp = -inf (with a finite gradient). NaN logits make that row's
+outputs NaN; a row of only -inf logits gives NaN. Nothing is silently replaced.
+
+Memory: rows go through in chunks; beyond the saved input logits a chunk needs one
+[chunk, V_local] buffer for log-probs alone and two with entropy or in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (gradient checks); everything else is accumulated in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaled_copy(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh compute-dtype copy of logits / temperature (the chunk's one working buffer)."""
+    buf = logits.to(dtype, copy=True)
+    return buf.div_(temperature) if temperature != 1.0 else buf
+
+
+def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index into this slice, clamped to be valid; whether the target lies in this slice)."""
+    local = targets - vocab_start
+    inside = (local >= 0) & (local < vocab_local)
+    return local.clamp(0, vocab_local - 1), inside
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij b_ij per row, without materialising the product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def _forward_chunk(logits: torch.Tensor, targets: torch.Tensor, group, vocab_start: int,
+                   temperature: float, with_entropy: bool, dtype: torch.dtype):
+    """(logp, lse, entropy or None) of one chunk of rows."""
+    z = _scaled_copy(logits, temperature, dtype)
+    m = z.amax(-1)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    # -inf - (-inf) is NaN; a row whose global max is -inf has no distribution anyway.
+    z.sub_(m.unsqueeze(-1))
+    local, inside = _local_targets(targets, vocab_start, z.shape[-1])
+    z_y = torch.where(inside, z.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
+    # Clamp -inf to the most negative finite value so (z - m) * e^(z - m) is 0 * finite, not NaN.
+    z.clamp_(min=torch.finfo(dtype).min)
+    if with_entropy:
+        e = z.exp()
+        stats = torch.stack([e.sum(-1), _row_dot(z, e), z_y])
+        del e
+    else:
+        stats = torch.stack([z.exp_().sum(-1), z_y.new_zeros(z_y.shape), z_y])
+    del z
+    if group is not None:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    s, b, z_y = stats
+    log_s = s.log()
+    entropy = log_s - b / s if with_entropy else None
+    return z_y - log_s, m + log_s, entropy
+
+
+def _backward_chunk(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                    entropy: torch.Tensor | None, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None,
+                    vocab_start: int, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gradient w.r.t. one chunk of the local logits, in compute dtype."""
+    logp = _scaled_copy(logits, temperature, dtype).sub_(lse.unsqueeze(-1))
+    logp.clamp_(min=torch.finfo(dtype).min)  # keeps p * (log p + H) at 0 * finite for -inf logits
+    p = logp.exp()
+    grad = logp  # reuse the buffer: grad = -p * (g_ent * (log p + H) + g_logp) + g_logp * onehot
+    if g_ent is not None:
+        grad.add_(entropy.unsqueeze(-1)).mul_(p).mul_(g_ent.unsqueeze(-1))
+    else:
+        grad.zero_()
+    if g_logp is not None:
+        grad.addcmul_(p, g_logp.unsqueeze(-1))
+        local, inside = _local_targets(targets, vocab_start, grad.shape[-1])
+        hit = torch.where(inside, g_logp, 0.0).unsqueeze(-1)
+        grad.neg_().scatter_add_(-1, local.unsqueeze(-1), hit)
+    else:
+        grad.neg_()
+    return grad.div_(temperature) if temperature != 1.0 else grad
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """logp [N] and entropy [N] (empty when not requested) of vocab-parallel logits [N, V_local]."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, chunk_rows):
+        dtype = _compute_dtype(logits.dtype)
+        logp = logits.new_empty(logits.shape[0], dtype=dtype)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            lp, ls, ent = _forward_chunk(logits[rows], targets[rows], group, vocab_start,
+                                         temperature, with_entropy, dtype)
+            logp[rows], lse[rows] = lp, ls
+            if with_entropy:
+                entropy[rows] = ent
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.config = (vocab_start, temperature, with_entropy, chunk_rows, dtype)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        vocab_start, temperature, with_entropy, chunk_rows, dtype = ctx.config
+        g_ent = g_ent if with_entropy else None
+        if g_logp is None and g_ent is None:
+            return (None,) * 7
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            grad[rows] = _backward_chunk(
+                logits[rows], targets[rows], lse[rows], entropy[rows] if with_entropy else None,
+                None if g_logp is None else g_logp[rows].to(dtype), None if g_ent is None else g_ent[rows].to(dtype),
+                vocab_start, temperature, dtype)
+        return grad, None, None, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, vocab_start: int = 0,
+                   temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature) at targets, and optionally the entropy, from a vocab slice.
+
+    logits [..., V_local] hold vocab entries [vocab_start, vocab_start + V_local) of every row;
+    targets [...] are global vocab ids. Returns fp32 (fp64 for fp64 input) tensors shaped like
+    targets. tp_group None or of size 1 means the slice is the whole vocabulary.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    lead = targets.shape
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _VocabParallelLogprobs.apply(
+        flat_logits, targets.reshape(-1), tp_group, vocab_start, float(temperature), with_entropy,
+        max(1, chunk_rows))
+    return logp.reshape(lead), entropy.reshape(lead) if with_entropy else None

@@ -1,0 +1,83 @@
+"""token_logprobs with the vocabulary split over 2 gloo ranks reproduces the unsplit computation.
+
+Each rank holds one contiguous half of the same logits; both compute logp and entropy with one
+new_group over the two ranks and backpropagate the same random combination of them. Oracle: the
+single-process call on the full vocabulary (itself checked against log_softmax in the unit tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.ops import token_logprobs
+from r1mega.platform.launch import spawn
+
+pytestmark = pytest.mark.distributed
+
+ROWS, VOCAB, PAD = 50, 64, 5  # PAD trailing -inf logits, as for masked vocab padding
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
+
+
+def _problem(dtype: torch.dtype, pad: bool):
+    """Same logits, targets and loss weights on every rank."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(ROWS, VOCAB, generator=gen, dtype=torch.float64) * 4
+    if pad:
+        logits[:, VOCAB - PAD:] = float("-inf")
+    targets = torch.randint(0, VOCAB - PAD, (ROWS,), generator=gen)
+    weights = torch.randn(2, ROWS, generator=gen, dtype=torch.float64)
+    return logits.to(dtype), targets, weights
+
+
+def _run(logits, targets, weights, vocab_start, group, temperature):
+    """(logp, entropy, gradient of w0 . logp + w1 . entropy w.r.t. the given logits)."""
+    x = logits.clone().requires_grad_(True)
+    logp, ent = token_logprobs(x, targets, tp_group=group, vocab_start=vocab_start,
+                               temperature=temperature, with_entropy=True, chunk_rows=16)
+    (weights[0].to(logp.dtype) @ logp + weights[1].to(ent.dtype) @ ent).backward()
+    return logp.detach(), ent.detach(), x.grad
+
+
+CASES = [(name, pad, temperature) for name in DTYPES for pad, temperature in ((False, 1.0), (True, 0.7))]
+
+
+def _rank():
+    """This rank's half of the vocabulary for every case: {case: (vocab_start, logp, entropy, grad)}."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        group = dist.new_group([0, 1])
+        start = dist.get_rank() * (VOCAB // 2)
+        results = {}
+        for name, pad, temperature in CASES:
+            logits, targets, weights = _problem(DTYPES[name], pad)
+            local = logits[:, start:start + VOCAB // 2]
+            results[(name, pad, temperature)] = (start, *_run(local, targets, weights, start, group, temperature))
+        return results
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return spawn(2, _rank)  # one launch for all cases: starting ranks dominates the run time
+
+
+@pytest.mark.parametrize("dtype_name,pad,temperature", CASES)
+def test_vocab_split_matches_single_process(ranks, dtype_name, pad, temperature):
+    tol = {"fp64": 1e-6, "fp32": 1e-5}[dtype_name]
+    logits, targets, weights = _problem(DTYPES[dtype_name], pad)
+    ref_logp, ref_ent, ref_grad = _run(logits, targets, weights, 0, None, temperature)
+    grad = torch.zeros_like(ref_grad)
+    for result in ranks:
+        start, logp, ent, local_grad = result[(dtype_name, pad, temperature)]
+        for out, ref in ((logp, ref_logp), (ent, ref_ent)):  # replicated on every rank
+            assert torch.isfinite(out).all()
+            assert ((out - ref).norm() / ref.norm()).item() < tol
+        grad[:, start:start + local_grad.shape[1]] = local_grad
+    assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < tol
+    if pad:
+        assert torch.equal(grad[:, VOCAB - PAD:], torch.zeros(ROWS, PAD, dtype=grad.dtype))
