@@ -34,6 +34,7 @@ from r1mega.checkpoint.staging import barrier, error_line, publish, rank, stagin
 MARKER = "r1mega_state.json"  # written last, inside the .tmp folder: its presence means complete
 LATEST = "latest"
 FORMAT = 1
+REFERENCE = "reference"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -91,10 +92,13 @@ def _rng_object(data: Any) -> ShardedObject:
     return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _state_dict(chunks, optimizer, scheduler, is_loading: bool, with_rng: bool) -> Dict[str, Any]:
+def _state_dict(chunks, optimizer, scheduler, is_loading: bool, with_rng: bool, reference=None) -> Dict[str, Any]:
     metadata = sharded_metadata()
     model_state = model_sharded_state_dict(chunks, metadata)
     state: Dict[str, Any] = dict(model_state)
+    if reference is not None:  # the RL reference policy, under its own tensor names
+        state[REFERENCE] = {k: unwrap(c).sharded_state_dict(prefix=f"{REFERENCE}.", metadata=metadata)
+                            for k, c in zip(model_keys(len(reference)), reference)}
     state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     state["scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -169,13 +173,17 @@ def save_checkpoint(
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
     data_state: Dict[str, Any],
+    reference: Optional[List[torch.nn.Module]] = None,
 ) -> Path:
-    """Every rank calls this; <root>/step_<step> appears only once all ranks have written."""
+    """Every rank calls this; <root>/step_<step> appears only once all ranks have written.
+
+    `reference`: the RL reference model's chunks, saved beside the policy (it may have been reset).
+    """
     root = Path(root)
     final = root / f"step_{step}"
     tmp = staging_dir(final)
     _prime_optimizer_state(optimizer)  # e.g. every fp16 step so far skipped on overflow
-    state = _state_dict(chunks, optimizer, scheduler, is_loading=False, with_rng=True)
+    state = _state_dict(chunks, optimizer, scheduler, is_loading=False, with_rng=True, reference=reference)
     state.update(step=step, data=data_state)
     dist_checkpointing.save(state, str(tmp))
     barrier()
@@ -232,19 +240,26 @@ def load_checkpoint(
     chunks: List[torch.nn.Module],
     optimizer: MegatronOptimizer,
     scheduler: OptimizerParamScheduler,
+    reference: Optional[List[torch.nn.Module]] = None,
 ) -> Dict[str, Any]:
-    """Restore model, optimizer, scheduler (and RNG under the same layout); return {'step', 'data'}."""
+    """Restore model, optimizer, scheduler (and RNG under the same layout); return {'step', 'data'}.
+
+    With `reference`, the RL reference model saved beside the policy is restored into it.
+    """
     folder = Path(folder)
     info = read_marker(folder)
     same_layout = info["layout"] == _layout()
     _prime_optimizer_state(optimizer)
     _patch_torch_adam_step_on_load()
-    template = _state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=same_layout)
+    template = _state_dict(chunks, optimizer, scheduler, is_loading=True, with_rng=same_layout, reference=reference)
     template.pop("scheduler")  # plain values come from the checkpoint's common state
     try:
         state = dist_checkpointing.load(template, str(folder))
         for key, chunk in zip(model_keys(len(chunks)), chunks):
             unwrap(chunk).load_state_dict(state[key], strict=True)
+        for key, chunk in zip(model_keys(len(reference or [])), reference or []):
+            prefix = f"{REFERENCE}."
+            unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in state[REFERENCE][key].items()}, strict=True)
         optimizer.load_state_dict(state["optimizer"])
         _unshare_steps(optimizer)
         scheduler.num_steps = 0  # load_state_dict advances by the saved count from wherever it is

@@ -28,6 +28,8 @@ def fail(message: str, code: int = 2) -> None:
 def setup_logging() -> None:
     """INFO to stderr; called in each rank (spawned ranks do not inherit the parent's handlers)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    # megatron-core logs every parameter of every gradient bucket at INFO
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None]) -> None:

@@ -13,7 +13,7 @@ from r1mega.config.schema import R1Config
 
 def rank_main(cfg: R1Config) -> None:
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.lm_loop import train
+    from r1mega.trainer.rl_loop import train
 
     setup_logging()
     runtime = initialize(cfg.parallel, cfg.trainer.seed)

@@ -80,6 +80,7 @@ class ModelConfig:
     mla: Optional[MLAConfig] = None
     fp8: FP8Config = field(default_factory=FP8Config)
     hf_path: Optional[str] = None  # local HF checkpoint to load (r1mega-convert or training)
+    mcore_path: Optional[str] = None  # r1mega model checkpoint (megatron dist format) to start from
 
 
 @dataclass
@@ -114,36 +115,89 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    seq_length: int = 64
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
+    """Prompts for RL: a built-in generated task or JSONL/Parquet files."""
+
+    name: str = "arithmetic"  # arithmetic | countdown (built in, generated) | files
+    train_path: Optional[str] = None  # JSONL/Parquet for name=files
+    test_path: Optional[str] = None  # held-out prompts for evaluation (optional for files)
+    template: str = "r1_zero"  # r1_zero | chat (the tokenizer's chat template) | plain
+    tokenizer: Optional[str] = None  # local HF tokenizer folder; default model.hf_path, else built-in
+    on_bad_row: str = "skip"  # skip (warn, with file and line) | error
+    train_size: int = 20000  # generated tasks: problems in the train split
+    test_size: int = 200  # generated tasks: problems in the held-out split
+    difficulty: Dict[str, Any] = field(default_factory=dict)  # task knobs, e.g. {digits: 3}
+    prompts_per_step: int = 16  # prompts per RL step over all data-parallel ranks
+    max_prompt_tokens: int = 256  # longer prompts are skipped with a warning
     seed: int = 1234
 
 
 @dataclass
+class WarmupConfig:
+    """Language-model pre-training: the built-in base model for the default run, or the LM loop."""
+
+    enabled: bool = True  # build the base model when neither model.hf_path nor model.mcore_path is set
+    corpus: str = "task"  # task (documents of the built-in task) | synthetic (rule sequences)
+    correct_fraction: float = 0.5  # task corpus: share of worked answers that are right
+    documents: int = 20000  # task corpus size
+    steps: int = 300
+    seq_length: int = 128
+    micro_batch_size: int = 16
+    global_batch_size: int = 32
+    seed: int = 1234
+    cache_dir: str = "outputs/base-models"  # built base models, one folder per config hash
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        lr=3e-3, min_lr=3e-4, weight_decay=0.01, warmup_steps=20, decay_style="cosine", adam_beta2=0.98))
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
-    group_size: int = 8
+    """GRPO and its refinements; see r1mega/algorithms for the formulas."""
+
+    name: str = "grpo"  # a label for the preset (grpo | dapo | drgrpo | gspo | rloo)
+    group_size: int = 8  # responses per prompt
+    advantage: str = "grpo"  # grpo | drgrpo | rloo | batch_std
+    std: str = "sample"  # sample (n-1) | population (n)
+    adv_eps: float = 1e-6
     eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_beta: float = 0.001
-    kl_estimator: str = "k3"
+    eps_high: float = 0.2  # > eps_low: DAPO clip-higher
+    dual_clip: Optional[float] = None  # c > 1 caps the loss of negative advantages at -c*A
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    kl_beta: float = 0.001  # 0 loads no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    ref_reset_every: int = 0  # reset the reference to the policy every N steps (R1: 400); 0 = never
+    entropy_coeff: float = 0.0  # entropy bonus weight
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    norm_length: Optional[int] = None  # seq-mean-token-sum-norm constant; default rollout.max_new_tokens
+    ppo_epochs: int = 1
+    minibatches: int = 1  # optimizer steps per RL step, each over a share of the rollouts
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, generate more
+    max_extra_rounds: int = 3  # cap on dynamic-sampling generation rounds per step
+    tis_cap: Optional[float] = None  # truncated importance sampling weight cap (e.g. 2.0); None = off
+    use_rollout_logprobs: bool = False  # take the engine's log-probs as the old policy (no recompute)
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "native"
+    engine: str = "native"  # native (the trainer's megatron model) | sglang
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 128
+    stop: List[str] = field(default_factory=list)  # stop strings besides EOS
+    max_batch_size: int = 512  # rows decoded together by the native engine
+    eval_temperature: float = 0.0  # 0: greedy pass@1
+    eval_samples: int = 4  # k of sampled pass@k at `temperature`; 0 = off
 
 
 @dataclass
 class RewardConfig:
-    components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
-    timeout_s: float = 5.0
+    components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
+    custom: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: fn, weight: w, ...}
+    timeout_s: float = 5.0  # per sample
+    num_workers: int = 2  # scoring processes; 0 scores in-process (no hard deadline)
+    language: str = "en"  # target language of the language-consistency reward
+    overlong_max_tokens: Optional[int] = None  # DAPO soft overlong punishment; default max_new_tokens
+    overlong_cache_tokens: int = 0
 
 
 @dataclass
@@ -155,6 +209,12 @@ class TrainerConfig:
     save_every: int = 0  # 0 = only at the end
     save_at_end: bool = True
     load: Optional[str] = None  # checkpoint dir to resume from; "auto" = latest in output_dir
+    eval_every: int = 0  # evaluate on the held-out split every N steps (and before/after); 0 = ends only
+    eval_at_ends: bool = True  # evaluate before the first and after the last step
+    micro_batch_tokens: int = 8192  # token budget of one training micro-batch (padded rows x length)
+    tensorboard: bool = True
+    plot: bool = True  # PNG of reward, accuracy and length curves at the end
+    progress: bool = True  # progress bar on rank 0
 
 
 @dataclass
@@ -174,6 +234,7 @@ class R1Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -186,6 +247,7 @@ _GROUPS = {
     "parallel": ParallelConfig,
     "optimizer": OptimizerConfig,
     "data": DataConfig,
+    "warmup": WarmupConfig,
     "algorithm": AlgorithmConfig,
     "rollout": RolloutConfig,
     "reward": RewardConfig,

@@ -7,28 +7,22 @@ from __future__ import annotations
 
 from typing import Optional
 
-from r1mega.config.schema import ModelConfig, ParallelConfig, R1Config
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the keys and the fix."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from r1mega.config.errors import ConfigError, one_of as _one_of, require as _check  # noqa: F401
+from r1mega.config.rl_rules import check_rl
+from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
 
 
 def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
     check_model(cfg.model)
     check_layout(cfg.model, cfg.parallel, world_size)
-    _check_optimizer(cfg)
-    _check_data(cfg, world_size)
+    check_optimizer(cfg.optimizer, "optimizer")
+    check_optimizer(cfg.warmup.optimizer, "warmup.optimizer")
+    check_rl(cfg, _data_parallel_size(cfg.parallel, world_size))
 
 
-def _one_of(value, allowed, key: str) -> None:
-    _check(value in allowed, f"{key}={value!r} is not one of {sorted(map(str, allowed))}")
+def _data_parallel_size(p: ParallelConfig, world_size: Optional[int]) -> Optional[int]:
+    return None if world_size is None else world_size // (p.tp * p.pp * p.cp)
 
 
 def check_model(m: ModelConfig) -> None:
@@ -122,25 +116,10 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
         )
 
 
-def _check_optimizer(cfg: R1Config) -> None:
-    o = cfg.optimizer
-    _one_of(o.name, {"adam", "sgd"}, "optimizer.name")
-    _one_of(o.decay_style, {"constant", "linear", "cosine"}, "optimizer.decay_style")
+def check_optimizer(o: OptimizerConfig, key: str) -> None:
+    _one_of(o.name, {"adam", "sgd"}, f"{key}.name")
+    _one_of(o.decay_style, {"constant", "linear", "cosine"}, f"{key}.decay_style")
     _check(o.name == "adam" or not o.distributed,
-           "optimizer.name=sgd needs optimizer.distributed=false (megatron's distributed optimizer is Adam only)")
-    _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
-    _check(o.min_lr <= o.lr, f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
-
-
-def _check_data(cfg: R1Config, world_size: Optional[int]) -> None:
-    d = cfg.data
-    _check(d.micro_batch_size >= 1, "data.micro_batch_size must be >= 1")
-    if world_size is not None:
-        p = cfg.parallel
-        dp = world_size // (p.tp * p.pp * p.cp)
-        unit = d.micro_batch_size * dp
-        _check(
-            d.global_batch_size % unit == 0,
-            f"data.global_batch_size={d.global_batch_size} must be a multiple of "
-            f"data.micro_batch_size x dp = {d.micro_batch_size} x {dp}",
-        )
+           f"{key}.name=sgd needs {key}.distributed=false (megatron's distributed optimizer is Adam only)")
+    _check(o.lr > 0, f"{key}.lr must be positive, got {o.lr}")
+    _check(o.min_lr <= o.lr, f"{key}.min_lr={o.min_lr} exceeds {key}.lr={o.lr}")

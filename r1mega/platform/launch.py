@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import signal
 import socket
+import threading
 import traceback
 from typing import Any, Callable, List
 
@@ -53,6 +55,7 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0
         p.start()
     results: dict[int, Any] = {}
     failures = []
+    previous = _forward_stop_signals(procs)
     try:
         for _ in range(nproc):
             rank, ok, value = queue.get(timeout=timeout)
@@ -66,7 +69,22 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0
             p.join(timeout=5 if failures else 60)
             if p.is_alive():
                 p.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if failures:
         rank, tb = failures[0]
         raise RuntimeError(f"rank {rank} of {nproc} failed:\n{tb}")
     return [results[r] for r in range(nproc)]
+
+
+def _forward_stop_signals(procs) -> dict:
+    """Pass SIGTERM/SIGUSR1 sent to this launcher on to its ranks (they checkpoint and stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}

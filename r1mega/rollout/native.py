@@ -56,8 +56,10 @@ class NativeEngine:
             raise ValueError("every prompt needs at least one token")
         rows = [list(p) for p in prompts for _ in range(n)]
         group_index = [i for i in range(len(prompts)) for _ in range(n)]
+        # unseeded calls advance the engine's own stream (saved in checkpoints); seeded calls
+        # (evaluation) leave it alone, so evaluating never changes the training rollouts
         seed = params.seed if params.seed is not None else self.seed * 1_000_003 + self._calls
-        self._calls += 1
+        self._calls += params.seed is None
         generator = torch.Generator(device=self._device()).manual_seed(seed)
         responses, logprobs, reasons = [], [], []
         with self._inference_mode():

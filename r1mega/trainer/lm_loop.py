@@ -1,4 +1,8 @@
-"""Language-model pre-training loop on the built-in synthetic task: build, resume, step, log, save."""
+"""Language-model pre-training loop (cfg.warmup): build, resume, step, log, save.
+
+It pre-trains the built-in base model on task documents, and runs the synthetic rule
+sequences on its own as the smallest end-to-end check of training, checkpoints and resume.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+import torch
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -41,20 +47,28 @@ def resume_path(cfg: R1Config) -> Optional[Path]:
     return latest_checkpoint(path) or path
 
 
-def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
-    """Run cfg.trainer.steps optimizer steps (counting those before a resume); return per-step metrics."""
-    if cfg.data.name != "synthetic":
-        raise ValueError(f"data.name={cfg.data.name!r}: the LM loop trains on the built-in 'synthetic' task")
+def train(cfg: R1Config, runtime: Runtime, data=None) -> List[Dict[str, float]]:
+    """Pre-train on the synthetic rule sequences (or `data`); return per-step metrics."""
+    return run(cfg, runtime, data)[0]
+
+
+def run(cfg: R1Config, runtime: Runtime, data=None) -> Tuple[List[Dict[str, float]], List[torch.nn.Module]]:
+    """cfg.warmup.steps optimizer steps (counting those before a resume): (per-step metrics, model chunks).
+
+    `data` yields micro-batches [b, seq_length + 1] with next_micro_batches(), state_dict() and
+    load_state_dict(); default: the synthetic rule sequences.
+    """
     total, active = parameter_counts(cfg.model)
     if runtime.is_main:
         log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6,
                  active / 1e6)
 
+    w = cfg.warmup
     chunks = build_model(cfg.model, cfg.parallel)
-    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.model, cfg.optimizer, cfg.trainer.steps)
-    d = cfg.data
-    data = SyntheticLM(cfg.model.vocab_size, d.seq_length, d.global_batch_size, d.micro_batch_size, d.seed,
-                       parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    ddp_chunks, optimizer, scheduler = build_optimizer(chunks, cfg.model, w.optimizer, w.steps)
+    if data is None:
+        data = SyntheticLM(cfg.model.vocab_size, w.seq_length, w.global_batch_size, w.micro_batch_size, w.seed,
+                           parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
 
     step = 0
     resume = resume_path(cfg)
@@ -68,12 +82,12 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
     metrics_file = Path(cfg.trainer.output_dir) / "metrics.jsonl"
     if runtime.is_main:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    tokens_per_step = d.global_batch_size * d.seq_length
+    tokens_per_step = w.global_batch_size * w.seq_length
     history: List[Dict[str, float]] = []
-    while step < cfg.trainer.steps:
+    while step < w.steps:
         start = time.perf_counter()
-        out = train_step(ddp_chunks, optimizer, scheduler, data.next_micro_batches(), d.seq_length,
-                         d.micro_batch_size)
+        out = train_step(ddp_chunks, optimizer, scheduler, data.next_micro_batches(), w.seq_length,
+                         w.micro_batch_size)
         step += 1
         out = {"step": step, **out, "tokens_per_s": tokens_per_step / (time.perf_counter() - start)}
         history.append(out)
@@ -84,7 +98,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                 log.info("step %d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s",
                          step, out["loss"], out["grad_norm"], out["lr"], out["tokens_per_s"])
         every = cfg.trainer.save_every
-        at_end = step == cfg.trainer.steps and cfg.trainer.save_at_end
+        at_end = step == w.steps and cfg.trainer.save_at_end
         if (every > 0 and step % every == 0) or at_end:
             path = save_checkpoint(checkpoint_dir(cfg), step, ddp_chunks, optimizer, scheduler,
                                    data.state_dict())
@@ -92,4 +106,4 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                 log.info("saved %s", path)
     if dist.is_initialized():
         dist.barrier()
-    return history
+    return history, ddp_chunks

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from r1mega.config.schema import (DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, R1Config,
-                                  TrainerConfig)
+from r1mega.config.schema import (ModelConfig, OptimizerConfig, ParallelConfig, R1Config, TrainerConfig,
+                                  WarmupConfig)
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -16,19 +16,19 @@ pytestmark = pytest.mark.distributed
 STEPS = 30
 
 
-def _config(output_dir: str, **trainer) -> R1Config:
+def _config(output_dir: str, steps: int = STEPS, **trainer) -> R1Config:
     model = ModelConfig(name="tiny", arch="qwen3", num_layers=2, hidden_size=64, ffn_hidden_size=128,
                         num_attention_heads=4, num_query_groups=2, vocab_size=128, qk_layernorm=True,
                         tie_word_embeddings=True)
     return R1Config(
         model=model,
         parallel=ParallelConfig(),
-        # decay_steps fixed: the 4-step first leg keeps the 30-step schedule (trainer.steps sets the default)
-        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=3, decay_style="cosine", decay_steps=STEPS,
-                                  adam_beta2=0.98),
-        data=DataConfig(seq_length=32, micro_batch_size=4, global_batch_size=8, seed=5),
-        trainer=TrainerConfig(output_dir=output_dir, seed=3, **{"steps": STEPS, "save_at_end": False,
-                                                                 **trainer}),
+        # decay_steps fixed: the 4-step first leg keeps the 30-step schedule (warmup.steps sets the default)
+        warmup=WarmupConfig(corpus="synthetic", steps=steps, seq_length=32, micro_batch_size=4,
+                            global_batch_size=8, seed=5,
+                            optimizer=OptimizerConfig(lr=3e-3, warmup_steps=3, decay_style="cosine",
+                                                      decay_steps=STEPS, adam_beta2=0.98)),
+        trainer=TrainerConfig(output_dir=output_dir, seed=3, **{"save_at_end": False, **trainer}),
     )
 
 

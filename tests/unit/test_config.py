@@ -25,7 +25,8 @@ def test_every_model_preset_composes():
 
 def test_moe_preset_is_typed():
     cfg = load_config(["model=qwen3-moe-30b-a3b", "parallel.ep=8", "parallel.tp=2",
-                       "parallel.sequence_parallel=true", "data.global_batch_size=64"], world_size=16)
+                       "parallel.sequence_parallel=true", "data.prompts_per_step=64",
+                       "warmup.enabled=false"], world_size=16)
     assert cfg.model.moe.num_experts == 128 and cfg.model.moe.router_topk == 8
 
 
@@ -40,7 +41,18 @@ def test_moe_preset_is_typed():
     (["model=nope"], None, "model/nope"),
     (["parallel.ep=2"], 2, "needs an MoE model"),
     (["model=tiny_moe", "parallel.tp=2"], 2, "sequence_parallel"),
-    (["data.global_batch_size=12"], 1, "data.global_batch_size=12"),
+    (["warmup.global_batch_size=12"], 1, "warmup.global_batch_size=12"),
+    (["data.prompts_per_step=3"], 2, "data.prompts_per_step=3 must be a multiple"),
+    (["algorithm.advantage=ppo"], None, "algorithm.advantage='ppo' is not one of"),
+    (["algorithm.loss_agg=mean"], None, "algorithm.loss_agg"),
+    (["algorithm.group_size=1"], None, "algorithm.group_size=1"),
+    (["algorithm.dual_clip=0.5"], None, "algorithm.dual_clip=0.5"),
+    (["rollout.max_new_tokens=400"], None, "exceeds model.max_position_embeddings=512"),
+    (["rollout.temperature=0"], None, "rollout.temperature=0"),
+    (["data=files"], None, "data.train_path"),
+    (["reward.timeout_s=0"], None, "reward.timeout_s=0"),
+    (["+reward.custom.mine={weight: 1}"], None, "reward.custom.mine needs a _target_"),
+    (["warmup.optimizer.lr=0"], None, "warmup.optimizer.lr must be positive"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:

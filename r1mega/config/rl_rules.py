@@ -1,0 +1,106 @@
+"""Cross-field rules for the RL run: prompts, warm-up, algorithm, rollout, rewards, trainer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from r1mega.config.errors import one_of, require
+from r1mega.config.schema import R1Config
+
+ADVANTAGES = {"grpo", "drgrpo", "rloo", "batch_std"}
+LOSS_AGGS = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
+BUILTIN_TASKS = {"arithmetic", "countdown"}
+
+
+def check_rl(cfg: R1Config, dp: Optional[int]) -> None:
+    """Raise ConfigError on the first RL rule the config breaks (dp None: world size unknown)."""
+    _check_data(cfg, dp)
+    _check_warmup(cfg, dp)
+    _check_algorithm(cfg)
+    _check_rollout(cfg)
+    _check_reward(cfg)
+    _check_trainer(cfg)
+
+
+def warmup_runs(cfg: R1Config) -> bool:
+    """Whether the run builds its base model by pre-training (no checkpoint to start from)."""
+    return cfg.warmup.enabled and not (cfg.model.hf_path or cfg.model.mcore_path)
+
+
+def _check_data(cfg: R1Config, dp: Optional[int]) -> None:
+    d = cfg.data
+    one_of(d.name, BUILTIN_TASKS | {"files"}, "data.name")
+    one_of(d.template, {"r1_zero", "chat", "plain"}, "data.template")
+    one_of(d.on_bad_row, {"skip", "error"}, "data.on_bad_row")
+    require(d.name != "files" or bool(d.train_path), "data.name=files needs data.train_path (JSONL or Parquet)")
+    require(d.prompts_per_step >= 1, f"data.prompts_per_step must be >= 1, got {d.prompts_per_step}")
+    if dp is not None:
+        require(d.prompts_per_step % dp == 0,
+                f"data.prompts_per_step={d.prompts_per_step} must be a multiple of the data-parallel size {dp}")
+    longest = d.max_prompt_tokens + cfg.rollout.max_new_tokens
+    require(longest <= cfg.model.max_position_embeddings,
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+
+
+def _check_warmup(cfg: R1Config, dp: Optional[int]) -> None:
+    w = cfg.warmup
+    one_of(w.corpus, {"task", "synthetic"}, "warmup.corpus")
+    require(0.0 <= w.correct_fraction <= 1.0, f"warmup.correct_fraction={w.correct_fraction} is not in [0, 1]")
+    require(w.micro_batch_size >= 1, "warmup.micro_batch_size must be >= 1")
+    if dp is not None and warmup_runs(cfg):
+        unit = w.micro_batch_size * dp
+        require(w.global_batch_size % unit == 0,
+                f"warmup.global_batch_size={w.global_batch_size} must be a multiple of "
+                f"warmup.micro_batch_size x dp = {w.micro_batch_size} x {dp}")
+
+
+def _check_algorithm(cfg: R1Config) -> None:
+    a = cfg.algorithm
+    one_of(a.advantage, ADVANTAGES, "algorithm.advantage")
+    one_of(a.std, {"sample", "population"}, "algorithm.std")
+    one_of(a.ratio_level, {"token", "sequence"}, "algorithm.ratio_level")
+    one_of(a.kl_estimator, {"k1", "k2", "k3"}, "algorithm.kl_estimator")
+    one_of(a.loss_agg, LOSS_AGGS, "algorithm.loss_agg")
+    require(a.group_size >= 2 or a.advantage == "batch_std",
+            f"algorithm.group_size={a.group_size}: group advantages need at least 2 responses per prompt")
+    require(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low and eps_high must be >= 0")
+    require(a.dual_clip is None or a.dual_clip > 1.0, f"algorithm.dual_clip={a.dual_clip} must be > 1")
+    require(a.kl_beta >= 0, f"algorithm.kl_beta={a.kl_beta} must be >= 0")
+    require(a.ppo_epochs >= 1 and a.minibatches >= 1, "algorithm.ppo_epochs and minibatches must be >= 1")
+    require(a.tis_cap is None or a.tis_cap >= 1.0, f"algorithm.tis_cap={a.tis_cap} must be >= 1")
+    require(a.max_extra_rounds >= 0, "algorithm.max_extra_rounds must be >= 0")
+    rows = cfg.data.prompts_per_step * a.group_size
+    require(rows >= a.minibatches, f"algorithm.minibatches={a.minibatches} exceeds the {rows} responses per step")
+    if a.use_rollout_logprobs:
+        require(cfg.rollout.engine == "native" or a.tis_cap is None,
+                "algorithm.use_rollout_logprobs with tis_cap has no trainer log-probs to correct against")
+
+
+def _check_rollout(cfg: R1Config) -> None:
+    r = cfg.rollout
+    one_of(r.engine, {"native", "sglang"}, "rollout.engine")
+    require(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 for sampled rollouts")
+    require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} is not in (0, 1]")
+    require(r.top_k == -1 or r.top_k > 0, f"rollout.top_k={r.top_k} must be -1 (off) or positive")
+    require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    require(r.max_batch_size >= 1, "rollout.max_batch_size must be >= 1")
+    require(r.eval_temperature >= 0 and r.eval_samples >= 0,
+            "rollout.eval_temperature and rollout.eval_samples must be >= 0")
+
+
+def _check_reward(cfg: R1Config) -> None:
+    r = cfg.reward
+    require(bool(r.components) or bool(r.custom), "reward.components is empty: nothing would be rewarded")
+    require(r.timeout_s > 0, f"reward.timeout_s={r.timeout_s} must be > 0")
+    require(r.num_workers >= 0, "reward.num_workers must be >= 0")
+    for name, spec in r.custom.items():
+        require(isinstance(spec, dict) and "_target_" in spec,
+                f"reward.custom.{name} needs a _target_ (a dotted path to a function of a RewardInput)")
+
+
+def _check_trainer(cfg: R1Config) -> None:
+    t = cfg.trainer
+    require(t.steps >= 0, "trainer.steps must be >= 0")
+    require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1")
+    require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be >= 0")

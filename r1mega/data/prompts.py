@@ -1,0 +1,160 @@
+"""Prompt records from JSONL or Parquet: `prompt` or chat `messages`, ground-truth `answer`.
+
+Bad rows (invalid JSON, non-UTF-8 bytes, missing or mistyped fields, repeated ids) are
+reported with the file and line (JSONL) or row (Parquet, 1-based), then skipped with a
+warning or raised as DataError, as the caller chooses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+log = logging.getLogger("r1mega.data")
+MAX_WARNINGS = 10  # individual bad-row warnings per file; the rest are only counted
+_KNOWN = {"id", "prompt", "messages", "answer", "data_source", "metadata"}
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class PromptRecord:
+    """One prompt with its ground truth; exactly one of `prompt` and `messages` is set."""
+
+    prompt_id: str
+    prompt: Optional[str]
+    messages: Optional[List[Dict[str, str]]]
+    answer: str
+    data_source: str
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+def _messages(value: Any) -> List[Dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'messages' must be a non-empty list of {{role, content}}, got {value!r:.40}")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"messages[{i}] needs string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _answer(value: Any) -> str:
+    if value is None:
+        raise ValueError("missing 'answer'")
+    # bool is an int subclass, but `true` as a ground truth is almost surely a mistake
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"'answer' must be a string or a number, got {type(value).__name__}")
+    return str(value)
+
+
+def _optional_str(row: Dict[str, Any], key: str, default: str) -> str:
+    value = row.get(key)
+    if value is None:  # Parquet gives null where a row lacks a column other rows have
+        return default
+    if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_row(row: Any, prompt_id: str, source: str) -> PromptRecord:
+    """One record from a decoded row; ValueError says what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be an object, got {type(row).__name__}")
+    prompt, messages = row.get("prompt"), row.get("messages")
+    if prompt is None and messages is None:
+        raise ValueError("missing 'prompt' (or 'messages')")
+    if prompt is not None and messages is not None:
+        raise ValueError("has both 'prompt' and 'messages'; give one")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
+    answer = _answer(row.get("answer"))
+    metadata = row.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"'metadata' must be an object, got {type(metadata).__name__}")
+    extra = {k: v for k, v in row.items() if k not in _KNOWN}
+    return PromptRecord(_optional_str(row, "id", prompt_id), prompt,
+                        None if messages is None else _messages(messages), answer,
+                        _optional_str(row, "data_source", source), {**extra, **(metadata or {})})
+
+
+Rows = Iterator[Tuple[str, int, Any]]  # (where, number, decoded row or the ValueError it raised)
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    with path.open("rb") as f:  # bytes: one non-UTF-8 line must not stop the others
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield where, number, ValueError(f"not UTF-8 ({e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                yield where, number, ValueError(f"invalid JSON ({e.msg}, column {e.colno})")
+
+
+def _parquet_rows(path: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path} row {number}", number, row
+
+
+READERS = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+
+
+def _records(path: Path, rows: Rows, on_bad_row: str, source: str) -> Tuple[List[PromptRecord], int]:
+    records: List[PromptRecord] = []
+    first_seen: Dict[str, str] = {}
+    bad = 0
+    for where, number, row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            record = parse_row(row, f"{path.stem}:{number}", source)
+            # ids key the trainer's token table, so a repeat would silently swap prompts
+            if record.prompt_id in first_seen:
+                raise ValueError(f"id {record.prompt_id!r} repeats the one at {first_seen[record.prompt_id]}")
+            first_seen[record.prompt_id] = where
+            records.append(record)
+        except ValueError as e:
+            message = f"{where}: bad row: {e}"
+            if on_bad_row == "error":
+                raise DataError(message) from None
+            bad += 1
+            if bad <= MAX_WARNINGS:
+                log.warning("%s (skipped)", message)
+    return records, bad
+
+
+def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None
+                 ) -> List[PromptRecord]:
+    """Records of a .jsonl or .parquet file; bad rows warn and are skipped, or raise DataError."""
+    if on_bad_row not in ("skip", "error"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown data format {path.suffix!r} (use .jsonl or .parquet)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records, bad = _records(path, reader(path), on_bad_row, default_source or path.stem)
+    if bad > MAX_WARNINGS:
+        log.warning("%s: %d bad rows skipped in all (%d valid rows kept)", path, bad, len(records))
+    if not records:
+        raise DataError(f"{path}: no valid rows" + (f" ({bad} bad rows)" if bad else " (the file is empty)"))
+    return records

@@ -1,0 +1,148 @@
+"""The reward stack: weighted components, each sample scored under a time limit.
+
+math-verify (sympy) can hang on adversarial strings and a custom reward may hang inside C
+code where Python signals never arrive, so scoring runs in worker processes: a timer
+inside the worker bounds each component, and the parent kills a worker that misses its
+hard deadline, scores that sample 0 (counted as a time-out), starts a new worker and goes
+on with the rest. A failing or hanging component scores 0 and is counted; scoring never
+crashes the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from hydra.utils import get_method
+
+from r1mega.rewards.components import BUILTIN, Row, Scorer, score_sample
+from r1mega.rewards.language import LANGUAGES
+from r1mega.rewards.length import overlong_penalty
+from r1mega.rewards.pool import WorkerPool
+
+log = logging.getLogger("r1mega.rewards")
+
+
+@dataclass
+class RewardInput:
+    """One response to score."""
+
+    response: str  # generated text only, the prompt excluded
+    answer: str  # ground truth
+    data_source: str = ""  # "arithmetic", "countdown", "math", or a dataset's name
+    metadata: dict[str, Any] = field(default_factory=dict)  # e.g. countdown: numbers, target
+    response_tokens: int = 0
+    truncated: bool = False  # stopped by the length cap, not by EOS or a stop string
+
+
+@dataclass
+class RewardScores:
+    """Per-sample totals and unweighted component values, in input order."""
+
+    total: list[float]
+    components: dict[str, list[float]]
+    failures: int = 0  # components that raised
+    timeouts: int = 0  # components (or whole samples, on a hard kill) that ran out of time
+
+
+def _plain(spec: Any) -> dict[str, Any]:
+    # OmegaConf nodes pickle slowly and drag omegaconf into the workers: hand them plain dicts
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(spec):
+            return OmegaConf.to_container(spec, resolve=True)
+    except ImportError:
+        pass
+    return dict(spec)
+
+
+def _check_config(components: Mapping[str, float], custom: dict[str, dict[str, Any]], timeout_s: float,
+                  num_workers: int, language: str, overlong_max_tokens: int | None,
+                  overlong_cache_tokens: int) -> None:
+    unknown = [k for k in components if k not in BUILTIN]
+    if unknown:
+        raise ValueError(f"unknown reward component(s) {unknown}; built in: {list(BUILTIN)} "
+                         "(add your own under reward.custom with a _target_)")
+    for name, spec in custom.items():
+        if name in components:
+            raise ValueError(f"custom reward {name!r} has the name of a built-in component")
+        if "_target_" not in spec:
+            raise ValueError(f"custom reward {name!r} needs a _target_ (dotted path to a function)")
+    if "overlong" in components:
+        if not overlong_max_tokens:
+            raise ValueError("the 'overlong' reward needs overlong_max_tokens")
+        overlong_penalty(0, overlong_max_tokens, overlong_cache_tokens)  # raises on bad sizes
+    if "language" in components and language not in LANGUAGES:
+        raise ValueError(f"reward language {language!r} is not supported; known: {', '.join(LANGUAGES)}")
+    if not timeout_s > 0 or num_workers < 0:
+        raise ValueError(f"need timeout_s > 0 and num_workers >= 0, got {timeout_s}, {num_workers}")
+
+
+class RewardStack:
+    """score(samples) -> RewardScores, with total = sum over components of weight x value."""
+
+    def __init__(self, components: Mapping[str, float], custom: Mapping[str, Any] | None = None,
+                 timeout_s: float = 5.0, num_workers: int = 2, language: str = "en",
+                 overlong_max_tokens: int | None = None, overlong_cache_tokens: int = 0):
+        custom = {str(k): _plain(v) for k, v in (custom or {}).items()}
+        _check_config(components, custom, timeout_s, num_workers, language, overlong_max_tokens,
+                      overlong_cache_tokens)
+        self.weights = {**{k: float(w) for k, w in components.items()},
+                        **{k: float(v.get("weight", 1.0)) for k, v in custom.items()}}
+        bad = [k for k, w in self.weights.items() if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"reward weights must be finite numbers: {bad}")
+        spec = {"builtin": list(components), "custom": custom, "timeout_s": float(timeout_s),
+                "language": language, "overlong_max_tokens": overlong_max_tokens,
+                "overlong_cache_tokens": overlong_cache_tokens}
+        for spec_ in custom.values():
+            get_method(spec_["_target_"])  # import it here too: a bad _target_ fails at start-up
+        self._spec, self._scorer = spec, None
+        self.names = list(components) + list(custom)
+        # the inner timers allow timeout_s per component; the parent's deadline adds a margin
+        deadline_s = timeout_s * len(self.names) + 2.0
+        self._pool = WorkerPool(num_workers, spec, deadline_s) if num_workers > 0 else None
+        self._closed = False
+
+    def score(self, samples: list[RewardInput]) -> RewardScores:
+        """Score every sample; results are in input order whatever happens to the workers."""
+        if self._closed:
+            raise RuntimeError("RewardStack.score after close()")
+        if self._pool is not None:
+            rows = self._pool.run(samples, self._local_scorer)
+        else:
+            rows = [score_sample(self._local_scorer(), s) for s in samples]
+        return self._combine(rows)
+
+    def _local_scorer(self) -> Scorer:
+        # built on first use: a custom class may be costly to instantiate, and workers have their own
+        if self._scorer is None:
+            self._scorer = Scorer(**self._spec)
+        return self._scorer
+
+    def _combine(self, rows: list[Row]) -> RewardScores:
+        failures = sum(r[1] for r in rows)
+        timeouts = sum(r[2] for r in rows)
+        first = next((r[3] for r in rows if r[3]), None)
+        if first:
+            log.warning("rewards: %d failure(s), %d time-out(s) in %d samples; first: %s",
+                        failures, timeouts, len(rows), first)
+        comps = {name: [r[0][j] for r in rows] for j, name in enumerate(self.names)}
+        weights = [self.weights[name] for name in self.names]
+        total = [sum(w * v for w, v in zip(weights, r[0], strict=True)) for r in rows]
+        return RewardScores(total, comps, failures, timeouts)
+
+    def close(self) -> None:
+        """Stop the worker processes; idempotent."""
+        if self._pool is not None:
+            self._pool.close()
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

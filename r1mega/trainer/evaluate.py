@@ -1,0 +1,60 @@
+"""Held-out evaluation: greedy pass@1 and sampled pass@k with the rollout engine and the reward stack."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state as ps
+
+from r1mega.rollout.types import SamplingParams
+from r1mega.trainer import rl_phases as phases
+from r1mega.trainer.rl_context import RLContext
+
+
+def _shard(records: list) -> List:
+    """This data-parallel rank's prompts; shards padded to one size (padding rows are not counted)."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = records[rank::dp]
+    size = -(-len(records) // dp)
+    return [(r, True) for r in mine] + [(records[0], False)] * (size - len(mine))
+
+
+def _accuracy(ctx: RLContext, rows: list, params: SamplingParams, n: int) -> torch.Tensor:
+    """Accuracy [prompts, n] of n responses per prompt."""
+    prompts = [r for r, _ in rows]
+    rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in prompts], params, n=n)
+    records = [prompts[g] for g in rollouts.group_index]
+    scores = phases.score(ctx, records, rollouts)
+    lengths = torch.tensor(rollouts.response_lengths, dtype=torch.float32)
+    return scores.components["accuracy"].view(len(prompts), n), scores.total.view(len(prompts), n), \
+        lengths.view(len(prompts), n)
+
+
+def evaluate(ctx: RLContext, seed: int = 0) -> Dict[str, float]:
+    """eval/greedy_accuracy, eval/pass_at_k, eval/mean_at_k, eval/reward, eval/length_mean (all ranks)."""
+    if not ctx.test_records:
+        return {}
+    rows = _shard(ctx.test_records)
+    real = torch.tensor([float(keep) for _, keep in rows])
+    r = ctx.cfg.rollout
+    greedy = SamplingParams(temperature=r.eval_temperature, top_p=1.0 if r.eval_temperature == 0 else r.top_p,
+                            top_k=-1 if r.eval_temperature == 0 else r.top_k, max_new_tokens=r.max_new_tokens,
+                            stop=tuple(r.stop), seed=seed)
+    acc, reward, length = _accuracy(ctx, rows, greedy, 1)
+    values = [float((acc[:, 0] * real).sum()), float((reward[:, 0] * real).sum()),
+              float((length[:, 0] * real).sum()), float(real.sum())]
+    k = r.eval_samples
+    if k > 0:
+        sampled = replace(ctx.sampling, seed=seed + 1)
+        acc_k, _, _ = _accuracy(ctx, rows, sampled, k)
+        values += [float(((acc_k.max(dim=1).values >= 1.0).float() * real).sum()),
+                   float((acc_k.mean(dim=1) * real).sum())]
+    sums = phases.dp_sum(values)
+    n = max(sums[3], 1.0)
+    out = {"eval/greedy_accuracy": sums[0] / n, "eval/reward": sums[1] / n, "eval/length_mean": sums[2] / n,
+           "eval/prompts": sums[3]}
+    if k > 0:
+        out.update({"eval/pass_at_k": sums[4] / n, "eval/mean_at_k": sums[5] / n, "eval/k": float(k)})
+    return out

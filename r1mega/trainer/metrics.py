@@ -1,0 +1,110 @@
+"""Run metrics: one JSON line per step, TensorBoard scalars, a progress bar, a PNG at the end.
+
+Only the logging rank (global rank 0) creates a MetricsLog; other ranks pass None around.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+# (panel title, metric keys) of the PNG; a key missing from every row is left out
+PANELS = (
+    ("reward", ("reward/mean", "eval/reward")),
+    ("accuracy", ("reward/accuracy", "eval/greedy_accuracy", "eval/pass_at_k")),
+    ("response length", ("response/length_mean", "response/length_max")),
+)
+
+
+class MetricsLog:
+    def __init__(self, folder: str | Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.file = self.folder / METRICS_FILE
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: Dict[str, float], console: bool = True) -> None:
+        """Append a row (a crash loses at most this one), mirror it to TensorBoard, update the bar."""
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.bar is not None and "reward/mean" in metrics:
+            self.bar.n = step
+            self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                 acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
+                                 len=f"{metrics.get('response/length_mean', 0):.1f}", refresh=True)
+        elif console:
+            log.info("step %d  %s", step, "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_rows(file: str | Path) -> List[dict]:
+    """The rows of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    rows = []
+    for line in Path(file).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_curves(file: str | Path, out: Optional[str | Path] = None) -> Path:
+    """PNG of reward, accuracy and response-length curves from a metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(file)
+    out = Path(out) if out else Path(file).with_name(PLOT_FILE)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
+    for ax, (title, keys) in zip(axes, PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plain(v):
+    return float(v) if hasattr(v, "item") else v
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

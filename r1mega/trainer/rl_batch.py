@@ -1,0 +1,106 @@
+"""Rollouts as training tensors: right-padded rows, micro-batched by a token budget.
+
+A row is prompt + response. The model reads tokens[:-1] and predicts tokens[1:]; the
+response tokens are predicted at positions prompt_len - 1 ... len - 2, which the mask marks.
+Right padding needs no attention mask: under causal attention no real token sees a pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from r1mega.rollout.types import Rollouts
+
+
+@dataclass
+class StepBatch:
+    """One data-parallel rank's rows for the update phase (CPU tensors)."""
+
+    tokens: List[torch.Tensor]  # [len_i] prompt + response ids
+    prompt_lens: List[int]
+    advantages: torch.Tensor  # [N] one per response
+    rollout_logp: List[torch.Tensor]  # [R_i] the engine's log-probs of the response tokens
+    old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
+    ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def from_rollouts(rollouts: Rollouts, advantages: torch.Tensor) -> "StepBatch":
+        tokens = [torch.tensor(p + r, dtype=torch.long) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)]
+        return StepBatch(tokens, [len(p) for p in rollouts.prompt_ids], advantages.float(),
+                         [torch.tensor(lp, dtype=torch.float32) for lp in rollouts.logprobs])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def response_tokens(self, rows: Sequence[int]) -> int:
+        return sum(len(self.tokens[i]) - self.prompt_lens[i] for i in rows)
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of some rows; per-token fields are [b, L] aligned with the model's output."""
+
+    rows: List[int]
+    tokens: torch.Tensor  # [b, L] model input
+    targets: torch.Tensor  # [b, L] next tokens
+    mask: torch.Tensor  # [b, L] bool, True where the target is a response token
+    advantages: torch.Tensor  # [b]
+    rollout_logp: torch.Tensor  # [b, L]
+    old_logp: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(self.rows, move(self.tokens), move(self.targets), move(self.mask), move(self.advantages),
+                          move(self.rollout_logp), move(self.old_logp), move(self.ref_logp))
+
+
+def split_rows(lengths: Sequence[int], rows: Sequence[int], token_budget: int, min_parts: int = 1) -> List[List[int]]:
+    """Group rows into micro-batches of at most token_budget padded tokens (longest rows first).
+
+    A row longer than the budget gets a micro-batch of its own. At least min_parts groups are
+    made when there are that many rows (ranks that must run the same number of forwards).
+    """
+    order = sorted(rows, key=lambda i: -lengths[i])
+    groups: List[List[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    while len(groups) < min(min_parts, len(order)):
+        big = max(range(len(groups)), key=lambda g: len(groups[g]))
+        half = len(groups[big]) // 2
+        groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
+    return groups
+
+
+def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
+    """Right-padded tensors of `rows`; the length is rounded up to `multiple` (sequence parallelism)."""
+    width = max(len(batch.tokens[i]) for i in rows) - 1
+    width = -(-width // multiple) * multiple
+    b = len(rows)
+    tokens = torch.zeros(b, width, dtype=torch.long)
+    targets = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    per_token = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp}
+    padded = {k: torch.zeros(b, width) for k, v in per_token.items() if v is not None}
+    for j, i in enumerate(rows):
+        seq, start = batch.tokens[i], batch.prompt_lens[i] - 1
+        n = len(seq) - 1
+        tokens[j, :n], targets[j, :n] = seq[:-1], seq[1:]
+        mask[j, start:n] = True
+        for key, values in per_token.items():
+            if values is not None:
+                padded[key][j, start:n] = values[i]
+    return MicroBatch(rows, tokens, targets, mask, batch.advantages[rows], padded["rollout_logp"],
+                      padded.get("old_logp"), padded.get("ref_logp"))
+
+
+def response_values(micro: MicroBatch, values: torch.Tensor) -> List[torch.Tensor]:
+    """Per-row response slices of a [b, L] tensor (the inverse of collate's placement)."""
+    return [values[j][micro.mask[j]].detach().float().cpu() for j in range(len(micro.rows))]

@@ -1,0 +1,41 @@
+"""What the RL phases share: config, model, optimizer, engine, rewards, prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from r1mega.config.schema import R1Config
+from r1mega.rollout.types import RolloutEngine, SamplingParams
+
+
+@dataclass
+class RLContext:
+    cfg: R1Config
+    tokenizer: Any
+    chunks: List[torch.nn.Module]  # the policy's megatron chunks (unwrapped)
+    ddp_chunks: List[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+    ref_chunks: Optional[List[torch.nn.Module]]  # frozen reference; None when kl_beta = 0
+    engine: RolloutEngine
+    engine_shares_weights: bool  # the native engine decodes with the policy's own parameters
+    rewards: Any  # RewardStack on the first rank of each model-parallel group, else None
+    reward_names: List[str]  # component names, in a fixed order on every rank
+    sampler: Any  # PromptSampler over the train split, this data-parallel rank's share
+    test_records: list
+    sampling: SamplingParams
+    prompt_tokens: Dict[str, List[int]] = field(default_factory=dict)  # prompt_id -> ids
+
+    @property
+    def temperature(self) -> float:
+        """Temperature of the trainer's log-probs: the one the rollouts were sampled at."""
+        return self.sampling.logprob_temperature
+
+    def prompt_ids(self, record) -> List[int]:
+        ids = self.prompt_tokens.get(record.prompt_id)
+        if ids is None:
+            raise KeyError(f"prompt {record.prompt_id} was not tokenized at set-up")
+        return ids

@@ -1,0 +1,155 @@
+"""Forward passes of the RL step through megatron's pipeline schedules.
+
+`forward_logprobs` gives per-token log-probs (old policy, reference) without gradients;
+`train_minibatch` runs forward/backward with the GRPO-family loss and one optimizer step.
+Log-probs come from vocab-parallel logits: each tensor-parallel rank keeps its vocab slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from r1mega.algorithms.aggregation import aggregate
+from r1mega.algorithms.kl import kl_penalty
+from r1mega.algorithms.policy_loss import clipped_surrogate, truncated_is_weights
+from r1mega.ops.logprobs import token_logprobs
+from r1mega.trainer.rl_batch import MicroBatch
+
+# Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
+STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "tokens")
+STAT_MAXES = ("logprob_gap_max", "ratio_max")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss needs from the algorithm config, plus the minibatch's global counts."""
+
+    eps_low: float
+    eps_high: float
+    dual_clip: Optional[float]
+    ratio_level: str
+    kl_beta: float
+    kl_estimator: str
+    entropy_coeff: float
+    loss_agg: str
+    norm_length: int
+    tis_cap: Optional[float]
+    temperature: float
+    num_tokens: float = 1.0  # response tokens of the whole minibatch, all data-parallel ranks
+    num_seqs: float = 1.0
+
+
+def _logprobs(logits: torch.Tensor, micro: MicroBatch, temperature: float, with_entropy: bool):
+    """Log-probs [b, L] (and entropy) of the targets from this rank's vocab slice of the logits."""
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    vocab_start = ps.get_tensor_model_parallel_rank() * logits.size(-1)
+    return token_logprobs(logits, micro.targets, tp_group, vocab_start, temperature, with_entropy)
+
+
+def _forward_step(data_iterator, model, loss_fn):
+    micro: MicroBatch = next(data_iterator)
+    device = next(model.parameters()).device
+    micro = micro.to(device)
+    positions = torch.arange(micro.tokens.size(1), device=device).expand_as(micro.tokens)
+    logits = model(micro.tokens, positions, attention_mask=None)
+    return logits, partial(loss_fn, micro)
+
+
+def _run(chunks, micro_batches: List[MicroBatch], loss_fn, forward_only: bool) -> List[dict]:
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=list(chunks),
+        num_microbatches=len(micro_batches),
+        seq_length=max(m.tokens.size(1) for m in micro_batches),  # shapes are exchanged per micro-batch
+        micro_batch_size=max(m.tokens.size(0) for m in micro_batches),
+        forward_only=forward_only,
+    )
+
+
+def forward_logprobs(chunks, micro_batches: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
+    """Log-probs [b, L] per micro-batch on the last pipeline stage; None on other stages."""
+
+    def collect(micro, logits):
+        logp, _ = _logprobs(logits, micro, temperature, with_entropy=False)
+        return logits.new_zeros(()), {"logp": logp.detach().float().cpu()}
+
+    with torch.no_grad():
+        out = _run(chunks, micro_batches, collect, forward_only=True)
+    return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
+def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale: float):
+    """GRPO-family loss of one micro-batch (pure math on its tensors) and its statistics."""
+    logp, entropy = _logprobs(logits, micro, s.temperature, with_entropy=True)
+    mask = micro.mask
+    old = micro.old_logp if micro.old_logp is not None else logp.detach()
+    adv = torch.where(mask, micro.advantages[:, None], 0.0)
+    per_token, pg_stats = clipped_surrogate(logp, old, adv, mask, s.eps_low, s.eps_high, s.dual_clip, s.ratio_level)
+    if s.tis_cap is not None:
+        per_token = per_token * truncated_is_weights(old, micro.rollout_logp, mask, s.tis_cap)
+    pg_loss = per_token
+    kl = kl_penalty(logp, micro.ref_logp, s.kl_estimator, mask) if s.kl_beta > 0 else torch.zeros_like(logp)
+    per_token = per_token + s.kl_beta * kl
+    if s.entropy_coeff:
+        per_token = per_token - s.entropy_coeff * entropy
+    agg = partial(aggregate, mask=mask, mode=s.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs,
+                  norm_length=s.norm_length)
+    loss = agg(per_token)
+    n = mask.sum().float()
+    gap = torch.where(mask, (old - micro.rollout_logp).abs(), 0.0)
+    zero = lambda x: torch.where(mask, x.detach(), 0.0).sum()  # noqa: E731
+    sums = torch.stack([loss.detach(), agg(pg_loss).detach(), zero(kl), zero(entropy),
+                        pg_stats["clip_fraction"] * n, pg_stats["ratio_mean"] * n, gap.sum(), n])
+    maxes = torch.stack([gap.max() if mask.any() else gap.new_zeros(()), pg_stats["ratio_max"]])
+    # megatron divides each micro-batch loss by the local micro-batch count and averages
+    # gradients over data-parallel ranks; the loss already carries global denominators.
+    return loss * scale, {"sums": sums.double().cpu(), "maxes": maxes.double().cpu()}
+
+
+def train_minibatch(ddp_chunks, optimizer, scheduler, micro_batches: List[MicroBatch],
+                    settings: LossSettings) -> Dict[str, float]:
+    """Forward/backward over this rank's micro-batches, reduce grads, one optimizer step."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    scale = float(len(micro_batches) * ps.get_data_parallel_world_size())
+    out = _run(ddp_chunks, micro_batches, partial(policy_loss, s=settings, scale=scale), forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    stats = _reduce_stats(out)
+    stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    stats["update_skipped"] = float(not update_ok)
+    return stats
+
+
+def _reduce_stats(outputs: List[dict]) -> Dict[str, float]:
+    """Means over the minibatch's response tokens, the same on every rank."""
+    sums = torch.zeros(len(STAT_SUMS), dtype=torch.float64)
+    maxes = torch.zeros(len(STAT_MAXES), dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for o in outputs:
+            sums += o["sums"]
+            maxes = torch.maximum(maxes, o["maxes"])
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    sums, maxes = sums.to(device), maxes.to(device)
+    for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    sums, maxes = sums.cpu(), maxes.cpu()
+    tokens = max(float(sums[-1]), 1.0)
+    stats = {name: float(v) / tokens for name, v in zip(STAT_SUMS[2:-1], sums[2:-1])}
+    # loss and pg_loss carry global denominators already: summing over micro-batches and ranks
+    # gives the minibatch value
+    stats.update(loss=float(sums[0]), pg_loss=float(sums[1]))
+    stats.update({name: float(v) for name, v in zip(STAT_MAXES, maxes)})
+    return stats

@@ -1,0 +1,208 @@
+"""The phases of one RL step: generate, score, advantages, log-probs, update, weight sync.
+
+Every rank of a model-parallel group (TP x PP) holds the same prompts and rollouts; ranks of
+different data-parallel groups hold different ones. Rewards are computed once per
+model-parallel group and broadcast, so all its ranks train on identical numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.algorithms.advantages import group_advantages
+from r1mega.algorithms.filtering import varied_groups
+from r1mega.rewards.stack import RewardInput
+from r1mega.rollout.types import Rollouts
+from r1mega.trainer.rl_batch import StepBatch, collate, response_values, split_rows
+from r1mega.trainer.rl_forward import LossSettings, forward_logprobs, train_minibatch
+from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.timing import PhaseTimer
+
+
+@dataclass
+class Scores:
+    total: torch.Tensor  # [N]
+    components: Dict[str, torch.Tensor]  # name -> [N], unweighted
+    failures: int = 0
+    timeouts: int = 0
+
+
+@dataclass
+class Generated:
+    records: list  # the prompt record of each row
+    rollouts: Rollouts
+    scores: Scores
+    rounds: int = 1  # generation rounds (dynamic sampling adds some)
+    varied_share: float = 1.0  # share of first-round groups whose rewards differ
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Broadcast from the first rank of this model-parallel group to the rest of it."""
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return t
+    out = t.to(_device())
+    dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+    return out.cpu()
+
+
+def dp_sum(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
+    """Sum (or op) of per-rank numbers over the data-parallel group."""
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
+    return t.cpu().tolist()
+
+
+# -- generate and score ----------------------------------------------------------------------
+
+def score(ctx: RLContext, records: list, rollouts: Rollouts) -> Scores:
+    """Rewards of every row, computed on the group's first rank and shared with the others."""
+    names = ctx.reward_names
+    packed = torch.zeros(len(names) + 1, len(rollouts) + 1, dtype=torch.float64)
+    if ctx.rewards is not None:
+        inputs = [RewardInput(response=ctx.tokenizer.decode(ids, skip_special_tokens=True), answer=rec.answer,
+                              data_source=rec.data_source, metadata=rec.metadata, response_tokens=len(ids),
+                              truncated=reason == "length")
+                  for rec, ids, reason in zip(records, rollouts.response_ids, rollouts.finish_reasons)]
+        result = ctx.rewards.score(inputs)
+        packed[0, :-1] = torch.tensor(result.total, dtype=torch.float64)
+        for i, name in enumerate(names):
+            packed[i + 1, :-1] = torch.tensor(result.components[name], dtype=torch.float64)
+        packed[0, -1], packed[1, -1] = result.failures, result.timeouts
+    packed = mp_broadcast(packed)
+    comps = {name: packed[i + 1, :-1] for i, name in enumerate(names)}
+    return Scores(packed[0, :-1], comps, int(packed[0, -1]), int(packed[1, -1]))
+
+
+def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Generated:
+    """n responses per prompt, scored; with dynamic sampling, groups of equal rewards are
+    replaced by new prompts' groups for up to max_extra_rounds more rounds (DAPO)."""
+    a = ctx.cfg.algorithm
+    target = len(prompts)
+    kept, spare = [], []  # (records, rollouts, scores) of single groups
+    batch, rounds, varied_share, failures, timeouts = prompts, 0, 1.0, 0, 0
+    while True:
+        with timer("generate"):
+            rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in batch], ctx.sampling, n=a.group_size)
+        records = [batch[g] for g in rollouts.group_index]
+        with timer("score"):
+            scores = score(ctx, records, rollouts)
+        rounds += 1
+        failures, timeouts = failures + scores.failures, timeouts + scores.timeouts
+        if not a.dynamic_sampling:
+            return Generated(records, rollouts, scores)
+        varied = varied_groups(scores.total, torch.tensor(rollouts.group_index), len(batch))
+        if rounds == 1:
+            varied_share = float(varied.float().mean())
+        for g in range(len(batch)):
+            rows = [i for i, gi in enumerate(rollouts.group_index) if gi == g]
+            (kept if varied[g] and len(kept) < target else spare).append(_select(records, rollouts, scores, rows))
+        need = int(dp_sum([target - len(kept)], op=dist.ReduceOp.MAX)[0])  # all ranks run the same rounds
+        if need == 0 or rounds > a.max_extra_rounds:
+            break
+        batch = ctx.sampler.more(need)
+    groups = (kept + spare)[:target]  # short of varied groups: equal-reward ones (advantage 0) fill up
+    records, rollouts, scores = _concat(groups)
+    scores.failures, scores.timeouts = failures, timeouts
+    return Generated(records, rollouts, scores, rounds=rounds, varied_share=varied_share)
+
+
+def _select(records, rollouts: Rollouts, scores: Scores, rows: List[int]):
+    idx = torch.tensor(rows)
+    return ([records[i] for i in rows], rollouts.select(rows),
+            Scores(scores.total[idx], {k: v[idx] for k, v in scores.components.items()}))
+
+
+def _concat(groups):
+    records = [r for g in groups for r in g[0]]
+    rollouts = Rollouts.concat([g[1] for g in groups])
+    names = groups[0][2].components.keys()
+    scores = Scores(torch.cat([g[2].total for g in groups]),
+                    {k: torch.cat([g[2].components[k] for g in groups]) for k in names})
+    return records, rollouts, scores
+
+
+# -- advantages, log-probs, update -------------------------------------------------------------
+
+def advantages(ctx: RLContext, gen: Generated) -> torch.Tensor:
+    a = ctx.cfg.algorithm
+    # float64: in float32 the mean of equal rewards is off by an ulp, which eps alone would amplify
+    rewards = gen.scores.total.double()
+    adv = group_advantages(rewards, torch.tensor(gen.rollouts.group_index), a.advantage, a.std, a.adv_eps)
+    return adv.float()
+
+
+def _micro_batches(ctx: RLContext, batch: StepBatch, rows: List[int]):
+    """Micro-batches of `rows` under the token budget; as many on every data-parallel rank."""
+    lengths = [len(t) - 1 for t in batch.tokens]
+    parts = split_rows(lengths, rows, ctx.cfg.trainer.micro_batch_tokens)
+    count = int(dp_sum([len(parts)], op=dist.ReduceOp.MAX)[0])
+    if count != len(parts):
+        parts = split_rows(lengths, rows, ctx.cfg.trainer.micro_batch_tokens, min_parts=count)
+    multiple = ctx.cfg.parallel.tp if ctx.cfg.parallel.sequence_parallel else 1
+    return [collate(batch, p, multiple) for p in parts]
+
+
+def logprobs(ctx: RLContext, batch: StepBatch) -> None:
+    """Fill batch.old_logp (when the update needs them) and batch.ref_logp (when KL is on)."""
+    a = ctx.cfg.algorithm
+    if a.use_rollout_logprobs:
+        batch.old_logp = batch.rollout_logp
+    need_old = not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
+    if not need_old and ctx.ref_chunks is None:
+        return
+    micro = _micro_batches(ctx, batch, list(range(len(batch))))
+    if need_old:
+        batch.old_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ddp_chunks, micro, ctx.temperature))
+    if ctx.ref_chunks is not None:
+        batch.ref_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ref_chunks, micro, ctx.temperature))
+
+
+def _per_row(n: int, micro, values) -> Optional[List[torch.Tensor]]:
+    if values is None:  # not the last pipeline stage: the loss never runs here
+        return None
+    out: List[Optional[torch.Tensor]] = [None] * n
+    for m, v in zip(micro, values):
+        for row, vals in zip(m.rows, response_values(m, v)):
+            out[row] = vals
+    return out
+
+
+def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
+    """ppo_epochs passes over the rows, each in `minibatches` optimizer steps; mean statistics."""
+    a, r = ctx.cfg.algorithm, ctx.cfg.rollout
+    stats: Dict[str, float] = {}
+    updates = 0
+    for epoch in range(a.ppo_epochs):
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(ctx.cfg.trainer.seed * 7919 + step
+                                                                                     * 31 + epoch)).tolist()
+        for part in range(a.minibatches):
+            rows = order[part::a.minibatches]
+            tokens, seqs = dp_sum([batch.response_tokens(rows), len(rows)])
+            settings = LossSettings(a.eps_low, a.eps_high, a.dual_clip, a.ratio_level, a.kl_beta, a.kl_estimator,
+                                    a.entropy_coeff, a.loss_agg, a.norm_length or r.max_new_tokens, a.tis_cap,
+                                    ctx.temperature, num_tokens=tokens, num_seqs=seqs)
+            out = train_minibatch(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler,
+                                  _micro_batches(ctx, batch, rows), settings)
+            updates += 1
+            for k, v in out.items():
+                stats[k] = stats.get(k, 0.0) + v
+    return {k: v / updates for k, v in stats.items()}
+
+
+def sync_weights(ctx: RLContext) -> None:
+    """Hand the updated weights to an engine that keeps its own copy (the native engine shares them)."""
+    if ctx.engine_shares_weights:
+        return
+    from r1mega.checkpoint.hf_convert import iter_hf_tensors
+
+    ctx.engine.sync_weights((name, tensor) for name, tensor, _ in iter_hf_tensors(ctx.chunks, ctx.cfg.model))

@@ -1,0 +1,44 @@
+"""Shared pieces of the RL tests: a small config, a reward a random model can earn, run helpers."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+SMALL = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.head_dim=16", "model.init_method_std=0.1",
+    "data.train_size=64", "data.test_size=6", "data.prompts_per_step=4", "data.difficulty.digits=2",
+    "algorithm.group_size=4", "rollout.max_new_tokens=6", "rollout.eval_samples=2",
+    "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
+    "warmup.enabled=false", "reward.num_workers=0",
+    "trainer.tensorboard=false", "trainer.plot=false", "trainer.progress=false", "trainer.log_every=1",
+    "trainer.micro_batch_tokens=96",
+    # random weights never answer right: reward the share of digits in the response instead
+    "+reward.custom.digits._target_=rl_helpers.digit_share", "+reward.custom.digits.weight=1.0",
+]
+
+
+def digit_share(sample) -> float:
+    """Share of digit characters in the response (a reward with signal for an untrained model)."""
+    text = sample.response
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def config(output_dir: str, extra: Sequence[str] = (), world_size: int = 1):
+    from r1mega.config.loader import load_config
+
+    return load_config([*SMALL, f"trainer.output_dir={output_dir}", *extra], world_size=world_size)
+
+
+def run(overrides: Sequence[str], output_dir: str, world_size: int) -> List[dict]:
+    """One RL run inside a spawned rank: per-step metrics (the same on every rank)."""
+    from r1mega.platform.distributed import destroy, initialize, seed_everything
+    from r1mega.trainer.rl_loop import train
+
+    cfg = config(output_dir, overrides, world_size)
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        seed_everything(cfg.trainer.seed)
+        return train(cfg, runtime)
+    finally:
+        destroy()

@@ -1,0 +1,170 @@
+"""The reward stack: configuration, weighting, failures, time-outs and the worker pool."""
+
+import logging
+import time
+
+import pytest
+
+from r1mega.rewards.stack import RewardInput, RewardStack
+
+GOOD = " <think> 2 + 2 is 4 </think> <answer> 4 </answer>"
+H = "rewards_helpers."
+
+
+def sample(response: str = GOOD, i: int = 0, **kw) -> RewardInput:
+    kw.setdefault("answer", "4")
+    kw.setdefault("data_source", "arithmetic")
+    return RewardInput(response=response, metadata={"i": i}, **kw)
+
+
+def custom(fn: str, weight: float = 1.0, **kwargs) -> dict:
+    return {"_target_": H + fn, "weight": weight, **kwargs}
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+def test_unknown_component_names_it_and_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        RewardStack({"accuracy": 1.0, "speling": 0.5}, num_workers=0)
+    assert "speling" in str(err.value)
+    assert all(name in str(err.value) for name in ("accuracy", "format", "language", "overlong"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"components": {"overlong": 1.0}}, "overlong_max_tokens"),
+    ({"components": {"overlong": 1.0}, "overlong_max_tokens": 10, "overlong_cache_tokens": 11},
+     "cache_tokens"),
+    ({"components": {"language": 1.0}, "language": "tlh"}, "known: en, zh"),
+    ({"components": {"format": 1.0}, "custom": {"format": custom("index_reward")}}, "built-in"),
+    ({"components": {}, "custom": {"x": {"weight": 1.0}}}, "_target_"),
+    ({"components": {"format": float("nan")}}, "finite"),
+    ({"components": {"format": 1.0}, "timeout_s": 0}, "timeout_s"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RewardStack(num_workers=0, **kwargs)
+
+
+def test_bad_target_fails_at_start_up():
+    with pytest.raises(Exception, match="no_such_module"):
+        RewardStack({}, custom={"x": {"_target_": "no_such_module.fn"}}, num_workers=0)
+
+
+def test_omegaconf_custom_spec():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"idx": custom("index_reward", 2.0, offset=0.5)})
+    stack = RewardStack({}, custom=cfg, num_workers=0)
+    assert stack.score([sample(i=1)]).total == [3.0]
+
+
+def test_a_worker_that_cannot_start_fails_at_construction():
+    with pytest.raises(RuntimeError, match="cannot build this reward"):
+        RewardStack({}, custom={"x": custom("BrokenInit")}, num_workers=1)
+
+
+# -- in-process scoring (num_workers=0) ------------------------------------------------------------
+
+def test_weights_combine():
+    stack = RewardStack({"accuracy": 1.0, "format": 0.5, "language": 0.25, "overlong": 2.0},
+                        custom={"idx": custom("index_reward", 0.1, offset=10.0),
+                                "const": custom("Constant", -1.0, value=0.75)},
+                        num_workers=0, overlong_max_tokens=100, overlong_cache_tokens=20)
+    samples = [sample(GOOD, i=1, response_tokens=10),
+               sample("<answer>5</answer>", i=2, response_tokens=90),
+               sample("<think>数学</think><answer>4</answer>", i=3, response_tokens=101)]
+    out = stack.score(samples)
+    assert out.components == {"accuracy": [1.0, 0.0, 1.0], "format": [1.0, 0.0, 1.0],
+                              "language": [1.0, 1.0, 0.0], "overlong": [0.0, -0.5, -1.0],
+                              "idx": [11.0, 12.0, 13.0], "const": [0.75, 0.75, 0.75]}
+    assert out.total == pytest.approx([1 + 0.5 + 0.25 + 0 + 1.1 - 0.75,
+                                       0 + 0 + 0.25 - 1.0 + 1.2 - 0.75,
+                                       1 + 0.5 + 0 - 2.0 + 1.3 - 0.75])
+    assert (out.failures, out.timeouts) == (0, 0)
+    assert stack.score([]).total == []
+
+
+def test_in_process_timer_stops_python_loops():
+    stack = RewardStack({"format": 1.0}, custom={"sleepy": custom("sleep_in_python"),
+                                                 "greedy": custom("swallow_and_sleep", 0.0)},
+                        timeout_s=0.1, num_workers=0)
+    out = stack.score([sample(GOOD, i=1), sample("sleep", i=2)])
+    assert out.components["sleepy"] == [1.0, 0.0]
+    assert out.components["greedy"] == [0.0, 0.0]  # swallowing Exception does not hide the time-out
+    assert out.components["format"] == [1.0, 0.0]
+    assert out.timeouts == 3 and out.failures == 0
+
+
+def test_failures_are_counted_and_logged_briefly(caplog):
+    stack = RewardStack({"format": 1.0}, custom={"boom": custom("boom"), "nan": custom("not_a_number")},
+                        num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="r1mega.rewards"):
+        out = stack.score([sample(), sample()])
+    assert out.failures == 4 and out.timeouts == 0
+    assert out.components == {"format": [1.0, 1.0], "boom": [0.0, 0.0], "nan": [0.0, 0.0]}
+    records = [r for r in caplog.records if r.name == "r1mega.rewards"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "boom" in records[0].getMessage() and len(records[0].getMessage()) < 1000
+
+
+# -- worker processes --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hang_stack():
+    with RewardStack({"format": 1.0}, custom={"idx": custom("hang_in_c")}, timeout_s=0.3,
+                     num_workers=2) as stack:
+        yield stack
+
+
+def test_hard_deadline_kills_a_worker_stuck_in_c(hang_stack):
+    samples = [sample(GOOD, i=i) for i in range(12)]
+    samples[3] = sample(GOOD + " hang", i=3)
+    start = time.monotonic()
+    out = hang_stack.score(samples)
+    assert time.monotonic() - start < 20
+    expected = [float(i) for i in range(12)]
+    expected[3] = 0.0
+    assert out.components["idx"] == expected  # in input order, nothing lost
+    assert out.components["format"] == [1.0] * 3 + [0.0] + [1.0] * 8
+    assert out.total == [v + f for v, f in zip(expected, out.components["format"], strict=True)]
+    assert (out.timeouts, out.failures) == (1, 0)
+    # the replacement worker scores the next call normally
+    again = hang_stack.score([sample(GOOD, i=i) for i in range(5)])
+    assert again.components["idx"] == [0.0, 1.0, 2.0, 3.0, 4.0] and again.timeouts == 0
+
+
+def test_worker_timer_and_crash():
+    with RewardStack({}, custom={"sleepy": custom("sleep_in_python"), "die": custom("die")},
+                     timeout_s=0.2, num_workers=1) as stack:
+        out = stack.score([sample(GOOD, i=0), sample("sleep", i=1), sample("die", i=2), sample(GOOD, i=3)])
+    assert out.components["sleepy"] == [0.0, 0.0, 0.0, 3.0]
+    assert out.components["die"] == [0.0, 1.0, 0.0, 3.0]
+    assert (out.timeouts, out.failures) == (1, 1)
+
+
+def test_many_short_samples_are_fast_and_hostile_inputs_bounded():
+    stack = RewardStack({"accuracy": 1.0, "format": 0.1, "language": 0.1}, timeout_s=0.5, num_workers=2)
+    try:
+        samples = [sample(f" <think> {i} + 1 </think> <answer> {i + 1} </answer>", answer=str(i + 1))
+                   for i in range(512)]
+        stack.score(samples[:8])  # warm
+        start = time.monotonic()
+        out = stack.score(samples)
+        assert time.monotonic() - start < 1.0
+        assert out.total == pytest.approx([1.2] * 512)
+
+        hostile = ["\\frac{" * 500, "{" * 2000 + "}" * 2000, "x^" * 300 + "2", "\\sqrt{" * 200]
+        batch = [sample(f"<think>t</think><answer>{h}</answer>", data_source="math") for h in hostile]
+        batch.append(sample(GOOD, data_source="math"))
+        batch.append(sample("<think>" + "y" * 1_000_000 + "</think><answer>4</answer>", data_source="math"))
+        start = time.monotonic()
+        out = stack.score(batch)
+        assert time.monotonic() - start < 15
+        assert out.components["accuracy"] == [0.0] * 4 + [1.0, 1.0]
+        assert out.timeouts >= 2  # the brace towers take seconds in sympy: the inner timer stops them
+        assert out.components["format"] == [1.0] * 6
+    finally:
+        stack.close()
+        stack.close()  # idempotent
+    with pytest.raises(RuntimeError, match="close"):
+        stack.score([sample()])
