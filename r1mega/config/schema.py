@@ -137,9 +137,9 @@ class WarmupConfig:
 
     enabled: bool = True  # build the base model when neither model.hf_path nor model.mcore_path is set
     corpus: str = "task"  # task (documents of the built-in task) | synthetic (rule sequences)
-    correct_fraction: float = 0.5  # task corpus: share of worked answers that are right
+    correct_fraction: float = 0.3  # task corpus: share of worked answers that are right
     documents: int = 20000  # task corpus size
-    steps: int = 300
+    steps: int = 600
     seq_length: int = 128
     micro_batch_size: int = 16
     global_batch_size: int = 32

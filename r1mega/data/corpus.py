@@ -51,7 +51,7 @@ def column_addition(a: int, b: int, drop_carry_at: int = -1) -> tuple[str, int]:
     return " , ".join(steps), int("".join(map(str, digits[::-1])))
 
 
-def _carry_columns(a: int, b: int) -> list:
+def carry_columns(a: int, b: int) -> list:
     """Columns that receive a carry."""
     cols, carry = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
@@ -66,7 +66,7 @@ def worked_response(record, correct: bool, rng: np.random.Generator) -> str:
     """The response text of a corpus document for a built-in task record."""
     m = record.metadata
     if record.data_source == "arithmetic" and m["op"] == "+":
-        cols = _carry_columns(m["a"], m["b"])
+        cols = carry_columns(m["a"], m["b"])
         slip = -1 if correct or not cols else int(rng.choice(cols))
         work, answer = column_addition(m["a"], m["b"], slip)
         return f" <think> {work} </think> <answer> {answer} </answer>"
@@ -80,13 +80,23 @@ def worked_response(record, correct: bool, rng: np.random.Generator) -> str:
 
 
 def _wrong_expression(expression: str, rng: np.random.Generator) -> str:
-    """The expression with one operator swapped: it uses the same numbers but misses the target."""
+    """The expression with one operator swapped so that it misses its value (same numbers);
+    the expression itself when no single swap changes the value."""
+    from r1mega.rewards.arith import ExpressionError, evaluate
+
+    target = evaluate(expression)
     ops = [i for i, c in enumerate(expression) if c in "+-*/"]
-    if not ops:
-        return expression
-    i = ops[int(rng.integers(len(ops)))]
-    swap = {"+": "-", "-": "+", "*": "+", "/": "*"}[expression[i]]
-    return expression[:i] + swap + expression[i + 1:]
+    for i in rng.permutation(ops).tolist():
+        for swap in "+-*/":
+            if swap == expression[i]:
+                continue
+            wrong = expression[:i] + swap + expression[i + 1:]
+            try:
+                if evaluate(wrong) != target:
+                    return wrong
+            except ExpressionError:  # a swap that divides by zero
+                continue
+    return expression
 
 
 def corpus_tokens(records: list, tokenizer, template: str, correct_fraction: float, seed: int) -> List[int]:

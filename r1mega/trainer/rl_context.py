@@ -27,7 +27,7 @@ class RLContext:
     sampler: Any  # PromptSampler over the train split, this data-parallel rank's share
     test_records: list
     sampling: SamplingParams
-    prompt_tokens: Dict[str, List[int]] = field(default_factory=dict)  # prompt_id -> ids
+    prompt_tokens: Dict[int, List[int]] = field(default_factory=dict)  # id(record) -> token ids
 
     @property
     def temperature(self) -> float:
@@ -35,7 +35,7 @@ class RLContext:
         return self.sampling.logprob_temperature
 
     def prompt_ids(self, record) -> List[int]:
-        ids = self.prompt_tokens.get(record.prompt_id)
+        ids = self.prompt_tokens.get(id(record))
         if ids is None:
             raise KeyError(f"prompt {record.prompt_id} was not tokenized at set-up")
         return ids

@@ -64,7 +64,7 @@ def load_records(cfg: R1Config) -> Tuple[list, list]:
             make_task(d.name, "test", d.test_size, d.seed, **knobs))
 
 
-def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> Tuple[list, Dict[str, List[int]]]:
+def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> Tuple[list, Dict[int, List[int]]]:
     """Render and tokenize prompts; those over data.max_prompt_tokens are dropped with a warning."""
     texts = [render_prompt(r, tokenizer, cfg.data.template) for r in records]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -72,7 +72,7 @@ def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> Tup
     for record, seq in zip(records, ids):
         if 0 < len(seq) <= cfg.data.max_prompt_tokens:
             keep.append(record)
-            table[record.prompt_id] = list(seq)
+            table[id(record)] = list(seq)  # by object: ids of different files may coincide
     if len(keep) < len(records) and _is_first_rank():
         log.warning("%s split: %d of %d prompts are empty or longer than data.max_prompt_tokens=%d and are skipped",
                     split, len(records) - len(keep), len(records), cfg.data.max_prompt_tokens)
