@@ -88,3 +88,44 @@ def test_metrics_cover_the_step(runs):
         assert key in first, key
     last = runs["ref"][-1]
     assert {"eval/greedy_accuracy", "eval/pass_at_k"} <= set(last)
+
+
+VARIANTS = {
+    # DAPO with nothing to learn from (accuracy only, random weights): every group is equal, so
+    # dynamic sampling draws the maximum extra rounds and then fills up with equal groups
+    "dapo": ["algorithm=dapo", "algorithm.max_extra_rounds=2", "reward.custom.digits.weight=0.0"],
+    "gspo_tis": ["algorithm=gspo", "algorithm.tis_cap=2.0", "algorithm.ppo_epochs=2"],
+    "drgrpo_dual": ["algorithm=drgrpo", "algorithm.dual_clip=3.0", "algorithm.minibatches=2",
+                    "algorithm.use_rollout_logprobs=true"],
+    "rloo_entropy": ["algorithm=rloo", "algorithm.entropy_coeff=0.01", "algorithm.kl_beta=0.01",
+                     "algorithm.kl_estimator=k2", "algorithm.ref_reset_every=1"],
+}
+
+
+def _variants(root: str):
+    return {name: run([*extra, "trainer.steps=2", "trainer.eval_at_ends=false"], f"{root}/{name}", 1)
+            for name, extra in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    return spawn(1, _variants, str(tmp_path_factory.mktemp("variants")))[0]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_algorithm_variants_run(variants, name):
+    steps = variants[name]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert all(v == v for v in m.values() if isinstance(v, float)), m  # no NaN anywhere
+    if name == "dapo":
+        assert all(m["rollout/rounds"] == 3 and m["rollout/varied_group_share"] == 0 for m in steps)
+        assert all(m["grad_norm"] == 0 for m in steps)  # equal rewards, no KL: nothing to learn
+    else:
+        assert any(m["grad_norm"] > 0 for m in steps)
+    if name == "gspo_tis":
+        assert steps[1]["ratio_max"] > 1.0  # the second epoch moved the sequence ratios
+    if name == "rloo_entropy":
+        # the reference was reset to the policy after step 1: step 2's KL starts from zero
+        # (without the reset it would measure step 1's update, as grad_norm > 0 shows)
+        assert steps[0]["grad_norm"] > 0 and steps[1]["kl"] == pytest.approx(0.0, abs=1e-7)
