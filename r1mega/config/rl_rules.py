@@ -6,6 +6,7 @@ from typing import Optional
 
 from r1mega.config.errors import one_of, require
 from r1mega.config.schema import R1Config
+from r1mega.rewards.components import BUILTIN as BUILTIN_REWARDS
 
 ADVANTAGES = {"grpo", "drgrpo", "rloo", "batch_std"}
 LOSS_AGGS = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
@@ -94,6 +95,9 @@ def _check_reward(cfg: R1Config) -> None:
     require(bool(r.components) or bool(r.custom), "reward.components is empty: nothing would be rewarded")
     require(r.timeout_s > 0, f"reward.timeout_s={r.timeout_s} must be > 0")
     require(r.num_workers >= 0, "reward.num_workers must be >= 0")
+    for name in r.components:
+        require(name in BUILTIN_REWARDS, f"reward.components.{name} is not a built-in reward "
+                f"({', '.join(BUILTIN_REWARDS)}); add your own under reward.custom with a _target_")
     for name, spec in r.custom.items():
         require(isinstance(spec, dict) and "_target_" in spec,
                 f"reward.custom.{name} needs a _target_ (a dotted path to a function of a RewardInput)")

@@ -126,7 +126,7 @@ def _records(path: Path, rows: Rows, on_bad_row: str, source: str) -> Tuple[List
             if isinstance(row, Exception):
                 raise row
             record = parse_row(row, f"{path.stem}:{number}", source)
-            # ids key the trainer's token table, so a repeat would silently swap prompts
+            # ids name prompts in logs and derived datasets: a repeat would make them ambiguous
             if record.prompt_id in first_seen:
                 raise ValueError(f"id {record.prompt_id!r} repeats the one at {first_seen[record.prompt_id]}")
             first_seen[record.prompt_id] = where

@@ -8,7 +8,6 @@ and real models.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import string
@@ -89,6 +88,8 @@ def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 256) -> Path:
                                       unk_token=UNK, additional_special_tokens=CHAT_SPECIALS,
                                       clean_up_tokenization_spaces=False)
     wrapped.chat_template = CHAT_TEMPLATE
+    from r1mega.checkpoint.staging import publish
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and moved in, so a reader never sees a half-written folder.
@@ -96,11 +97,7 @@ def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 256) -> Path:
     staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         wrapped.save_pretrained(str(staging))
-        try:
-            os.replace(staging, folder)  # atomic when the folder is new (or empty)
-        except OSError:
-            for f in staging.iterdir():
-                os.replace(f, folder / f.name)
+        publish(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

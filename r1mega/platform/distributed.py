@@ -81,6 +81,11 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
     return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
 
 
+def current_device() -> torch.device:
+    """This rank's device for collectives and tensors: its CUDA device, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and megatron's model-parallel RNG trackers.
 

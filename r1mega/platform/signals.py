@@ -13,6 +13,8 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from r1mega.platform.distributed import current_device
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -38,9 +40,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank when any rank received a stop signal (a collective call)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
+        flag = torch.tensor([1 if self.received is not None else 0], device=current_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

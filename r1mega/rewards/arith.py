@@ -85,21 +85,20 @@ class _Parser:
         return tok
 
     def expression(self, depth: int) -> Fraction:
-        value = self.term(depth)
-        while self.peek() in (("op", "+"), ("op", "-")):
-            op = self.take()[1]
-            rhs = self.term(depth)
-            value = _bounded(value + rhs if op == "+" else value - rhs)
-        return value
+        return self._chain(depth, "+-", self.term)
 
     def term(self, depth: int) -> Fraction:
-        value = self.factor(depth)
-        while self.peek() in (("op", "*"), ("op", "/")):
+        return self._chain(depth, "*/", self.factor)
+
+    def _chain(self, depth: int, ops: str, operand) -> Fraction:
+        """operand (op operand)*, left to right, for the operators of one precedence level."""
+        value = operand(depth)
+        while self.peek()[0] == "op" and self.peek()[1] in ops:
             op = self.take()[1]
-            rhs = self.factor(depth)
+            rhs = operand(depth)
             if op == "/" and rhs == 0:
                 raise ExpressionError("division by zero")
-            value = _bounded(value * rhs if op == "*" else value / rhs)
+            value = _bounded(_APPLY[op](value, rhs))
         return value
 
     def factor(self, depth: int) -> Fraction:
@@ -119,6 +118,9 @@ class _Parser:
             self.numbers.append(int(text) if "." not in text else value)
             return value
         raise ExpressionError(f"unexpected {text!r}" if text else "unexpected end of expression")
+
+
+_APPLY = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x / y}
 
 
 def _bounded(value: Fraction) -> Fraction:

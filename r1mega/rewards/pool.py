@@ -121,7 +121,7 @@ class WorkerPool:
                 w.conn.send([(i, samples[i]) for i in indices])
             except OSError:  # it died while idle: nothing of this chunk ran
                 queue.extendleft(reversed(indices))
-                self._replace(w)
+                self._lose(w, rows, queue, "died while idle")
                 continue
             except Exception as e:  # e.g. a sample that cannot be pickled: score these here
                 log.error("cannot send samples to a reward worker (%s); scoring them in-process", e)
@@ -175,11 +175,6 @@ class WorkerPool:
                    else f"sample {stuck}: the reward worker {why}")
             rows[stuck] = ([0.0] * self._width, int(not hung), int(hung), msg)
             queue.extendleft(reversed(w.todo))
-        self.workers.append(_Worker(self._ctx, self._spec))
-
-    def _replace(self, w: _Worker) -> None:
-        w.kill()
-        self.workers.remove(w)
         self.workers.append(_Worker(self._ctx, self._spec))
 
     def close(self) -> None:

@@ -70,6 +70,13 @@ class NativeEngine:
                 reasons += fr
         return Rollouts(rows, responses, logprobs, reasons, group_index)
 
+    def state_dict(self) -> dict:
+        """Position in the engine's own sampling stream (unseeded calls), for exact resumes."""
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._calls = int(state["calls"])
+
     def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the engine decodes with the trainer's parameters themselves."""
 
@@ -104,25 +111,26 @@ class NativeEngine:
         out_ids = [[] for _ in range(b)]
         out_lp = [[] for _ in range(b)]
         reasons = ["length"] * b
-        done = torch.zeros(b, dtype=torch.bool, device=device)
+        done = [False] * b
         positions = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
         mask = _prefill_mask(pad, width)
         for _ in range(params.max_new_tokens):
             logits = self._forward(tokens, positions, mask, ctx)
             next_ids, next_lp = self._choose(logits, params, generator, len(alive))
             ctx.sequence_len_offset += tokens.size(1)
-            for j, row in enumerate(alive.tolist()):
+            rows = alive.tolist()
+            for row, token, lp in zip(rows, next_ids.tolist(), next_lp.tolist()):
                 if done[row]:
                     continue
-                out_ids[row].append(int(next_ids[j]))
-                out_lp[row].append(float(next_lp[j]))
+                out_ids[row].append(token)
+                out_lp[row].append(lp)
                 if self._stops(out_ids[row], params):
                     done[row] = True
                     reasons[row] = "stop"
             if not self._any_active(done):
                 break
-            keep = ~done[alive]
-            if keep.sum() < _COMPACT_BELOW * len(alive) and keep.any():
+            keep = torch.tensor([not done[row] for row in rows], device=device)
+            if keep.sum() < _COMPACT_BELOW * len(rows) and keep.any():
                 alive, next_ids, pad = alive[keep], next_ids[keep], pad[keep]
                 _compact_cache(ctx, keep.nonzero().squeeze(1))
             offset = ctx.sequence_len_offset
@@ -140,8 +148,8 @@ class NativeEngine:
             return any(s in tail for s in params.stop)
         return False
 
-    def _any_active(self, done: torch.Tensor) -> bool:
-        active = (~done).any().to(torch.int32)
+    def _any_active(self, done: List[bool]) -> bool:
+        active = torch.tensor(int(not all(done)), device=self._device())
         if self._lockstep:
             dist.all_reduce(active, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return bool(active.item())

@@ -28,8 +28,8 @@ def _accuracy(ctx: RLContext, rows: list, params: SamplingParams, n: int) -> tor
     records = [prompts[g] for g in rollouts.group_index]
     scores = phases.score(ctx, records, rollouts)
     lengths = torch.tensor(rollouts.response_lengths, dtype=torch.float32)
-    return scores.components["accuracy"].view(len(prompts), n), scores.total.view(len(prompts), n), \
-        lengths.view(len(prompts), n)
+    shape = (len(prompts), n)
+    return scores.components["accuracy"].view(shape), scores.total.view(shape), lengths.view(shape)
 
 
 def evaluate(ctx: RLContext, seed: int = 0) -> Dict[str, float]:
@@ -39,9 +39,7 @@ def evaluate(ctx: RLContext, seed: int = 0) -> Dict[str, float]:
     rows = _shard(ctx.test_records)
     real = torch.tensor([float(keep) for _, keep in rows])
     r = ctx.cfg.rollout
-    greedy = SamplingParams(temperature=r.eval_temperature, top_p=1.0 if r.eval_temperature == 0 else r.top_p,
-                            top_k=-1 if r.eval_temperature == 0 else r.top_k, max_new_tokens=r.max_new_tokens,
-                            stop=tuple(r.stop), seed=seed)
+    greedy = replace(ctx.sampling, temperature=r.eval_temperature, seed=seed)  # top-k/p unused when greedy
     acc, reward, length = _accuracy(ctx, rows, greedy, 1)
     values = [float((acc[:, 0] * real).sum()), float((reward[:, 0] * real).sum()),
               float((length[:, 0] * real).sum()), float(real.sum())]

@@ -11,6 +11,8 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from r1mega.platform.distributed import current_device
+
 
 def _forward_step(data_iterator, model):
     """Forward one micro-batch [b, s+1] of token ids; return per-token losses and their reducer."""
@@ -63,9 +65,7 @@ def train_step(
     Returns loss (token mean over the global batch), grad_norm (before clipping) and the lr
     this step used; the same numbers on every rank.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    if device is not None:
-        micro_batches = [b.to(device, non_blocking=True) for b in micro_batches]
+    micro_batches = [b.to(current_device(), non_blocking=True) for b in micro_batches]
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

@@ -19,7 +19,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from r1mega.algorithms.aggregation import aggregate
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.policy_loss import clipped_surrogate, truncated_is_weights
+from r1mega.config.schema import AlgorithmConfig
 from r1mega.ops.logprobs import token_logprobs
+from r1mega.platform.distributed import current_device
 from r1mega.trainer.rl_batch import MicroBatch
 
 # Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
@@ -29,21 +31,13 @@ STAT_MAXES = ("logprob_gap_max", "ratio_max")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the loss needs from the algorithm config, plus the minibatch's global counts."""
+    """The algorithm config plus what one minibatch's loss needs besides it."""
 
-    eps_low: float
-    eps_high: float
-    dual_clip: Optional[float]
-    ratio_level: str
-    kl_beta: float
-    kl_estimator: str
-    entropy_coeff: float
-    loss_agg: str
-    norm_length: int
-    tis_cap: Optional[float]
-    temperature: float
-    num_tokens: float = 1.0  # response tokens of the whole minibatch, all data-parallel ranks
-    num_seqs: float = 1.0
+    algo: AlgorithmConfig
+    norm_length: int  # seq-mean-token-sum-norm constant
+    temperature: float  # of the rollouts, so of the log-probs
+    num_tokens: float  # response tokens of the whole minibatch, all data-parallel ranks
+    num_seqs: float
 
 
 def _logprobs(logits: torch.Tensor, micro: MicroBatch, temperature: float, with_entropy: bool):
@@ -89,19 +83,20 @@ def forward_logprobs(chunks, micro_batches: List[MicroBatch], temperature: float
 
 def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale: float):
     """GRPO-family loss of one micro-batch (pure math on its tensors) and its statistics."""
+    a = s.algo
     logp, entropy = _logprobs(logits, micro, s.temperature, with_entropy=True)
     mask = micro.mask
     old = micro.old_logp if micro.old_logp is not None else logp.detach()
-    adv = torch.where(mask, micro.advantages[:, None], 0.0)
-    per_token, pg_stats = clipped_surrogate(logp, old, adv, mask, s.eps_low, s.eps_high, s.dual_clip, s.ratio_level)
-    if s.tis_cap is not None:
-        per_token = per_token * truncated_is_weights(old, micro.rollout_logp, mask, s.tis_cap)
+    per_token, pg_stats = clipped_surrogate(logp, old, micro.advantages, mask, a.eps_low, a.eps_high, a.dual_clip,
+                                            a.ratio_level)
+    if a.tis_cap is not None:
+        per_token = per_token * truncated_is_weights(old, micro.rollout_logp, mask, a.tis_cap)
     pg_loss = per_token
-    kl = kl_penalty(logp, micro.ref_logp, s.kl_estimator, mask) if s.kl_beta > 0 else torch.zeros_like(logp)
-    per_token = per_token + s.kl_beta * kl
-    if s.entropy_coeff:
-        per_token = per_token - s.entropy_coeff * entropy
-    agg = partial(aggregate, mask=mask, mode=s.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs,
+    kl = kl_penalty(logp, micro.ref_logp, a.kl_estimator, mask) if a.kl_beta > 0 else torch.zeros_like(logp)
+    per_token = per_token + a.kl_beta * kl
+    if a.entropy_coeff:
+        per_token = per_token - a.entropy_coeff * entropy
+    agg = partial(aggregate, mask=mask, mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs,
                   norm_length=s.norm_length)
     loss = agg(per_token)
     n = mask.sum().float()
@@ -140,8 +135,7 @@ def _reduce_stats(outputs: List[dict]) -> Dict[str, float]:
         for o in outputs:
             sums += o["sums"]
             maxes = torch.maximum(maxes, o["maxes"])
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    sums, maxes = sums.to(device), maxes.to(device)
+    sums, maxes = sums.to(current_device()), maxes.to(current_device())
     for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
         dist.all_reduce(sums, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)

@@ -24,14 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def _data_state(ctx: RLContext) -> dict:
-    return {"sampler": ctx.sampler.state_dict(), "engine_calls": getattr(ctx.engine, "_calls", 0)}
+    return {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()}
 
 
 def _restore(ctx: RLContext, folder: Path) -> int:
     state = load_checkpoint(folder, ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, reference=ctx.ref_chunks)
     ctx.sampler.load_state_dict(state["data"]["sampler"])
-    if hasattr(ctx.engine, "_calls"):
-        ctx.engine._calls = int(state["data"]["engine_calls"])
+    ctx.engine.load_state_dict(state["data"]["engine"])
     return state["step"]
 
 

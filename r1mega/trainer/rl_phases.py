@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 
 from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
+from r1mega.platform.distributed import current_device
 from r1mega.rewards.stack import RewardInput
 from r1mega.rollout.types import Rollouts
 from r1mega.trainer.rl_batch import StepBatch, collate, response_values, split_rows
@@ -41,23 +42,19 @@ class Generated:
     varied_share: float = 1.0  # share of first-round groups whose rewards differ
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
     """Broadcast from the first rank of this model-parallel group to the rest of it."""
     group = ps.get_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return t
-    out = t.to(_device())
+    out = t.to(current_device())
     dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
     return out.cpu()
 
 
 def dp_sum(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
     """Sum (or op) of per-rank numbers over the data-parallel group."""
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    t = torch.tensor(values, dtype=torch.float64, device=current_device())
     dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
     return t.cpu().tolist()
 
@@ -103,8 +100,8 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
         varied = varied_groups(scores.total, torch.tensor(rollouts.group_index), len(batch))
         if rounds == 1:
             varied_share = float(varied.float().mean())
-        for g in range(len(batch)):
-            rows = [i for i, gi in enumerate(rollouts.group_index) if gi == g]
+        for g in range(len(batch)):  # the engine returns each prompt's responses together
+            rows = list(range(g * a.group_size, (g + 1) * a.group_size))
             (kept if varied[g] and len(kept) < target else spare).append(_select(records, rollouts, scores, rows))
         need = int(dp_sum([target - len(kept)], op=dist.ReduceOp.MAX)[0])  # all ranks run the same rounds
         if need == 0 or rounds > a.max_extra_rounds:
@@ -188,9 +185,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
         for part in range(a.minibatches):
             rows = order[part::a.minibatches]
             tokens, seqs = dp_sum([batch.response_tokens(rows), len(rows)])
-            settings = LossSettings(a.eps_low, a.eps_high, a.dual_clip, a.ratio_level, a.kl_beta, a.kl_estimator,
-                                    a.entropy_coeff, a.loss_agg, a.norm_length or r.max_new_tokens, a.tis_cap,
-                                    ctx.temperature, num_tokens=tokens, num_seqs=seqs)
+            settings = LossSettings(a, a.norm_length or r.max_new_tokens, ctx.temperature, tokens, seqs)
             out = train_minibatch(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler,
                                   _micro_batches(ctx, batch, rows), settings)
             updates += 1

@@ -51,6 +51,7 @@ def test_moe_preset_is_typed():
     (["rollout.temperature=0"], None, "rollout.temperature=0"),
     (["data=files"], None, "data.train_path"),
     (["reward.timeout_s=0"], None, "reward.timeout_s=0"),
+    (["+reward.components.speed=1.0"], None, "reward.components.speed is not a built-in reward"),
     (["+reward.custom.mine={weight: 1}"], None, "reward.custom.mine needs a _target_"),
     (["warmup.optimizer.lr=0"], None, "warmup.optimizer.lr must be positive"),
 ])
