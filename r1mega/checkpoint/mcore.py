@@ -30,14 +30,16 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module], metadata: Optional[d
     return {k: unwrap(c).sharded_state_dict(metadata=metadata) for k, c in zip(model_keys(len(chunks)), chunks)}
 
 
-def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path) -> None:
-    """Every rank calls this; the folder appears under its name only once complete."""
+def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path, tokenizer=None) -> None:
+    """Every rank calls this; the folder (with the tokenizer, if given) appears only once complete."""
     final = Path(folder)
     tmp = staging_dir(final)
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
     barrier()
     if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
+        if tokenizer is not None:  # the next stage (SFT, RL, sampling) reads text with it
+            tokenizer.save_pretrained(str(tmp))
         publish(tmp, final)
     barrier()
 
@@ -48,6 +50,22 @@ def read_model_config(folder: str | Path) -> ModelConfig:
         raise CheckpointError(f"{file}: missing; {folder} is not a complete r1mega model checkpoint")
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(file))
     return OmegaConf.to_object(merged)
+
+
+SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "head_dim", "vocab_size", "moe", "mla")
+
+
+def check_model_matches(folder: str | Path, model: ModelConfig) -> None:
+    """Refuse, naming the differing keys, weights saved for another architecture than `model`."""
+    if not (Path(folder) / MODEL_YAML).is_file():
+        return
+    saved = read_model_config(folder)
+    diff = [f"{k}: {getattr(saved, k)} there, {getattr(model, k)} here" for k in SHAPE_KEYS
+            if getattr(saved, k) != getattr(model, k)]
+    if diff:
+        raise CheckpointError(f"{folder} holds model {saved.name!r}, not the configured {model.name!r} "
+                              f"({'; '.join(diff)}); choose the matching model= preset")
 
 
 def load_model(chunks: List[torch.nn.Module], folder: str | Path) -> None:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -32,7 +32,8 @@ def setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None]) -> None:
+def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
+           check: Optional[Callable[[R1Config], None]] = None) -> None:
     """Load and validate the config, then run rank_main on every rank.
 
     Under torchrun or Slurm this process is one rank. Started bare with parallel.nproc > 1,
@@ -43,12 +44,20 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None]) -> None:
         cfg = load_config(argv)
         nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
         validate(cfg, nproc or env.world_size)  # now with the world size this run will have
+        if check is not None:
+            check(cfg)  # what this entry point needs besides the general rules
     except ConfigError as e:
         fail(str(e))
     if nproc and nproc > 1:
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
-    else:
+        return
+    from r1mega.checkpoint.hf_io import CheckpointError
+    from r1mega.data.prompts import DataError
+
+    try:
         rank_main(cfg)
+    except (CheckpointError, DataError) as e:  # bad input files: one line, not a traceback
+        fail(str(e), code=1)
 
 
 def share_output_dir(cfg: R1Config) -> Path:

@@ -218,6 +218,66 @@ class TrainerConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning on conversations: cold start, rejection-sampled data, distillation."""
+
+    train_files: List[str] = field(default_factory=list)  # JSONL/Parquet rows with `messages`; mixed
+    valid_files: List[str] = field(default_factory=list)  # held-out conversations for the eval loss
+    template: str = "chat"  # chat (the tokenizer's chat template) | r1_zero (user turn in R1-Zero's template)
+    on_bad_row: str = "skip"  # skip (warn, with file and line) | error
+    max_seq_length: int = 1024  # longer conversations are skipped with a warning
+    samples_per_step: int = 32  # conversations per optimizer step, over all data-parallel ranks
+    pack: bool = True  # THD packing: whole samples back to back, attention kept inside each
+    micro_batch_tokens: int = 4096  # tokens of one micro-batch (a pack, or padded rows x length)
+    epochs: int = 1
+    steps: int = 0  # optimizer steps; 0 = as many as `epochs` passes take
+    eval_every: int = 0  # eval loss on valid_files every N steps; 0 = at the end only
+    seed: int = 1234
+
+
+@dataclass
+class SampleConfig:
+    """Rejection sampling: k responses per prompt, filtered, up to m kept, written as SFT conversations."""
+
+    samples_per_prompt: int = 8  # k
+    keep_per_prompt: int = 2  # m
+    max_prompts: int = 0  # prompts of the train split to sample from; 0 = all
+    min_accuracy: float = 1.0  # correct: accuracy reward at least this
+    min_format: float = 1.0  # well-formed: format reward at least this
+    min_language: float = 0.95  # no language mixing: language-consistency share at least this
+    max_response_tokens: Optional[int] = None  # length cap; default rollout.max_new_tokens
+    dedupe: bool = True  # drop repeated responses to the same prompt (whitespace-normalised)
+    mix_files: List[str] = field(default_factory=list)  # non-reasoning conversations added as they are
+    prompts_per_call: int = 64  # prompts per generation call; each call's results are kept for resuming
+    seed: int = 1234
+
+
+@dataclass
+class ColdStartConfig:
+    """Built-in conversations of the miniature pipeline: readable worked traces and non-reasoning turns."""
+
+    traces: int = 2000  # correct worked solutions of the built-in task's train split
+    general: int = 400  # non-reasoning conversations (answers without a reasoning block)
+    seed: int = 4321
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING  # also the stage's folder under pipeline.output_dir
+    kind: str = MISSING  # cold_start_data | eval | sft | rl | sample
+    overrides: List[str] = field(default_factory=list)  # `{stage}` stands for that stage's folder
+    evaluate: bool = False  # held-out accuracy of the stage's model once it finishes
+
+
+@dataclass
+class PipelineConfig:
+    output_dir: str = "outputs/pipeline"
+    common: List[str] = field(default_factory=list)  # overrides every stage gets first
+    stages: List[StageConfig] = field(default_factory=list)
+    launcher: List[str] = field(default_factory=list)  # command prefix of stage processes; default python
+
+
+@dataclass
 class ClusterConfig:
     name: str = "local"
     nodes: int = 1
@@ -239,6 +299,10 @@ class R1Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -252,6 +316,9 @@ _GROUPS = {
     "rollout": RolloutConfig,
     "reward": RewardConfig,
     "trainer": TrainerConfig,
+    "sft": SFTConfig,
+    "sample": SampleConfig,
+    "cold_start": ColdStartConfig,
     "cluster": ClusterConfig,
 }
 

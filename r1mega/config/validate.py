@@ -10,6 +10,7 @@ from typing import Optional
 from r1mega.config.errors import ConfigError, one_of as _one_of, require as _check  # noqa: F401
 from r1mega.config.rl_rules import check_rl
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
+from r1mega.config.stage_rules import check_stages
 
 
 def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
@@ -19,6 +20,7 @@ def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
     check_optimizer(cfg.optimizer, "optimizer")
     check_optimizer(cfg.warmup.optimizer, "warmup.optimizer")
     check_rl(cfg, _data_parallel_size(cfg.parallel, world_size))
+    check_stages(cfg, _data_parallel_size(cfg.parallel, world_size))
 
 
 def _data_parallel_size(p: ParallelConfig, world_size: Optional[int]) -> Optional[int]:

@@ -117,15 +117,17 @@ def _parquet_rows(path: Path) -> Rows:
 READERS = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
 
 
-def _records(path: Path, rows: Rows, on_bad_row: str, source: str) -> Tuple[List[PromptRecord], int]:
-    records: List[PromptRecord] = []
+def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse=None) -> Tuple[list, int]:
+    """Parsed rows (parse(row, default_id, source), default parse_row) and the count of bad ones."""
+    parse = parse or parse_row
+    records: list = []
     first_seen: Dict[str, str] = {}
     bad = 0
     for where, number, row in rows:
         try:
             if isinstance(row, Exception):
                 raise row
-            record = parse_row(row, f"{path.stem}:{number}", source)
+            record = parse(row, f"{path.stem}:{number}", source)
             # ids name prompts in logs and derived datasets: a repeat would make them ambiguous
             if record.prompt_id in first_seen:
                 raise ValueError(f"id {record.prompt_id!r} repeats the one at {first_seen[record.prompt_id]}")
@@ -144,6 +146,13 @@ def _records(path: Path, rows: Rows, on_bad_row: str, source: str) -> Tuple[List
 def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None
                  ) -> List[PromptRecord]:
     """Records of a .jsonl or .parquet file; bad rows warn and are skipped, or raise DataError."""
+    return load_rows(path, on_bad_row, default_source)
+
+
+def load_rows(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None,
+              parse=None) -> list:
+    """Rows of a .jsonl or .parquet file parsed by `parse` (default: prompt records); each needs a
+    `prompt_id`, unique in the file. Bad rows warn and are skipped, or raise DataError."""
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     path = Path(path)
@@ -152,7 +161,7 @@ def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Opt
         raise DataError(f"{path}: unknown data format {path.suffix!r} (use .jsonl or .parquet)")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    records, bad = _records(path, reader(path), on_bad_row, default_source or path.stem)
+    records, bad = _records(path, reader(path), on_bad_row, default_source or path.stem, parse)
     if bad > MAX_WARNINGS:
         log.warning("%s: %d bad rows skipped in all (%d valid rows kept)", path, bad, len(records))
     if not records:

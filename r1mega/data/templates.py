@@ -21,7 +21,7 @@ def _messages(record: PromptRecord) -> List[Dict[str, str]]:
     return record.messages if record.messages is not None else [{"role": "user", "content": record.prompt}]
 
 
-def _user_text(record: PromptRecord) -> str:
+def user_text(record: PromptRecord) -> str:
     """The prompt text; for a conversation, its last user message."""
     if record.prompt is not None:
         return record.prompt
@@ -34,12 +34,12 @@ def _user_text(record: PromptRecord) -> str:
 def render_prompt(record: PromptRecord, tokenizer: Any, template: str) -> str:
     """The text the model continues for this record under `template`."""
     if template == "r1_zero":
-        return R1_ZERO_TEMPLATE.format(prompt=_user_text(record))
+        return R1_ZERO_TEMPLATE.format(prompt=user_text(record))
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
             raise ValueError(f"template 'chat': tokenizer {name} has no chat template (use r1_zero or plain)")
         return tokenizer.apply_chat_template(_messages(record), tokenize=False, add_generation_prompt=True)
     if template == "plain":
-        return _user_text(record)
+        return user_text(record)
     raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -59,4 +60,12 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             master_port=int(environ.get("MASTER_PORT") or _slurm_port(environ.get("SLURM_JOB_ID"))),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT", 29500)), "none")
+    # A lone process rendezvous with itself: any free port, so runs side by side do not collide.
+    return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT") or free_port()), "none")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on this host)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

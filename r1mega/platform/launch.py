@@ -6,22 +6,17 @@ import io
 import multiprocessing as mp
 import os
 import signal
-import socket
 import threading
 import traceback
 from typing import Any, Callable, List
 
 import torch
 
+from r1mega.platform.env import free_port
+
 
 PRELOAD = ["torch", "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
            "r1mega.platform.distributed"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:

@@ -32,6 +32,20 @@ def checkpoint_dir(cfg: R1Config) -> Path:
     return Path(cfg.trainer.output_dir) / "checkpoints"
 
 
+def final_model_dir(cfg: R1Config) -> Path:
+    """Where a finished run exports its model (weights, model.yaml, tokenizer) for the next stage."""
+    return Path(cfg.trainer.output_dir) / "model"
+
+
+def export_model(cfg: R1Config, chunks: List[torch.nn.Module], tokenizer) -> Path:
+    from r1mega.checkpoint.mcore import save_model
+    from r1mega.checkpoint.staging import unwrap
+
+    folder = final_model_dir(cfg)
+    save_model([unwrap(c) for c in chunks], cfg.model, folder, tokenizer)
+    return folder
+
+
 def resume_path(cfg: R1Config) -> Optional[Path]:
     """The checkpoint trainer.load names: None (fresh start), 'auto' (latest here, if any) or a path."""
     load = cfg.trainer.load

@@ -24,7 +24,8 @@ PANELS = (
 
 
 class MetricsLog:
-    def __init__(self, folder: str | Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0):
+    def __init__(self, folder: str | Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0,
+                 desc: str = "rl"):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = self.folder / METRICS_FILE
@@ -37,7 +38,7 @@ class MetricsLog:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def write(self, step: int, metrics: Dict[str, float], console: bool = True) -> None:
         """Append a row (a crash loses at most this one), mirror it to TensorBoard, update the bar."""

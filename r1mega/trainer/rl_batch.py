@@ -53,30 +53,15 @@ class MicroBatch:
     old_logp: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None
 
+    def model_inputs(self) -> Dict[str, object]:
+        """Keyword arguments of GPTModel.forward (right padding needs no attention mask)."""
+        positions = torch.arange(self.tokens.size(1), device=self.tokens.device).expand_as(self.tokens)
+        return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None}
+
     def to(self, device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(self.rows, move(self.tokens), move(self.targets), move(self.mask), move(self.advantages),
                           move(self.rollout_logp), move(self.old_logp), move(self.ref_logp))
-
-
-def split_rows(lengths: Sequence[int], rows: Sequence[int], token_budget: int, min_parts: int = 1) -> List[List[int]]:
-    """Group rows into micro-batches of at most token_budget padded tokens (longest rows first).
-
-    A row longer than the budget gets a micro-batch of its own. At least min_parts groups are
-    made when there are that many rows (ranks that must run the same number of forwards).
-    """
-    order = sorted(rows, key=lambda i: -lengths[i])
-    groups: List[List[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    while len(groups) < min(min_parts, len(order)):
-        big = max(range(len(groups)), key=lambda g: len(groups[g]))
-        half = len(groups[big]) // 2
-        groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
-    return groups
 
 
 def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:

@@ -14,15 +14,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from r1mega.algorithms.aggregation import aggregate
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.policy_loss import clipped_surrogate, truncated_is_weights
 from r1mega.config.schema import AlgorithmConfig
-from r1mega.ops.logprobs import token_logprobs
 from r1mega.platform.distributed import current_device
 from r1mega.trainer.rl_batch import MicroBatch
+from r1mega.trainer.schedule import run_schedule, target_logprobs
 
 # Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
 STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "tokens")
@@ -41,32 +40,11 @@ class LossSettings:
 
 
 def _logprobs(logits: torch.Tensor, micro: MicroBatch, temperature: float, with_entropy: bool):
-    """Log-probs [b, L] (and entropy) of the targets from this rank's vocab slice of the logits."""
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    vocab_start = ps.get_tensor_model_parallel_rank() * logits.size(-1)
-    return token_logprobs(logits, micro.targets, tp_group, vocab_start, temperature, with_entropy)
-
-
-def _forward_step(data_iterator, model, loss_fn):
-    micro: MicroBatch = next(data_iterator)
-    device = next(model.parameters()).device
-    micro = micro.to(device)
-    positions = torch.arange(micro.tokens.size(1), device=device).expand_as(micro.tokens)
-    logits = model(micro.tokens, positions, attention_mask=None)
-    return logits, partial(loss_fn, micro)
+    return target_logprobs(logits, micro.targets, temperature, with_entropy)
 
 
 def _run(chunks, micro_batches: List[MicroBatch], loss_fn, forward_only: bool) -> List[dict]:
-    iterators = [iter(micro_batches) for _ in chunks]
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn=loss_fn),
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=list(chunks),
-        num_microbatches=len(micro_batches),
-        seq_length=max(m.tokens.size(1) for m in micro_batches),  # shapes are exchanged per micro-batch
-        micro_batch_size=max(m.tokens.size(0) for m in micro_batches),
-        forward_only=forward_only,
-    )
+    return run_schedule(chunks, micro_batches, loss_fn, forward_only)
 
 
 def forward_logprobs(chunks, micro_batches: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:

@@ -14,7 +14,7 @@ from r1mega.models.builder import parameter_counts
 from r1mega.platform.distributed import Runtime
 from r1mega.platform.signals import StopRequest
 from r1mega.trainer.evaluate import evaluate
-from r1mega.trainer.lm_loop import checkpoint_dir, resume_path
+from r1mega.trainer.lm_loop import checkpoint_dir, export_model, resume_path
 from r1mega.trainer.metrics import METRICS_FILE, MetricsLog, plot_curves
 from r1mega.trainer.rl_context import RLContext
 from r1mega.trainer.rl_setup import setup
@@ -79,6 +79,10 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                     if runtime.is_main:
                         log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
                     break
+        if step == t.steps:
+            path = export_model(cfg, ctx.chunks, ctx.tokenizer)
+            if runtime.is_main:
+                log.info("model: %s", path)
     finally:
         if ctx.rewards is not None:
             ctx.rewards.close()

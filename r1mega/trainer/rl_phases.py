@@ -18,10 +18,12 @@ from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
 from r1mega.platform.distributed import current_device
 from r1mega.rewards.stack import RewardInput
+from r1mega.data.packing import split_rows
 from r1mega.rollout.types import Rollouts
-from r1mega.trainer.rl_batch import StepBatch, collate, response_values, split_rows
+from r1mega.trainer.rl_batch import StepBatch, collate, response_values
 from r1mega.trainer.rl_forward import LossSettings, forward_logprobs, train_minibatch
 from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.schedule import dp_sum
 from r1mega.trainer.timing import PhaseTimer
 
 
@@ -50,13 +52,6 @@ def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
     out = t.to(current_device())
     dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
     return out.cpu()
-
-
-def dp_sum(values: List[float], op=dist.ReduceOp.SUM) -> List[float]:
-    """Sum (or op) of per-rank numbers over the data-parallel group."""
-    t = torch.tensor(values, dtype=torch.float64, device=current_device())
-    dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
-    return t.cpu().tolist()
 
 
 # -- generate and score ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.utils import get_model_config
 
-from r1mega.checkpoint.mcore import load_model
+from r1mega.checkpoint.mcore import check_model_matches, load_model
 from r1mega.checkpoint.staging import barrier
 from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
@@ -33,11 +33,13 @@ BUILTIN_TOKENIZER = "tokenizer-tiny"
 
 
 def tokenizer_path(cfg: R1Config) -> Path:
-    """data.tokenizer, else the HF checkpoint's, else r1mega's built-in tiny tokenizer (built once)."""
+    """data.tokenizer, else the HF checkpoint's or the r1mega model's, else the built-in tiny one (built once)."""
     if cfg.data.tokenizer:
         return Path(cfg.data.tokenizer)
     if cfg.model.hf_path:
         return Path(cfg.model.hf_path)
+    if cfg.model.mcore_path and (Path(cfg.model.mcore_path) / "tokenizer.json").is_file():
+        return Path(cfg.model.mcore_path)  # a model exported by an r1mega stage carries its tokenizer
     folder = Path(cfg.warmup.cache_dir) / f"{BUILTIN_TOKENIZER}-{cfg.model.vocab_size}"
     if not (folder / "tokenizer.json").is_file() and _is_first_rank():
         build_tiny_tokenizer(folder, vocab_size=cfg.model.vocab_size)
@@ -100,14 +102,17 @@ def load_weights(chunks, cfg: R1Config, source: Optional[str]) -> None:
 
         load_hf_weights(chunks, cfg.model, source)
     else:
+        check_model_matches(source, cfg.model)
         load_model(chunks, source)
 
 
-def build_policy(cfg: R1Config, source: Optional[str]):
+def build_policy(cfg: R1Config, source: Optional[str], steps: Optional[int] = None):
+    """Model chunks from `source`, their DDP wrappers, optimizer and a scheduler over `steps`
+    (default trainer.steps)."""
     chunks = build_model(cfg.model, cfg.parallel)
     load_weights(chunks, cfg, source)
     _exchange_shapes(chunks)
-    ddp, optimizer, scheduler = build_optimizer(chunks, cfg.model, cfg.optimizer, cfg.trainer.steps)
+    ddp, optimizer, scheduler = build_optimizer(chunks, cfg.model, cfg.optimizer, steps or cfg.trainer.steps)
     return chunks, ddp, optimizer, scheduler
 
 

@@ -15,7 +15,8 @@ from r1mega.rewards.format import format_reward
 from r1mega.rewards.stack import RewardInput
 from r1mega.rollout.types import Rollouts, SamplingParams
 from r1mega.trainer.metrics import plot_curves, read_rows
-from r1mega.trainer.rl_batch import StepBatch, collate, response_values, split_rows
+from r1mega.data.packing import split_rows
+from r1mega.trainer.rl_batch import StepBatch, collate, response_values
 
 
 def _batch():

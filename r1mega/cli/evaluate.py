@@ -1,0 +1,46 @@
+"""`r1mega-eval`: held-out accuracy of a model (greedy pass@1, sampled pass@k) into eval.json, e.g.
+
+    r1mega-eval model.mcore_path=outputs/sft/model rollout.eval_samples=8
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from r1mega.cli.common import launch, setup_logging, share_output_dir
+from r1mega.config.schema import R1Config
+
+EVAL_FILE = "eval.json"
+
+
+def rank_main(cfg: R1Config) -> None:
+    from r1mega.pipeline.inference import close, inference_context
+    from r1mega.pipeline.jsonl import write_json
+    from r1mega.platform.distributed import destroy, initialize, seed_everything
+    from r1mega.trainer.evaluate import evaluate
+
+    setup_logging()
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        share_output_dir(cfg)
+        seed_everything(cfg.trainer.seed)
+        ctx, _ = inference_context(cfg, runtime)
+        try:
+            metrics = evaluate(ctx)
+        finally:
+            close(ctx)
+        if runtime.is_main:
+            write_json(Path(cfg.trainer.output_dir) / EVAL_FILE, metrics)
+            logging.getLogger("r1mega").info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
+    finally:
+        destroy()
+
+
+def main() -> None:
+    launch(sys.argv[1:], rank_main)
+
+
+if __name__ == "__main__":
+    main()

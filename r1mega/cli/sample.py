@@ -1,0 +1,33 @@
+"""`r1mega-sample`: rejection sampling from a checkpoint into SFT data. Hydra overrides, e.g.
+
+    r1mega-sample model.mcore_path=outputs/rl/model sample.samples_per_prompt=16 sample.keep_per_prompt=4
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1mega.cli.common import launch, setup_logging, share_output_dir
+from r1mega.config.schema import R1Config
+
+
+def rank_main(cfg: R1Config) -> None:
+    from r1mega.pipeline.rejection import run
+    from r1mega.platform.distributed import destroy, initialize, seed_everything
+
+    setup_logging()
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        share_output_dir(cfg)
+        seed_everything(cfg.trainer.seed)
+        run(cfg, runtime)
+    finally:
+        destroy()
+
+
+def main() -> None:
+    launch(sys.argv[1:], rank_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""`r1mega-sft`: supervised fine-tuning on conversations. Hydra overrides on the command line, e.g.
+
+    r1mega-sft sft.train_files=[data/cold_start.jsonl] sft.epochs=2 optimizer.lr=1e-5 parallel.tp=2
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1mega.cli.common import launch, setup_logging, share_output_dir
+from r1mega.config.schema import R1Config
+
+
+def rank_main(cfg: R1Config) -> None:
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.sft_loop import train
+
+    setup_logging()
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        share_output_dir(cfg)
+        train(cfg, runtime)
+    finally:
+        destroy()
+
+
+def main() -> None:
+    from r1mega.config.stage_rules import check_sft_run
+
+    launch(sys.argv[1:], rank_main, check_sft_run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Cross-field rules of the R1 pipeline's other stages: SFT, rejection sampling, the pipeline itself."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from r1mega.config.errors import one_of, require
+from r1mega.config.schema import R1Config
+
+STAGE_KINDS = {"cold_start_data", "eval", "sft", "rl", "sample"}
+
+
+def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
+    """Rules that hold whichever entry point runs (dp None: world size unknown)."""
+    s = cfg.sft
+    one_of(s.template, {"chat", "r1_zero"}, "sft.template")
+    one_of(s.on_bad_row, {"skip", "error"}, "sft.on_bad_row")
+    for key in ("max_seq_length", "samples_per_step", "micro_batch_tokens", "epochs"):
+        require(getattr(s, key) >= 1, f"sft.{key} must be >= 1, got {getattr(s, key)}")
+    require(s.steps >= 0 and s.eval_every >= 0, "sft.steps and sft.eval_every must be >= 0")
+    if dp is not None:
+        require(s.samples_per_step % dp == 0,
+                f"sft.samples_per_step={s.samples_per_step} must be a multiple of the data-parallel size {dp}")
+    r = cfg.sample
+    require(r.samples_per_prompt >= 1, f"sample.samples_per_prompt must be >= 1, got {r.samples_per_prompt}")
+    require(1 <= r.keep_per_prompt <= r.samples_per_prompt,
+            f"sample.keep_per_prompt={r.keep_per_prompt} must be in [1, sample.samples_per_prompt="
+            f"{r.samples_per_prompt}]")
+    require(r.prompts_per_call >= 1, f"sample.prompts_per_call must be >= 1, got {r.prompts_per_call}")
+    require(r.max_prompts >= 0, f"sample.max_prompts must be >= 0, got {r.max_prompts}")
+    require(r.max_response_tokens is None or r.max_response_tokens >= 1,
+            f"sample.max_response_tokens must be >= 1, got {r.max_response_tokens}")
+    names = [st.name for st in cfg.pipeline.stages]
+    for i, st in enumerate(cfg.pipeline.stages):
+        one_of(st.kind, STAGE_KINDS, f"pipeline.stages[{i}].kind")
+        require(bool(st.name) and "/" not in st.name and st.name not in names[:i],
+                f"pipeline.stages[{i}].name={st.name!r} must be a unique folder name")
+
+
+def check_sft_run(cfg: R1Config) -> None:
+    """What `r1mega-sft` needs besides the general rules."""
+    require(bool(cfg.sft.train_files), "r1mega-sft needs sft.train_files (JSONL/Parquet with `messages`)")

@@ -1,0 +1,49 @@
+"""A model for generation only (evaluation, rejection sampling, a teacher writing traces).
+
+The same pieces as an RL run (tokenizer, prompts, weights, native engine, reward stack) with
+no optimizer: an RLContext whose training fields are empty, so evaluation code is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from r1mega.config.schema import R1Config
+from r1mega.models.builder import build_model
+from r1mega.platform.distributed import Runtime
+from r1mega.rewards.stack import RewardStack
+from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.rl_setup import (build_engine, build_rewards, initial_weights, load_records, load_weights,
+                                     run_tokenizer, sampling_params, tokenize_prompts)
+
+
+def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict[str, float]] = None
+                      ) -> Tuple[RLContext, List]:
+    """(context, train prompts): the model of cfg (model.mcore_path / hf_path / the built-in base),
+    engine, rewards and held-out prompts in the context.
+
+    `components`: the reward components to score (default: the configured ones).
+    """
+    if components is not None:
+        cfg.reward.components = dict(components)
+    tokenizer = run_tokenizer(cfg)
+    train, test = load_records(cfg)
+    train, table = tokenize_prompts(cfg, tokenizer, train, "train")
+    test, test_table = tokenize_prompts(cfg, tokenizer, test, "test")
+    table.update(test_table)
+    chunks = build_model(cfg.model, cfg.parallel)
+    load_weights(chunks, cfg, initial_weights(cfg, runtime, tokenizer))
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    rewards, names = build_rewards(cfg)
+    ctx = RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=chunks, optimizer=None, scheduler=None,
+                    ref_chunks=None, engine=build_engine(cfg, chunks, tokenizer), engine_shares_weights=True,
+                    rewards=rewards, reward_names=names, sampler=None, test_records=test,
+                    sampling=sampling_params(cfg, tokenizer), prompt_tokens=table)
+    return ctx, train
+
+
+def close(ctx: RLContext) -> None:
+    if isinstance(ctx.rewards, RewardStack):
+        ctx.rewards.close()

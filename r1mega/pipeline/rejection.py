@@ -1,0 +1,165 @@
+"""Rejection sampling: k responses per prompt from a checkpoint, scored, filtered, written as SFT data.
+
+Each data-parallel rank generates for its share of the prompts; the first rank of each
+model-parallel group scores them (accuracy, format, language consistency); rank 0 gathers
+the candidates, applies the filters of r1mega.pipeline.filters, and writes
+
+  data.jsonl   one conversation per kept response, with provenance (source checkpoint,
+               prompt id, sample index, rewards, length), then the mixed-in conversations
+  stats.json   per data source: prompts, samples, accepted, kept, rejections by rule,
+               acceptance rate
+  parts/       each generation call's scored candidates: a stopped run resumes after the
+               last finished call
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.config.rl_rules import warmup_runs
+from r1mega.config.schema import R1Config
+from r1mega.data.conversations import load_conversations
+from r1mega.data.templates import user_text
+from r1mega.pipeline.filters import Candidate, FilterRules, select
+from r1mega.pipeline.inference import close, inference_context
+from r1mega.pipeline.jsonl import write_json, write_jsonl
+from r1mega.platform.distributed import Runtime
+from r1mega.trainer import rl_phases as phases
+from r1mega.trainer.rl_context import RLContext
+
+log = logging.getLogger(__name__)
+DATA_FILE, STATS_FILE, PARTS_DIR = "data.jsonl", "stats.json", "parts"
+COMPONENTS = {"accuracy": 1.0, "format": 0.0, "language": 0.0}
+
+
+def rules(cfg: R1Config) -> FilterRules:
+    s = cfg.sample
+    return FilterRules(min_accuracy=s.min_accuracy, min_format=s.min_format, min_language=s.min_language,
+                       max_response_tokens=s.max_response_tokens or cfg.rollout.max_new_tokens, dedupe=s.dedupe,
+                       keep_per_prompt=s.keep_per_prompt)
+
+
+def _prompts(cfg: R1Config, train: list) -> list:
+    """sample.max_prompts of the train split (a seeded choice), or all of it."""
+    n = cfg.sample.max_prompts
+    if not n or n >= len(train):
+        return train
+    pick = np.random.default_rng([cfg.sample.seed, 3]).choice(len(train), size=n, replace=False)
+    return [train[i] for i in sorted(pick.tolist())]
+
+
+def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, per_call: int) -> List[Candidate]:
+    """k scored responses to each prompt (on every rank of the model-parallel group).
+
+    Prompts go in calls of `per_call`; each call's candidates are kept in `parts`, so
+    a stopped run picks up after the last finished call."""
+    out: List[Candidate] = []
+    calls = range(0, len(prompts), per_call)
+    for call, start in enumerate(calls):
+        batch = prompts[start:start + per_call]
+        key = {"seed": seed, "k": k, "prompts": [r.prompt_id for r in batch]}
+        part = parts / f"dp{ps.get_data_parallel_rank()}-call{call}.json"
+        done = _read_part(part, key)
+        if done is None:
+            done = _generate(ctx, batch, k, seed * 1_000_003 + call)
+            if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0):
+                write_json(part, {"key": key, "candidates": [asdict(c) for c in done]})
+        out += done
+        if dist.get_rank() == 0:
+            log.info("sampled %d of %d prompts (this rank's share)", min(start + len(batch), len(prompts)),
+                     len(prompts))
+    return out
+
+
+def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
+    """A finished call's candidates, if saved for the same prompts, k and seed (every rank agrees)."""
+    found = [None]
+    if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0) and part.is_file():
+        try:
+            saved = json.loads(part.read_text())
+            if saved.get("key") == key:
+                found = [[Candidate(**c) for c in saved["candidates"]]]
+        except (ValueError, TypeError, KeyError):  # a damaged part is generated again
+            found = [None]
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(found, src=dist.get_global_rank(group, 0), group=group)
+    return found[0]
+
+
+def _generate(ctx: RLContext, batch: list, k: int, seed: int) -> List[Candidate]:
+    params = replace(ctx.sampling, seed=seed)
+    rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in batch], params, n=k)
+    records = [batch[g] for g in rollouts.group_index]
+    scores = phases.score(ctx, records, rollouts)
+    out = []
+    for row, (record, ids, reason) in enumerate(zip(records, rollouts.response_ids, rollouts.finish_reasons)):
+        out.append(Candidate(
+            prompt_id=record.prompt_id, data_source=record.data_source, prompt=user_text(record),
+            response=ctx.tokenizer.decode(ids, skip_special_tokens=True), response_tokens=len(ids),
+            finished=reason == "stop", sample_index=row % k,
+            rewards={name: float(v[row]) for name, v in scores.components.items()}))
+    return out
+
+
+def _gather(mine: List[Candidate]) -> List[Candidate]:
+    """All data-parallel ranks' candidates on every rank (model-parallel peers hold copies)."""
+    first = dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0)
+    parts: List = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine if first else [])
+    return [c for part in parts for c in part]
+
+
+def _row(c: Candidate, source_checkpoint: str) -> Dict:
+    return {"id": f"{c.prompt_id}-s{c.sample_index}",
+            "messages": [{"role": "user", "content": c.prompt}, {"role": "assistant", "content": c.response}],
+            "data_source": c.data_source,
+            "provenance": {"source_checkpoint": source_checkpoint, "prompt_id": c.prompt_id,
+                           "sample_index": c.sample_index, "rewards": c.rewards,
+                           "response_tokens": c.response_tokens}}
+
+
+def _mixed(cfg: R1Config) -> List[Dict]:
+    rows = []
+    for conv in load_conversations(cfg.sample.mix_files, cfg.data.on_bad_row):
+        rows.append({"id": f"mix-{conv.prompt_id}", "messages": conv.messages, "data_source": conv.data_source,
+                     "provenance": {"source": "mix", "file": conv.metadata.get("file"), "id": conv.prompt_id}})
+    return rows
+
+
+def run(cfg: R1Config, runtime: Runtime) -> Dict[str, dict]:
+    """Generate, score, filter and write; the statistics (on every rank)."""
+    ctx, train = inference_context(cfg, runtime, COMPONENTS)
+    try:
+        prompts = _prompts(cfg, train)
+        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = _candidates(ctx, prompts[rank::dp], cfg.sample.samples_per_prompt, cfg.sample.seed + rank,
+                           Path(cfg.trainer.output_dir) / PARTS_DIR, cfg.sample.prompts_per_call)
+        candidates = _gather(mine)
+    finally:
+        close(ctx)
+    kept, stats = select(candidates, rules(cfg))
+    source = str(cfg.model.mcore_path or cfg.model.hf_path
+                 or ("built-in base model" if warmup_runs(cfg) else "random initialisation"))
+    if runtime.is_main:
+        mixed = _mixed(cfg)
+        stats["mix"] = {"rows": len(mixed), "files": list(cfg.sample.mix_files)}
+        out = Path(cfg.trainer.output_dir)
+        write_jsonl(out / DATA_FILE, [_row(c, source) for c in kept] + mixed)
+        write_json(out / STATS_FILE, stats)
+        for name, s in stats.items():
+            if name != "mix":
+                log.info("%-12s prompts %5d  samples %6d  accepted %5.1f%%  kept %5d  rejected %s", name,
+                         s["prompts"], s["samples"], 100 * s["acceptance_rate"], s["kept"],
+                         {k: v for k, v in s["rejected"].items() if v})
+        log.info("wrote %s (%d kept + %d mixed)", out / DATA_FILE, len(kept), len(mixed))
+    dist.barrier()
+    return stats

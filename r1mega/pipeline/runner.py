@@ -1,0 +1,186 @@
+"""The R1 pipeline: stages run one after another, each reading earlier stages' outputs.
+
+Every stage is its own process (`python -m r1mega.cli.<entry> overrides...`, or under
+pipeline.launcher, e.g. torchrun), with trainer.output_dir = <pipeline.output_dir>/<stage>.
+`{name}` in a stage's overrides stands for stage `name`'s folder. A stage that finished
+leaves stage.json and is not run again; one stopped midway resumes from its own latest
+checkpoint (trainer.load=auto) when the pipeline is started again. Every stage's config is
+composed and validated before the first one starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from r1mega.config.errors import ConfigError
+from r1mega.config.loader import load_config
+from r1mega.config.schema import PipelineConfig, StageConfig
+from r1mega.pipeline.jsonl import write_json
+
+log = logging.getLogger("r1mega.pipeline")
+
+ENTRY = {"cold_start_data": "r1mega.cli.cold_start", "eval": "r1mega.cli.evaluate", "sft": "r1mega.cli.sft",
+         "rl": "r1mega.cli.train", "sample": "r1mega.cli.sample"}
+# what a stage of each kind leaves behind once it is complete (a stopped run leaves no such file)
+PRODUCT = {"cold_start_data": "data_stats.json", "eval": "eval.json", "sft": "model/model.yaml",
+           "rl": "model/model.yaml", "sample": "stats.json"}
+RESUMABLE = {"sft", "rl"}
+DONE, SUMMARY = "stage.json", "summary.json"
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+
+
+class StageFailed(RuntimeError):
+    """A stage process failed or stopped before finishing."""
+
+
+def stage_dirs(p: PipelineConfig) -> Dict[str, Path]:
+    root = Path(p.output_dir).resolve()
+    return {st.name: root / st.name for st in p.stages}
+
+
+def expand(overrides: Sequence[str], dirs: Dict[str, Path], where: str) -> List[str]:
+    """Overrides with `{stage}` replaced by that stage's folder."""
+    def sub(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in dirs:
+            raise ConfigError(f"{where}: {{{name}}} names no stage (stages: {', '.join(dirs)})")
+        return str(dirs[name])
+
+    return [_PLACEHOLDER.sub(sub, o) for o in overrides]
+
+
+def stage_overrides(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> List[str]:
+    """The stage's full override list: common, its own, the command line's, then where it writes."""
+    own = expand([*p.common, *st.overrides], dirs, f"pipeline stage {st.name!r}")
+    out = [*own, *extra, f"trainer.output_dir={dirs[st.name]}"]
+    return out + (["trainer.load=auto"] if st.kind in RESUMABLE else [])
+
+
+def eval_overrides(stage_args: List[str], folder: Path) -> List[str]:
+    """Held-out evaluation of a stage's exported model, in <stage>/eval."""
+    keep = [o for o in stage_args if not o.startswith(("trainer.output_dir=", "trainer.load="))]
+    return [*keep, f"model.mcore_path={folder / 'model'}", f"trainer.output_dir={folder / 'eval'}"]
+
+
+def validate_stages(p: PipelineConfig, extra: Sequence[str]) -> None:
+    """Compose and validate every stage's config (and its evaluation's) before anything runs."""
+    dirs = stage_dirs(p)
+    for st in p.stages:
+        args = stage_overrides(p, st, dirs, extra)
+        try:
+            load_config(args)
+            if st.evaluate:
+                load_config(eval_overrides(args, dirs[st.name]))
+        except ConfigError as e:
+            raise ConfigError(f"pipeline stage {st.name!r}: {e}") from None
+
+
+def _run(command: List[str], log_file: Path) -> int:
+    """Run a stage process, echoing its output and keeping a copy; forward SIGTERM/SIGINT to it."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as sink:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sink.write(line)
+            return proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _launch(p: PipelineConfig, kind: str, args: List[str], folder: Path, name: str) -> float:
+    launcher = list(p.launcher) or [sys.executable, "-m"]
+    command = [*launcher, ENTRY[kind], *args]
+    start = time.perf_counter()
+    code = _run(command, folder / "stage.log")
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise StageFailed(f"stage {name!r} ({kind}) exited with code {code}; log: {folder / 'stage.log'}")
+    if not (folder / PRODUCT[kind]).is_file():
+        raise StageFailed(f"stage {name!r} stopped before finishing ({folder / PRODUCT[kind]} is missing); "
+                          "run the pipeline again to resume it")
+    return seconds
+
+
+def run_stage(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> Dict:
+    """Run one stage (and its evaluation) unless already done; its stage.json record."""
+    folder = dirs[st.name]
+    done_file = folder / DONE
+    args = stage_overrides(p, st, dirs, extra)
+    record = json.loads(done_file.read_text()) if done_file.is_file() else None
+    if record is None:
+        log.info("== stage %s (%s) -> %s", st.name, st.kind, folder)
+        record = {"name": st.name, "kind": st.kind, "seconds": _launch(p, st.kind, args, folder, st.name),
+                  "overrides": args}
+        write_json(done_file, record)
+    else:
+        log.info("== stage %s (%s): done, skipped", st.name, st.kind)
+    if st.evaluate and "eval_seconds" not in record:
+        record["eval_seconds"] = _launch(p, "eval", eval_overrides(args, folder), folder / "eval", st.name)
+        write_json(done_file, record)
+    return record
+
+
+def _eval_of(st: StageConfig, folder: Path) -> Optional[dict]:
+    file = folder / "eval.json" if st.kind == "eval" else folder / "eval" / "eval.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def summary(p: PipelineConfig) -> List[Dict]:
+    """Rows of the results table: every stage with its held-out accuracy (where evaluated) and wall time."""
+    dirs = stage_dirs(p)
+    rows = []
+    for st in p.stages:
+        done = dirs[st.name] / DONE
+        if not done.is_file():
+            continue
+        record = json.loads(done.read_text())
+        metrics = _eval_of(st, dirs[st.name]) or {}
+        rows.append({"stage": st.name, "kind": st.kind, "seconds": record["seconds"],
+                     "eval_seconds": record.get("eval_seconds", 0.0),
+                     "greedy_accuracy": metrics.get("eval/greedy_accuracy"),
+                     "pass_at_k": metrics.get("eval/pass_at_k"), "k": metrics.get("eval/k")})
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    """A Markdown table of summary() rows."""
+    def pct(v):
+        return "" if v is None else f"{100 * v:.1f}%"
+
+    def clock(s):
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+    lines = ["| stage | kind | greedy pass@1 | pass@k | wall time (stage + eval) |", "|---|---|---|---|---|"]
+    for r in rows:
+        k = f" (k={int(r['k'])})" if r["k"] else ""
+        wall = clock(r["seconds"]) + (f" + {clock(r['eval_seconds'])}" if r["eval_seconds"] else "")
+        lines.append(f"| {r['stage']} | {r['kind']} | {pct(r['greedy_accuracy'])} | {pct(r['pass_at_k'])}{k} "
+                     f"| {wall} |")
+    return "\n".join(lines)
+
+
+def run_pipeline(p: PipelineConfig, extra: Sequence[str] = ()) -> List[Dict]:
+    """Validate every stage, run those not done yet, write and return the summary."""
+    if not p.stages:
+        raise ConfigError("pipeline.stages is empty: pick an experiment, e.g. experiment=r1_tiny")
+    validate_stages(p, extra)
+    dirs = stage_dirs(p)
+    for st in p.stages:
+        run_stage(p, st, dirs, extra)
+    rows = summary(p)
+    write_json(Path(p.output_dir) / SUMMARY, rows)
+    (Path(p.output_dir) / "summary.md").write_text(format_table(rows) + "\n")
+    return rows

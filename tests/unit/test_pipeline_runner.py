@@ -1,0 +1,67 @@
+"""Pipeline runner pieces: stage folders in overrides, what reaches each stage, the results table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from r1mega.cli.pipeline import stage_extra
+from r1mega.config.errors import ConfigError
+from r1mega.config.loader import load_config
+from r1mega.config.schema import PipelineConfig, StageConfig
+from r1mega.pipeline.runner import (eval_overrides, expand, format_table, stage_dirs, stage_overrides, summary,
+                                    validate_stages)
+
+
+def pipeline(tmp_path):
+    return PipelineConfig(output_dir=str(tmp_path), common=["trainer.progress=false"], stages=[
+        StageConfig(name="data", kind="cold_start_data"),
+        StageConfig(name="sft", kind="sft", evaluate=True, overrides=["sft.train_files=[{data}/a.jsonl]"])])
+
+
+def test_placeholders_become_stage_folders(tmp_path):
+    p = pipeline(tmp_path)
+    dirs = stage_dirs(p)
+    args = stage_overrides(p, p.stages[1], dirs, ["optimizer.lr=1e-5"])
+    assert args == ["trainer.progress=false", f"sft.train_files=[{tmp_path}/data/a.jsonl]", "optimizer.lr=1e-5",
+                    f"trainer.output_dir={tmp_path}/sft", "trainer.load=auto"]
+    assert eval_overrides(args, dirs["sft"])[-2:] == [f"model.mcore_path={tmp_path}/sft/model",
+                                                      f"trainer.output_dir={tmp_path}/sft/eval"]
+    assert expand(["reward.components={accuracy: 1}"], dirs, "x") == ["reward.components={accuracy: 1}"]
+    with pytest.raises(ConfigError, match=r"stage 'x': \{rl\} names no stage \(stages: data, sft\)"):
+        expand(["model.mcore_path={rl}/model"], dirs, "stage 'x'")
+
+
+def test_command_line_overrides_reach_the_stages_but_not_the_pipeline_keys():
+    argv = ["experiment=r1_tiny", "pipeline.output_dir=/x", "+pipeline.extra=1", "trainer.progress=false",
+            "parallel.nproc=2"]
+    assert stage_extra(argv) == ["trainer.progress=false", "parallel.nproc=2"]
+
+
+def test_summary_table_lists_finished_stages(tmp_path):
+    p = pipeline(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stage.json").write_text(json.dumps({"seconds": 3.0}))
+    (tmp_path / "sft" / "eval").mkdir(parents=True)
+    (tmp_path / "sft" / "stage.json").write_text(json.dumps({"seconds": 75.0, "eval_seconds": 12.0}))
+    (tmp_path / "sft" / "eval" / "eval.json").write_text(json.dumps(
+        {"eval/greedy_accuracy": 0.925, "eval/pass_at_k": 0.98, "eval/k": 4.0}))
+    rows = summary(p)
+    table = format_table(rows)
+    assert "| data | cold_start_data |  |  | 0m03s |" in table
+    assert "| sft | sft | 92.5% | 98.0% (k=4) | 1m15s + 0m12s |" in table
+
+
+def test_experiment_r1_tiny_composes_and_validates():
+    cfg = load_config(["experiment=r1_tiny"])
+    kinds = [s.kind for s in cfg.pipeline.stages]
+    assert kinds == ["eval", "cold_start_data", "sft", "rl", "sample", "sft", "rl", "sample", "sft"]
+    assert cfg.pipeline.stages[-1].overrides[0] == "model=tiny_student"
+    validate_stages(cfg.pipeline, [])  # every stage's own config composes and validates
+
+
+def test_sft_entry_point_needs_train_files(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "r1mega.cli.sft", f"trainer.output_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "r1mega-sft needs sft.train_files" in result.stderr
