@@ -46,17 +46,17 @@ def test_summary_table_lists_finished_stages(tmp_path):
     (tmp_path / "sft" / "eval").mkdir(parents=True)
     (tmp_path / "sft" / "stage.json").write_text(json.dumps({"seconds": 75.0, "eval_seconds": 12.0}))
     (tmp_path / "sft" / "eval" / "eval.json").write_text(json.dumps(
-        {"eval/greedy_accuracy": 0.925, "eval/pass_at_k": 0.98, "eval/k": 4.0}))
+        {"eval/greedy_accuracy": 0.925, "eval/mean_at_k": 0.8125, "eval/pass_at_k": 0.98, "eval/k": 4.0}))
     rows = summary(p)
     table = format_table(rows)
-    assert "| data | cold_start_data |  |  | 0m03s |" in table
-    assert "| sft | sft | 92.5% | 98.0% (k=4) | 1m15s + 0m12s |" in table
+    assert "| data | cold_start_data |  |  |  | 0m03s |" in table
+    assert "| sft | sft | 92.5% | 81.2% | 98.0% (k=4) | 1m15s + 0m12s |" in table
 
 
 def test_experiment_r1_tiny_composes_and_validates():
     cfg = load_config(["experiment=r1_tiny"])
     kinds = [s.kind for s in cfg.pipeline.stages]
-    assert kinds == ["eval", "cold_start_data", "sft", "rl", "sample", "sft", "rl", "sample", "sft"]
+    assert kinds == ["eval", "cold_start_data", "sft", "rl", "sample", "sft", "rl", "sample", "eval", "sft"]
     assert cfg.pipeline.stages[-1].overrides[0] == "model=tiny_student"
     validate_stages(cfg.pipeline, [])  # every stage's own config composes and validates
 
