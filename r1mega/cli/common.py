@@ -33,7 +33,7 @@ def setup_logging() -> None:
 
 
 def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
-           check: Optional[Callable[[R1Config], None]] = None) -> None:
+           check: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
     """Load and validate the config, then run rank_main on every rank.
 
     Under torchrun or Slurm this process is one rank. Started bare with parallel.nproc > 1,
@@ -45,7 +45,7 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
         nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
         validate(cfg, nproc or env.world_size)  # now with the world size this run will have
         if check is not None:
-            check(cfg)  # what this entry point needs besides the general rules
+            check(cfg, nproc or env.world_size)  # what this entry point needs besides the general rules
     except ConfigError as e:
         fail(str(e))
     if nproc and nproc > 1:

@@ -18,9 +18,6 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
     for key in ("max_seq_length", "samples_per_step", "micro_batch_tokens", "epochs"):
         require(getattr(s, key) >= 1, f"sft.{key} must be >= 1, got {getattr(s, key)}")
     require(s.steps >= 0 and s.eval_every >= 0, "sft.steps and sft.eval_every must be >= 0")
-    if dp is not None:
-        require(s.samples_per_step % dp == 0,
-                f"sft.samples_per_step={s.samples_per_step} must be a multiple of the data-parallel size {dp}")
     r = cfg.sample
     require(r.samples_per_prompt >= 1, f"sample.samples_per_prompt must be >= 1, got {r.samples_per_prompt}")
     require(1 <= r.keep_per_prompt <= r.samples_per_prompt,
@@ -37,6 +34,13 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
                 f"pipeline.stages[{i}].name={st.name!r} must be a unique folder name")
 
 
-def check_sft_run(cfg: R1Config) -> None:
+def check_sft_run(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """What `r1mega-sft` needs besides the general rules."""
-    require(bool(cfg.sft.train_files), "r1mega-sft needs sft.train_files (JSONL/Parquet with `messages`)")
+    s, p = cfg.sft, cfg.parallel
+    require(bool(s.train_files), "r1mega-sft needs sft.train_files (JSONL/Parquet with `messages`)")
+    require(p.cp == 1, "parallel.cp > 1: the SFT trainer does not split packed sequences over context-parallel "
+            "ranks; use cp=1")
+    if world_size is not None:
+        dp = world_size // (p.tp * p.pp * p.cp)
+        require(s.samples_per_step % dp == 0,
+                f"sft.samples_per_step={s.samples_per_step} must be a multiple of the data-parallel size {dp}")

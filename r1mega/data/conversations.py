@@ -82,7 +82,12 @@ def _chat_segments(messages: List[Dict[str, str]], tokenizer) -> List[Tuple[str,
             if not (head.startswith(done) and full.startswith(head)):
                 raise ValueError("the chat template does not render turn by turn (a later turn changes "
                                  "earlier text); assistant tokens cannot be located")
-            pieces += [(head[len(done):], False), (full[len(head):], True)]
+            mine = full[len(head):]
+            if m["content"].strip() not in mine:
+                # e.g. DeepSeek-R1's template keeps only the text after </think> of past turns
+                raise ValueError("the chat template rewrites the assistant's content (reasoning dropped?); use "
+                                 "sft.template=r1_zero or a template that renders assistant turns verbatim")
+            pieces += [(head[len(done):], False), (mine, True)]
         else:
             if not full.startswith(done):
                 raise ValueError("the chat template does not render turn by turn; assistant tokens "
@@ -121,12 +126,14 @@ def tokenize_conversation(conv: Conversation, tokenizer, template: str) -> SFTSa
 def tokenize_all(convs: Sequence[Conversation], tokenizer, template: str, max_seq_length: int,
                  on_bad_row: str = "skip", split: str = "train") -> List[SFTSample]:
     """Samples that fit max_seq_length and have assistant targets; the others warn (or raise)."""
+    from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
+
     out: List[SFTSample] = []
-    problems: Dict[str, int] = {}
+    problems: Dict[str, List[str]] = {}
     for conv in convs:
         try:
             sample = tokenize_conversation(conv, tokenizer, template)
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:
             reason = str(e)
         else:
             if len(sample) > max_seq_length:
@@ -141,9 +148,10 @@ def tokenize_all(convs: Sequence[Conversation], tokenizer, template: str, max_se
             from r1mega.data.prompts import DataError
 
             raise DataError(f"{where}: {reason}")
-        problems[reason] = problems.get(reason, 0) + 1
-    for reason, count in problems.items():
-        log.warning("%s split: %d conversations skipped: %s", split, count, reason)
+        problems.setdefault(reason, []).append(where)
+    for reason, where in problems.items():
+        log.warning("%s split: %d conversations skipped (%s%s): %s", split, len(where), ", ".join(where[:3]),
+                    ", ..." if len(where) > 3 else "", reason)
     if convs and not out:
         raise ValueError(f"{split} split: none of the {len(convs)} conversations is usable")
     return out

@@ -12,7 +12,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Dict[str, Any]]) -> int:
     """Write rows to `path` through a temporary file renamed when complete; the row count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     count = 0
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -25,6 +25,6 @@ def write_jsonl(path: str | Path, rows: Iterable[Dict[str, Any]]) -> int:
 def write_json(path: str | Path, value: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, path)

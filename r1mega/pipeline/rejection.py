@@ -14,11 +14,12 @@ the candidates, applies the filters of r1mega.pipeline.filters, and writes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from r1mega.pipeline.jsonl import write_json, write_jsonl
 from r1mega.platform.distributed import Runtime
 from r1mega.trainer import rl_phases as phases
 from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.schedule import dp_sum
 
 log = logging.getLogger(__name__)
 DATA_FILE, STATS_FILE, PARTS_DIR = "data.jsonl", "stats.json", "parts"
@@ -56,19 +58,42 @@ def _prompts(cfg: R1Config, train: list) -> list:
     return [train[i] for i in sorted(pick.tolist())]
 
 
-def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, per_call: int) -> List[Candidate]:
+def setup_key(cfg: R1Config) -> str:
+    """What the candidates depend on besides the prompts and seed: the weights (path and their files'
+    times), the model, sampling, template and reward settings. Saved parts of another setup are stale."""
+    source = cfg.model.mcore_path or cfg.model.hf_path
+    stamps = []
+    if source:
+        stamps = [f.stat().st_mtime_ns for f in (Path(source) / "metadata.json", Path(source) / "config.json")
+                  if f.is_file()]
+    fields = {"source": source, "stamps": stamps, "model": asdict(cfg.model), "rollout": asdict(cfg.rollout),
+              "template": cfg.data.template, "language": cfg.reward.language, "custom": dict(cfg.reward.custom),
+              "warmup": asdict(cfg.warmup) if warmup_runs(cfg) else None}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _shard(prompts: list) -> Tuple[list, int]:
+    """This data-parallel rank's prompts, padded to the same count on every rank (ranks generate in
+    lock-step under expert parallelism), and how many are real."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = prompts[rank::dp]
+    size = -(-len(prompts) // dp)
+    return mine + [prompts[0]] * (size - len(mine)), len(mine)
+
+
+def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, per_call: int,
+                setup: str) -> List[Candidate]:
     """k scored responses to each prompt (on every rank of the model-parallel group).
 
-    Prompts go in calls of `per_call`; each call's candidates are kept in `parts`, so
-    a stopped run picks up after the last finished call."""
+    Prompts go in calls of `per_call`; each call's candidates are kept in `parts`, so a
+    stopped run picks up after the last call every rank finished."""
     out: List[Candidate] = []
-    calls = range(0, len(prompts), per_call)
-    for call, start in enumerate(calls):
+    for call, start in enumerate(range(0, len(prompts), per_call)):
         batch = prompts[start:start + per_call]
-        key = {"seed": seed, "k": k, "prompts": [r.prompt_id for r in batch]}
+        key = {"setup": setup, "seed": seed, "k": k, "prompts": [r.prompt_id for r in batch]}
         part = parts / f"dp{ps.get_data_parallel_rank()}-call{call}.json"
         done = _read_part(part, key)
-        if done is None:
+        if dp_sum([float(done is not None)], op=dist.ReduceOp.MIN)[0] < 1:  # every rank resumes, or none
             done = _generate(ctx, batch, k, seed * 1_000_003 + call)
             if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0):
                 write_json(part, {"key": key, "candidates": [asdict(c) for c in done]})
@@ -80,7 +105,7 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
 
 
 def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
-    """A finished call's candidates, if saved for the same prompts, k and seed (every rank agrees)."""
+    """A finished call's candidates, if saved for the same key (the model-parallel group agrees)."""
     found = [None]
     if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0) and part.is_file():
         try:
@@ -128,29 +153,32 @@ def _row(c: Candidate, source_checkpoint: str) -> Dict:
 
 
 def _mixed(cfg: R1Config) -> List[Dict]:
+    """The non-reasoning conversations, ids made unique over the files."""
     rows = []
-    for conv in load_conversations(cfg.sample.mix_files, cfg.data.on_bad_row):
-        rows.append({"id": f"mix-{conv.prompt_id}", "messages": conv.messages, "data_source": conv.data_source,
-                     "provenance": {"source": "mix", "file": conv.metadata.get("file"), "id": conv.prompt_id}})
+    for i, path in enumerate(cfg.sample.mix_files):
+        for conv in load_conversations([path], cfg.data.on_bad_row):
+            rows.append({"id": f"mix{i}-{conv.prompt_id}", "messages": conv.messages,
+                         "data_source": conv.data_source,
+                         "provenance": {"source": "mix", "file": str(path), "id": conv.prompt_id}})
     return rows
 
 
 def run(cfg: R1Config, runtime: Runtime) -> Dict[str, dict]:
     """Generate, score, filter and write; the statistics (on every rank)."""
+    mixed = _mixed(cfg)  # read first: a bad file fails before hours of generation
     ctx, train = inference_context(cfg, runtime, COMPONENTS)
     try:
-        prompts = _prompts(cfg, train)
-        dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mine = _candidates(ctx, prompts[rank::dp], cfg.sample.samples_per_prompt, cfg.sample.seed + rank,
-                           Path(cfg.trainer.output_dir) / PARTS_DIR, cfg.sample.prompts_per_call)
-        candidates = _gather(mine)
+        shard, real = _shard(_prompts(cfg, train))
+        k = cfg.sample.samples_per_prompt
+        mine = _candidates(ctx, shard, k, cfg.sample.seed + ps.get_data_parallel_rank(),
+                           Path(cfg.trainer.output_dir) / PARTS_DIR, cfg.sample.prompts_per_call, setup_key(cfg))
+        candidates = _gather(mine[:real * k])  # padding prompts' responses are dropped
     finally:
         close(ctx)
     kept, stats = select(candidates, rules(cfg))
     source = str(cfg.model.mcore_path or cfg.model.hf_path
                  or ("built-in base model" if warmup_runs(cfg) else "random initialisation"))
     if runtime.is_main:
-        mixed = _mixed(cfg)
         stats["mix"] = {"rows": len(mixed), "files": list(cfg.sample.mix_files)}
         out = Path(cfg.trainer.output_dir)
         write_jsonl(out / DATA_FILE, [_row(c, source) for c in kept] + mixed)

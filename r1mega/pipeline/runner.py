@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from r1mega.config.errors import ConfigError
+from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import load_config
 from r1mega.config.schema import PipelineConfig, StageConfig
+from r1mega.config.stage_rules import check_sft_run
 from r1mega.pipeline.jsonl import write_json
 
 log = logging.getLogger("r1mega.pipeline")
@@ -33,8 +35,10 @@ ENTRY = {"cold_start_data": "r1mega.cli.cold_start", "eval": "r1mega.cli.evaluat
 PRODUCT = {"cold_start_data": "data_stats.json", "eval": "eval.json", "sft": "model/model.yaml",
            "rl": "model/model.yaml", "sample": "stats.json"}
 RESUMABLE = {"sft", "rl"}
+MODEL_KINDS = {"sft", "rl"}  # stages that export a model (the ones `evaluate: true` applies to)
+SINGLE_PROCESS = {"cold_start_data"}  # run with plain python whatever pipeline.launcher is
 DONE, SUMMARY = "stage.json", "summary.json"
-_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+_PLACEHOLDER = re.compile(r"(?<!\$)\{([A-Za-z0-9_-]+)\}")  # not Hydra's ${...} interpolations
 
 
 class StageFailed(RuntimeError):
@@ -76,20 +80,34 @@ def validate_stages(p: PipelineConfig, extra: Sequence[str]) -> None:
     for st in p.stages:
         args = stage_overrides(p, st, dirs, extra)
         try:
-            load_config(args)
+            require(not st.evaluate or st.kind in MODEL_KINDS,
+                    f"evaluate: true needs a stage that exports a model ({', '.join(sorted(MODEL_KINDS))})")
+            cfg = load_config(args)
+            if st.kind == "sft":
+                check_sft_run(cfg)
             if st.evaluate:
                 load_config(eval_overrides(args, dirs[st.name]))
         except ConfigError as e:
             raise ConfigError(f"pipeline stage {st.name!r}: {e}") from None
 
 
+def _die_with_parent() -> None:
+    """In the stage process: receive SIGTERM (checkpoint and stop) if the runner dies first."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _run(command: List[str], log_file: Path) -> int:
-    """Run a stage process, echoing its output and keeping a copy; forward SIGTERM/SIGINT to it."""
+    """Run a stage process, echoing its output and keeping a copy. SIGTERM/SIGUSR1 sent to the runner
+    reach it (it checkpoints and stops); Ctrl-C reaches it through the terminal's process group."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a") as sink:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                preexec_fn=_die_with_parent)
         forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
@@ -98,11 +116,15 @@ def _run(command: List[str], log_file: Path) -> int:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if proc.poll() is None:  # the runner is failing: do not leave a trainer behind
+                proc.terminate()
+                proc.wait()
 
 
 def _launch(p: PipelineConfig, kind: str, args: List[str], folder: Path, name: str) -> float:
-    launcher = list(p.launcher) or [sys.executable, "-m"]
+    launcher = list(p.launcher) if p.launcher and kind not in SINGLE_PROCESS else [sys.executable, "-m"]
     command = [*launcher, ENTRY[kind], *args]
+    _remove(folder / PRODUCT[kind])  # left by an earlier attempt, it would pass for this one's
     start = time.perf_counter()
     code = _run(command, folder / "stage.log")
     seconds = time.perf_counter() - start
@@ -112,6 +134,15 @@ def _launch(p: PipelineConfig, kind: str, args: List[str], folder: Path, name: s
         raise StageFailed(f"stage {name!r} stopped before finishing ({folder / PRODUCT[kind]} is missing); "
                           "run the pipeline again to resume it")
     return seconds
+
+
+def _remove(product: Path) -> None:
+    """A stale product: the file, or the exported model folder it marks."""
+    target = product.parent if product.parent.name == "model" else product
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
 
 
 def run_stage(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> Dict:

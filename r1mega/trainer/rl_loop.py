@@ -79,7 +79,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                     if runtime.is_main:
                         log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
                     break
-        if step == t.steps:
+        if step >= t.steps:
             path = export_model(cfg, ctx.chunks, ctx.tokenizer)
             if runtime.is_main:
                 log.info("model: %s", path)

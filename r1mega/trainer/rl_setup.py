@@ -84,9 +84,10 @@ def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> Tup
 
 
 def initial_weights(cfg: R1Config, runtime: Runtime, tokenizer) -> Optional[str]:
-    """Where the policy starts: the HF checkpoint, an r1mega checkpoint, the built-in base model, or None."""
-    if cfg.model.hf_path or cfg.model.mcore_path:
-        return cfg.model.hf_path or cfg.model.mcore_path
+    """Where the policy starts: an r1mega checkpoint (e.g. a previous stage's model, so it wins over
+    model.hf_path), the HF checkpoint, the built-in base model, or None."""
+    if cfg.model.mcore_path or cfg.model.hf_path:
+        return cfg.model.mcore_path or cfg.model.hf_path
     if cfg.warmup.enabled:
         from r1mega.trainer.warmup import ensure_base_model
 
@@ -97,7 +98,7 @@ def initial_weights(cfg: R1Config, runtime: Runtime, tokenizer) -> Optional[str]
 def load_weights(chunks, cfg: R1Config, source: Optional[str]) -> None:
     if source is None:
         return
-    if cfg.model.hf_path and source == cfg.model.hf_path:
+    if source == cfg.model.hf_path and not cfg.model.mcore_path:
         from r1mega.checkpoint.hf_convert import load_hf_weights
 
         load_hf_weights(chunks, cfg.model, source)

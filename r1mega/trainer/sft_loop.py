@@ -47,13 +47,12 @@ def total_steps(cfg: R1Config, num_samples: int) -> int:
 
 
 def _valid_shard(valid: List[SFTSample]) -> List[SFTSample]:
-    """This data-parallel rank's share of the validation samples (a loss-free stand-in if none)."""
+    """This data-parallel rank's share of the validation samples, padded with loss-free copies to the
+    same count on every rank (ranks run forwards in lock-step under expert parallelism)."""
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = valid[rank::dp]
-    if mine or not valid:
-        return mine
-    blank = valid[0]
-    return [SFTSample(blank.tokens, [False] * len(blank), blank.source)]
+    blank = SFTSample(valid[0].tokens, [False] * len(valid[0]), valid[0].source)
+    return mine + [blank] * (-(-len(valid) // dp) - len(mine))
 
 
 def _evaluate(cfg: R1Config, chunks, valid: List[SFTSample]) -> Dict[str, float]:
@@ -116,7 +115,9 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                     if runtime.is_main:
                         log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
                     break
-        if step == steps:
+        if step >= steps:
+            if step > steps and runtime.is_main:
+                log.warning("resumed at step %d, past the %d steps configured: exporting that model", step, steps)
             path = export_model(cfg, chunks, tokenizer)
             if runtime.is_main:
                 log.info("model: %s", path)

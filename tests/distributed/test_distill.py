@@ -22,11 +22,11 @@ STUDENT = ["model.arch=llama", "model.qk_layernorm=false", "model.num_layers=1",
            "sft.samples_per_step=8", "sft.micro_batch_tokens=256", "optimizer.lr=3e-3", "optimizer.warmup_steps=0"]
 
 
-def _teacher(out: str):
+def _teacher(out: str, extra=()):
     from r1mega.pipeline.rejection import run
     from r1mega.platform.distributed import destroy, initialize
 
-    cfg = config(out, TEACHER, world_size=2)
+    cfg = config(out, [*TEACHER, *extra], world_size=2)
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
     try:
         return run(cfg, runtime)
@@ -69,6 +69,9 @@ def test_teacher_traces_train_a_smaller_student_with_another_tokenizer(tmp_path)
     (tmp_path / "teacher" / "data.jsonl").unlink()
     spawn(2, _teacher, str(tmp_path / "teacher"))
     assert (tmp_path / "teacher" / "data.jsonl").read_text() == data
+    # parts saved under another setup (here: sampling temperature) are not reused
+    spawn(2, _teacher, str(tmp_path / "teacher"), ["rollout.temperature=0.5"])
+    assert (tmp_path / "teacher" / "data.jsonl").read_text() != data
 
     history, vocab = spawn(1, _student, str(tmp_path / "student"), str(tmp_path / "teacher" / "data.jsonl"))[0]
     assert vocab <= 320 and vocab != 384  # the student reads the text with its own tokenizer

@@ -92,3 +92,18 @@ def test_loading_reports_bad_rows_with_file_and_line(tmp_path):
     path.write_text("\n".join(rows[2:4]) + "\n")
     with pytest.raises(DataError, match="no assistant message"):
         load_conversations([path], on_bad_row="error")
+
+
+def test_templates_that_rewrite_or_refuse_turns_are_reported(tok):
+    conv = conversation()
+    tok.chat_template = (  # keeps only what follows </think> in assistant turns, as R1's own template does
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+        "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match="rewrites the assistant's content"):
+        tokenize_conversation(conv, tok, "chat")
+    tok.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(DataError, match="f.jsonl id c1: System role not supported"):
+        tokenize_all([conv], tok, "chat", max_seq_length=512, on_bad_row="error")
+    with pytest.raises(ValueError, match="none of the 1 conversations"):
+        tokenize_all([conv], tok, "chat", max_seq_length=512)

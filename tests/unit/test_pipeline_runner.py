@@ -29,6 +29,7 @@ def test_placeholders_become_stage_folders(tmp_path):
     assert eval_overrides(args, dirs["sft"])[-2:] == [f"model.mcore_path={tmp_path}/sft/model",
                                                       f"trainer.output_dir={tmp_path}/sft/eval"]
     assert expand(["reward.components={accuracy: 1}"], dirs, "x") == ["reward.components={accuracy: 1}"]
+    assert expand(["sft.max_seq_length=${rollout.max_new_tokens}"], dirs, "x")[0].endswith("${rollout.max_new_tokens}")
     with pytest.raises(ConfigError, match=r"stage 'x': \{rl\} names no stage \(stages: data, sft\)"):
         expand(["model.mcore_path={rl}/model"], dirs, "stage 'x'")
 
@@ -65,3 +66,27 @@ def test_sft_entry_point_needs_train_files(tmp_path):
     result = subprocess.run([sys.executable, "-m", "r1mega.cli.sft", f"trainer.output_dir={tmp_path}"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "r1mega-sft needs sft.train_files" in result.stderr
+
+
+def test_stage_rules_are_checked_before_anything_runs(tmp_path):
+    p = pipeline(tmp_path)
+    p.stages[0].evaluate = True
+    with pytest.raises(ConfigError, match="stage 'data': evaluate: true needs a stage that exports a model"):
+        validate_stages(p, [])
+    p = pipeline(tmp_path)
+    p.stages[1].overrides = []
+    with pytest.raises(ConfigError, match="stage 'sft': r1mega-sft needs sft.train_files"):
+        validate_stages(p, [])
+
+
+def test_sft_batch_rule_applies_to_sft_runs_only():
+    from r1mega.config.stage_rules import check_sft_run
+    from r1mega.config.validate import validate
+
+    cfg = load_config(["sft.train_files=[a.jsonl]", "data.prompts_per_step=24", "model.mcore_path=/m"])
+    validate(cfg, 6)  # RL, evaluation and sampling at dp = 6 do not care about sft.samples_per_step=32
+    with pytest.raises(ConfigError, match="sft.samples_per_step=32 must be a multiple of the data-parallel size 6"):
+        check_sft_run(cfg, 6)
+    cfg.parallel.cp = 2
+    with pytest.raises(ConfigError, match="parallel.cp > 1"):
+        check_sft_run(cfg)
