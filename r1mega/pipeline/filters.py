@@ -108,11 +108,28 @@ def select(candidates: Sequence[Candidate], rules: FilterRules) -> Tuple[List[Ca
     return kept, _with_total(stats)
 
 
+COUNTS = ("prompts", "samples", "accepted", "kept", "prompts_kept")
+
+
+def _add(into: SourceStats, counts: Dict) -> None:
+    for key in COUNTS:
+        setattr(into, key, getattr(into, key) + counts[key])
+    for reason, count in counts["rejected"].items():
+        into.rejected[reason] += count
+
+
 def _with_total(stats: Dict[str, SourceStats]) -> Dict[str, dict]:
     total = SourceStats()
     for s in stats.values():
-        for key in ("prompts", "samples", "accepted", "kept", "prompts_kept"):
-            setattr(total, key, getattr(total, key) + getattr(s, key))
-        for reason, count in s.rejected.items():
-            total.rejected[reason] += count
+        _add(total, s.as_dict())
     return {**{name: s.as_dict() for name, s in sorted(stats.items())}, "all": total.as_dict()}
+
+
+def merge_stats(parts: Sequence[Dict[str, dict]]) -> Dict[str, dict]:
+    """The statistics of several shards of prompts (each as select() gives them) as one."""
+    merged: Dict[str, SourceStats] = defaultdict(SourceStats)
+    for part in parts:
+        for name, counts in part.items():
+            if name != "all":
+                _add(merged[name], counts)
+    return _with_total(merged)

@@ -1,8 +1,8 @@
 """Rejection sampling: k responses per prompt from a checkpoint, scored, filtered, written as SFT data.
 
 Each data-parallel rank generates for its share of the prompts; the first rank of each
-model-parallel group scores them (accuracy, format, language consistency); rank 0 gathers
-the candidates, applies the filters of r1mega.pipeline.filters, and writes
+model-parallel group scores them (accuracy, format, language consistency) and applies the
+filters of r1mega.pipeline.filters to them; rank 0 joins the kept shards and writes
 
   data.jsonl   one conversation per kept response, with provenance (source checkpoint,
                prompt id, sample index, rewards, length), then the mixed-in conversations
@@ -15,11 +15,12 @@ the candidates, applies the filters of r1mega.pipeline.filters, and writes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from r1mega.config.rl_rules import warmup_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.conversations import load_conversations
 from r1mega.data.templates import user_text
-from r1mega.pipeline.filters import Candidate, FilterRules, select
+from r1mega.pipeline.filters import Candidate, FilterRules, merge_stats, select
 from r1mega.pipeline.inference import close, inference_context
 from r1mega.pipeline.jsonl import write_json, write_jsonl
 from r1mega.platform.distributed import Runtime
@@ -95,7 +96,7 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
         done = _read_part(part, key)
         if dp_sum([float(done is not None)], op=dist.ReduceOp.MIN)[0] < 1:  # every rank resumes, or none
             done = _generate(ctx, batch, k, seed * 1_000_003 + call)
-            if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0):
+            if _first_of_group():
                 write_json(part, {"key": key, "candidates": [asdict(c) for c in done]})
         out += done
         if dist.get_rank() == 0:
@@ -107,7 +108,7 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
 def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
     """A finished call's candidates, if saved for the same key (the model-parallel group agrees)."""
     found = [None]
-    if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0) and part.is_file():
+    if _first_of_group() and part.is_file():
         try:
             saved = json.loads(part.read_text())
             if saved.get("key") == key:
@@ -135,12 +136,22 @@ def _generate(ctx: RLContext, batch: list, k: int, seed: int) -> List[Candidate]
     return out
 
 
-def _gather(mine: List[Candidate]) -> List[Candidate]:
-    """All data-parallel ranks' candidates on every rank (model-parallel peers hold copies)."""
-    first = dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0)
+def _first_of_group() -> bool:
+    return dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0)
+
+
+def _shard_stats(stats: Dict[str, dict]) -> List[Dict[str, dict]]:
+    """Every data-parallel shard's statistics (model-parallel peers contribute nothing)."""
     parts: List = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine if first else [])
-    return [c for part in parts for c in part]
+    dist.all_gather_object(parts, stats if _first_of_group() else {})
+    return parts
+
+
+def _concat(files: List[Path]) -> Iterator[Dict]:
+    for file in files:
+        with file.open(encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
 
 
 def _row(c: Candidate, source_checkpoint: str) -> Dict:
@@ -166,28 +177,34 @@ def _mixed(cfg: R1Config) -> List[Dict]:
 def run(cfg: R1Config, runtime: Runtime) -> Dict[str, dict]:
     """Generate, score, filter and write; the statistics (on every rank)."""
     mixed = _mixed(cfg)  # read first: a bad file fails before hours of generation
+    out = Path(cfg.trainer.output_dir)
     ctx, train = inference_context(cfg, runtime, COMPONENTS)
     try:
         shard, real = _shard(_prompts(cfg, train))
         k = cfg.sample.samples_per_prompt
-        mine = _candidates(ctx, shard, k, cfg.sample.seed + ps.get_data_parallel_rank(),
-                           Path(cfg.trainer.output_dir) / PARTS_DIR, cfg.sample.prompts_per_call, setup_key(cfg))
-        candidates = _gather(mine[:real * k])  # padding prompts' responses are dropped
+        mine = _candidates(ctx, shard, k, cfg.sample.seed + ps.get_data_parallel_rank(), out / PARTS_DIR,
+                           cfg.sample.prompts_per_call, setup_key(cfg))
     finally:
         close(ctx)
-    kept, stats = select(candidates, rules(cfg))
+    # A prompt's responses all live on one data-parallel rank: each rank filters its own and
+    # writes what it keeps; rank 0 joins the shard files, so no rank holds every response.
+    kept, stats = select(mine[:real * k], rules(cfg))  # padding prompts' responses are dropped
     source = str(cfg.model.mcore_path or cfg.model.hf_path
                  or ("built-in base model" if warmup_runs(cfg) else "random initialisation"))
+    shard_file = out / PARTS_DIR / f"kept-dp{ps.get_data_parallel_rank()}.jsonl"
+    if _first_of_group():
+        write_jsonl(shard_file, (_row(c, source) for c in kept))
+    stats = merge_stats(_shard_stats(stats))
     if runtime.is_main:
         stats["mix"] = {"rows": len(mixed), "files": list(cfg.sample.mix_files)}
-        out = Path(cfg.trainer.output_dir)
-        write_jsonl(out / DATA_FILE, [_row(c, source) for c in kept] + mixed)
+        shards = [out / PARTS_DIR / f"kept-dp{r}.jsonl" for r in range(ps.get_data_parallel_world_size())]
+        write_jsonl(out / DATA_FILE, itertools.chain(_concat(shards), mixed))
         write_json(out / STATS_FILE, stats)
         for name, s in stats.items():
             if name != "mix":
                 log.info("%-12s prompts %5d  samples %6d  accepted %5.1f%%  kept %5d  rejected %s", name,
                          s["prompts"], s["samples"], 100 * s["acceptance_rate"], s["kept"],
-                         {k: v for k, v in s["rejected"].items() if v})
-        log.info("wrote %s (%d kept + %d mixed)", out / DATA_FILE, len(kept), len(mixed))
+                         {r: n for r, n in s["rejected"].items() if n})
+        log.info("wrote %s (%d kept + %d mixed)", out / DATA_FILE, stats["all"]["kept"], len(mixed))
     dist.barrier()
     return stats

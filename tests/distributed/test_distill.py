@@ -73,6 +73,13 @@ def test_teacher_traces_train_a_smaller_student_with_another_tokenizer(tmp_path)
     spawn(2, _teacher, str(tmp_path / "teacher"), ["rollout.temperature=0.5"])
     assert (tmp_path / "teacher" / "data.jsonl").read_text() != data
 
+    # two data-parallel ranks: each filters its own prompts' responses; the shards join
+    dp_stats = spawn(2, _teacher, str(tmp_path / "teacher_dp"), ["parallel.tp=1"])[0]
+    dp_rows = [json.loads(line) for line in (tmp_path / "teacher_dp" / "data.jsonl").read_text().splitlines()]
+    assert dp_stats["all"]["prompts"] == 8 and dp_stats["all"]["samples"] == 24
+    assert len(dp_rows) == dp_stats["all"]["kept"] and len({r["id"] for r in dp_rows}) == len(dp_rows)
+    assert len({r["provenance"]["prompt_id"] for r in dp_rows}) == dp_stats["all"]["prompts_kept"]
+
     history, vocab = spawn(1, _student, str(tmp_path / "student"), str(tmp_path / "teacher" / "data.jsonl"))[0]
     assert vocab <= 320 and vocab != 384  # the student reads the text with its own tokenizer
     assert len(history) == 4 and all(h["tokens"] > 0 for h in history)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from r1mega.pipeline.filters import Candidate, FilterRules, reject_reason, select
+from r1mega.pipeline.filters import Candidate, FilterRules, merge_stats, reject_reason, select
 
 GOOD = {"accuracy": 1.0, "format": 1.0, "language": 1.0}
 
@@ -57,3 +57,13 @@ def test_statistics_per_data_source_and_in_total():
     assert stats["math"]["acceptance_rate"] == 0.5 and stats["code"]["acceptance_rate"] == 0.5
     assert stats["code"]["rejected"]["unfinished"] == 1 and stats["code"]["prompt_coverage"] == 0.5
     assert stats["all"]["samples"] == 4 and stats["all"]["kept"] == 2 and stats["all"]["prompts"] == 3
+
+
+def test_statistics_of_shards_merge_to_those_of_the_whole():
+    data = [cand("a", source="math"), cand("a", source="math", rewards={**GOOD, "format": 0.0}, index=1),
+            cand("b", source="code", finished=False), cand("c", source="code"), cand("d", source="math")]
+    rules = FilterRules(keep_per_prompt=1)
+    _, whole = select(data, rules)
+    _, first = select(data[:3], rules)  # shards split between prompts, as data-parallel ranks do
+    _, second = select(data[3:], rules)
+    assert merge_stats([first, second]) == whole
