@@ -265,13 +265,14 @@ class ColdStartConfig:
 class StageConfig:
     name: str = MISSING  # also the stage's folder under pipeline.output_dir
     kind: str = MISSING  # cold_start_data | eval | sft | rl | sample
-    overrides: List[str] = field(default_factory=list)  # `{stage}` stands for that stage's folder
+    overrides: List[str] = field(default_factory=list)  # `{stage}`: that stage's folder; `{var}`: pipeline.vars
     evaluate: bool = False  # held-out accuracy of the stage's model once it finishes
 
 
 @dataclass
 class PipelineConfig:
     output_dir: str = "outputs/pipeline"
+    vars: Dict[str, str] = field(default_factory=dict)  # `{name}` in stage overrides: paths the user gives
     common: List[str] = field(default_factory=list)  # overrides every stage gets first
     stages: List[StageConfig] = field(default_factory=list)
     launcher: List[str] = field(default_factory=list)  # command prefix of stage processes; default python

@@ -32,6 +32,8 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
         one_of(st.kind, STAGE_KINDS, f"pipeline.stages[{i}].kind")
         require(bool(st.name) and "/" not in st.name and st.name not in names[:i],
                 f"pipeline.stages[{i}].name={st.name!r} must be a unique folder name")
+        require(st.name not in cfg.pipeline.vars,
+                f"pipeline.stages[{i}].name={st.name!r} is also a pipeline.vars key: {{{st.name}}} would be ambiguous")
 
 
 def check_sft_run(cfg: R1Config, world_size: Optional[int] = None) -> None:

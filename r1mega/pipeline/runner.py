@@ -50,20 +50,24 @@ def stage_dirs(p: PipelineConfig) -> Dict[str, Path]:
     return {st.name: root / st.name for st in p.stages}
 
 
-def expand(overrides: Sequence[str], dirs: Dict[str, Path], where: str) -> List[str]:
-    """Overrides with `{stage}` replaced by that stage's folder."""
+def expand(overrides: Sequence[str], dirs: Dict[str, Path], where: str,
+           variables: Optional[Dict[str, str]] = None) -> List[str]:
+    """Overrides with `{stage}` replaced by that stage's folder and `{var}` by pipeline.vars[var]."""
+    table = {**{k: str(v) for k, v in (variables or {}).items()}, **{k: str(v) for k, v in dirs.items()}}
+
     def sub(match: re.Match) -> str:
         name = match.group(1)
-        if name not in dirs:
-            raise ConfigError(f"{where}: {{{name}}} names no stage (stages: {', '.join(dirs)})")
-        return str(dirs[name])
+        if name not in table:
+            raise ConfigError(f"{where}: {{{name}}} names no stage (stages: {', '.join(dirs)}) and no "
+                              f"pipeline.vars entry (vars: {', '.join(variables or {}) or 'none'})")
+        return table[name]
 
     return [_PLACEHOLDER.sub(sub, o) for o in overrides]
 
 
 def stage_overrides(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> List[str]:
     """The stage's full override list: common, its own, the command line's, then where it writes."""
-    own = expand([*p.common, *st.overrides], dirs, f"pipeline stage {st.name!r}")
+    own = expand([*p.common, *st.overrides], dirs, f"pipeline stage {st.name!r}", dict(p.vars))
     out = [*own, *extra, f"trainer.output_dir={dirs[st.name]}"]
     return out + (["trainer.load=auto"] if st.kind in RESUMABLE else [])
 

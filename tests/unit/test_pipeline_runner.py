@@ -90,3 +90,24 @@ def test_sft_batch_rule_applies_to_sft_runs_only():
     cfg.parallel.cp = 2
     with pytest.raises(ConfigError, match="parallel.cp > 1"):
         check_sft_run(cfg)
+
+
+VARS = ["pipeline.vars.base_model=/ckpt/b", "pipeline.vars.student_model=/ckpt/s", "pipeline.vars.prompts=/d/p.jsonl",
+        "pipeline.vars.test_prompts=/d/t.jsonl", "pipeline.vars.cold_start_data=/d/c.jsonl",
+        "pipeline.vars.general_data=/d/g.jsonl"]
+
+
+def test_full_scale_experiment_needs_its_paths_and_then_validates():
+    with pytest.raises(ConfigError, match="pipeline.vars.base_model: Missing mandatory value"):
+        load_config(["experiment=r1_qwen2.5_7b"])
+    p = load_config(["experiment=r1_qwen2.5_7b", *VARS]).pipeline
+    validate_stages(p, [])
+    dirs = stage_dirs(p)
+    rl = load_config(stage_overrides(p, p.stages[2], dirs, []))
+    assert (rl.model.name, rl.model.mcore_path, rl.model.hf_path) == ("qwen2.5-7b", f"{dirs['cold_start']}/model",
+                                                                      "/ckpt/b")
+    assert (rl.algorithm.group_size, rl.algorithm.kl_beta, rl.optimizer.lr, rl.data.train_path) == (
+        16, 0.001, 3e-6, "/d/p.jsonl")
+    student = load_config(stage_overrides(p, p.stages[-1], dirs, []))
+    assert (student.model.name, student.model.hf_path, student.parallel.tp) == ("qwen2.5-1.5b", "/ckpt/s", 2)
+    assert student.sft.train_files == [f"{dirs['distill_data']}/data.jsonl"]
