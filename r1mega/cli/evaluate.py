@@ -39,7 +39,9 @@ def rank_main(cfg: R1Config) -> None:
 
 
 def main() -> None:
-    launch(sys.argv[1:], rank_main)
+    from r1mega.config.stage_rules import check_no_cp
+
+    launch(sys.argv[1:], rank_main, check_no_cp)
 
 
 if __name__ == "__main__":

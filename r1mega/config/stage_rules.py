@@ -36,12 +36,17 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
                 f"pipeline.stages[{i}].name={st.name!r} is also a pipeline.vars key: {{{st.name}}} would be ambiguous")
 
 
+def check_no_cp(cfg: R1Config, world_size: Optional[int] = None) -> None:
+    """What the trainers and the native engine need: sequences are not split over context-parallel ranks."""
+    require(cfg.parallel.cp == 1, "parallel.cp > 1: the RL and SFT trainers and the native engine do not split "
+            "sequences over context-parallel ranks yet; use parallel.cp=1")
+
+
 def check_sft_run(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """What `r1mega-sft` needs besides the general rules."""
     s, p = cfg.sft, cfg.parallel
     require(bool(s.train_files), "r1mega-sft needs sft.train_files (JSONL/Parquet with `messages`)")
-    require(p.cp == 1, "parallel.cp > 1: the SFT trainer does not split packed sequences over context-parallel "
-            "ranks; use cp=1")
+    check_no_cp(cfg)
     if world_size is not None:
         dp = world_size // (p.tp * p.pp * p.cp)
         require(s.samples_per_step % dp == 0,

@@ -111,3 +111,10 @@ def test_full_scale_experiment_needs_its_paths_and_then_validates():
     student = load_config(stage_overrides(p, p.stages[-1], dirs, []))
     assert (student.model.name, student.model.hf_path, student.parallel.tp) == ("qwen2.5-1.5b", "/ckpt/s", 2)
     assert student.sft.train_files == [f"{dirs['distill_data']}/data.jsonl"]
+
+
+def test_training_entry_points_refuse_context_parallelism(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "r1mega.cli.train", "parallel.cp=2", "parallel.nproc=2",
+                             "model.attention_backend=te", f"trainer.output_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "parallel.cp > 1: the RL and SFT trainers" in result.stderr
