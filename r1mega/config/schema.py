@@ -275,7 +275,7 @@ class PipelineConfig:
     vars: Dict[str, str] = field(default_factory=dict)  # `{name}` in stage overrides: paths the user gives
     common: List[str] = field(default_factory=list)  # overrides every stage gets first
     stages: List[StageConfig] = field(default_factory=list)
-    launcher: List[str] = field(default_factory=list)  # command prefix of stage processes; default python
+    launcher: List[str] = field(default_factory=list)  # replaces `python -m` before a stage's entry module
 
 
 @dataclass

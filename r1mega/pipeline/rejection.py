@@ -91,7 +91,9 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
     out: List[Candidate] = []
     for call, start in enumerate(range(0, len(prompts), per_call)):
         batch = prompts[start:start + per_call]
-        key = {"setup": setup, "seed": seed, "k": k, "prompts": [r.prompt_id for r in batch]}
+        content = json.dumps([[ctx.prompt_ids(r), r.answer] for r in batch]).encode()
+        key = {"setup": setup, "seed": seed, "k": k, "prompts": [r.prompt_id for r in batch],
+               "content": hashlib.sha256(content).hexdigest()[:16]}  # edited prompts or answers: stale
         part = parts / f"dp{ps.get_data_parallel_rank()}-call{call}.json"
         done = _read_part(part, key)
         if dp_sum([float(done is not None)], op=dist.ReduceOp.MIN)[0] < 1:  # every rank resumes, or none

@@ -104,19 +104,23 @@ def _die_with_parent() -> None:
 
 
 def _run(command: List[str], log_file: Path) -> int:
-    """Run a stage process, echoing its output and keeping a copy. SIGTERM/SIGUSR1 sent to the runner
-    reach it (it checkpoints and stops); Ctrl-C reaches it through the terminal's process group."""
+    """Run a stage process writing to its log file, and echo the file as it grows.
+
+    The stage never writes into a pipe, so it outlives a dead runner long enough to save a
+    checkpoint (it gets SIGTERM then). SIGTERM/SIGUSR1 sent to the runner are passed on;
+    Ctrl-C reaches it through the terminal's process group."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a") as sink:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                preexec_fn=_die_with_parent)
+    with log_file.open("ab") as sink, log_file.open("rb") as tail:
+        tail.seek(0, 2)
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sink.write(line)
-            return proc.wait()
+            while proc.poll() is None:
+                _echo(tail)
+                time.sleep(0.2)
+            _echo(tail)
+            return proc.returncode
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -125,10 +129,17 @@ def _run(command: List[str], log_file: Path) -> int:
                 proc.wait()
 
 
+def _echo(tail) -> None:
+    data = tail.read()
+    if data:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
 def _launch(p: PipelineConfig, kind: str, args: List[str], folder: Path, name: str) -> float:
     launcher = list(p.launcher) if p.launcher and kind not in SINGLE_PROCESS else [sys.executable, "-m"]
     command = [*launcher, ENTRY[kind], *args]
-    _remove(folder / PRODUCT[kind])  # left by an earlier attempt, it would pass for this one's
+    _remove(kind, folder)  # left by an earlier attempt, it would pass for this one's
     start = time.perf_counter()
     code = _run(command, folder / "stage.log")
     seconds = time.perf_counter() - start
@@ -140,13 +151,12 @@ def _launch(p: PipelineConfig, kind: str, args: List[str], folder: Path, name: s
     return seconds
 
 
-def _remove(product: Path) -> None:
-    """A stale product: the file, or the exported model folder it marks."""
-    target = product.parent if product.parent.name == "model" else product
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
+def _remove(kind: str, folder: Path) -> None:
+    """A stale product of an earlier attempt: the exported model folder, or the product file."""
+    if kind in MODEL_KINDS:
+        shutil.rmtree(folder / "model", ignore_errors=True)
+    else:
+        (folder / PRODUCT[kind]).unlink(missing_ok=True)
 
 
 def run_stage(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> Dict:

@@ -3,6 +3,7 @@ started again, it skips finished stages and resumes the stopped one from its che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,3 +79,25 @@ def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):
     missing = [a.replace("{data}/cold", "{nowhere}/cold") for a in command(out)]
     result = subprocess.run(missing, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "{nowhere} names no stage (stages: data, sft)" in result.stderr
+
+
+def test_a_dead_runner_makes_its_stage_checkpoint_and_stop(tmp_path):
+    out = tmp_path / "pipe"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    runner = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = out / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpt / "step_2").is_dir() and runner.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    runner.kill()  # the runner alone: its stage process gets SIGTERM (parent-death signal)
+    runner.wait()
+    log = out / "sft" / "stage.log"
+    while "stop signal received" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    assert "stop signal received: checkpoint saved" in log.read_text()
+    assert not (out / "sft" / "stage.json").exists()
+    saved = int((ckpt / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= saved < STEPS
+    with contextlib.suppress(ProcessLookupError):  # the stage may still be exiting
+        os.killpg(runner.pid, signal.SIGKILL)
