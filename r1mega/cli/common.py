@@ -60,6 +60,20 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
         fail(str(e), code=1)
 
 
+def run_job(cfg: R1Config, job: Callable[[R1Config, object], object]) -> None:
+    """One rank's part of a job: logging, process groups (seeded by trainer.seed), the shared output
+    folder, then job(cfg, runtime)."""
+    from r1mega.platform.distributed import destroy, initialize
+
+    setup_logging()
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        share_output_dir(cfg)
+        job(cfg, runtime)
+    finally:
+        destroy()
+
+
 def share_output_dir(cfg: R1Config) -> Path:
     """Rank 0's output folder on every rank (ranks resolve ${now:...} at different instants)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

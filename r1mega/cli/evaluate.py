@@ -9,33 +9,30 @@ import logging
 import sys
 from pathlib import Path
 
-from r1mega.cli.common import launch, setup_logging, share_output_dir
+from r1mega.cli.common import launch, run_job
 from r1mega.config.schema import R1Config
 
 EVAL_FILE = "eval.json"
 
 
-def rank_main(cfg: R1Config) -> None:
+def evaluate_model(cfg: R1Config, runtime) -> None:
+    """Held-out accuracy of cfg's model, into <trainer.output_dir>/eval.json."""
     from r1mega.pipeline.inference import close, inference_context
     from r1mega.pipeline.jsonl import write_json
-    from r1mega.platform.distributed import destroy, initialize, seed_everything
     from r1mega.trainer.evaluate import evaluate
 
-    setup_logging()
-    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    ctx, _ = inference_context(cfg, runtime)
     try:
-        share_output_dir(cfg)
-        seed_everything(cfg.trainer.seed)
-        ctx, _ = inference_context(cfg, runtime)
-        try:
-            metrics = evaluate(ctx)
-        finally:
-            close(ctx)
-        if runtime.is_main:
-            write_json(Path(cfg.trainer.output_dir) / EVAL_FILE, metrics)
-            logging.getLogger("r1mega").info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
+        metrics = evaluate(ctx)
     finally:
-        destroy()
+        close(ctx)
+    if runtime.is_main:
+        write_json(Path(cfg.trainer.output_dir) / EVAL_FILE, metrics)
+        logging.getLogger("r1mega").info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
+
+
+def rank_main(cfg: R1Config) -> None:
+    run_job(cfg, evaluate_model)
 
 
 def main() -> None:

@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import sys
 
-from r1mega.cli.common import launch, setup_logging, share_output_dir
+from r1mega.cli.common import launch, run_job
 from r1mega.config.schema import R1Config
 
 
 def rank_main(cfg: R1Config) -> None:
-    from r1mega.platform.distributed import destroy, initialize
     from r1mega.trainer.rl_loop import train
 
-    setup_logging()
-    runtime = initialize(cfg.parallel, cfg.trainer.seed)
-    try:
-        share_output_dir(cfg)
-        train(cfg, runtime)
-    finally:
-        destroy()
+    run_job(cfg, train)
 
 
 def main() -> None:

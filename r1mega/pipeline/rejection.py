@@ -28,7 +28,7 @@ from megatron.core import parallel_state as ps
 
 from r1mega.config.rl_rules import warmup_runs
 from r1mega.config.schema import R1Config
-from r1mega.data.conversations import load_conversations
+from r1mega.data.conversations import conversation_row, load_conversations
 from r1mega.data.templates import user_text
 from r1mega.pipeline.filters import Candidate, FilterRules, merge_stats, select
 from r1mega.pipeline.inference import close, inference_context
@@ -157,12 +157,10 @@ def _concat(files: List[Path]) -> Iterator[Dict]:
 
 
 def _row(c: Candidate, source_checkpoint: str) -> Dict:
-    return {"id": f"{c.prompt_id}-s{c.sample_index}",
-            "messages": [{"role": "user", "content": c.prompt}, {"role": "assistant", "content": c.response}],
-            "data_source": c.data_source,
-            "provenance": {"source_checkpoint": source_checkpoint, "prompt_id": c.prompt_id,
-                           "sample_index": c.sample_index, "rewards": c.rewards,
-                           "response_tokens": c.response_tokens}}
+    return conversation_row(f"{c.prompt_id}-s{c.sample_index}", c.prompt, c.response, c.data_source,
+                            {"source_checkpoint": source_checkpoint, "prompt_id": c.prompt_id,
+                             "sample_index": c.sample_index, "rewards": c.rewards,
+                             "response_tokens": c.response_tokens})
 
 
 def _mixed(cfg: R1Config) -> List[Dict]:

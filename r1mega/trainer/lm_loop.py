@@ -46,6 +46,31 @@ def export_model(cfg: R1Config, chunks: List[torch.nn.Module], tokenizer) -> Pat
     return folder
 
 
+def checkpoint_if_due(cfg: R1Config, runtime: Runtime, step: int, total: int, stop, save) -> bool:
+    """After a step: save() when due, at the end, or when a stop was asked for (all ranks agree);
+    True when the run must stop now."""
+    t = cfg.trainer
+    stopping = stop.agreed()
+    if (t.save_every and step % t.save_every == 0) or (step == total and t.save_at_end) or stopping:
+        path = save()
+        if runtime.is_main:
+            log.info("saved %s", path)
+    if stopping and runtime.is_main:
+        log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
+    return stopping
+
+
+def export_if_finished(cfg: R1Config, runtime: Runtime, step: int, total: int, chunks, tokenizer) -> None:
+    """Export the model once the run has its steps (also when resumed past them)."""
+    if step < total:
+        return
+    if step > total and runtime.is_main:
+        log.warning("resumed at step %d, past the %d steps configured: exporting that model", step, total)
+    path = export_model(cfg, chunks, tokenizer)
+    if runtime.is_main:
+        log.info("model: %s", path)
+
+
 def resume_path(cfg: R1Config) -> Optional[Path]:
     """The checkpoint trainer.load names: None (fresh start), 'auto' (latest here, if any) or a path."""
     load = cfg.trainer.load

@@ -21,7 +21,7 @@ from r1mega.algorithms.policy_loss import clipped_surrogate, truncated_is_weight
 from r1mega.config.schema import AlgorithmConfig
 from r1mega.platform.distributed import current_device
 from r1mega.trainer.rl_batch import MicroBatch
-from r1mega.trainer.schedule import run_schedule, target_logprobs
+from r1mega.trainer.schedule import run_schedule, target_logprobs, train_step
 
 # Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
 STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "tokens")
@@ -39,30 +39,22 @@ class LossSettings:
     num_seqs: float
 
 
-def _logprobs(logits: torch.Tensor, micro: MicroBatch, temperature: float, with_entropy: bool):
-    return target_logprobs(logits, micro.targets, temperature, with_entropy)
-
-
-def _run(chunks, micro_batches: List[MicroBatch], loss_fn, forward_only: bool) -> List[dict]:
-    return run_schedule(chunks, micro_batches, loss_fn, forward_only)
-
-
 def forward_logprobs(chunks, micro_batches: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
     """Log-probs [b, L] per micro-batch on the last pipeline stage; None on other stages."""
 
     def collect(micro, logits):
-        logp, _ = _logprobs(logits, micro, temperature, with_entropy=False)
+        logp, _ = target_logprobs(logits, micro.targets, temperature, with_entropy=False)
         return logits.new_zeros(()), {"logp": logp.detach().float().cpu()}
 
     with torch.no_grad():
-        out = _run(chunks, micro_batches, collect, forward_only=True)
+        out = run_schedule(chunks, micro_batches, collect, forward_only=True)
     return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
 
 
 def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale: float):
     """GRPO-family loss of one micro-batch (pure math on its tensors) and its statistics."""
     a = s.algo
-    logp, entropy = _logprobs(logits, micro, s.temperature, with_entropy=True)
+    logp, entropy = target_logprobs(logits, micro.targets, s.temperature, with_entropy=True)
     mask = micro.mask
     old = micro.old_logp if micro.old_logp is not None else logp.detach()
     per_token, pg_stats = clipped_surrogate(logp, old, micro.advantages, mask, a.eps_low, a.eps_high, a.dual_clip,
@@ -91,16 +83,11 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
 def train_minibatch(ddp_chunks, optimizer, scheduler, micro_batches: List[MicroBatch],
                     settings: LossSettings) -> Dict[str, float]:
     """Forward/backward over this rank's micro-batches, reduce grads, one optimizer step."""
-    for chunk in ddp_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     scale = float(len(micro_batches) * ps.get_data_parallel_world_size())
-    out = _run(ddp_chunks, micro_batches, partial(policy_loss, s=settings, scale=scale), forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
+    out, grad_norm, update_ok = train_step(ddp_chunks, optimizer, scheduler, micro_batches,
+                                           partial(policy_loss, s=settings, scale=scale))
     stats = _reduce_stats(out)
-    stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    stats["grad_norm"] = grad_norm
     stats["update_skipped"] = float(not update_ok)
     return stats
 

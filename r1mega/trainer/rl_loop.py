@@ -14,7 +14,7 @@ from r1mega.models.builder import parameter_counts
 from r1mega.platform.distributed import Runtime
 from r1mega.platform.signals import StopRequest
 from r1mega.trainer.evaluate import evaluate
-from r1mega.trainer.lm_loop import checkpoint_dir, export_model, resume_path
+from r1mega.trainer.lm_loop import checkpoint_dir, checkpoint_if_due, export_if_finished, resume_path
 from r1mega.trainer.metrics import METRICS_FILE, MetricsLog, plot_curves
 from r1mega.trainer.rl_context import RLContext
 from r1mega.trainer.rl_setup import setup
@@ -70,19 +70,9 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                 history.append({"step": step, **metrics})
                 if out is not None:
                     out.write(step, metrics, console=step % t.log_every == 0)
-                stopping = stop.agreed()
-                if _should_save(cfg, step) or stopping:
-                    path = _save(ctx, step)
-                    if runtime.is_main:
-                        log.info("saved %s", path)
-                if stopping:
-                    if runtime.is_main:
-                        log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
+                if checkpoint_if_due(cfg, runtime, step, t.steps, stop, lambda: _save(ctx, step)):
                     break
-        if step >= t.steps:
-            path = export_model(cfg, ctx.chunks, ctx.tokenizer)
-            if runtime.is_main:
-                log.info("model: %s", path)
+        export_if_finished(cfg, runtime, step, t.steps, ctx.chunks, ctx.tokenizer)
     finally:
         if ctx.rewards is not None:
             ctx.rewards.close()
@@ -93,11 +83,6 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
     if dist.is_initialized():
         dist.barrier()
     return history
-
-
-def _should_save(cfg: R1Config, step: int) -> bool:
-    t = cfg.trainer
-    return (t.save_every > 0 and step % t.save_every == 0) or (step == t.steps and t.save_at_end)
 
 
 def _evaluate(ctx: RLContext, out: Optional[MetricsLog], step: int) -> None:

@@ -8,7 +8,7 @@ a loss function turns (micro-batch, this rank's vocab slice of the logits) into
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,20 @@ def run_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list, loss_fn
         micro_batch_size=max(m.tokens.size(0) for m in micro_batches),
         forward_only=forward_only,
     )
+
+
+def train_step(ddp_chunks: Sequence[torch.nn.Module], optimizer, scheduler, micro_batches: list,
+               loss_fn: Callable) -> Tuple[List[dict], float, bool]:
+    """Forward/backward over this rank's micro-batches, reduce grads, one optimizer step:
+    (the last stage's reports, grad norm before clipping, whether the update was applied)."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(ddp_chunks, micro_batches, loss_fn, forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:  # fp16 loss-scale overflow skips the step and keeps the schedule
+        scheduler.step(increment=1)
+    return outputs, float(grad_norm) if grad_norm is not None else float("nan"), bool(update_ok)
 
 
 def reduce_last_stage(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

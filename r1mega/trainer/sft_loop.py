@@ -19,7 +19,7 @@ from r1mega.data.conversations import SFTSample, load_conversations, tokenize_al
 from r1mega.data.sampler import PromptSampler
 from r1mega.platform.distributed import Runtime
 from r1mega.platform.signals import StopRequest
-from r1mega.trainer.lm_loop import checkpoint_dir, export_model, resume_path
+from r1mega.trainer.lm_loop import checkpoint_dir, checkpoint_if_due, export_if_finished, resume_path
 from r1mega.trainer.lm_step import current_lr
 from r1mega.trainer.metrics import MetricsLog
 from r1mega.trainer.rl_setup import build_policy, initial_weights, run_tokenizer
@@ -31,13 +31,12 @@ log = logging.getLogger(__name__)
 def load_samples(cfg: R1Config, tokenizer) -> Tuple[List[SFTSample], List[SFTSample]]:
     """(train, valid) tokenised conversations of sft.train_files and sft.valid_files."""
     s = cfg.sft
-    train = tokenize_all(load_conversations(s.train_files, s.on_bad_row), tokenizer, s.template, s.max_seq_length,
-                         s.on_bad_row, "train")
-    valid = []
-    if s.valid_files:
-        valid = tokenize_all(load_conversations(s.valid_files, s.on_bad_row), tokenizer, s.template,
-                             s.max_seq_length, s.on_bad_row, "valid")
-    return train, valid
+
+    def samples(files, split):
+        convs = load_conversations(files, s.on_bad_row)
+        return tokenize_all(convs, tokenizer, s.template, s.max_seq_length, s.on_bad_row, split)
+
+    return samples(s.train_files, "train"), samples(s.valid_files, "valid")
 
 
 def total_steps(cfg: R1Config, num_samples: int) -> int:
@@ -105,22 +104,11 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                 history.append({"step": step, **metrics})
                 if out is not None:
                     out.write(step, metrics, console=step % t.log_every == 0)
-                stopping = stop.agreed()
-                if (t.save_every and step % t.save_every == 0) or (step == steps and t.save_at_end) or stopping:
-                    path = save_checkpoint(checkpoint_dir(cfg), step, ddp, optimizer, scheduler,
-                                           {"sampler": sampler.state_dict()})
-                    if runtime.is_main:
-                        log.info("saved %s", path)
-                if stopping:
-                    if runtime.is_main:
-                        log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
+                save = lambda: save_checkpoint(checkpoint_dir(cfg), step, ddp, optimizer,  # noqa: E731
+                                               scheduler, {"sampler": sampler.state_dict()})
+                if checkpoint_if_due(cfg, runtime, step, steps, stop, save):
                     break
-        if step >= steps:
-            if step > steps and runtime.is_main:
-                log.warning("resumed at step %d, past the %d steps configured: exporting that model", step, steps)
-            path = export_model(cfg, chunks, tokenizer)
-            if runtime.is_main:
-                log.info("model: %s", path)
+        export_if_finished(cfg, runtime, step, steps, chunks, tokenizer)
     finally:
         if out is not None:
             out.close()

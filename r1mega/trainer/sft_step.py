@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from r1mega.config.schema import ParallelConfig, SFTConfig
 from r1mega.data.conversations import SFTSample
 from r1mega.data.packing import SFTMicroBatch, pack, pad_rows
-from r1mega.trainer.schedule import dp_sum, reduce_last_stage, run_schedule, target_logprobs
+from r1mega.trainer.schedule import dp_sum, reduce_last_stage, run_schedule, target_logprobs, train_step
 
 
 def micro_batches(samples: Sequence[SFTSample], sft: SFTConfig, parallel: ParallelConfig) -> List[SFTMicroBatch]:
@@ -53,18 +53,12 @@ def _sums(outputs: List[dict]) -> torch.Tensor:
 
 def sft_step(ddp_chunks, optimizer, scheduler, parts: List[SFTMicroBatch]) -> Dict[str, float]:
     """Forward/backward over this rank's micro-batches, reduce grads, one optimizer step."""
-    for chunk in ddp_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     num_tokens = max(_target_count(parts), 1.0)
     scale = float(len(parts) * ps.get_data_parallel_world_size())
-    out = run_schedule(ddp_chunks, parts, partial(nll_loss, num_tokens=num_tokens, scale=scale), forward_only=False)
-    update_ok, grad_norm, _ = optimizer.step()
-    if update_ok:
-        scheduler.step(increment=1)
+    out, grad_norm, update_ok = train_step(ddp_chunks, optimizer, scheduler, parts,
+                                           partial(nll_loss, num_tokens=num_tokens, scale=scale))
     sums = _sums(out)
-    return {"loss": float(sums[0] / sums[1].clamp(min=1)), "tokens": float(sums[1]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+    return {"loss": float(sums[0] / sums[1].clamp(min=1)), "tokens": float(sums[1]), "grad_norm": grad_norm,
             "update_skipped": float(not update_ok)}
 
 

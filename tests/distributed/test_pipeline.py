@@ -37,15 +37,24 @@ def command(out: Path) -> list:
             f"pipeline.common=[{', '.join(repr(o) for o in MODEL + EVAL)}]"]
 
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+
+
+def start_until_checkpoint(out: Path, step: int) -> subprocess.Popen:
+    """The pipeline in its own session, once its SFT stage has saved checkpoint `step` (or ended)."""
+    proc = subprocess.Popen(command(out), cwd=out.parent, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "sft" / "checkpoints" / f"step_{step}").is_dir() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    return proc
+
+
 def test_killed_stage_resumes_and_finished_stages_are_kept(tmp_path):
     out = tmp_path / "pipe"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    first = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start_until_checkpoint(out, 3)
     ckpt = out / "sft" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpt / "step_3").is_dir() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)  # the runner and the stage process, mid-stage
     first.wait()
     assert (ckpt / "step_3").is_dir(), "the SFT stage never checkpointed"
@@ -53,7 +62,7 @@ def test_killed_stage_resumes_and_finished_stages_are_kept(tmp_path):
     data_record = (out / "data" / "stage.json").read_text()
     data_mtime = (out / "data" / "cold_start.jsonl").stat().st_mtime_ns
 
-    second = subprocess.run(command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command(out), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "stage data (cold_start_data): done, skipped" in second.stderr
     assert (out / "data" / "stage.json").read_text() == data_record
@@ -83,13 +92,9 @@ def test_bad_stage_config_is_refused_before_anything_runs(tmp_path):
 
 def test_a_dead_runner_makes_its_stage_checkpoint_and_stop(tmp_path):
     out = tmp_path / "pipe"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    runner = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    runner = start_until_checkpoint(out, 2)
     ckpt = out / "sft" / "checkpoints"
     deadline = time.time() + 300
-    while not (ckpt / "step_2").is_dir() and runner.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
     runner.kill()  # the runner alone: its stage process gets SIGTERM (parent-death signal)
     runner.wait()
     log = out / "sft" / "stage.log"
