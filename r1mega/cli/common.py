@@ -34,20 +34,31 @@ def setup_logging() -> None:
 
 def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
            check: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
-    """Load and validate the config, then run rank_main on every rank.
+    """Load and validate the config, then run rank_main on every rank (`-m`: once per sweep point)."""
+    if "-m" in argv or "--multirun" in argv:
+        from r1mega.cli.sweep import sweep
+
+        sweep(argv, rank_main, check)
+        return
+    try:
+        cfg = load_config(argv)
+        start(cfg, rank_main, check)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
+          check: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
+    """Validate at the world size this run will have, then run rank_main on this process's ranks.
 
     Under torchrun or Slurm this process is one rank. Started bare with parallel.nproc > 1,
     it spawns that many local ranks itself (CPU runs, quick checks).
     """
     env = read_env()
-    try:
-        cfg = load_config(argv)
-        nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
-        validate(cfg, nproc or env.world_size)  # now with the world size this run will have
-        if check is not None:
-            check(cfg, nproc or env.world_size)  # what this entry point needs besides the general rules
-    except ConfigError as e:
-        fail(str(e))
+    nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
+    validate(cfg, nproc or env.world_size)
+    if check is not None:
+        check(cfg, nproc or env.world_size)  # what this entry point needs besides the general rules
     if nproc and nproc > 1:
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
         return
@@ -61,15 +72,20 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
 
 
 def run_job(cfg: R1Config, job: Callable[[R1Config, object], object]) -> None:
-    """One rank's part of a job: logging, process groups (seeded by trainer.seed), the shared output
-    folder, then job(cfg, runtime)."""
+    """One rank's part of a job: stop signals, logging, process groups (seeded by trainer.seed), the
+    shared output folder, job(cfg, runtime), and a requeue when a time-limit warning stopped it."""
     from r1mega.platform.distributed import destroy, initialize
+    from r1mega.platform.signals import STOP
+    from r1mega.slurm.requeue import requeue_if_warned
 
+    STOP.install()  # before the slow start-up: a time-limit warning then is kept for the loop
     setup_logging()
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
     try:
         share_output_dir(cfg)
         job(cfg, runtime)
+        if runtime.is_main:  # every rank has saved and passed the loop's last barrier
+            requeue_if_warned(cfg.cluster, STOP)
     finally:
         destroy()
 

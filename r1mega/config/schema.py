@@ -280,13 +280,32 @@ class PipelineConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where `r1mega-submit` (and `-m` sweeps through hydra/launcher=slurm) run a job: a Slurm site."""
+
     name: str = "local"
     nodes: int = 1
-    gpus_per_node: int = 0
-    partition: Optional[str] = None
+    gpus_per_node: int = 0  # 0: a CPU job on gloo
+    ranks_per_node: Optional[int] = None  # default: gpus_per_node, or 1 without GPUs
+    cpus_per_task: Optional[int] = None  # per rank (srun) or per node (torchrun: the node's one task)
+    mem: Optional[str] = None  # per node, as sbatch takes it ("0" = all of it, "200G")
+    time: str = "01:00:00"  # [D-]HH:MM:SS or minutes
+    partition: Optional[str] = None  # None: the cluster's default partition
     account: Optional[str] = None
-    time: str = "01:00:00"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    qos: Optional[str] = None
+    exclusive: bool = False
+    launcher: str = "torchrun"  # torchrun (one per node, c10d rendezvous) | srun (one task per rank)
+    container_image: Optional[str] = None  # pyxis/enroot sites: srun --container-image
+    container_mounts: List[str] = field(default_factory=list)  # "src:dst" pairs
+    network: Dict[str, str] = field(default_factory=dict)  # NCCL/fabric variables (cluster/network presets)
+    env: Dict[str, str] = field(default_factory=dict)  # the site's own variables; win over `network`
+    setup: List[str] = field(default_factory=list)  # shell lines before launch (module load, venv)
+    python: Optional[str] = None  # interpreter on the compute nodes; default: the one r1mega-submit runs
+    signal: str = "USR1"  # asked for before the time limit: checkpoint, then requeue
+    signal_lead_s: int = 300  # how long before the limit (allow one step and a checkpoint)
+    requeue: bool = True  # requeue after the time-limit checkpoint
+    max_requeues: int = 20  # stop requeueing after this many restarts (SLURM_RESTART_COUNT)
+    log_dir: Optional[str] = None  # Slurm's output files; default <run>/slurm
+    sbatch: Dict[str, Any] = field(default_factory=dict)  # more #SBATCH options: {constraint: h100}
 
 
 @dataclass
@@ -325,7 +344,13 @@ _GROUPS = {
 
 
 def register() -> None:
-    """Register the root schema and one schema per group (used as `- schema@_here_`)."""
+    """Register the root schema, one schema per group (used as `- schema@_here_`) and the resolver
+    that maps `cluster` onto Hydra's submitit launcher."""
+    from omegaconf import OmegaConf
+
+    from r1mega.slurm.submitit import resolve
+
+    OmegaConf.register_new_resolver("r1mega_submitit", resolve, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="r1mega_schema", node=R1Config)
     for group, node in _GROUPS.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from r1mega.config.cluster_rules import check_cluster
 from r1mega.config.errors import ConfigError, one_of as _one_of, require as _check  # noqa: F401
 from r1mega.config.rl_rules import check_rl
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
@@ -15,6 +16,7 @@ from r1mega.config.stage_rules import check_stages
 
 def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
+    check_cluster(cfg.cluster)  # first: a submitted job's world size comes from it
     check_model(cfg.model)
     check_layout(cfg.model, cfg.parallel, world_size)
     check_optimizer(cfg.optimizer, "optimizer")

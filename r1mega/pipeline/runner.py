@@ -26,6 +26,7 @@ from r1mega.config.loader import load_config
 from r1mega.config.schema import PipelineConfig, StageConfig
 from r1mega.config.stage_rules import check_sft_run
 from r1mega.pipeline.jsonl import write_json
+from r1mega.platform.signals import STOP_SIGNALS
 
 log = logging.getLogger("r1mega.pipeline")
 
@@ -107,14 +108,14 @@ def _run(command: List[str], log_file: Path) -> int:
     """Run a stage process writing to its log file, and echo the file as it grows.
 
     The stage never writes into a pipe, so it outlives a dead runner long enough to save a
-    checkpoint (it gets SIGTERM then). SIGTERM/SIGUSR1 sent to the runner are passed on;
+    checkpoint (it gets SIGTERM then). The stop signals sent to the runner are passed on;
     Ctrl-C reaches it through the terminal's process group."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as sink, log_file.open("rb") as tail:
         tail.seek(0, 2)
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
         try:
             while proc.poll() is None:
                 _echo(tail)

@@ -13,6 +13,7 @@ from typing import Any, Callable, List
 import torch
 
 from r1mega.platform.env import free_port
+from r1mega.platform.signals import STOP_SIGNALS
 
 
 PRELOAD = ["torch", "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
@@ -73,7 +74,7 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0
 
 
 def _forward_stop_signals(procs) -> dict:
-    """Pass SIGTERM/SIGUSR1 sent to this launcher on to its ranks (they checkpoint and stop)."""
+    """Pass the stop signals sent to this launcher on to its ranks (they checkpoint and stop)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
@@ -82,4 +83,4 @@ def _forward_stop_signals(procs) -> dict:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signum)
 
-    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}

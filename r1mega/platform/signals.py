@@ -1,46 +1,71 @@
-"""Graceful stop: SIGTERM, and SIGUSR1 (Slurm's warning before a time limit), ask for a checkpoint.
+"""Graceful stop: SIGTERM, and SIGUSR1/SIGUSR2 (Slurm's warning before a time limit), ask for a checkpoint.
 
-The handler only sets a flag; the loop checks it between steps, and all ranks agree before
-acting, so every rank saves the same step and exits together.
+Signals reach a process, not an object, so there is one StopRequest per process (`STOP`).
+Entry points install it before their slow start-up, so a warning that arrives while the
+model is still being built is remembered instead of killing the rank. The handler only
+records the signal; the loops check it between steps, and all ranks agree before acting,
+so every rank saves the same step and exits together.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Dict
+from typing import Callable, Dict, Optional
 
-import torch
-import torch.distributed as dist
-
-from r1mega.platform.distributed import current_device
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# The time-limit warning: r1mega's sbatch script asks for USR1, submitit's launcher for USR2.
+# After a warning the job requeues itself; after SIGTERM (scancel, preemption) it only stops.
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
-    """Install on entry, restore the previous handlers on exit."""
+    """Records the stop signals this process receives; `with STOP as stop:` in the loops."""
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: Optional[int] = None
+        self.stopped_early = False  # a loop saved and stopped before its last step
         self._previous: Dict[int, object] = {}
 
+    def install(self) -> None:
+        """Catch the stop signals from now on (main thread only; once per process)."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self.install()
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        # Handlers stay: a signal during the final save or export must not kill the rank.
+        pass
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
     def agreed(self) -> bool:
         """True on every rank when any rank received a stop signal (a collective call)."""
+        import torch  # here, so launchers can import the signal lists without torch
+        import torch.distributed as dist
+
+        from r1mega.platform.distributed import current_device
+
         flag = torch.tensor([1 if self.received is not None else 0], device=current_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    @property
+    def warned(self) -> bool:
+        """The stop came from a time-limit warning (requeue), not from SIGTERM."""
+        return self.received in WARNING_SIGNALS
+
+    def previous_handler(self, signum: int) -> Optional[Callable]:
+        """The Python handler this process had before (e.g. submitit's requeue), if any."""
+        handler = self._previous.get(signum)
+        return handler if callable(handler) else None
+
+
+STOP = StopRequest()

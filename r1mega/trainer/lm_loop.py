@@ -55,8 +55,10 @@ def checkpoint_if_due(cfg: R1Config, runtime: Runtime, step: int, total: int, st
         path = save()
         if runtime.is_main:
             log.info("saved %s", path)
-    if stopping and runtime.is_main:
-        log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
+    if stopping:
+        stop.stopped_early = step < total
+        if runtime.is_main:
+            log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
     return stopping
 
 

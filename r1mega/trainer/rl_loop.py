@@ -1,4 +1,4 @@
-"""The RL run: set up, resume, step, evaluate, log, checkpoint (also on SIGTERM/SIGUSR1), plot."""
+"""The RL run: set up, resume, step, evaluate, log, checkpoint (also on a stop signal), plot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from r1mega.checkpoint.state import load_checkpoint, save_checkpoint
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import parameter_counts
 from r1mega.platform.distributed import Runtime
-from r1mega.platform.signals import StopRequest
+from r1mega.platform.signals import STOP
 from r1mega.trainer.evaluate import evaluate
 from r1mega.trainer.lm_loop import checkpoint_dir, checkpoint_if_due, export_if_finished, resume_path
 from r1mega.trainer.metrics import METRICS_FILE, MetricsLog, plot_curves
@@ -57,7 +57,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
         out = MetricsLog(t.output_dir, t.steps, t.tensorboard, t.progress, start_step=step)
     history: List[Dict[str, float]] = []
     try:
-        with StopRequest() as stop:
+        with STOP as stop:
             if t.eval_at_ends and step == 0:
                 _evaluate(ctx, out, 0)
             while step < t.steps:

@@ -18,7 +18,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.conversations import SFTSample, load_conversations, tokenize_all
 from r1mega.data.sampler import PromptSampler
 from r1mega.platform.distributed import Runtime
-from r1mega.platform.signals import StopRequest
+from r1mega.platform.signals import STOP
 from r1mega.trainer.lm_loop import checkpoint_dir, checkpoint_if_due, export_if_finished, resume_path
 from r1mega.trainer.lm_step import current_lr
 from r1mega.trainer.metrics import MetricsLog
@@ -91,7 +91,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
         out = MetricsLog(t.output_dir, steps, t.tensorboard, t.progress, start_step=step, desc="sft")
     history: List[Dict[str, float]] = []
     try:
-        with StopRequest() as stop:
+        with STOP as stop:
             while step < steps:
                 lr = current_lr(optimizer)
                 metrics = sft_step(ddp, optimizer, scheduler, micro_batches(sampler.next_batch(), cfg.sft,

@@ -1,0 +1,47 @@
+"""`r1mega-submit`: run r1mega-train (or r1mega-sft) as a Slurm batch job, from the same Hydra
+config and overrides:
+
+    r1mega-submit cluster=gpu_site cluster.nodes=4 cluster.partition=h100 optimizer.lr=1e-6
+    r1mega-submit --dry-run experiment=r1_tiny ...   # print the sbatch script, submit nothing
+
+The run folder (trainer.output_dir, pinned at submission) gets slurm/job.sbatch, the resolved
+slurm/config.yaml, slurm/submissions.jsonl (job ids) and Slurm's output, slurm/<job id>.out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from typing import Optional, Sequence
+
+from r1mega.cli.common import fail
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from r1mega.config.errors import ConfigError
+    from r1mega.slurm.script import ENTRIES
+    from r1mega.slurm.submit import SubmitError, check_cluster_has_room, prepare, submit
+
+    parser = argparse.ArgumentParser(prog="r1mega-submit", description="Submit an r1mega job to Slurm.")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("--entry", choices=sorted(ENTRIES), default="train", help="the job to run (default train)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for r1mega-train")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        job = prepare(args.overrides, args.entry)
+        if args.dry_run:
+            if shutil.which("sinfo"):  # check the partition too where Slurm's commands are here
+                check_cluster_has_room(job)
+            else:
+                print("r1mega-submit: sinfo not found: partition not checked", file=sys.stderr)
+            print(job.script, end="")
+            return
+        job_id = submit(job, args.overrides, args.entry)
+    except (ConfigError, SubmitError) as e:
+        fail(str(e))
+    print(f"submitted job {job_id}: run folder {job.run_dir}, log {job.run_dir / 'slurm' / (job_id + '.out')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Running r1mega on Slurm: the sbatch script, checks against the cluster, submission, requeue."""
