@@ -12,6 +12,7 @@
 set -euo pipefail
 DIR=${R1MEGA_SLURM_DIR:-/tmp/r1mega-slurm}
 CONF=$DIR/slurm.conf
+MARK=.r1mega-local-cluster  # only a folder holding this file is ever removed
 HOST=$(hostname -s)
 
 install() {
@@ -62,6 +63,7 @@ start() {
     install
     stop quiet
     mkdir -p "$DIR"/{state,spool,log,munge}
+    touch "$DIR/$MARK"
     write_conf
     # A fresh key per cluster: nothing outside this folder can talk to it.
     dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
@@ -87,9 +89,16 @@ start() {
 }
 
 stop() {
+    [ -e "$DIR" ] || { [ "${1:-}" = quiet ] || echo "local Slurm cluster: nothing at $DIR"; return; }
+    if [ ! -f "$DIR/$MARK" ]; then
+        echo "local-cluster.sh: $DIR exists but was not made by this script; not touching it" >&2
+        exit 1
+    fi
     for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
+        # a stale pid file may name someone else's process by now
+        grep -qxE 'slurmd|slurmctld|munged' "/proc/$pid/comm" 2>/dev/null || continue
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null || true

@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -7,11 +9,21 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _slurm_reachable() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu` tests without CUDA and say so."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA: no GPU on this machine")
+    """Skip `gpu` tests without CUDA and `slurm` tests without a cluster, and say so."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA: no GPU on this machine")
+    if any("slurm" in item.keywords for item in items) and not _slurm_reachable():
+        skips["slurm"] = pytest.mark.skip(reason="needs a Slurm cluster: run `slurm/local-cluster.sh start` as "
+                                          "root and export the SLURM_CONF it prints")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -71,20 +71,30 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
         fail(str(e), code=1)
 
 
-def run_job(cfg: R1Config, job: Callable[[R1Config, object], object]) -> None:
-    """One rank's part of a job: stop signals, logging, process groups (seeded by trainer.seed), the
-    shared output folder, job(cfg, runtime), and a requeue when a time-limit warning stopped it."""
+def run_job(cfg: R1Config, job: Callable[[R1Config, object], object], stoppable: bool = False) -> None:
+    """One rank's part of a job: logging, process groups (seeded by trainer.seed), the shared output
+    folder, then job(cfg, runtime).
+
+    A stoppable job (a training loop that checks for stop signals between steps) catches them
+    from before its slow start-up on, and is requeued when a time-limit warning stopped it.
+    """
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.platform.signals import STOP
+    from r1mega.platform.signals import STOP, Stopped
     from r1mega.slurm.requeue import requeue_if_warned
 
-    STOP.install()  # before the slow start-up: a time-limit warning then is kept for the loop
+    if stoppable:
+        STOP.install()
     setup_logging()
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
     try:
         share_output_dir(cfg)
-        job(cfg, runtime)
-        if runtime.is_main:  # every rank has saved and passed the loop's last barrier
+        try:
+            job(cfg, runtime)
+        except Stopped as e:
+            STOP.stopped_early = True
+            if runtime.is_main:
+                log.warning("%s", e)
+        if stoppable and runtime.is_main:  # every rank has saved and passed the loop's last barrier
             requeue_if_warned(cfg.cluster, STOP)
     finally:
         destroy()

@@ -14,7 +14,7 @@ from r1mega.config.schema import R1Config
 def rank_main(cfg: R1Config) -> None:
     from r1mega.trainer.sft_loop import train
 
-    run_job(cfg, train)
+    run_job(cfg, train, stoppable=True)
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ slurm/config.yaml, slurm/submissions.jsonl (job ids) and Slurm's output, slurm/<
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -20,6 +19,7 @@ from r1mega.cli.common import fail
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from r1mega.config.errors import ConfigError
+    from r1mega.slurm.partitions import SlurmUnavailable
     from r1mega.slurm.script import ENTRIES
     from r1mega.slurm.submit import SubmitError, check_cluster_has_room, prepare, submit
 
@@ -31,16 +31,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         job = prepare(args.overrides, args.entry)
         if args.dry_run:
-            if shutil.which("sinfo"):  # check the partition too where Slurm's commands are here
+            try:  # check the partition too where a cluster answers
                 check_cluster_has_room(job)
-            else:
-                print("r1mega-submit: sinfo not found: partition not checked", file=sys.stderr)
+            except SlurmUnavailable as e:
+                print(f"r1mega-submit: partition not checked: {e}", file=sys.stderr)
             print(job.script, end="")
             return
+        if (job.run_dir / "checkpoints").is_dir():
+            print(f"r1mega-submit: {job.run_dir} has checkpoints: the job resumes from the latest", file=sys.stderr)
         job_id = submit(job, args.overrides, args.entry)
     except (ConfigError, SubmitError) as e:
         fail(str(e))
-    print(f"submitted job {job_id}: run folder {job.run_dir}, log {job.run_dir / 'slurm' / (job_id + '.out')}")
+    print(f"submitted job {job_id}: run folder {job.run_dir}, log {job.log_dir / (job_id + '.out')}")
 
 
 if __name__ == "__main__":

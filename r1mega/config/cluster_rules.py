@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from r1mega.config.errors import ConfigError, one_of, require
 from r1mega.config.schema import ClusterConfig
@@ -31,6 +32,18 @@ def ranks_per_node(c: ClusterConfig) -> int:
     return c.ranks_per_node or c.gpus_per_node or 1
 
 
+def tasks_per_node(c: ClusterConfig) -> int:
+    """Slurm tasks on each node: one torchrun, or one srun task per rank."""
+    return 1 if c.launcher == "torchrun" else ranks_per_node(c)
+
+
+def cpus_per_task(c: ClusterConfig) -> Optional[int]:
+    """sbatch/srun --cpus-per-task: a rank's CPUs, times the ranks for torchrun's one task per node."""
+    if not c.cpus_per_rank:
+        return None
+    return c.cpus_per_rank * (ranks_per_node(c) if c.launcher == "torchrun" else 1)
+
+
 def world_size(c: ClusterConfig) -> int:
     return c.nodes * ranks_per_node(c)
 
@@ -45,8 +58,8 @@ def check_cluster(c: ClusterConfig) -> None:
         require(c.ranks_per_node == c.gpus_per_node,
                 f"cluster.ranks_per_node={c.ranks_per_node} with cluster.gpus_per_node={c.gpus_per_node}: "
                 "r1mega runs one rank per GPU; leave ranks_per_node unset")
-    require(c.cpus_per_task is None or c.cpus_per_task >= 1,
-            f"cluster.cpus_per_task must be >= 1, got {c.cpus_per_task}")
+    require(c.cpus_per_rank is None or c.cpus_per_rank >= 1,
+            f"cluster.cpus_per_rank must be >= 1, got {c.cpus_per_rank}")
     one_of(c.launcher, LAUNCHERS, "cluster.launcher")
     one_of(c.signal, SIGNALS, "cluster.signal")
     limit = time_minutes(c.time) * 60
@@ -58,3 +71,16 @@ def check_cluster(c: ClusterConfig) -> None:
                 f"cluster.network/env key {key!r} is not an environment variable name")
     for mount in c.container_mounts:
         require(":" in mount, f"cluster.container_mounts entry {mount!r} must be src:dst[:flags]")
+    # These land on #SBATCH lines and srun's command line as they are.
+    words = {"partition": c.partition, "account": c.account, "qos": c.qos, "mem": c.mem, "time": c.time,
+             "container_image": c.container_image, "log_dir": c.log_dir, "python": c.python}
+    words.update({f"container_mounts[{i}]": m for i, m in enumerate(c.container_mounts)})
+    words.update({f"sbatch.{k}": v for k, v in c.sbatch.items() if isinstance(v, str)})
+    words.update({f"sbatch.{k} (the key)": k for k in c.sbatch})
+    for key, value in words.items():
+        require(value is None or plain(str(value)), f"cluster.{key}={value!r} must be one word without %")
+
+
+def plain(text: str) -> bool:
+    """Safe on an #SBATCH line or in a path Slurm expands: no whitespace, no %, not empty."""
+    return bool(text) and re.search(r"[\s%]", text) is None

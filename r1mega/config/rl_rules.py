@@ -49,6 +49,10 @@ def _check_warmup(cfg: R1Config, dp: Optional[int]) -> None:
     one_of(w.corpus, {"task", "synthetic"}, "warmup.corpus")
     require(0.0 <= w.correct_fraction <= 1.0, f"warmup.correct_fraction={w.correct_fraction} is not in [0, 1]")
     require(w.micro_batch_size >= 1, "warmup.micro_batch_size must be >= 1")
+    require(not (warmup_runs(cfg) and w.corpus == "task" and cfg.data.name == "files"),
+            "data=files with no model.hf_path or model.mcore_path: the built-in base model is pre-trained on a "
+            "built-in task's documents; set model.hf_path to your base model (or warmup.enabled=false to start "
+            "from random weights)")
     if dp is not None and warmup_runs(cfg):
         unit = w.micro_batch_size * dp
         require(w.global_batch_size % unit == 0,

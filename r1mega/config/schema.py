@@ -286,7 +286,7 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 0  # 0: a CPU job on gloo
     ranks_per_node: Optional[int] = None  # default: gpus_per_node, or 1 without GPUs
-    cpus_per_task: Optional[int] = None  # per rank (srun) or per node (torchrun: the node's one task)
+    cpus_per_rank: Optional[int] = None  # CPU cores per rank (torchrun's one task per node gets ranks x this)
     mem: Optional[str] = None  # per node, as sbatch takes it ("0" = all of it, "200G")
     time: str = "01:00:00"  # [D-]HH:MM:SS or minutes
     partition: Optional[str] = None  # None: the cluster's default partition

@@ -19,11 +19,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
+class Stopped(Exception):
+    """A stop signal ended the job where nothing could be saved (the base model's pre-training)."""
+
+
 class StopRequest:
-    """Records the stop signals this process receives; `with STOP as stop:` in the loops."""
+    """Records the stop signals this process receives; `with STOP as stop:` in the loops.
+
+    A time-limit warning is remembered even when SIGTERM follows it (srun ends the other tasks
+    of a step with SIGTERM once one task exits): the job must still be requeued.
+    """
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.received: Optional[int] = None  # the last stop signal
+        self.warning: Optional[int] = None  # the time-limit warning, if one came (any rank, once agreed)
         self.stopped_early = False  # a loop saved and stopped before its last step
         self._previous: Dict[int, object] = {}
 
@@ -39,28 +48,26 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        # Handlers stay: a signal during the final save or export must not kill the rank.
-        pass
+        pass  # handlers stay: a signal during the final save or export must not kill the rank
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if signum in WARNING_SIGNALS and self.warning is None:
+            self.warning = signum
 
     def agreed(self) -> bool:
-        """True on every rank when any rank received a stop signal (a collective call)."""
+        """True on every rank when any rank received a stop signal (a collective call); every rank
+        then also knows whether a time-limit warning came."""
         import torch  # here, so launchers can import the signal lists without torch
         import torch.distributed as dist
 
         from r1mega.platform.distributed import current_device
 
-        flag = torch.tensor([1 if self.received is not None else 0], device=current_device())
+        flags = torch.tensor([0 if self.received is None else 1, self.warning or 0], device=current_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    @property
-    def warned(self) -> bool:
-        """The stop came from a time-limit warning (requeue), not from SIGTERM."""
-        return self.received in WARNING_SIGNALS
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.warning = int(flags[1]) or None
+        return bool(flags[0])
 
     def previous_handler(self, signum: int) -> Optional[Callable]:
         """The Python handler this process had before (e.g. submitit's requeue), if any."""

@@ -8,11 +8,15 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from r1mega.config.cluster_rules import ranks_per_node, time_minutes
+from r1mega.config.cluster_rules import cpus_per_task, ranks_per_node, tasks_per_node, time_minutes
 from r1mega.config.errors import ConfigError, require
 from r1mega.config.schema import ClusterConfig
 
 SINFO_FORMAT = "%P|%c|%G|%D|%l"  # partition, CPUs per node, generic resources, node count, time limit
+
+
+class SlurmUnavailable(ConfigError):
+    """Slurm's commands are missing here or cannot reach a controller."""
 
 
 @dataclass
@@ -62,10 +66,15 @@ def parse_sinfo(text: str) -> Dict[str, Partition]:
 def query_partitions() -> Dict[str, Partition]:
     """The cluster's partitions, asked of `sinfo`."""
     if shutil.which("sinfo") is None:
-        raise ConfigError("sinfo not found: r1mega-submit needs the Slurm client commands (sbatch, sinfo) on PATH")
-    proc = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=60)
+        raise SlurmUnavailable("sinfo not found: r1mega-submit needs the Slurm client commands (sbatch, sinfo) "
+                               "on PATH")
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable("sinfo gave no answer in 60 s (is the Slurm controller reachable?)") from None
     if proc.returncode != 0:
-        raise ConfigError(f"sinfo failed (is the Slurm controller reachable?): {proc.stderr.strip()}")
+        first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+        raise SlurmUnavailable(f"sinfo failed (is the Slurm controller reachable?): {first}")
     return parse_sinfo(proc.stdout)
 
 
@@ -88,11 +97,11 @@ def check_fits(c: ClusterConfig, partitions: Dict[str, Partition]) -> Partition:
     require(c.gpus_per_node <= most_gpus,
             f"cluster.gpus_per_node={c.gpus_per_node}, but the nodes of partition {part.name!r} have at most "
             f"{most_gpus} GPUs (sinfo GRES: {', '.join(sorted({g.gres for g in part.groups}))})")
-    tasks = 1 if c.launcher == "torchrun" else ranks_per_node(c)
-    cpus = (c.cpus_per_task or 1) * tasks
+    tasks = tasks_per_node(c)
+    cpus = (cpus_per_task(c) or 1) * tasks
     most_cpus = max(g.cpus for g in part.groups)
-    require(cpus <= most_cpus, f"cluster.cpus_per_task={c.cpus_per_task} x {tasks} task(s) per node needs {cpus} "
-            f"CPUs, but the nodes of partition {part.name!r} have at most {most_cpus}")
+    require(cpus <= most_cpus, f"cluster.cpus_per_rank={c.cpus_per_rank} x {ranks_per_node(c)} rank(s) per node needs "
+            f"{cpus} CPUs, but the nodes of partition {part.name!r} have at most {most_cpus}")
     fitting = sum(g.nodes for g in part.groups if g.gpus >= c.gpus_per_node and g.cpus >= cpus)
     require(c.nodes <= fitting, f"cluster.nodes={c.nodes}, but partition {part.name!r} has {fitting} node(s) with "
             f"{c.gpus_per_node} GPUs and {cpus} CPUs")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from r1mega.config.cluster_rules import world_size
-from r1mega.config.errors import ConfigError
+from r1mega.config.cluster_rules import plain, world_size
+from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import compose_config, to_config, to_yaml
 from r1mega.config.schema import R1Config
 from r1mega.config.stage_rules import check_no_cp, check_sft_run
@@ -33,6 +33,7 @@ class Job:
     cfg: R1Config  # as the job will run it
     overrides: List[str]  # the job's command line
     run_dir: Path
+    log_dir: Path  # Slurm's output file and the requeue file
     script: str
 
 
@@ -53,12 +54,15 @@ def prepare(overrides: Sequence[str], entry: str = "train", workdir: Optional[Pa
     ENTRY_CHECKS[entry](cfg, world)
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = (workdir / cfg.trainer.output_dir).resolve()  # ${now:...} resolved once, here
+    log_dir = (workdir / cfg.cluster.log_dir).resolve() if cfg.cluster.log_dir else run_dir / "slurm"
+    for name, path in (("trainer.output_dir", run_dir), ("the working directory", workdir),
+                       ("cluster.log_dir", log_dir)):
+        require(plain(str(path)), f"{name} {str(path)!r}: Slurm's #SBATCH lines take paths without spaces or %")
     cfg.trainer.output_dir, cfg.trainer.load = str(run_dir), "auto"
     job_overrides = [o for o in overrides if not o.startswith(RUN_KEYS)]
     job_overrides += [f"trainer.output_dir={run_dir}", "trainer.load=auto"]
-    log_dir = Path(cfg.cluster.log_dir).resolve() if cfg.cluster.log_dir else run_dir / "slurm"
     script = render(cfg.cluster, entry, job_overrides, run_dir, workdir, log_dir)
-    return Job(cfg, job_overrides, run_dir, script)
+    return Job(cfg, job_overrides, run_dir, log_dir, script)
 
 
 def check_cluster_has_room(job: Job) -> str:
@@ -74,18 +78,20 @@ def submit(job: Job, argv: Sequence[str], entry: str) -> str:
     partition = check_cluster_has_room(job)
     folder = job.run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(job.cfg.cluster.log_dir) if job.cfg.cluster.log_dir else folder
-    log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output file's folder
+    job.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output file's folder
     _write(folder / "config.yaml", to_yaml(job.cfg))
     _write(folder / "job.sbatch", job.script)
-    proc = subprocess.run(["sbatch", "--parsable", str(folder / "job.sbatch")], capture_output=True, text=True,
-                          timeout=120)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", str(folder / "job.sbatch")], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        raise SubmitError("sbatch gave no answer in 120 s (is the Slurm controller reachable?)") from None
     if proc.returncode != 0:
         raise SubmitError(f"sbatch refused {folder / 'job.sbatch'}: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]
     record = {"job_id": job_id, "submitted": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "entry": entry, "argv": list(argv), "cluster": job.cfg.cluster.name, "partition": partition,
-              "workdir": str(Path.cwd()), "log": str(log_dir / f"{job_id}.out")}
+              "workdir": str(Path.cwd()), "log": str(job.log_dir / f"{job_id}.out")}
     with (folder / "submissions.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     return job_id

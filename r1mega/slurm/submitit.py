@@ -24,7 +24,7 @@ def submitit_params(c: ClusterConfig) -> Dict[str, Any]:
         extra["mem"] = c.mem
     if c.exclusive:
         extra["exclusive"] = True
-    extra.update({k: v for k, v in c.sbatch.items() if v is not False})
+    extra.update({k: v for k, v in c.sbatch.items() if v is not None and v is not False})
     setup = list(c.setup) + [f"export {k}={shlex.quote(v)}" for k, v in job_env(c).items()]
     return {
         "timeout_min": time_minutes(c.time),

@@ -22,6 +22,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.synthetic import SyntheticLM
 from r1mega.models.builder import build_model, parameter_counts
 from r1mega.platform.distributed import Runtime
+from r1mega.platform.signals import STOP, Stopped
 from r1mega.trainer.lm_step import train_step
 from r1mega.trainer.optimizer import build_optimizer
 
@@ -145,6 +146,8 @@ def run(cfg: R1Config, runtime: Runtime, data=None) -> Tuple[List[Dict[str, floa
                                    data.state_dict())
             if runtime.is_main:
                 log.info("saved %s", path)
+        if STOP.agreed():  # the base model's pre-training keeps no state worth a save of its own
+            raise Stopped(f"stop signal: pre-training stopped at step {step} of {w.steps}")
     if dist.is_initialized():
         dist.barrier()
     return history, ddp_chunks

@@ -1,6 +1,7 @@
 """r1mega-submit without a cluster: the sbatch script, the cluster rules, sinfo checks, requeue."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from r1mega.slurm.submitit import submitit_params
 
 GPU = ["cluster=gpu_site", "warmup.enabled=false"]  # a GPU site starts from an HF model, not the built-in base
 SITE = [*GPU, "cluster.nodes=4", "cluster.partition=h100", "cluster.account=proj",
-        "cluster.qos=high", "+cluster.sbatch.constraint=ib", "+cluster.sbatch.reservation=null",
+        "cluster.qos=high", "+cluster.sbatch.constraint=ib", "+cluster.sbatch.overcommit=true",
+        "+cluster.sbatch.reservation=null",
         "data.prompts_per_step=32"]  # a multiple of the 32 data-parallel ranks
 
 
@@ -45,8 +47,8 @@ def test_time_minutes(text, minutes):
 
 
 def test_torchrun_script(tmp_path):
-    job = prepare([*SITE, "optimizer.lr=1e-6", "trainer.output_dir=runs/a b"], workdir=tmp_path)
-    run = tmp_path / "runs" / "a b"
+    job = prepare([*SITE, "optimizer.lr=1e-6", "trainer.output_dir=runs/a"], workdir=tmp_path)
+    run = tmp_path / "runs" / "a"
     assert job.run_dir == run and job.cfg.trainer.output_dir == str(run) and job.cfg.trainer.load == "auto"
     assert job.overrides[-2:] == [f"trainer.output_dir={run}", "trainer.load=auto"]
     assert sum(o.startswith("trainer.output_dir=") for o in job.overrides) == 1
@@ -54,20 +56,22 @@ def test_torchrun_script(tmp_path):
     for expected in ["--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64", "--mem=0",
                      "--time=04:00:00", "--partition=h100", "--account=proj", "--qos=high", "--exclusive",
                      "--signal=USR1@600", "--requeue", "--open-mode=append", f"--output={run}/slurm/%j.out",
-                     f"--chdir={tmp_path}", "--constraint=ib", "--reservation"]:
+                     f"--chdir={tmp_path}", "--constraint=ib", "--overcommit"]:
         assert expected in d, expected
+    assert not any(o.startswith("--reservation") for o in d)  # null: left out
     s = job.script
     assert "export NCCL_SOCKET_IFNAME='^lo,docker'" in s and "export OMP_NUM_THREADS=8" in s
     assert "-m torch.distributed.run" in s and "--nproc-per-node=8" in s and "--rdzv-backend=c10d" in s
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=600" in s
     assert "-m r1mega.cli.train cluster=gpu_site " in s
-    assert s.rstrip().endswith(f"optimizer.lr=1e-6 'trainer.output_dir={run}' trainer.load=auto")
+    assert f"optimizer.lr=1e-6 trainer.output_dir={run} trainer.load=auto || rc=$?" in s
+    assert f"export R1MEGA_REQUEUE_FILE={run}/slurm/requeue-$SLURM_JOB_ID" in s
     assert sys.executable in s  # the interpreter r1mega-submit runs under, on a shared filesystem
     _bash_syntax_ok(s, tmp_path)
 
 
 def test_srun_script_with_container(tmp_path):
-    job = prepare([*SITE, "cluster.launcher=srun", "cluster.cpus_per_task=8", "cluster.exclusive=false",
+    job = prepare([*SITE, "cluster.launcher=srun", "cluster.cpus_per_rank=8", "cluster.exclusive=false",
                    "cluster.container_image=\"nvcr.io#nvidia/pytorch:25.10-py3\"",
                    "cluster.container_mounts=[/lustre:/lustre,/home:/home]", "cluster/network=efa",
                    "+cluster.env.FI_PROVIDER=verbs", "cluster.setup=[module load cuda]",
@@ -75,13 +79,33 @@ def test_srun_script_with_container(tmp_path):
     d = _directives(job.script)
     assert "--ntasks-per-node=8" in d and "--cpus-per-task=8" in d and "--exclusive" not in d
     s = job.script
-    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=8 --cpus-per-task=8" in s
+    assert "srun --kill-on-bad-exit=1 --label --ntasks-per-node=8 --cpus-per-task=8" in s
     assert "'--container-image=nvcr.io#nvidia/pytorch:25.10-py3' --container-mounts=/lustre:/lustre,/home:/home" in s
     assert "\n    python -m r1mega.cli.train " in s  # inside a container: its own interpreter
     assert "torch.distributed.run" not in s
     assert "export FI_PROVIDER=verbs" in s and "FI_EFA_USE_DEVICE_RDMA=1" in s  # site env wins over the preset
     assert "\nmodule load cuda\n" in s
     _bash_syntax_ok(s, tmp_path)
+
+
+def test_r1_zero_7b_experiment_validates_on_four_nodes(tmp_path):
+    job = prepare(["experiment=r1_zero_qwen2.5_7b", "model.hf_path=/ckpt/Qwen2.5-7B", "data.train_path=/d/t.jsonl",
+                   "data.test_path=/d/e.jsonl", "trainer.output_dir=r"], workdir=tmp_path)
+    assert (job.cfg.cluster.nodes, job.cfg.cluster.gpus_per_node, job.cfg.parallel.tp) == (4, 8, 4)
+    assert "#SBATCH --nodes=4" in job.script and "--nproc-per-node=8" in job.script
+    with pytest.raises(ConfigError, match="set model.hf_path to your base model"):
+        prepare(["experiment=r1_zero_qwen2.5_7b", "data.train_path=/d/t.jsonl"], workdir=tmp_path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.output_dir=runs/a b", "paths without spaces or %"),
+    ("trainer.output_dir=runs/100%", "paths without spaces or %"),
+    ("cluster.partition='h100 --wrap=x'", "cluster.partition='h100 --wrap=x' must be one word"),
+    ("+cluster.sbatch.comment='two words'", "cluster.sbatch.comment='two words' must be one word"),
+])
+def test_words_that_would_break_the_script_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        prepare([*GPU, override], workdir=tmp_path)
 
 
 def test_sft_entry_and_its_checks(tmp_path):
@@ -148,11 +172,11 @@ def test_parse_sinfo():
     (dict(gpus_per_node=16), "at most 8 GPUs"),
     (dict(partition="cpu", gpus_per_node=1), "partition 'cpu' have at most 0 GPUs"),
     (dict(nodes=7), "has 6 node\\(s\\) with 8 GPUs"),
-    (dict(cpus_per_task=256), "at most 128"),
+    (dict(cpus_per_rank=32), "needs 256 CPUs, but the nodes of partition 'gpu' have at most 128"),
     (dict(time="3-00:00:00"), "over the time limit"),
 ])
 def test_check_fits_refuses(overrides, message):
-    c = ClusterConfig(gpus_per_node=8, cpus_per_task=96, time="1-00:00:00", nodes=6)
+    c = ClusterConfig(gpus_per_node=8, cpus_per_rank=12, time="1-00:00:00", nodes=6)
     assert check_fits(c, parse_sinfo(SINFO)).name == "gpu"
     for key, value in overrides.items():
         setattr(c, key, value)
@@ -194,7 +218,8 @@ def test_submitit_launcher_config():
     assert (launcher["partition"], launcher["account"], launcher["qos"], launcher["signal_delay_s"]) == (
         "h100", "proj", "high", 600)
     assert launcher["additional_parameters"] == {"requeue": True, "mem": "0", "exclusive": True, "constraint": "ib",
-                                                 "reservation": None}
+                                                 "overcommit": True}
+    assert launcher["cpus_per_task"] == 8  # one task per rank
     assert "export NCCL_IB_DISABLE=0" in launcher["setup"][0]
     assert submitit_params(ClusterConfig())["gpus_per_node"] is None  # CPU jobs ask for no GPUs
 
@@ -202,7 +227,8 @@ def test_submitit_launcher_config():
 class _Stop(StopRequest):
     def __init__(self, signum, stopped_early=True, previous=None):
         super().__init__()
-        self.received, self.stopped_early = signum, stopped_early
+        self._handle(signum, None)
+        self.stopped_early = stopped_early
         if previous is not None:
             self._previous[signum] = previous
 
@@ -218,6 +244,7 @@ def scontrol(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("R1MEGA_REQUEUE_FILE", raising=False)
     return calls
 
 
@@ -236,6 +263,21 @@ def test_requeue_after_warning(scontrol, monkeypatch):
     assert not requeue_if_warned(c, _Stop(signal.SIGUSR1))  # not a Slurm job
 
 
+def test_requeue_through_the_batch_script(scontrol, tmp_path, monkeypatch):
+    marker = tmp_path / "requeue-77"
+    monkeypatch.setenv("R1MEGA_REQUEUE_FILE", str(marker))
+    assert requeue_if_warned(ClusterConfig(), _Stop(signal.SIGUSR1))
+    assert marker.read_text() == "77\n" and not scontrol.exists()  # the script runs scontrol, on the host
+
+
+def test_requeue_reports_a_missing_scontrol(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    monkeypatch.delenv("R1MEGA_REQUEUE_FILE", raising=False)
+    assert not requeue_if_warned(ClusterConfig(), _Stop(signal.SIGUSR1))
+    assert "scontrol requeue 5 failed" in caplog.text
+
+
 def test_requeue_hands_over_to_previous_handler(scontrol):
     seen = []
     assert requeue_if_warned(ClusterConfig(), _Stop(signal.SIGUSR2, previous=lambda s, f: seen.append(s)))
@@ -246,11 +288,11 @@ def test_stop_request_catches_and_remembers():
     stop = StopRequest()
     stop.install()
     try:
-        assert stop.received is None and not stop.warned
+        assert stop.received is None and stop.warning is None and not stop.agreed()
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.received == signal.SIGUSR1 and stop.warned and stop.agreed()
+        assert stop.received == signal.SIGUSR1 and stop.warning == signal.SIGUSR1 and stop.agreed()
         os.kill(os.getpid(), signal.SIGTERM)  # caught too: the process lives on to save
-        assert stop.received == signal.SIGTERM and not stop.warned
+        assert stop.received == signal.SIGTERM and stop.warning == signal.SIGUSR1  # the warning is kept
     finally:
         for sig, handler in stop._previous.items():
             signal.signal(sig, handler)

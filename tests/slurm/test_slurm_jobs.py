@@ -1,0 +1,149 @@
+"""r1mega-submit and `-m` sweeps against a real Slurm cluster (slurm/local-cluster.sh start).
+
+Two-rank CPU GRPO jobs of a small random model: a job that runs through, a job whose time
+limit runs out (signalled, checkpointed, requeued, resumed), a sweep with one job per point,
+and the checks r1mega-submit makes against the cluster before it submits.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.slurm
+
+SMALL = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.head_dim=16", "data.train_size=64", "data.test_size=6",
+    "data.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=6", "rollout.eval_samples=2",
+    "optimizer.warmup_steps=0", "warmup.enabled=false", "reward.num_workers=0", "trainer.tensorboard=false",
+    "trainer.plot=false", "trainer.progress=false", "trainer.micro_batch_tokens=96", "trainer.eval_at_ends=false",
+    "trainer.eval_every=0",
+]
+
+
+SUBMITTED: list = []  # job ids of the test now running
+
+
+@pytest.fixture(autouse=True)
+def cancel_leftovers():
+    """A failed test leaves no job of its own behind to hold the node for the next."""
+    SUBMITTED.clear()
+    yield
+    if SUBMITTED:
+        subprocess.run(["scancel", *SUBMITTED], capture_output=True)
+
+
+def _submit(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "r1mega.cli.submit", *SMALL, *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _job_id(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    SUBMITTED.append(job_id)
+    return job_id
+
+
+def _job(job_id: str) -> dict:
+    """`scontrol show job` as a dict (finished jobs stay listed for the cluster's MinJobAge)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _wait(job_id: str, until, timeout: float = 420.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _job(job_id)
+        if until(job):
+            return job
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still {job.get('JobState')} after {timeout} s")
+
+
+def _done(job: dict) -> bool:
+    return job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _steps(run: Path) -> list:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_job_runs_and_is_recorded(tmp_path):
+    job_id = _job_id(_submit(tmp_path, "cluster.launcher=srun", "trainer.steps=4", "trainer.output_dir=run"))
+    job = _wait(job_id, _done)
+    run = tmp_path / "run"
+    log = (run / "slurm" / f"{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert job["NumTasks"] == "2" and _steps(run) == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4" and (run / "model").is_dir()
+    record = json.loads((run / "slurm" / "submissions.jsonl").read_text())
+    assert record["job_id"] == job_id and record["partition"] == "debug" and "trainer.steps=4" in record["argv"]
+    saved = OmegaConf.load(run / "slurm" / "config.yaml")
+    assert saved.trainer.output_dir == str(run) and saved.trainer.load == "auto" and saved.trainer.steps == 4
+    assert "srun --kill-on-bad-exit=1 --label --ntasks-per-node=2" in (run / "slurm" / "job.sbatch").read_text()
+
+
+def test_time_limit_signal_checkpoint_requeue_resume(tmp_path):
+    """Slurm warns 60 s before a 2-minute limit (its checks put that 30-60 s into the run): the
+    torchrun ranks save, rank 0 requeues, and the requeued job resumes to the configured steps."""
+    steps = 300  # more than 60 s of steps: the warning comes before the end
+    job_id = _job_id(_submit(tmp_path, "cluster.launcher=torchrun", "cluster.time=2", "cluster.signal_lead_s=60",
+                             f"trainer.steps={steps}", "trainer.output_dir=run"))
+    job = _wait(job_id, lambda j: (j.get("Restarts") == "1" and j.get("JobState") == "PENDING") or _done(j))
+    assert job.get("Restarts") == "1", (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()[-3000:]
+    # Slurm holds a requeued job for about two minutes before it may start again; release it now,
+    # with room to finish (the warning would otherwise stop each 2-minute run part-way again).
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"], check=True)
+    job = _wait(job_id, lambda j: _done(j) and j.get("Restarts") == "1")
+    run = tmp_path / "run"
+    log = (run / "slurm" / f"{job_id}.out").read_text()  # both runs append to it
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    saved = int(re.search(r"stop signal received: checkpoint saved at step (\d+)", log).group(1))
+    assert 1 <= saved < steps
+    assert f"requeueing job {job_id} (restart 1)" in log  # rank 0, after every rank saved
+    assert f"r1mega: requeueing job {job_id}" in log  # the batch script, on the host
+    assert f"r1mega: job {job_id} (restart 1)" in log
+    assert f"resumed from {run}/checkpoints/step_{saved} at step {saved}" in log
+    assert _steps(run) == list(range(1, steps + 1))  # every step once: none lost, none repeated
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{steps}"
+
+
+def test_sweep_submits_one_job_per_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "r1mega.cli.train", "-m", "hydra/launcher=slurm", *SMALL,
+                             "trainer.steps=2", "optimizer.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        SUBMITTED.extend(p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*"))
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    for point, lr in (("0", 1e-3), ("1", 3e-3)):
+        rows = [json.loads(line) for line in (sweep / point / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and rows[-1]["lr"] == pytest.approx(lr)
+    scripts = list((sweep / ".submitit").glob("*/*_submission.sh"))
+    assert scripts, "submitit wrote no sbatch script"
+    script = scripts[0].read_text()
+    assert "#SBATCH --array=0-1" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert "#SBATCH --signal=USR2@60" in script and "#SBATCH --requeue" in script
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["cluster.partition=gpu"], "cluster.partition='gpu': no such partition; sinfo lists: debug (default), short"),
+    (["cluster.gpus_per_node=2"], "cluster.gpus_per_node=2, but the nodes of partition 'debug' have at most 0 GPUs"),
+    (["cluster.nodes=2"], "cluster.nodes=2, but partition 'debug' has 1 node(s)"),
+    (["cluster.partition=short", "cluster.time=1:00:00"], "over the time limit of partition 'short' (10 min)"),
+    (["parallel.tp=3"], "parallel.tp=3"),
+])
+def test_refused_before_submission(tmp_path, overrides, message):
+    proc = _submit(tmp_path, "trainer.output_dir=run", *overrides)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
