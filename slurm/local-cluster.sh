@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine (tests, trying r1mega-submit without a cluster).
+# A two-node Slurm cluster on this machine (tests, trying r1mega-submit without a cluster).
 #
 #   slurm/local-cluster.sh install   # Debian's slurmctld, slurmd, slurm-client and munge (root)
 #   slurm/local-cluster.sh start     # fresh munge key, config and state under $R1MEGA_SLURM_DIR
@@ -7,13 +7,16 @@
 #   slurm/local-cluster.sh env       # the line to eval so sbatch/sinfo find this cluster
 #
 # Everything lives under R1MEGA_SLURM_DIR (default /tmp/r1mega-slurm): slurm.conf, munge key
-# and socket, controller state, logs. The node has this machine's CPUs and memory, one partition
-# `debug` (default) and one `short` with a 10-minute limit; no GPUs. Run as root.
+# and socket, controller state, logs. Two slurmd daemons play two nodes, named by this host's
+# short name and `localhost` (names that resolve, so a multi-node job's rendezvous works). Each
+# node offers this machine's CPUs and half its memory; no GPUs. Partitions: `debug` (default)
+# and `short`, with a 10-minute limit. Run as root.
 set -euo pipefail
 DIR=${R1MEGA_SLURM_DIR:-/tmp/r1mega-slurm}
 CONF=$DIR/slurm.conf
 MARK=.r1mega-local-cluster  # only a folder holding this file is ever removed
 HOST=$(hostname -s)
+NODES="$HOST localhost"
 
 install() {
     command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null && return
@@ -30,17 +33,17 @@ write_conf() {
 ClusterName=r1mega-local
 SlurmctldHost=$HOST
 SlurmctldPort=${R1MEGA_SLURMCTLD_PORT:-16817}
-SlurmdPort=${R1MEGA_SLURMD_PORT:-16818}
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -52,9 +55,10 @@ JobRequeue=1
 KillWait=30
 MinJobAge=600
 SchedulerParameters=bf_interval=5
-NodeName=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
-PartitionName=short Nodes=$HOST MaxTime=00:10:00 State=UP OverSubscribe=FORCE:2
+NodeName=$HOST NodeAddr=127.0.0.1 Port=${R1MEGA_SLURMD_PORT:-16818} CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 Port=$(( ${R1MEGA_SLURMD_PORT:-16818} + 1 )) CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN
+PartitionName=debug Nodes=$HOST,localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
+PartitionName=short Nodes=$HOST,localhost MaxTime=00:10:00 State=UP OverSubscribe=FORCE:2
 EOF
 }
 
@@ -75,9 +79,12 @@ start() {
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/seed"
     chmod 755 "$DIR/munge"
     slurmctld -f "$CONF"
-    slurmd -f "$CONF"
+    for node in $NODES; do
+        mkdir -p "$DIR/spool/$node"
+        slurmd -f "$CONF" -N "$node"
+    done
     for _ in $(seq 60); do
-        if SLURM_CONF=$CONF sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+        if [ "$(SLURM_CONF=$CONF sinfo -h -N -p debug -t idle,mixed,allocated -o %N 2>/dev/null | wc -l)" = 2 ]; then
             echo "local Slurm cluster up: export SLURM_CONF=$CONF"
             return
         fi
@@ -94,7 +101,7 @@ stop() {
         echo "local-cluster.sh: $DIR exists but was not made by this script; not touching it" >&2
         exit 1
     fi
-    for pidfile in "$DIR/slurmd.pid" "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
+    for pidfile in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid" "$DIR/munge/munged.pid"; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
         # a stale pid file may name someone else's process by now

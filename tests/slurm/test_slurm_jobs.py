@@ -75,27 +75,31 @@ def _steps(run: Path) -> list:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_rank_job_runs_and_is_recorded(tmp_path):
-    job_id = _job_id(_submit(tmp_path, "cluster.launcher=srun", "trainer.steps=4", "trainer.output_dir=run"))
+@pytest.mark.parametrize("nodes,ranks_per_node", [(1, 2), (2, 1)])
+def test_two_rank_job_runs_and_is_recorded(tmp_path, nodes, ranks_per_node):
+    job_id = _job_id(_submit(tmp_path, "cluster.launcher=srun", f"cluster.nodes={nodes}",
+                             f"cluster.ranks_per_node={ranks_per_node}", "trainer.steps=4", "trainer.output_dir=run"))
     job = _wait(job_id, _done)
     run = tmp_path / "run"
     log = (run / "slurm" / f"{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED", log[-3000:]
-    assert job["NumTasks"] == "2" and _steps(run) == [1, 2, 3, 4]
+    assert (job["NumNodes"], job["NumTasks"]) == (str(nodes), "2") and _steps(run) == [1, 2, 3, 4]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_4" and (run / "model").is_dir()
     record = json.loads((run / "slurm" / "submissions.jsonl").read_text())
     assert record["job_id"] == job_id and record["partition"] == "debug" and "trainer.steps=4" in record["argv"]
     saved = OmegaConf.load(run / "slurm" / "config.yaml")
     assert saved.trainer.output_dir == str(run) and saved.trainer.load == "auto" and saved.trainer.steps == 4
-    assert "srun --kill-on-bad-exit=1 --label --ntasks-per-node=2" in (run / "slurm" / "job.sbatch").read_text()
+    script = (run / "slurm" / "job.sbatch").read_text()
+    assert f"srun --kill-on-bad-exit=1 --label --ntasks-per-node={ranks_per_node}" in script
 
 
 def test_time_limit_signal_checkpoint_requeue_resume(tmp_path):
-    """Slurm warns 60 s before a 2-minute limit (its checks put that 30-60 s into the run): the
-    torchrun ranks save, rank 0 requeues, and the requeued job resumes to the configured steps."""
+    """Two nodes, one torchrun each: Slurm warns 60 s before a 2-minute limit (its checks put that
+    30-60 s into the run); the ranks save, the job requeues itself and resumes to the configured steps."""
     steps = 300  # more than 60 s of steps: the warning comes before the end
-    job_id = _job_id(_submit(tmp_path, "cluster.launcher=torchrun", "cluster.time=2", "cluster.signal_lead_s=60",
-                             f"trainer.steps={steps}", "trainer.output_dir=run"))
+    job_id = _job_id(_submit(tmp_path, "cluster.launcher=torchrun", "cluster.nodes=2", "cluster.ranks_per_node=1",
+                             "cluster.time=2", "cluster.signal_lead_s=60", f"trainer.steps={steps}",
+                             "trainer.output_dir=run"))
     job = _wait(job_id, lambda j: (j.get("Restarts") == "1" and j.get("JobState") == "PENDING") or _done(j))
     assert job.get("Restarts") == "1", (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()[-3000:]
     # Slurm holds a requeued job for about two minutes before it may start again; release it now,
@@ -104,7 +108,7 @@ def test_time_limit_signal_checkpoint_requeue_resume(tmp_path):
     job = _wait(job_id, lambda j: _done(j) and j.get("Restarts") == "1")
     run = tmp_path / "run"
     log = (run / "slurm" / f"{job_id}.out").read_text()  # both runs append to it
-    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2", log[-3000:]
     saved = int(re.search(r"stop signal received: checkpoint saved at step (\d+)", log).group(1))
     assert 1 <= saved < steps
     assert f"requeueing job {job_id} (restart 1)" in log  # rank 0, after every rank saved
@@ -139,7 +143,7 @@ def test_sweep_submits_one_job_per_point(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["cluster.partition=gpu"], "cluster.partition='gpu': no such partition; sinfo lists: debug (default), short"),
     (["cluster.gpus_per_node=2"], "cluster.gpus_per_node=2, but the nodes of partition 'debug' have at most 0 GPUs"),
-    (["cluster.nodes=2"], "cluster.nodes=2, but partition 'debug' has 1 node(s)"),
+    (["cluster.nodes=4", "cluster.ranks_per_node=1"], "cluster.nodes=4, but partition 'debug' has 2 node(s)"),
     (["cluster.partition=short", "cluster.time=1:00:00"], "over the time limit of partition 'short' (10 min)"),
     (["parallel.tp=3"], "parallel.tp=3"),
 ])
