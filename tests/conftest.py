@@ -12,7 +12,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _slurm_reachable() -> bool:
     if shutil.which("sinfo") is None:
         return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def _config(output_dir: str, steps: int = STEPS, **trainer) -> R1Config:
 def _runs(root: str):
     from r1mega.checkpoint.state import TrainingCheckpointError
     from r1mega.platform.distributed import destroy, initialize, seed_everything
+    from r1mega.platform.signals import STOP, Stopped
     from r1mega.trainer.lm_loop import train
 
     runtime = initialize(ParallelConfig(), seed=3)
@@ -49,6 +51,11 @@ def _runs(root: str):
             train(_config(f"{root}/bad", load=f"{root}/nowhere"), runtime)
         except TrainingCheckpointError as e:
             out["error"] = str(e)
+        STOP._handle(signal.SIGUSR1, None)  # as when Slurm's time-limit warning arrives
+        try:
+            train(_config(f"{root}/stopped"), runtime)
+        except Stopped as e:
+            out["stopped"] = str(e)
     finally:
         destroy()
     return out
@@ -92,3 +99,8 @@ def test_loss_falls(runs):
 def test_explicit_missing_checkpoint_is_one_line(runs):
     root, out = runs
     assert str(root / "nowhere") in out["error"] and "\n" not in out["error"]
+
+
+def test_stop_signal_ends_pretraining_after_the_step(runs):
+    _, out = runs
+    assert out["stopped"] == "stop signal: pre-training stopped at step 1 of 30"
