@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 
@@ -10,12 +11,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def _slurm_reachable() -> bool:
-    if shutil.which("sinfo") is None:
+    """A running cluster of slurm/local-cluster.sh: the tests submit to its partitions, never to a site's."""
+    if shutil.which("scontrol") is None:
         return False
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+        proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return False
+    return proc.returncode == 0 and re.search(r"ClusterName\s*=\s*r1mega-local", proc.stdout) is not None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs CUDA: no GPU on this machine")
     if any("slurm" in item.keywords for item in items) and not _slurm_reachable():
-        skips["slurm"] = pytest.mark.skip(reason="needs a Slurm cluster: run `slurm/local-cluster.sh start` as "
-                                          "root and export the SLURM_CONF it prints")
+        skips["slurm"] = pytest.mark.skip(reason="needs the local Slurm cluster: run `slurm/local-cluster.sh start` "
+                                          "as root and export the SLURM_CONF it prints")
     for item in items:
         for marker, skip in skips.items():
             if marker in item.keywords:

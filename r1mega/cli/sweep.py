@@ -5,18 +5,17 @@
 
 A point's folder is <hydra.sweep.dir>/<point number>; it runs with trainer.load=auto, so a
 point requeued after a time-limit warning resumes from its own checkpoint. Before any point
-is launched, the config (swept keys at their defaults) is validated and, for Slurm, checked
-against the cluster.
+is launched, every point's config is validated and, for Slurm, checked against the cluster.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from r1mega.config.loader import CONF_DIR, to_config
 from r1mega.config.schema import R1Config, register
@@ -62,36 +61,62 @@ class CheckBeforeLaunch(Callback):
 
     def __init__(self, check: Optional[str] = None):
         self.check = check  # dotted path of the entry point's own rules
+        self._sinfo = None  # the cluster's partitions, asked once
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from r1mega.cli.common import fail
         from r1mega.config.errors import ConfigError
 
         try:
-            self._check(config)
-        except ConfigError as e:
-            fail(str(e))  # Hydra turns a callback's exceptions into warnings: exit here instead
+            on_slurm = str(config.hydra.launcher._target_).endswith("SlurmLauncher")
+            for overrides, swept in sweep_points(list(config.hydra.overrides.task)):
+                self._check(overrides, swept, on_slurm)
+        except ConfigError as e:  # Hydra turns a callback's exceptions into warnings: exit here instead
+            fail(str(e))
+        except Exception as e:  # noqa: BLE001 - a check that cannot run must not let the sweep go unchecked
+            fail(f"sweep check failed: {type(e).__name__}: {e}")
 
-    def _check(self, config: DictConfig) -> None:
+    def _check(self, overrides: List[str], swept: str, on_slurm: bool) -> None:
+        """One point: its config at its world size, the entry point's rules, and its cluster."""
         from hydra.utils import get_method
 
         from r1mega.config.cluster_rules import world_size
-        from r1mega.config.errors import require
+        from r1mega.config.errors import ConfigError, require
+        from r1mega.config.loader import compose_config
         from r1mega.config.validate import validate
-        from r1mega.slurm.partitions import check_fits, query_partitions
+        from r1mega.slurm.partitions import check_fits
 
-        on_slurm = str(config.hydra.launcher._target_).endswith("SlurmLauncher")
-        composed = copy.deepcopy(config)
-        with open_dict(composed):
-            del composed["hydra"]
-        cfg = to_config(composed)
-        world = world_size(cfg.cluster) if on_slurm else (cfg.parallel.nproc or 1)
-        validate(cfg, world)
-        if self.check:
-            get_method(self.check)(cfg, world)
-        if on_slurm:
-            c = cfg.cluster
-            require(c.container_image is None and c.python is None,
-                    "hydra/launcher=slurm runs points with this interpreter and without a container: "
-                    "unset cluster.container_image and cluster.python, or submit each point with r1mega-submit")
-            check_fits(c, query_partitions())
+        try:
+            cfg = to_config(compose_config(overrides))
+            world = world_size(cfg.cluster) if on_slurm else (cfg.parallel.nproc or 1)
+            validate(cfg, world)
+            if self.check:
+                get_method(self.check)(cfg, world)
+            if on_slurm:
+                c = cfg.cluster
+                require(c.container_image is None and c.python is None,
+                        "hydra/launcher=slurm runs points with this interpreter and without a container: unset "
+                        "cluster.container_image and cluster.python, or submit each point with r1mega-submit")
+                check_fits(c, self._partitions())
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {swept}: {e}") from None
+
+    def _partitions(self):
+        from r1mega.slurm.partitions import query_partitions
+
+        if self._sinfo is None:
+            self._sinfo = query_partitions()
+        return self._sinfo
+
+
+def sweep_points(overrides: List[str]) -> List[Tuple[List[str], str]]:
+    """Each point's overrides as Hydra's basic sweeper expands them (the cross product), with
+    its swept values as one string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    swept = [o.is_sweep_override() for o in parsed]
+    return [(list(point), " ".join(p for p, s in zip(point, swept) if s) or "(no swept keys)")
+            for point in itertools.product(*choices)]

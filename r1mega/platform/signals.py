@@ -34,6 +34,7 @@ class StopRequest:
         self.received: Optional[int] = None  # the last stop signal
         self.warning: Optional[int] = None  # the time-limit warning, if one came (any rank, once agreed)
         self.stopped_early = False  # a loop saved and stopped before its last step
+        self.requeued = False  # this job has asked Slurm to requeue it
         self._previous: Dict[int, object] = {}
 
     def install(self) -> None:
@@ -66,7 +67,8 @@ class StopRequest:
         flags = torch.tensor([0 if self.received is None else 1, self.warning or 0], device=current_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.warning = int(flags[1]) or None
+        if int(flags[1]):  # never cleared: a warning may land while the all-reduce runs
+            self.warning = self.warning or int(flags[1])
         return bool(flags[0])
 
     def previous_handler(self, signum: int) -> Optional[Callable]:

@@ -23,6 +23,7 @@ from r1mega.data.synthetic import SyntheticLM
 from r1mega.models.builder import build_model, parameter_counts
 from r1mega.platform.distributed import Runtime
 from r1mega.platform.signals import STOP, Stopped
+from r1mega.slurm.requeue import leave_requeue_file
 from r1mega.trainer.lm_step import train_step
 from r1mega.trainer.optimizer import build_optimizer
 
@@ -60,6 +61,7 @@ def checkpoint_if_due(cfg: R1Config, runtime: Runtime, step: int, total: int, st
         stop.stopped_early = step < total
         if runtime.is_main:
             log.warning("stop signal received: checkpoint saved at step %d, exiting", step)
+            leave_requeue_file(cfg.cluster, stop)
     return stopping
 
 

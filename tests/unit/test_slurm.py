@@ -18,7 +18,8 @@ from r1mega.config.loader import CONF_DIR, load_config
 from r1mega.config.schema import ClusterConfig, register
 from r1mega.platform.signals import StopRequest
 from r1mega.slurm.partitions import check_fits, gpus_in_gres, parse_sinfo
-from r1mega.slurm.requeue import requeue_if_warned
+from r1mega.cli.sweep import sweep_points
+from r1mega.slurm.requeue import leave_requeue_file, requeue_if_warned
 from r1mega.slurm.submit import prepare
 from r1mega.slurm.submitit import submitit_params
 
@@ -66,6 +67,7 @@ def test_torchrun_script(tmp_path):
     assert "-m r1mega.cli.train cluster=gpu_site " in s
     assert f"optimizer.lr=1e-6 trainer.output_dir={run} trainer.load=auto || rc=$?" in s
     assert f"export R1MEGA_REQUEUE_FILE={run}/slurm/requeue-$SLURM_JOB_ID" in s
+    assert "mkdir" not in s  # r1mega-submit makes <run>/slurm before sbatch
     assert sys.executable in s  # the interpreter r1mega-submit runs under, on a shared filesystem
     _bash_syntax_ok(s, tmp_path)
 
@@ -266,8 +268,18 @@ def test_requeue_after_warning(scontrol, monkeypatch):
 def test_requeue_through_the_batch_script(scontrol, tmp_path, monkeypatch):
     marker = tmp_path / "requeue-77"
     monkeypatch.setenv("R1MEGA_REQUEUE_FILE", str(marker))
-    assert requeue_if_warned(ClusterConfig(), _Stop(signal.SIGUSR1))
+    stop = _Stop(signal.SIGUSR1)
+    assert leave_requeue_file(ClusterConfig(), stop) and stop.requeued
     assert marker.read_text() == "77\n" and not scontrol.exists()  # the script runs scontrol, on the host
+    assert requeue_if_warned(ClusterConfig(), stop) and not scontrol.exists()  # asked once only
+    assert not leave_requeue_file(ClusterConfig(), _Stop(signal.SIGTERM))
+
+
+def test_unwritable_requeue_file_falls_back_to_scontrol(scontrol, tmp_path, monkeypatch):
+    monkeypatch.setenv("R1MEGA_REQUEUE_FILE", str(tmp_path / "missing" / "requeue-77"))
+    stop = _Stop(signal.SIGUSR1)
+    assert not leave_requeue_file(ClusterConfig(), stop)
+    assert requeue_if_warned(ClusterConfig(), stop) and scontrol.read_text() == "requeue 77\n"
 
 
 def test_requeue_reports_a_missing_scontrol(monkeypatch, tmp_path, caplog):
@@ -282,6 +294,8 @@ def test_requeue_hands_over_to_previous_handler(scontrol):
     seen = []
     assert requeue_if_warned(ClusterConfig(), _Stop(signal.SIGUSR2, previous=lambda s, f: seen.append(s)))
     assert seen == [signal.SIGUSR2] and not scontrol.exists()  # submitit's handler requeues, not scontrol
+    assert not requeue_if_warned(ClusterConfig(requeue=False), _Stop(signal.SIGUSR2, previous=seen.append))
+    assert seen == [signal.SIGUSR2]
 
 
 def test_stop_request_catches_and_remembers():
@@ -301,3 +315,17 @@ def test_stop_request_catches_and_remembers():
 def test_load_config_accepts_cluster_presets():
     cfg = load_config(["cluster=gpu_site", "cluster/network=ethernet"])
     assert cfg.cluster.network["NCCL_IB_DISABLE"] == "1" and cfg.cluster.gpus_per_node == 8
+
+
+def test_sweep_points():
+    points = sweep_points(["a=1,2", "b=x", "+c.d=3,4"])
+    assert [p for p, _ in points] == [["a=1", "b=x", "+c.d=3"], ["a=1", "b=x", "+c.d=4"],
+                                      ["a=2", "b=x", "+c.d=3"], ["a=2", "b=x", "+c.d=4"]]
+    assert points[1][1] == "a=1 +c.d=4" and sweep_points(["b=x"]) == [(["b=x"], "(no swept keys)")]
+
+
+def test_sweep_refuses_a_bad_point_before_launching(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "r1mega.cli.train", "-m", "trainer.steps=1", "parallel.tp=1,3",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "r1mega: error: sweep point parallel.tp=3: parallel.tp=3 must divide" in proc.stderr
+    assert not (tmp_path / "sweep").exists()  # not even the valid point ran
