@@ -59,8 +59,3 @@ def error_line(exc: BaseException) -> str:
         return lines[-1]
     return f"{type(exc).__name__}: {lines[0]}"
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -13,6 +12,7 @@ import torch.distributed as dist
 from r1mega.config.loader import load_config, to_yaml
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import ConfigError, validate
+from r1mega.platform.atomic import write_text_atomic
 from r1mega.platform.env import read_env
 from r1mega.platform.launch import spawn
 
@@ -56,9 +56,7 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
     """
     env = read_env()
     nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
-    validate(cfg, nproc or env.world_size)
-    if check is not None:
-        check(cfg, nproc or env.world_size)  # what this entry point needs besides the general rules
+    validate(cfg, nproc or env.world_size, check)
     if nproc and nproc > 1:
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
         return
@@ -109,7 +107,5 @@ def share_output_dir(cfg: R1Config) -> Path:
     out = Path(cfg.trainer.output_dir)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "config.yaml.tmp"
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, out / "config.yaml")
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
     return out

@@ -35,14 +35,13 @@ def sweep(argv: Sequence[str], rank_main: Callable[[R1Config], None],
         from hydra.core.hydra_config import HydraConfig
 
         from r1mega.cli.common import start
+        from r1mega.config.cluster_rules import check_resumes_itself
         from r1mega.platform.signals import STOP
 
         if STOP.received is not None:  # a stop signal ended an earlier point of this local sweep
             raise ConfigError("stop signal received: point not started")
         cfg = to_config(composed)
-        if cfg.trainer.load not in (None, "auto"):
-            raise ConfigError(f"trainer.load={cfg.trainer.load}: a sweep point resumes from its own folder "
-                              "(trainer.load=auto); start from other weights with model.mcore_path or model.hf_path")
+        check_resumes_itself(cfg.trainer.load, "a sweep point")
         cfg.trainer.output_dir = HydraConfig.get().runtime.output_dir
         cfg.trainer.load = "auto"
         start(cfg, rank_main, check)
@@ -89,9 +88,7 @@ class CheckBeforeLaunch(Callback):
         try:
             cfg = to_config(compose_config(overrides))
             world = world_size(cfg.cluster) if on_slurm else (cfg.parallel.nproc or 1)
-            validate(cfg, world)
-            if self.check:
-                get_method(self.check)(cfg, world)
+            validate(cfg, world, get_method(self.check) if self.check else None)
             if on_slurm:
                 c = cfg.cluster
                 require(c.container_image is None and c.python is None,

@@ -81,6 +81,12 @@ def check_cluster(c: ClusterConfig) -> None:
         require(value is None or plain(str(value)), f"cluster.{key}={value!r} must be one word without %")
 
 
+def check_resumes_itself(load: Optional[str], what: str) -> None:
+    """A job that may be requeued runs with trainer.load=auto: it resumes from its own folder."""
+    require(load in (None, "auto"), f"trainer.load={load}: {what} resumes from its own folder (trainer.load=auto); "
+            "start from other weights with model.mcore_path or model.hf_path")
+
+
 def plain(text: str) -> bool:
     """Safe on an #SBATCH line or in a path Slurm expands: no whitespace, no %, not empty."""
     return bool(text) and re.search(r"[\s%]", text) is None

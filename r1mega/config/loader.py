@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -49,10 +49,11 @@ def to_config(cfg: DictConfig) -> R1Config:
         raise ConfigError(f"{key}: {_one_line(e)}" if key else _one_line(e)) from None
 
 
-def load_config(overrides: Sequence[str] = (), world_size: Optional[int] = None) -> R1Config:
+def load_config(overrides: Sequence[str] = (), world_size: Optional[int] = None,
+                entry_rules: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> R1Config:
     """compose -> type-check -> cross-field validation, all before any process group starts."""
     cfg = to_config(compose_config(overrides))
-    validate(cfg, world_size)
+    validate(cfg, world_size, entry_rules)
     return cfg
 
 

@@ -5,7 +5,7 @@ Each failure names the keys involved and says what to change.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from r1mega.config.cluster_rules import check_cluster
 from r1mega.config.errors import ConfigError, one_of as _one_of, require as _check  # noqa: F401
@@ -14,8 +14,10 @@ from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R
 from r1mega.config.stage_rules import check_stages
 
 
-def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
-    """Raise ConfigError on the first rule the config breaks."""
+def validate(cfg: R1Config, world_size: Optional[int] = None,
+             entry_rules: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
+    """Raise ConfigError on the first rule the config breaks; `entry_rules` are what one entry
+    point needs besides the general rules (e.g. check_sft_run)."""
     check_cluster(cfg.cluster)  # first: a submitted job's world size comes from it
     check_model(cfg.model)
     check_layout(cfg.model, cfg.parallel, world_size)
@@ -23,6 +25,8 @@ def validate(cfg: R1Config, world_size: Optional[int] = None) -> None:
     check_optimizer(cfg.warmup.optimizer, "warmup.optimizer")
     check_rl(cfg, _data_parallel_size(cfg.parallel, world_size))
     check_stages(cfg, _data_parallel_size(cfg.parallel, world_size))
+    if entry_rules is not None:
+        entry_rules(cfg, world_size)
 
 
 def _data_parallel_size(p: ParallelConfig, world_size: Optional[int]) -> Optional[int]:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
+from r1mega.platform.atomic import write_text_atomic
+
 
 def write_jsonl(path: str | Path, rows: Iterable[Dict[str, Any]]) -> int:
     """Write rows to `path` through a temporary file renamed when complete; the row count."""
@@ -25,6 +27,4 @@ def write_jsonl(path: str | Path, rows: Iterable[Dict[str, Any]]) -> int:
 def write_json(path: str | Path, value: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")

@@ -87,9 +87,7 @@ def validate_stages(p: PipelineConfig, extra: Sequence[str]) -> None:
         try:
             require(not st.evaluate or st.kind in MODEL_KINDS,
                     f"evaluate: true needs a stage that exports a model ({', '.join(sorted(MODEL_KINDS))})")
-            cfg = load_config(args)
-            if st.kind == "sft":
-                check_sft_run(cfg)
+            load_config(args, entry_rules=check_sft_run if st.kind == "sft" else None)
             if st.evaluate:
                 load_config(eval_overrides(args, dirs[st.name]))
         except ConfigError as e:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from pathlib import Path
 from typing import Optional
 
 from r1mega.config.schema import ClusterConfig
+from r1mega.platform.atomic import write_text_atomic
 from r1mega.platform.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -23,20 +23,8 @@ def leave_requeue_file(cluster: ClusterConfig, stop: StopRequest) -> bool:
 
     Done before the loop's last barrier: once ranks exit, srun may end the step at any moment.
     True when the file was written (requeue_if_warned then has nothing left to do)."""
-    marker = os.environ.get(REQUEUE_FILE_ENV)
-    job = _job_to_requeue(cluster, stop)
-    if not marker or job is None or stop.requeued:
-        return False
-    try:
-        tmp = Path(f"{marker}.{os.getpid()}.tmp")
-        tmp.write_text(f"{job}\n")
-        os.replace(tmp, marker)
-    except OSError as e:  # e.g. the folder is not mounted in the container: scontrol may still do
-        log.error("cannot write the requeue file %s: %s", marker, e)
-        return False
-    log.warning("time-limit warning: checkpoint saved, requeueing job %s (restart %d)", job, _restarts() + 1)
-    stop.requeued = True
-    return True
+    job = _job_id(cluster) if _wants_requeue(cluster, stop) else None
+    return job is not None and _write_requeue_file(job, stop)
 
 
 def requeue_if_warned(cluster: ClusterConfig, stop: StopRequest) -> bool:
@@ -49,7 +37,7 @@ def requeue_if_warned(cluster: ClusterConfig, stop: StopRequest) -> bool:
     """
     if stop.requeued:
         return True
-    if stop.warning is None or not stop.stopped_early or not cluster.requeue:
+    if not _wants_requeue(cluster, stop):
         return False
     handler = stop.previous_handler(stop.warning)
     if handler is not None:
@@ -57,11 +45,13 @@ def requeue_if_warned(cluster: ClusterConfig, stop: StopRequest) -> bool:
         log.info("time-limit warning: handing over to the job's own handler %s", name)
         handler(stop.warning, None)  # submitit requeues and exits here
         return True
-    if leave_requeue_file(cluster, stop):
-        return True
-    job = _job_to_requeue(cluster, stop)
+    job = _job_id(cluster)
     if job is None:
+        if os.environ.get("SLURM_JOB_ID"):
+            log.warning("job restarted %d times (cluster.max_requeues): not requeueing", _restarts())
         return False
+    if _write_requeue_file(job, stop):
+        return True
     log.warning("time-limit warning: checkpoint saved, requeueing job %s (restart %d)", job, _restarts() + 1)
     try:
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
@@ -75,15 +65,30 @@ def requeue_if_warned(cluster: ClusterConfig, stop: StopRequest) -> bool:
     return True
 
 
-def _job_to_requeue(cluster: ClusterConfig, stop: StopRequest) -> Optional[str]:
-    """This Slurm job's id when a warned, unfinished run may be requeued, else None."""
+def _wants_requeue(cluster: ClusterConfig, stop: StopRequest) -> bool:
+    """A time-limit warning stopped an unfinished run, and requeueing is on."""
+    return stop.warning is not None and stop.stopped_early and cluster.requeue
+
+
+def _job_id(cluster: ClusterConfig) -> Optional[str]:
+    """This Slurm job's id while it may still be requeued (under cluster.max_requeues), else None."""
     job = os.environ.get("SLURM_JOB_ID")
-    if stop.warning is None or not stop.stopped_early or not cluster.requeue or job is None:
-        return None
-    if _restarts() >= cluster.max_requeues:
-        log.warning("job %s restarted %d times (cluster.max_requeues): not requeueing", job, _restarts())
-        return None
-    return job
+    return job if job is not None and _restarts() < cluster.max_requeues else None
+
+
+def _write_requeue_file(job: str, stop: StopRequest) -> bool:
+    """The file r1mega's batch script looks for (REQUEUE_FILE_ENV); False when there is none to write."""
+    marker = os.environ.get(REQUEUE_FILE_ENV)
+    if not marker:
+        return False
+    try:
+        write_text_atomic(marker, f"{job}\n")
+    except OSError as e:  # e.g. the folder is not mounted in the container: scontrol may still do
+        log.error("cannot write the requeue file %s: %s", marker, e)
+        return False
+    log.warning("time-limit warning: checkpoint saved, requeueing job %s (restart %d)", job, _restarts() + 1)
+    stop.requeued = True
+    return True
 
 
 def _restarts() -> int:

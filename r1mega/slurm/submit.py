@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from r1mega.config.cluster_rules import plain, world_size
+from r1mega.config.cluster_rules import check_resumes_itself, plain, world_size
 from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import compose_config, to_config, to_yaml
 from r1mega.config.schema import R1Config
 from r1mega.config.stage_rules import check_no_cp, check_sft_run
 from r1mega.config.validate import validate
+from r1mega.platform.atomic import write_text_atomic
 from r1mega.slurm.partitions import check_fits, query_partitions
 from r1mega.slurm.script import ENTRIES, render
 
@@ -44,14 +44,10 @@ def prepare(overrides: Sequence[str], entry: str = "train", workdir: Optional[Pa
     requeued job resumes from its own latest checkpoint."""
     if entry not in ENTRIES:
         raise ConfigError(f"--entry={entry!r} is not one of {sorted(ENTRIES)}")
-    for o in overrides:
-        if o.startswith("trainer.load=") and o != "trainer.load=auto":
-            raise ConfigError(f"{o}: a submitted job resumes from its own run folder (trainer.load=auto); "
-                              "start from other weights with model.mcore_path or model.hf_path")
     cfg = to_config(compose_config(overrides))
+    check_resumes_itself(cfg.trainer.load, "a submitted job")
     world = world_size(cfg.cluster)
-    validate(cfg, world)
-    ENTRY_CHECKS[entry](cfg, world)
+    validate(cfg, world, ENTRY_CHECKS[entry])
     workdir = (workdir or Path.cwd()).resolve()
     run_dir = (workdir / cfg.trainer.output_dir).resolve()  # ${now:...} resolved once, here
     log_dir = (workdir / cfg.cluster.log_dir).resolve() if cfg.cluster.log_dir else run_dir / "slurm"
@@ -79,8 +75,8 @@ def submit(job: Job, argv: Sequence[str], entry: str) -> str:
     folder = job.run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
     job.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the output file's folder
-    _write(folder / "config.yaml", to_yaml(job.cfg))
-    _write(folder / "job.sbatch", job.script)
+    write_text_atomic(folder / "config.yaml", to_yaml(job.cfg))
+    write_text_atomic(folder / "job.sbatch", job.script)
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(folder / "job.sbatch")], capture_output=True, text=True,
                               timeout=120)
@@ -96,8 +92,3 @@ def submit(job: Job, argv: Sequence[str], entry: str) -> str:
         f.write(json.dumps(record) + "\n")
     return job_id
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
