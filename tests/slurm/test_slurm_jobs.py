@@ -94,11 +94,12 @@ def test_two_rank_job_runs_and_is_recorded(tmp_path, nodes, ranks_per_node):
 
 
 def test_time_limit_signal_checkpoint_requeue_resume(tmp_path):
-    """Two nodes, one torchrun each: Slurm warns 60 s before a 2-minute limit (its checks put that
-    30-60 s into the run); the ranks save, the job requeues itself and resumes to the configured steps."""
-    steps = 300  # more than 60 s of steps: the warning comes before the end
+    """Two nodes, one torchrun each: Slurm warns 75 s before a 2-minute limit (its checks put that
+    15-45 s into the run, after start-up); the ranks save, the job requeues itself and resumes to
+    the configured steps."""
+    steps = 200  # more than 45 s of steps: the warning comes before the end
     job_id = _job_id(_submit(tmp_path, "cluster.launcher=torchrun", "cluster.nodes=2", "cluster.ranks_per_node=1",
-                             "cluster.time=2", "cluster.signal_lead_s=60", f"trainer.steps={steps}",
+                             "cluster.time=2", "cluster.signal_lead_s=75", f"trainer.steps={steps}",
                              "trainer.output_dir=run"))
     job = _wait(job_id, lambda j: (j.get("Restarts") == "1" and j.get("JobState") == "PENDING") or _done(j))
     assert job.get("Restarts") == "1", (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()[-3000:]
