@@ -35,7 +35,7 @@ SlurmctldHost=$HOST
 SlurmctldPort=${R1MEGA_SLURMCTLD_PORT:-16817}
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
@@ -54,7 +54,7 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=600
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=5,sched_interval=3
 NodeName=$HOST NodeAddr=127.0.0.1 Port=${R1MEGA_SLURMD_PORT:-16818} CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN
 NodeName=localhost NodeAddr=127.0.0.1 Port=$(( ${R1MEGA_SLURMD_PORT:-16818} + 1 )) CPUs=$cpus RealMemory=$((mem / 2)) State=UNKNOWN
 PartitionName=debug Nodes=$HOST,localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2

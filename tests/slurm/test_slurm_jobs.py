@@ -6,6 +6,7 @@ and the checks r1mega-submit makes against the cluster before it submits.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +68,14 @@ def _wait(job_id: str, until, timeout: float = 420.0) -> dict:
     raise AssertionError(f"job {job_id} still {job.get('JobState')} after {timeout} s")
 
 
+def _daemon_log(job_id: str) -> str:
+    """What the cluster's daemons logged about a job, to explain a failure."""
+    logs = Path(os.environ.get("SLURM_CONF", "/nonexistent")).parent / "log"
+    lines = [f"{p.name}: {line}" for p in sorted(logs.glob("*.log")) for line in p.read_text().splitlines()
+             if f"JobId={job_id} " in line + " " or f"job {job_id}" in line.lower() or f"StepId={job_id}." in line]
+    return "\n--- daemon logs ---\n" + "\n".join(lines[-40:])
+
+
 def _done(job: dict) -> bool:
     return job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -103,13 +112,14 @@ def test_time_limit_signal_checkpoint_requeue_resume(tmp_path):
                              "trainer.output_dir=run"))
     job = _wait(job_id, lambda j: (j.get("Restarts") == "1" and j.get("JobState") == "PENDING") or _done(j))
     assert job.get("Restarts") == "1", (tmp_path / "run" / "slurm" / f"{job_id}.out").read_text()[-3000:]
-    # Slurm holds a requeued job for about two minutes before it may start again; release it now,
-    # with room to finish (the warning would otherwise stop each 2-minute run part-way again).
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"], check=True)
+    # Room to finish: the warning would otherwise stop each 2-minute run part-way again. Slurm holds
+    # a requeued job for the credential lifetime (cred_expire, 10 s on the local cluster) so that
+    # its nodes have revoked the old launch; releasing it sooner can fail the new launch.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     job = _wait(job_id, lambda j: _done(j) and j.get("Restarts") == "1")
     run = tmp_path / "run"
     log = (run / "slurm" / f"{job_id}.out").read_text()  # both runs append to it
-    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2", log[-3000:]
+    assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2", log[-3000:] + _daemon_log(job_id)
     saved = int(re.search(r"stop signal received: checkpoint saved at step (\d+)", log).group(1))
     assert 1 <= saved < steps
     assert f"requeueing job {job_id} (restart 1)" in log  # rank 0, after every rank saved
