@@ -62,9 +62,10 @@ class NativeEngine:
         self._calls += params.seed is None
         generator = torch.Generator(device=self._device()).manual_seed(seed)
         responses, logprobs, reasons = [], [], []
+        per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
         with self._inference_mode():
-            for start in self._batch_starts(len(rows)):
-                r, lp, fr = self._generate_batch(rows[start:start + self.max_batch_size], params, generator)
+            for start in self._batch_starts(len(prompts), per_call):
+                r, lp, fr = self._generate_batch(prompts[start:start + per_call], n, params, generator)
                 responses += r
                 logprobs += lp
                 reasons += fr
@@ -90,23 +91,25 @@ class NativeEngine:
 
     # -- batches -------------------------------------------------------------------------
 
-    def _batch_starts(self, num_rows: int) -> range:
+    def _batch_starts(self, num_prompts: int, per_call: int) -> range:
         if self._lockstep:  # MoE all-to-alls need the same number of forwards on every EP rank
-            counts = torch.tensor([num_rows, -num_rows], device=self._device())
+            counts = torch.tensor([num_prompts, -num_prompts], device=self._device())
             dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
             if counts[0].item() != -counts[1].item():
-                raise ValueError("expert-parallel generation needs the same number of rows on every rank")
-        return range(0, num_rows, self.max_batch_size)
+                raise ValueError("expert-parallel generation needs the same number of prompts on every rank")
+        return range(0, num_prompts, per_call)
 
-    def _generate_batch(self, rows, params: SamplingParams, generator):
+    def _generate_batch(self, prompts, n: int, params: SamplingParams, generator):
+        """n samples of each prompt. The prompts are prefilled once; their KV cache and last logits
+        are then copied to each prompt's n rows (prefix sharing, as serving engines do)."""
         device = self._device()
-        b = len(rows)
-        width = max(len(r) for r in rows)
-        pad = torch.tensor([width - len(r) for r in rows], device=device)
-        tokens = torch.full((b, width), self.pad_token_id, dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
+        b = len(prompts) * n
+        width = max(len(r) for r in prompts)
+        pad = torch.tensor([width - len(r) for r in prompts], device=device)
+        tokens = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
+        for i, r in enumerate(prompts):
             tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        ctx = StaticInferenceContext(b, width + params.max_new_tokens)
+        ctx = StaticInferenceContext(len(prompts), width + params.max_new_tokens)
         alive = torch.arange(b, device=device)  # original row of each cache row
         out_ids = [[] for _ in range(b)]
         out_lp = [[] for _ in range(b)]
@@ -114,8 +117,13 @@ class NativeEngine:
         done = [False] * b
         positions = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
         mask = _prefill_mask(pad, width)
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             logits = self._forward(tokens, positions, mask, ctx)
+            if step == 0 and n > 1:
+                copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
+                logits = logits[copies] if logits is not None else None
+                pad = pad[copies]
+                _select_cache_rows(ctx, copies)
             next_ids, next_lp = self._choose(logits, params, generator, len(alive))
             ctx.sequence_len_offset += tokens.size(1)
             rows = alive.tolist()
@@ -132,7 +140,7 @@ class NativeEngine:
             keep = torch.tensor([not done[row] for row in rows], device=device)
             if keep.sum() < _COMPACT_BELOW * len(rows) and keep.any():
                 alive, next_ids, pad = alive[keep], next_ids[keep], pad[keep]
-                _compact_cache(ctx, keep.nonzero().squeeze(1))
+                _select_cache_rows(ctx, keep.nonzero().squeeze(1))
             offset = ctx.sequence_len_offset
             tokens = next_ids[:, None]
             positions = (offset - pad)[:, None]
@@ -220,7 +228,7 @@ def _prefill_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
     return masked[:, None]
 
 
-def _compact_cache(ctx: StaticInferenceContext, keep: torch.Tensor) -> None:
-    """Drop finished rows from every layer's KV cache ([s, b, ...] buffers)."""
+def _select_cache_rows(ctx: StaticInferenceContext, rows: torch.Tensor) -> None:
+    """Keep (or repeat) these rows of every layer's KV cache ([s, b, ...] buffers)."""
     for layer, (k, v) in ctx.key_value_memory_dict.items():
-        ctx.key_value_memory_dict[layer] = (k[:, keep], v[:, keep])
+        ctx.key_value_memory_dict[layer] = (k[:, rows], v[:, rows])

@@ -69,7 +69,7 @@ def load_records(cfg: R1Config) -> Tuple[list, list]:
 def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> Tuple[list, Dict[int, List[int]]]:
     """Render and tokenize prompts; those over data.max_prompt_tokens are dropped with a warning."""
     texts = [render_prompt(r, tokenizer, cfg.data.template) for r in records]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # no held-out file: none
     keep, table = [], {}
     for record, seq in zip(records, ids):
         if 0 < len(seq) <= cfg.data.max_prompt_tokens:

@@ -54,9 +54,10 @@ def _generate(layouts, root: str, moe: bool = False):
             params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=10, seed=7,
                                     stop_token_ids=STOPS)
             sampled = [engine.generate(PROMPTS, params, n=3) for _ in range(2)]
+            engine.max_batch_size = 12  # all four prompts prefilled together, then 3 rows each
             other = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, seed=8, stop_token_ids=STOPS), n=3)
             forward = [logits(chunks, torch.tensor([p + r])) for p, r in
-                       zip(greedy.prompt_ids, greedy.response_ids)]
+                       zip(greedy.prompt_ids + other.prompt_ids, greedy.response_ids + other.response_ids)]
             out[name] = (greedy, sampled, other, forward)
     finally:
         destroy()
@@ -72,15 +73,27 @@ def runs(tmp_path_factory):
     return {"ref": ref["ref"], "tp2": tp[0]["tp2"], "pp2": pp[1]["pp2"], "pp2_first": pp[0]["pp2"]}
 
 
-def test_logprobs_equal_trainer_forward(runs):
-    greedy, _, _, forward = runs["ref"]
-    for prompt, resp, lps, full in zip(greedy.prompt_ids, greedy.response_ids, greedy.logprobs, forward):
+def _check_logprobs(rollouts, forward) -> None:
+    for prompt, resp, lps, full in zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.logprobs, forward):
         logp = torch.log_softmax(full[0].double(), dim=-1)
         want = logp[len(prompt) - 1:-1].gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
         assert len(resp) == len(lps) > 0
         assert torch.allclose(torch.tensor(lps, dtype=torch.float64), want, atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_trainer_forward(runs):
+    greedy, _, _, forward = runs["ref"]
+    _check_logprobs(greedy, forward[:len(greedy)])
+    for prompt, resp, full in zip(greedy.prompt_ids, greedy.response_ids, forward):
         # greedy: every chosen token is the forward's argmax
         assert torch.equal(full[0, len(prompt) - 1:-1].argmax(-1), torch.tensor(resp))
+
+
+def test_shared_prefill_rows_equal_trainer_forward(runs):
+    """n samples per prompt decode from one prefill of that prompt, copied to its rows."""
+    greedy, _, other, forward = runs["ref"]
+    _check_logprobs(other, forward[len(greedy):])
+    assert len({tuple(r) for r in other.response_ids[:3]}) > 1  # the copies sample apart
 
 
 def test_layouts_generate_the_same(runs):

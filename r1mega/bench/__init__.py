@@ -1,0 +1,1 @@
+"""`r1mega-bench`: GRPO step, training, rollout and peer (TRL) throughput; results in benchmarks/results."""

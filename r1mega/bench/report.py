@@ -1,0 +1,175 @@
+"""Results of r1mega-bench: results.json, a Markdown table (results.md) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from r1mega.platform.atomic import write_text_atomic
+
+JSON_FILE, MARKDOWN_FILE = "results.json", "results.md"
+
+
+def write_results(results: Dict, out_dir: str | Path) -> List[Path]:
+    """Write every file of a results dict; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / JSON_FILE, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / MARKDOWN_FILE, markdown(results))
+    return [out / JSON_FILE, out / MARKDOWN_FILE] + plots(results["suites"], out)
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def _table(header: List[str], rows: List[List]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _memory(row: Dict) -> Optional[float]:
+    return row.get("peak_gpu_mb", row.get("peak_rss_mb"))
+
+
+def _step_md(s: Dict) -> str:
+    phases = " / ".join(f"{k} {_f(v)}" for k, v in s["phase_s"].items())
+    head = (f"{s['model']}, {s['algorithm']}, {s['ranks']} rank(s), {s['prompts_per_step']} prompts x "
+            f"{s['group_size']}, up to {s['max_new_tokens']} new tokens; median of {s['timed_steps']} steps.\n\n")
+    return head + _table(
+        ["step s", "tokens/s", "samples/s", "model TFLOP/step", "MFU", "peak MB", "phases (s)"],
+        [[s["step_s"], s["tokens_per_s"], s["samples_per_s"], s["model_tflops_per_step"], s["mfu"], _memory(s),
+          phases]])
+
+
+def _train_md(t: Dict) -> str:
+    head = (f"Sequence {t['seq_length']}, {t['micro_batch_size']} x {t['micro_batches']} micro-batches per "
+            f"data-parallel rank; forward, backward and optimizer step.\n\n")
+    rows = [[r["model"], f"tp{r['tp']} pp{r['pp']} dp{r['dp']} ep{r['ep']}", r.get("tokens_per_s"),
+             r.get("step_s"), r.get("model_tflops_per_s"), r.get("mfu"), _memory(r), r.get("skipped", "")]
+            for r in t["rows"]]
+    return head + _table(["model", "layout", "tokens/s", "step s", "model TFLOP/s", "MFU", "peak MB", "note"], rows)
+
+
+def _rollout_md(r: Dict) -> str:
+    head = f"{r['model']}, {r['new_tokens']} new tokens per row.\n\n"
+    rows = [[x["engine"], x.get("batch_size"), x.get("tokens_per_s"), x.get("seconds"), _memory(x),
+             x.get("skipped", "")] for x in r["rows"]]
+    return head + _table(["engine", "batch", "generated tokens/s", "seconds", "peak MB", "note"], rows)
+
+
+def _peer_md(p: Dict) -> str:
+    head = (f"{p['model']} (random Qwen2), {p['algorithm']}, {p['prompts_per_step']} prompts x {p['group_size']}, "
+            f"{p['max_new_tokens']} new tokens, {p['steps']} steps; {p['rounds']} interleaved run(s) each, medians "
+            f"of {p['timed_steps_per_run']} timed steps per run. TRL {p['trl_version']}.\n\n")
+    rows = [[name, p[key]["step_s"], p[key]["tokens_per_s"], p[key]["final_reward"], p[key]["mean_reward"]]
+            for name, key in (("r1mega", "r1mega"), ("TRL GRPOTrainer", "trl"))]
+    tail = (f"\nTRL's step time / r1mega's: **{p['step_time_ratio_trl_over_r1mega']:.2f}x**; "
+            f"r1mega's tokens/s / TRL's: **{p['tokens_per_s_ratio_r1mega_over_trl']:.2f}x**.\n")
+    return head + _table(["", "step s", "tokens/s", "final reward", "mean reward"], rows) + tail
+
+
+SECTIONS: Dict[str, tuple] = {
+    "step": ("End-to-end GRPO step", _step_md),
+    "train": ("Training", _train_md),
+    "rollout": ("Rollout", _rollout_md),
+    "peer": ("Peer comparison: TRL", _peer_md),
+}
+
+
+def markdown(results: Dict) -> str:
+    env = results["environment"]
+    parts = [f"# r1mega-bench results\n\n{env['device']}; torch {env['torch']}, megatron-core "
+             f"{env['megatron_core']}; commit {env['commit']}; {env['date']}.\n\n"
+             f"`{results['command']}`\n"]
+    for name, data in results["suites"].items():
+        title, render = SECTIONS[name]
+        parts.append(f"\n## {title}\n\n" + render(data))
+    return "".join(parts)
+
+
+# -- plots -------------------------------------------------------------------------------
+
+def _figure(path: Path, draw: Callable, size=(6.0, 3.8)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plots(suites: Dict, out: Path) -> List[Path]:
+    drawn = []
+    for name, make in (("step", _plot_step), ("train", _plot_train), ("rollout", _plot_rollout), ("peer", _plot_peer)):
+        draw = make(suites[name]) if name in suites else None
+        if draw is not None:
+            drawn.append(_figure(out / f"{name}.png", draw))
+    return drawn
+
+
+def _plot_step(s: Dict):
+    def draw(ax):
+        left = 0.0
+        for phase, seconds in s["phase_s"].items():
+            ax.barh(["GRPO step"], [seconds], left=left, label=phase)
+            left += seconds
+        ax.set_xlabel("seconds (median step)")
+        ax.legend(fontsize=7, ncol=3)
+        ax.set_title(f"{s['model']}: time per phase")
+    return draw
+
+
+def _plot_train(t: Dict):
+    rows = [r for r in t["rows"] if "tokens_per_s" in r]
+    if not rows:
+        return None
+
+    def draw(ax):
+        labels = [f"{r['model']}\ntp{r['tp']} dp{r['dp']}" + (f" ep{r['ep']}" if r["ep"] > 1 else "") for r in rows]
+        ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("tokens/s")
+        ax.set_title("training throughput by layout")
+    return draw
+
+
+def _plot_rollout(r: Dict):
+    rows = [x for x in r["rows"] if "tokens_per_s" in x]
+    if not rows:
+        return None
+
+    def draw(ax):
+        for engine in dict.fromkeys(x["engine"] for x in rows):
+            pts = [(x["batch_size"], x["tokens_per_s"]) for x in rows if x["engine"] == engine]
+            ax.plot(*zip(*pts), marker="o", label=engine)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (rows)")
+        ax.set_ylabel("generated tokens/s")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{r['model']}: rollout throughput")
+    return draw
+
+
+def _plot_peer(p: Dict):
+    def draw(ax):
+        names = ["r1mega", "TRL"]
+        ax.bar(names, [p["r1mega"]["tokens_per_s"], p["trl"]["tokens_per_s"]], color=["tab:blue", "tab:orange"])
+        ax.set_ylabel("tokens/s (prompt + response)")
+        ax.set_title(f"GRPO step on the same CPU work: {p['step_time_ratio_trl_over_r1mega']:.2f}x")
+    return draw

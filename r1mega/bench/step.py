@@ -1,0 +1,84 @@
+"""End-to-end GRPO step: tokens/s, samples/s, time per phase, peak memory, model FLOPs and MFU.
+
+Runs the configured RL step (model, data, algorithm, rollout, parallel layout) on random
+weights, so responses run to rollout.max_new_tokens unless a sampled EOS ends them early.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+from r1mega.bench.flops import causal_context, device_peak_tflops, forward_flops_per_token, mfu
+from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, reset_peak_memory
+from r1mega.config.schema import R1Config
+from r1mega.platform.launch import spawn
+
+PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync")
+
+
+def run(cfg: R1Config) -> Dict:
+    cfg = copy.deepcopy(cfg)
+    cfg.warmup.enabled = False  # random weights unless model.hf_path / mcore_path name a model
+    world = cfg.parallel.nproc or 1
+    steps = spawn(world, _rank, cfg, timeout=3600.0)[0]
+    return summarize(cfg, steps, world)
+
+
+def _rank(cfg: R1Config) -> List[Dict[str, float]]:
+    from r1mega.cli.common import setup_logging
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.rl_setup import setup
+    from r1mega.trainer.rl_step import rl_step
+
+    setup_logging()
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    try:
+        ctx = setup(cfg, runtime)
+        rows = []
+        try:
+            for step in range(1, cfg.bench.warmup + cfg.bench.repeats + 1):
+                if step == cfg.bench.warmup + 1:
+                    reset_peak_memory()
+                metrics = rl_step(ctx, step)
+                if step > cfg.bench.warmup:
+                    rows.append(metrics)
+        finally:
+            if ctx.rewards is not None:
+                ctx.rewards.close()
+        peak = max_over_ranks(peak_memory_mb())
+        return [{**r, **peak} for r in rows]
+    finally:
+        destroy()
+
+
+def step_flops(cfg: R1Config, tokens: float, samples: float) -> float:
+    """Model FLOPs of one step: a forward per token to generate it, one per log-prob pass
+    (reference; old policy when the update needs it), forward and backward per update epoch."""
+    a = cfg.algorithm
+    need_old = not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
+    forwards = 1 + (a.kl_beta > 0) + need_old + 3 * a.ppo_epochs
+    context = causal_context(tokens / max(samples, 1.0))
+    return forwards * tokens * forward_flops_per_token(cfg.model, context)
+
+
+def summarize(cfg: R1Config, steps: List[Dict[str, float]], world: int) -> Dict:
+    """Medians over the timed steps."""
+    seconds = median([s["time/step"] for s in steps])
+    tokens = median([s["perf/tokens_per_s"] * s["time/step"] for s in steps])
+    samples = median([s["perf/samples_per_s"] * s["time/step"] for s in steps])
+    flops = step_flops(cfg, tokens, samples)
+    peak = device_peak_tflops(cfg.bench.peak_tflops, cfg.model.dtype)
+    memory = {k: max(s[k] for s in steps) for k in steps[0] if k.startswith("peak_")}
+    return {
+        "model": cfg.model.name, "algorithm": cfg.algorithm.name, "ranks": world,
+        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep},
+        "prompts_per_step": cfg.data.prompts_per_step, "group_size": cfg.algorithm.group_size,
+        "max_new_tokens": cfg.rollout.max_new_tokens, "timed_steps": len(steps),
+        "step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+        "samples_per_s": samples / seconds,
+        "response_length_mean": median([s["response/length_mean"] for s in steps]),
+        "phase_s": {p: median([s.get(f"time/{p}", 0.0) for s in steps]) for p in PHASES},
+        "model_tflops_per_step": flops / 1e12, "mfu": mfu(flops, seconds, peak, world),
+        **memory,
+    }

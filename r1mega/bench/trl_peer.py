@@ -1,0 +1,83 @@
+"""The TRL side of the peer benchmark: TRL's GRPOTrainer on the shared model, prompts and
+settings, with r1mega's rule-based rewards. Run as `python -m r1mega.bench.trl_peer SPEC.json`;
+writes per-step wall times, tokens and rewards to the spec's `result` path."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from transformers import TrainerCallback
+
+from r1mega.rewards.stack import RewardInput, RewardStack
+
+# r1mega's loss aggregation modes under TRL's names
+LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step (generation, rewards, log-probs and update inside it)."""
+
+    def __init__(self):
+        self.seconds: List[float] = []
+        self.logs: List[Dict[str, float]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.logs.append({"step": state.global_step, **logs})
+
+
+def reward_function(stack: RewardStack):
+    def r1mega_rewards(prompts, completions, answer, data_source, completion_ids=None, **kwargs) -> List[float]:
+        ids = completion_ids or [[]] * len(completions)
+        return stack.score([RewardInput(response=c, answer=a, data_source=s, response_tokens=len(t))
+                            for c, a, s, t in zip(completions, answer, data_source, ids)]).total
+    return r1mega_rewards
+
+
+def main(spec_path: str) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    rows = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines()]
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "data_source": r["data_source"]}
+                              for r in rows])
+    stack = RewardStack(components=spec["rewards"], num_workers=0, timeout_s=spec["reward_timeout_s"])
+    batch = spec["prompts_per_step"] * spec["group_size"]
+    args = GRPOConfig(
+        output_dir=spec["work_dir"], per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        num_generations=spec["group_size"], max_completion_length=spec["max_new_tokens"], temperature=1.0,
+        top_p=1.0, top_k=0, beta=spec["kl_beta"], epsilon=spec["eps_low"], epsilon_high=spec["eps_high"],
+        loss_type=LOSS_TYPES[spec["loss_agg"]], scale_rewards="group" if spec["std_scaled"] else "none",
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, max_steps=spec["steps"],
+        max_grad_norm=spec["clip_grad"], weight_decay=0.0, adam_beta1=spec["adam_beta1"],
+        adam_beta2=spec["adam_beta2"], adam_epsilon=spec["adam_eps"], optim="adamw_torch",
+        use_cpu=not torch.cuda.is_available(), bf16=False, logging_steps=1, save_strategy="no", report_to="none",
+        seed=spec["seed"], dataloader_pin_memory=False, disable_dropout=True,
+    )
+    clock = StepClock()
+    trainer = GRPOTrainer(model=spec["model"], reward_funcs=[reward_function(stack)], args=args,
+                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(spec["model"]),
+                          callbacks=[clock])
+    trainer.train()
+    tokens = [log["num_tokens"] for log in clock.logs]
+    result = {"step_s": clock.seconds, "tokens": [b - a for a, b in zip([0.0] + tokens, tokens)],
+              "reward": [log["reward"] for log in clock.logs]}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
