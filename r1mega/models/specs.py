@@ -11,12 +11,14 @@ import importlib.util
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models.norm import RMSNorm
+from r1mega.models.self_attention import RotatedCacheSelfAttention
 
 
 @functools.cache
@@ -56,6 +58,9 @@ def decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
+    for layer in block.layer_specs:
+        if layer.submodules.self_attention.module is SelfAttention:  # not MLA
+            layer.submodules.self_attention.module = RotatedCacheSelfAttention
     if not use_te:
         core = _core_attention_module(backend)
         for layer in block.layer_specs:

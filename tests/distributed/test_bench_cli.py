@@ -1,0 +1,76 @@
+"""`r1mega-bench` runs every suite at a tiny size and writes well-formed results (timings are
+never checked here: they live in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.head_dim=16", "data.train_size=32", "data.test_size=4",
+    "data.prompts_per_step=2", "algorithm.group_size=2", "rollout.max_new_tokens=4", "reward.num_workers=0",
+    "bench.warmup=1", "bench.repeats=1",
+    "bench.train.models=[tiny_moe]", "bench.train.layouts=[{dp: 1},{dp: 2, ep: 2}]", "bench.train.seq_length=16",
+    "bench.train.micro_batch_size=2", "bench.train.micro_batches=1",
+    "bench.rollout.batch_sizes=[1,2]", "bench.rollout.new_tokens=3",
+    "bench.peer.prompts_per_step=2", "bench.peer.group_size=2", "bench.peer.max_new_tokens=4", "bench.peer.steps=2",
+    "bench.peer.rounds=1",
+]
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_suite_writes_results(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "r1mega.cli.bench", *TINY, f"bench.output_dir={out}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["suites"]) == ["step", "train", "rollout", "peer"]
+    assert results["environment"]["device"] and results["command"].startswith("r1mega-bench ")
+
+    step = results["suites"]["step"]
+    assert all(_positive(step[k]) for k in ("step_s", "tokens_per_s", "samples_per_s", "model_tflops_per_step"))
+    assert set(step["phase_s"]) == {"generate", "score", "advantages", "logprobs", "update", "sync"}
+    assert step["mfu"] is None and _positive(step["peak_rss_mb"])  # no MFU on CPU
+
+    train = {(r["model"], r["dp"], r["ep"]): r for r in results["suites"]["train"]["rows"]}
+    assert set(train) == {("tiny_moe", 1, 1), ("tiny_moe", 2, 2)}
+    assert train[("tiny_moe", 2, 2)]["ranks"] == 2
+    assert all(_positive(r["tokens_per_s"]) and _positive(r["model_tflops_per_s"]) for r in train.values())
+    assert train[("tiny_moe", 2, 2)]["tokens_per_step"] == 2 * train[("tiny_moe", 1, 1)]["tokens_per_step"]
+
+    rollout = results["suites"]["rollout"]["rows"]
+    native = [r for r in rollout if r["engine"] == "native"]
+    assert [r["batch_size"] for r in native] == [1, 2]
+    assert [r["generated_tokens"] for r in native] == [3, 6] and all(_positive(r["tokens_per_s"]) for r in native)
+    assert [r["skipped"] for r in rollout if r["engine"] == "sglang"]
+
+    peer = results["suites"]["peer"]
+    for side in ("r1mega", "trl"):
+        assert _positive(peer[side]["step_s"]) and _positive(peer[side]["tokens_per_s"])
+        assert len(peer[side]["runs"]) == 1 and len(peer[side]["runs"][0]["step_s"]) == 2
+        assert math.isfinite(peer[side]["final_reward"])
+    assert _positive(peer["step_time_ratio_trl_over_r1mega"]) and peer["trl_version"]
+
+    md = (out / "results.md").read_text()
+    for title in ("End-to-end GRPO step", "Training", "Rollout", "Peer comparison: TRL"):
+        assert f"## {title}" in md
+    for name in ("step", "train", "rollout", "peer"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_config_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "r1mega.cli.bench", "bench.suites=[nope]"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("r1mega: error: bench.suites='nope'")
