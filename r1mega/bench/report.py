@@ -44,8 +44,8 @@ def _step_md(s: Dict) -> str:
     head = (f"{s['model']}, {s['algorithm']}, {s['ranks']} rank(s), {s['prompts_per_step']} prompts x "
             f"{s['group_size']}, up to {s['max_new_tokens']} new tokens; median of {s['timed_steps']} steps.\n\n")
     return head + _table(
-        ["step s", "tokens/s", "samples/s", "model TFLOP/step", "MFU", "peak MB", "phases (s)"],
-        [[s["step_s"], s["tokens_per_s"], s["samples_per_s"], s["model_tflops_per_step"], s["mfu"], _memory(s),
+        ["step s", "tokens/s", "samples/s", "model GFLOP/token", "MFU", "peak MB", "phases (s)"],
+        [[s["step_s"], s["tokens_per_s"], s["samples_per_s"], s.get("model_gflops_per_token"), s["mfu"], _memory(s),
           phases]])
 
 

@@ -79,6 +79,7 @@ def summarize(cfg: R1Config, steps: List[Dict[str, float]], world: int) -> Dict:
         "samples_per_s": samples / seconds,
         "response_length_mean": median([s["response/length_mean"] for s in steps]),
         "phase_s": {p: median([s.get(f"time/{p}", 0.0) for s in steps]) for p in PHASES},
-        "model_tflops_per_step": flops / 1e12, "mfu": mfu(flops, seconds, peak, world),
+        "model_gflops_per_token": flops / max(tokens, 1.0) / 1e9, "model_tflops_per_step": flops / 1e12,
+        "mfu": mfu(flops, seconds, peak, world),
         **memory,
     }

@@ -39,7 +39,8 @@ def test_every_suite_writes_results(tmp_path):
     assert results["environment"]["device"] and results["command"].startswith("r1mega-bench ")
 
     step = results["suites"]["step"]
-    assert all(_positive(step[k]) for k in ("step_s", "tokens_per_s", "samples_per_s", "model_tflops_per_step"))
+    assert all(_positive(step[k]) for k in ("step_s", "tokens_per_s", "samples_per_s", "model_gflops_per_token",
+                                            "model_tflops_per_step"))
     assert set(step["phase_s"]) == {"generate", "score", "advantages", "logprobs", "update", "sync"}
     assert step["mfu"] is None and _positive(step["peak_rss_mb"])  # no MFU on CPU
 
