@@ -1,8 +1,10 @@
 """Model FLOPs of a forward pass per token, from the config alone, and MFU.
 
 Model FLOPs count the matrix multiplies the model needs (2 per multiply-add), not the work an
-implementation does on top (recomputation, padding): the convention of MFU in the PaLM and
-Megatron papers. A backward pass costs twice its forward.
+implementation does on top (recomputation, padding), as MFU in the PaLM and Megatron papers
+does. One difference: a token of a causal sequence is charged attention to the positions it
+sees, (s + 1) / 2 on average, not to all s (which counts the masked half as useful work).
+A backward pass costs twice its forward.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from r1mega.models.builder import _mla_params
 
 # Dense bf16/fp16 tensor-core peaks per device (TFLOP/s, no sparsity), by a substring of the
 # name torch.cuda.get_device_name reports. fp32 models have no entry: set bench.peak_tflops.
-KNOWN_PEAKS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "B200": 2250.0, "GB200": 2500.0, "MI300X": 1307.0}
+KNOWN_PEAKS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0,
+               "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0, "MI300X": 1307.0}
 
 
 def _attention_weights(m: ModelConfig) -> int:

@@ -1,4 +1,4 @@
-"""What every suite measures the same way: wall time, medians, peak memory, the machine."""
+"""What every suite measures the same way: medians, peak memory, the machine."""
 
 from __future__ import annotations
 
@@ -7,30 +7,12 @@ import platform
 import resource
 import statistics
 import subprocess
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-
-
-class Stopwatch:
-    """Wall seconds of a block; waits for queued GPU work at both ends."""
-
-    seconds: float = 0.0
-
-    def __enter__(self) -> "Stopwatch":
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self._start
 
 
 def median(values: List[float]) -> float:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from dataclasses import fields
 from typing import Dict, List, Tuple
 
 import torch
@@ -74,7 +75,8 @@ def write_prompts(cfg: R1Config, path: Path, tokenizer_dir: Path) -> Tuple[Path,
 
 
 def _threads() -> int:
-    return torch.get_num_threads()
+    # the count r1mega's initialize() gives a single rank, for both sides
+    return os.cpu_count() or 1
 
 
 def _env() -> Dict[str, str]:
@@ -87,20 +89,39 @@ def _run(argv: List[str], what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def _value(v) -> str:
+    """A Hydra override value."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _shared_overrides(cfg: R1Config) -> List[str]:
+    """The algorithm, optimizer and reward of this config, as overrides of r1mega-train."""
+    a, p = cfg.algorithm, cfg.bench.peer
+    out = [f"algorithm={a.name}"]
+    out += [f"algorithm.{f.name}={_value(getattr(a, f.name))}" for f in fields(a)
+            if f.name not in ("name", "group_size", "kl_beta", "adv_eps")]
+    out += [f"algorithm.group_size={p.group_size}", f"algorithm.kl_beta={p.kl_beta}",
+            f"algorithm.adv_eps={TRL_ADV_EPS}"]
+    o = cfg.optimizer
+    out += [f"optimizer.{k}={_value(getattr(o, k))}"
+            for k in ("name", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "weight_decay")]
+    out += [f"optimizer.lr={p.lr}", "optimizer.warmup_steps=0", "optimizer.decay_style=constant"]
+    preset = to_config(compose_config([])).reward.components
+    weights = {**{k: 0.0 for k in preset}, **cfg.reward.components}
+    return out + [f"reward.components.{k}={w}" for k, w in weights.items()]
+
+
 def _r1mega(cfg: R1Config, model_dir: Path, prompts: Path, prompt_tokens: int, out: Path) -> Dict:
-    p, a = cfg.bench.peer, cfg.algorithm
+    p = cfg.bench.peer
     overrides = [
         f"model={p.model}", f"model.hf_path={model_dir}", "data=files", f"data.train_path={prompts}",
         "data.template=plain", f"data.max_prompt_tokens={prompt_tokens}",
-        f"data.prompts_per_step={p.prompts_per_step}", f"algorithm={a.name}",
-        f"algorithm.advantage={a.advantage}", f"algorithm.loss_agg={a.loss_agg}", f"algorithm.eps_low={a.eps_low}",
-        f"algorithm.eps_high={a.eps_high}", f"algorithm.adv_eps={TRL_ADV_EPS}", f"algorithm.group_size={p.group_size}",
-        f"algorithm.kl_beta={p.kl_beta}",
-        f"rollout.max_new_tokens={p.max_new_tokens}", "rollout.stop=[]", f"optimizer.lr={p.lr}",
-        "optimizer.warmup_steps=0", "optimizer.decay_style=constant", f"trainer.steps={p.steps}",
-        f"trainer.output_dir={out}", f"trainer.seed={cfg.trainer.seed}", "trainer.eval_at_ends=false",
-        "trainer.eval_every=0", "trainer.save_at_end=false", "trainer.tensorboard=false", "trainer.plot=false",
-        "trainer.progress=false", "reward.num_workers=0",
+        f"data.prompts_per_step={p.prompts_per_step}", *_shared_overrides(cfg),
+        f"rollout.max_new_tokens={p.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        "rollout.top_k=-1", "rollout.stop=[]", f"rollout.max_batch_size={p.prompts_per_step * p.group_size}",
+        f"trainer.steps={p.steps}", f"trainer.output_dir={out}", f"trainer.seed={cfg.trainer.seed}",
+        "trainer.eval_at_ends=false", "trainer.eval_every=0", "trainer.save_at_end=false",
+        "trainer.tensorboard=false", "trainer.plot=false", "trainer.progress=false", "reward.num_workers=0",
         # one micro-batch per pass, as TRL's single per-device batch
         f"trainer.micro_batch_tokens={p.prompts_per_step * p.group_size * (prompt_tokens + p.max_new_tokens)}",
     ]
@@ -120,7 +141,8 @@ def _trl(cfg: R1Config, model_dir: Path, prompts: Path, out: Path) -> Dict:
         "group_size": p.group_size, "max_new_tokens": p.max_new_tokens, "steps": p.steps, "lr": p.lr,
         "kl_beta": p.kl_beta, "eps_low": a.eps_low, "eps_high": a.eps_high, "loss_agg": a.loss_agg,
         "std_scaled": a.advantage == "grpo", "clip_grad": o.clip_grad, "adam_beta1": o.adam_beta1,
-        "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "rewards": dict(cfg.reward.components),
+        "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "weight_decay": o.weight_decay,
+        "rewards": dict(cfg.reward.components),
         "reward_timeout_s": cfg.reward.timeout_s,
     }
     (out / "spec.json").write_text(json.dumps(spec))
@@ -140,13 +162,13 @@ def _side(runs: List[Dict], skip: int) -> Dict:
 
 def summarize(cfg: R1Config, runs: Dict[str, List[Dict]]) -> Dict:
     p = cfg.bench.peer
-    skip = min(cfg.bench.warmup, p.steps - 1)
+    skip = cfg.bench.warmup  # check_peer: fewer than the steps
     r1, trl = _side(runs["r1mega"], skip), _side(runs["trl"], skip)
     import trl as trl_package
 
     return {"model": p.model, "algorithm": cfg.algorithm.name, "prompts_per_step": p.prompts_per_step,
             "group_size": p.group_size, "max_new_tokens": p.max_new_tokens, "steps": p.steps, "rounds": p.rounds,
-            "timed_steps_per_run": p.steps - skip, "trl_version": trl_package.__version__,
+            "timed_steps_per_run": p.steps - skip, "threads": _threads(), "trl_version": trl_package.__version__,
             "r1mega": r1, "trl": trl,
             "step_time_ratio_trl_over_r1mega": trl["step_s"] / r1["step_s"],
             "tokens_per_s_ratio_r1mega_over_trl": r1["tokens_per_s"] / trl["tokens_per_s"]}

@@ -18,6 +18,9 @@ def write_results(results: Dict, out_dir: str | Path) -> List[Path]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / JSON_FILE, json.dumps(results, indent=2) + "\n")
     write_text_atomic(out / MARKDOWN_FILE, markdown(results))
+    for name in SECTIONS:  # a plot of an earlier run's suite would read as this run's
+        if name not in results["suites"]:
+            (out / f"{name}.png").unlink(missing_ok=True)
     return [out / JSON_FILE, out / MARKDOWN_FILE] + plots(results["suites"], out)
 
 
@@ -44,9 +47,9 @@ def _step_md(s: Dict) -> str:
     head = (f"{s['model']}, {s['algorithm']}, {s['ranks']} rank(s), {s['prompts_per_step']} prompts x "
             f"{s['group_size']}, up to {s['max_new_tokens']} new tokens; median of {s['timed_steps']} steps.\n\n")
     return head + _table(
-        ["step s", "tokens/s", "samples/s", "model GFLOP/token", "MFU", "peak MB", "phases (s)"],
-        [[s["step_s"], s["tokens_per_s"], s["samples_per_s"], s.get("model_gflops_per_token"), s["mfu"], _memory(s),
-          phases]])
+        ["step s", "tokens/s", "samples/s", "forward GFLOP/token", "TFLOP/step", "MFU", "peak MB", "phases (s)"],
+        [[s["step_s"], s["tokens_per_s"], s["samples_per_s"], s["model_gflops_per_token"], s["model_tflops_per_step"],
+          s["mfu"], _memory(s), phases]])
 
 
 def _train_md(t: Dict) -> str:

@@ -7,7 +7,7 @@ import copy
 import importlib.util
 from typing import Dict, List
 
-from r1mega.bench.measure import Stopwatch, median, peak_memory_mb, reset_peak_memory
+from r1mega.bench.measure import median, peak_memory_mb, reset_peak_memory
 from r1mega.config.schema import R1Config
 from r1mega.platform.launch import spawn
 
@@ -44,6 +44,7 @@ def _rank(cfg: R1Config) -> List[Dict[str, float]]:
     from r1mega.rollout.native import NativeEngine
     from r1mega.rollout.types import SamplingParams
     from r1mega.trainer.rl_setup import load_records, run_tokenizer, tokenize_prompts
+    from r1mega.trainer.timing import PhaseTimer
 
     b = cfg.bench
     initialize(cfg.parallel, cfg.trainer.seed)
@@ -56,17 +57,18 @@ def _rank(cfg: R1Config) -> List[Dict[str, float]]:
         engine = NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(b.rollout.batch_sizes),
                               seed=cfg.trainer.seed)
         params = SamplingParams(temperature=1.0, max_new_tokens=b.rollout.new_tokens)
-        rows = []
+        rows, timer = [], PhaseTimer()
         for size in b.rollout.batch_sizes:
             batch = [prompts[i % len(prompts)] for i in range(size)]
             times = []
             for i in range(b.warmup + b.repeats):
                 if i == b.warmup:
                     reset_peak_memory()
-                with Stopwatch() as watch:
+                with timer("generate"):
                     out = engine.generate(batch, params)
+                seconds = timer.seconds.pop("generate")
                 if i >= b.warmup:
-                    times.append(watch.seconds)
+                    times.append(seconds)
             generated = sum(len(r) for r in out.response_ids)
             seconds = median(times)
             rows.append({"batch_size": size, "generated_tokens": generated, "seconds": seconds,

@@ -13,6 +13,7 @@ from r1mega.bench.flops import causal_context, device_peak_tflops, forward_flops
 from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, reset_peak_memory
 from r1mega.config.schema import R1Config
 from r1mega.platform.launch import spawn
+from r1mega.trainer.rl_phases import needs_old_logprobs
 
 PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync")
 
@@ -52,14 +53,14 @@ def _rank(cfg: R1Config) -> List[Dict[str, float]]:
         destroy()
 
 
-def step_flops(cfg: R1Config, tokens: float, samples: float) -> float:
-    """Model FLOPs of one step: a forward per token to generate it, one per log-prob pass
-    (reference; old policy when the update needs it), forward and backward per update epoch."""
+def step_flops(cfg: R1Config, prompt_tokens: float, response_tokens: float, per_token: float) -> float:
+    """Model FLOPs of a step: generation prefills each prompt once (its group shares it) and
+    decodes every response token; each log-prob pass (reference; old policy when the update
+    needs it) and each update epoch (forward and backward) covers every token."""
     a = cfg.algorithm
-    need_old = not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
-    forwards = 1 + (a.kl_beta > 0) + need_old + 3 * a.ppo_epochs
-    context = causal_context(tokens / max(samples, 1.0))
-    return forwards * tokens * forward_flops_per_token(cfg.model, context)
+    passes = (a.kl_beta > 0) + needs_old_logprobs(a) + 3 * a.ppo_epochs
+    generated = prompt_tokens / a.group_size + response_tokens
+    return (generated + passes * (prompt_tokens + response_tokens)) * per_token
 
 
 def summarize(cfg: R1Config, steps: List[Dict[str, float]], world: int) -> Dict:
@@ -67,7 +68,9 @@ def summarize(cfg: R1Config, steps: List[Dict[str, float]], world: int) -> Dict:
     seconds = median([s["time/step"] for s in steps])
     tokens = median([s["perf/tokens_per_s"] * s["time/step"] for s in steps])
     samples = median([s["perf/samples_per_s"] * s["time/step"] for s in steps])
-    flops = step_flops(cfg, tokens, samples)
+    responses = samples * median([s["response/length_mean"] for s in steps])
+    per_token = forward_flops_per_token(cfg.model, causal_context(tokens / max(samples, 1.0)))
+    flops = step_flops(cfg, tokens - responses, responses, per_token)
     peak = device_peak_tflops(cfg.bench.peak_tflops, cfg.model.dtype)
     memory = {k: max(s[k] for s in steps) for k in steps[0] if k.startswith("peak_")}
     return {
@@ -77,9 +80,9 @@ def summarize(cfg: R1Config, steps: List[Dict[str, float]], world: int) -> Dict:
         "max_new_tokens": cfg.rollout.max_new_tokens, "timed_steps": len(steps),
         "step_s": seconds, "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
         "samples_per_s": samples / seconds,
-        "response_length_mean": median([s["response/length_mean"] for s in steps]),
+        "response_length_mean": responses / max(samples, 1.0),
         "phase_s": {p: median([s.get(f"time/{p}", 0.0) for s in steps]) for p in PHASES},
-        "model_gflops_per_token": flops / max(tokens, 1.0) / 1e9, "model_tflops_per_step": flops / 1e12,
+        "model_gflops_per_token": per_token / 1e9, "model_tflops_per_step": flops / 1e12,
         "mfu": mfu(flops, seconds, peak, world),
         **memory,
     }

@@ -10,9 +10,10 @@ from typing import Dict, List
 import torch
 
 from r1mega.bench.flops import device_peak_tflops, mfu, training_flops_per_token
-from r1mega.bench.measure import Stopwatch, max_over_ranks, median, peak_memory_mb, reset_peak_memory
+from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, reset_peak_memory
 from r1mega.config.loader import compose_config, to_config
-from r1mega.config.schema import LayoutConfig, R1Config
+from r1mega.config.bench_schema import LayoutConfig
+from r1mega.config.schema import R1Config
 from r1mega.config.validate import ConfigError, validate
 from r1mega.platform.launch import spawn
 
@@ -55,6 +56,7 @@ def _rank(cfg: R1Config) -> Dict[str, float]:
     from r1mega.platform.distributed import current_device, destroy, initialize
     from r1mega.trainer.lm_step import train_step
     from r1mega.trainer.rl_setup import build_policy
+    from r1mega.trainer.timing import PhaseTimer
 
     b = cfg.bench
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
@@ -64,14 +66,15 @@ def _rank(cfg: R1Config) -> Dict[str, float]:
         g = torch.Generator().manual_seed(cfg.trainer.seed + ps.get_data_parallel_rank())
         shape = (b.train.micro_batch_size, b.train.seq_length + 1)
         batches = [torch.randint(0, cfg.model.vocab_size, shape, generator=g) for _ in range(b.train.micro_batches)]
-        times = []
+        times, timer = [], PhaseTimer()
         for i in range(b.warmup + b.repeats):
             if i == b.warmup:
                 reset_peak_memory()
-            with Stopwatch() as watch:
+            with timer("step"):
                 train_step(ddp, optimizer, scheduler, batches, b.train.seq_length, b.train.micro_batch_size)
+            seconds = timer.seconds.pop("step")
             if i >= b.warmup:
-                times.append(watch.seconds)
+                times.append(seconds)
         peak = max_over_ranks(peak_memory_mb())
         seconds = median(times)
         tokens = b.train.seq_length * b.train.micro_batch_size * b.train.micro_batches * runtime.dp

@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 from transformers import TrainerCallback
 
+from r1mega.platform.atomic import write_text_atomic
 from r1mega.rewards.stack import RewardInput, RewardStack
 
 # r1mega's loss aggregation modes under TRL's names
@@ -27,9 +28,13 @@ class StepClock(TrainerCallback):
         self.logs: List[Dict[str, float]] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -63,7 +68,7 @@ def main(spec_path: str) -> None:
         top_p=1.0, top_k=0, beta=spec["kl_beta"], epsilon=spec["eps_low"], epsilon_high=spec["eps_high"],
         loss_type=LOSS_TYPES[spec["loss_agg"]], scale_rewards="group" if spec["std_scaled"] else "none",
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, max_steps=spec["steps"],
-        max_grad_norm=spec["clip_grad"], weight_decay=0.0, adam_beta1=spec["adam_beta1"],
+        max_grad_norm=spec["clip_grad"], weight_decay=spec["weight_decay"], adam_beta1=spec["adam_beta1"],
         adam_beta2=spec["adam_beta2"], adam_epsilon=spec["adam_eps"], optim="adamw_torch",
         use_cpu=not torch.cuda.is_available(), bf16=False, logging_steps=1, save_strategy="no", report_to="none",
         seed=spec["seed"], dataloader_pin_memory=False, disable_dropout=True,
@@ -76,7 +81,7 @@ def main(spec_path: str) -> None:
     tokens = [log["num_tokens"] for log in clock.logs]
     result = {"step_s": clock.seconds, "tokens": [b - a for a, b in zip([0.0] + tokens, tokens)],
               "reward": [log["reward"] for log in clock.logs]}
-    Path(spec["result"]).write_text(json.dumps(result))
+    write_text_atomic(spec["result"], json.dumps(result))
 
 
 if __name__ == "__main__":

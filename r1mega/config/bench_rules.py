@@ -13,20 +13,37 @@ TRL_FIXED = {"ppo_epochs": 1, "minibatches": 1, "dynamic_sampling": False, "tis_
              "entropy_coeff": 0.0, "use_rollout_logprobs": False, "ratio_level": "token"}
 
 
+def _model_preset(name: str, key: str) -> None:
+    from r1mega.config.loader import CONF_DIR
+
+    presets = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    require(name in presets, f"{key}: no model preset {name!r} in conf/model (there are: {', '.join(presets)})")
+
+
+def _positive(value: int, key: str) -> None:
+    require(value >= 1, f"{key}={value} must be >= 1")
+
+
 def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
     b = cfg.bench
     require(bool(b.suites), "bench.suites is empty; choose from " + ", ".join(SUITES))
     for suite in b.suites:
         one_of(suite, SUITES, "bench.suites")
-    require(b.warmup >= 0 and b.repeats >= 1,
-            f"bench.warmup={b.warmup} must be >= 0 and bench.repeats={b.repeats} >= 1")
+    require(b.warmup >= 0, f"bench.warmup={b.warmup} must be >= 0")
+    _positive(b.repeats, "bench.repeats")
     require(b.peak_tflops is None or b.peak_tflops > 0, f"bench.peak_tflops={b.peak_tflops} must be positive")
-    require(bool(b.train.models) and b.train.seq_length > 0 and b.train.micro_batch_size > 0
-            and b.train.micro_batches > 0, "bench.train: models must be listed and sizes positive")
+    require(bool(b.train.models), "bench.train.models is empty")
+    for i, model in enumerate(b.train.models):
+        _model_preset(model, f"bench.train.models[{i}]")
+    for key in ("seq_length", "micro_batch_size", "micro_batches"):
+        _positive(getattr(b.train, key), f"bench.train.{key}")
     for i, layout in enumerate(b.train.layouts):
-        require(min(layout.tp, layout.pp, layout.dp, layout.ep) >= 1, f"bench.train.layouts[{i}]: sizes must be >= 1")
-    require(bool(b.rollout.batch_sizes) and min(b.rollout.batch_sizes) >= 1 and b.rollout.new_tokens >= 1,
-            "bench.rollout: batch_sizes and new_tokens must be positive")
+        for key in ("tp", "pp", "dp", "ep"):
+            _positive(getattr(layout, key), f"bench.train.layouts[{i}].{key}")
+    require(bool(b.rollout.batch_sizes), "bench.rollout.batch_sizes is empty")
+    for i, size in enumerate(b.rollout.batch_sizes):
+        _positive(size, f"bench.rollout.batch_sizes[{i}]")
+    _positive(b.rollout.new_tokens, "bench.rollout.new_tokens")
     if "peer" in b.suites:
         check_peer(cfg)
 
@@ -34,14 +51,21 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
 def check_peer(cfg: R1Config) -> None:
     """The peer run is the same algorithm on both sides: only settings TRL's GRPOTrainer has."""
     p, a = cfg.bench.peer, cfg.algorithm
-    require(min(p.prompts_per_step, p.group_size, p.max_new_tokens, p.steps, p.rounds) >= 1,
-            "bench.peer: prompts_per_step, group_size, max_new_tokens, steps and rounds must be >= 1")
+    _model_preset(p.model, "bench.peer.model")
+    for key in ("prompts_per_step", "max_new_tokens", "steps", "rounds"):
+        _positive(getattr(p, key), f"bench.peer.{key}")
     require(p.group_size >= 2, f"bench.peer.group_size={p.group_size}: GRPO needs groups of 2 or more")
     require(p.steps > cfg.bench.warmup, f"bench.peer.steps={p.steps} must exceed bench.warmup={cfg.bench.warmup}")
+    require(cfg.data.name != "files", "bench peer: data.name=files; the peer run writes its prompts from a "
+                                      "built-in task (arithmetic or countdown)")
+    require(not cfg.reward.custom, f"bench peer: reward.custom={sorted(cfg.reward.custom)}; TRL's side scores "
+                                   "with the built-in components only")
+    one_of(cfg.optimizer.name, {"adam"}, "optimizer.name (bench peer: TRL's side runs AdamW)")
     one_of(a.advantage, {"grpo", "drgrpo"}, "algorithm.advantage (bench peer: TRL has these two)")
     one_of(a.loss_agg, {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}, "algorithm.loss_agg")
-    require(a.kl_estimator == "k3" or p.kl_beta == 0, "bench peer: TRL's KL term is the k3 estimator")
-    require(a.std == "sample", "bench peer: TRL scales advantages by the sample std (algorithm.std=sample)")
+    require(a.kl_estimator == "k3" or p.kl_beta == 0,
+            f"bench peer: algorithm.kl_estimator={a.kl_estimator!r}; TRL's KL term is k3")
+    require(a.std == "sample", f"bench peer: algorithm.std={a.std!r}; TRL scales advantages by the sample std")
     for key, value in TRL_FIXED.items():
         require(getattr(a, key) == value, f"bench peer: algorithm.{key}={getattr(a, key)!r} has no TRL "
                                           f"counterpart; run it with {value!r}")

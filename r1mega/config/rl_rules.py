@@ -89,7 +89,9 @@ def _check_rollout(cfg: R1Config) -> None:
     require(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} is not in (0, 1]")
     require(r.top_k == -1 or r.top_k > 0, f"rollout.top_k={r.top_k} must be -1 (off) or positive")
     require(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
-    require(r.max_batch_size >= 1, "rollout.max_batch_size must be >= 1")
+    require(r.max_batch_size >= cfg.algorithm.group_size,
+            f"rollout.max_batch_size={r.max_batch_size} must hold one prompt's algorithm.group_size="
+            f"{cfg.algorithm.group_size} samples (they decode together from one prefill)")
     require(r.eval_temperature >= 0 and r.eval_samples >= 0,
             "rollout.eval_temperature and rollout.eval_samples must be >= 0")
 

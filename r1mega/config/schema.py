@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from r1mega.config.bench_schema import BenchConfig
+
 
 @dataclass
 class MoEConfig:
@@ -306,61 +308,6 @@ class ClusterConfig:
     max_requeues: int = 20  # stop requeueing after this many restarts (SLURM_RESTART_COUNT)
     log_dir: Optional[str] = None  # Slurm's output files; default <run>/slurm
     sbatch: Dict[str, Any] = field(default_factory=dict)  # more #SBATCH options: {constraint: h100}
-
-
-@dataclass
-class LayoutConfig:
-    """One parallel layout of the training benchmark; world size tp x pp x dp, ep within it."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    ep: int = 1  # MoE models only; layouts with ep > 1 are skipped for dense ones
-
-
-@dataclass
-class TrainBenchConfig:
-    models: List[str] = field(default_factory=lambda: ["tiny", "tiny_moe"])  # model presets (conf/model)
-    layouts: List[LayoutConfig] = field(default_factory=lambda: [
-        LayoutConfig(), LayoutConfig(dp=2), LayoutConfig(tp=2), LayoutConfig(dp=2, ep=2)])
-    seq_length: int = 256
-    micro_batch_size: int = 4  # rows per micro-batch, per data-parallel rank
-    micro_batches: int = 2  # per optimizer step, per data-parallel rank (weak scaling over dp)
-
-
-@dataclass
-class RolloutBenchConfig:
-    engines: List[str] = field(default_factory=lambda: ["native", "sglang"])  # engines not installed: skipped
-    batch_sizes: List[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    new_tokens: int = 64  # every row decodes exactly this many (EOS ignored)
-
-
-@dataclass
-class PeerBenchConfig:
-    """r1mega and TRL's GRPOTrainer on the same model, prompts and settings, run interleaved."""
-
-    model: str = "tiny_qwen2"  # model preset, saved once with random weights in HF format
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 32
-    steps: int = 6
-    rounds: int = 2  # runs of each side, alternating r1mega, TRL, r1mega, ...
-    lr: float = 1e-5
-    kl_beta: float = 0.001
-
-
-@dataclass
-class BenchConfig:
-    """`r1mega-bench`: which suites to run, how long, where results go."""
-
-    suites: List[str] = field(default_factory=lambda: ["step", "train", "rollout", "peer"])
-    output_dir: str = "benchmarks/results"
-    warmup: int = 1  # untimed repetitions first (allocator, caches, first-call compilation)
-    repeats: int = 3  # timed repetitions; medians are reported
-    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs by name, none on CPU
-    train: TrainBenchConfig = field(default_factory=TrainBenchConfig)
-    rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
-    peer: PeerBenchConfig = field(default_factory=PeerBenchConfig)
 
 
 @dataclass

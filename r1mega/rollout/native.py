@@ -92,12 +92,14 @@ class NativeEngine:
     # -- batches -------------------------------------------------------------------------
 
     def _batch_starts(self, num_prompts: int, per_call: int) -> range:
+        starts = range(0, num_prompts, per_call)
         if self._lockstep:  # MoE all-to-alls need the same number of forwards on every EP rank
-            counts = torch.tensor([num_prompts, -num_prompts], device=self._device())
+            counts = torch.tensor([len(starts), -len(starts)], device=self._device())
             dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
             if counts[0].item() != -counts[1].item():
-                raise ValueError("expert-parallel generation needs the same number of prompts on every rank")
-        return range(0, num_prompts, per_call)
+                raise ValueError(f"expert-parallel generation needs as many decoding batches on every rank; this "
+                                 f"rank has {len(starts)} ({num_prompts} prompts, {per_call} per batch)")
+        return starts
 
     def _generate_batch(self, prompts, n: int, params: SamplingParams, generator):
         """n samples of each prompt. The prompts are prefilled once; their KV cache and last logits

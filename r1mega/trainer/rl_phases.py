@@ -144,12 +144,18 @@ def _micro_batches(ctx: RLContext, batch: StepBatch, rows: List[int]):
     return [collate(batch, p, multiple) for p in parts]
 
 
+def needs_old_logprobs(a) -> bool:
+    """Whether the update needs the old policy's log-probs recomputed: it runs off-policy (more
+    than one optimizer step per batch) and does not take the engine's."""
+    return not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
+
+
 def logprobs(ctx: RLContext, batch: StepBatch) -> None:
     """Fill batch.old_logp (when the update needs them) and batch.ref_logp (when KL is on)."""
     a = ctx.cfg.algorithm
     if a.use_rollout_logprobs:
         batch.old_logp = batch.rollout_logp
-    need_old = not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
+    need_old = needs_old_logprobs(a)
     if not need_old and ctx.ref_chunks is None:
         return
     micro = _micro_batches(ctx, batch, list(range(len(batch))))

@@ -52,7 +52,11 @@ def test_training_flops_and_mfu():
     (["bench.suites=[peer]", "algorithm.ratio_level=sequence"], "algorithm.ratio_level='sequence' has no TRL"),
     (["bench.suites=[peer]", "algorithm=rloo"], "algorithm.advantage"),
     (["bench.suites=[peer]", "bench.peer.group_size=1"], "bench.peer.group_size=1"),
-    (["bench.train.layouts=[{tp: 0}]"], "bench.train.layouts[0]"),
+    (["bench.train.layouts=[{tp: 0}]"], "bench.train.layouts[0].tp=0"),
+    (["bench.train.models=[tiny,nope]"], "bench.train.models[1]: no model preset 'nope'"),
+    (["bench.suites=[peer]", "data=files", "data.train_path=x.jsonl", "data.max_prompt_tokens=256",
+      "warmup.enabled=false"],
+     "data.name=files"),
 ])
 def test_bench_rules_name_the_key(overrides, message):
     from r1mega.config.bench_rules import check_bench
