@@ -133,7 +133,7 @@ def _plot_step(s: Dict):
             ax.barh(["GRPO step"], [seconds], left=left, label=phase)
             left += seconds
         ax.set_xlabel("seconds (median step)")
-        ax.legend(fontsize=7, ncol=3)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
         ax.set_title(f"{s['model']}: time per phase")
     return draw
 
