@@ -54,7 +54,7 @@ def _step_md(s: Dict) -> str:
 
 def _train_md(t: Dict) -> str:
     head = (f"Sequence {t['seq_length']}, {t['micro_batch_size']} x {t['micro_batches']} micro-batches per "
-            f"data-parallel rank; forward, backward and optimizer step.\n\n")
+            f"data-parallel rank, {t.get('dtype', 'fp32')}; forward, backward and optimizer step.\n\n")
     rows = [[r["model"], f"tp{r['tp']} pp{r['pp']} dp{r['dp']} ep{r['ep']}", r.get("tokens_per_s"),
              r.get("step_s"), r.get("model_tflops_per_s"), r.get("mfu"), _memory(r), r.get("skipped", "")]
             for r in t["rows"]]

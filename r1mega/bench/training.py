@@ -22,7 +22,7 @@ def layout_config(cfg: R1Config, model: str, layout: LayoutConfig) -> R1Config:
     """cfg with the model preset `model` and the layout's parallel sizes, validated at its world size."""
     out = copy.deepcopy(cfg)
     out.model = to_config(compose_config([f"model={model}"])).model
-    out.model.dtype = cfg.model.dtype
+    out.model.dtype = cfg.bench.train.dtype or cfg.model.dtype
     out.model.attention_backend = cfg.model.attention_backend
     world = layout.tp * layout.pp * layout.dp
     p = out.parallel
@@ -47,7 +47,7 @@ def run(cfg: R1Config) -> Dict:
             result = spawn(run_cfg.parallel.nproc, _rank, run_cfg, timeout=3600.0)[0]
             rows.append({**row, **result})
     return {"seq_length": b.seq_length, "micro_batch_size": b.micro_batch_size, "micro_batches": b.micro_batches,
-            "rows": rows}
+            "dtype": b.dtype or cfg.model.dtype, "rows": rows}
 
 
 def _rank(cfg: R1Config) -> Dict[str, float]:

@@ -37,6 +37,8 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
         _model_preset(model, f"bench.train.models[{i}]")
     for key in ("seq_length", "micro_batch_size", "micro_batches"):
         _positive(getattr(b.train, key), f"bench.train.{key}")
+    if b.train.dtype is not None:
+        one_of(b.train.dtype, {"fp32", "bf16", "fp16"}, "bench.train.dtype")
     for i, layout in enumerate(b.train.layouts):
         for key in ("tp", "pp", "dp", "ep"):
             _positive(getattr(layout, key), f"bench.train.layouts[{i}].{key}")

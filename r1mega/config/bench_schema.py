@@ -24,6 +24,7 @@ class TrainBenchConfig:
     seq_length: int = 256
     micro_batch_size: int = 4  # rows per micro-batch, per data-parallel rank
     micro_batches: int = 2  # per optimizer step, per data-parallel rank (weak scaling over dp)
+    dtype: Optional[str] = None  # fp32 | bf16 | fp16 for these models; None: model.dtype
 
 
 @dataclass
