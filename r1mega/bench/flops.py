@@ -12,20 +12,12 @@ from __future__ import annotations
 from typing import Optional
 
 from r1mega.config.schema import ModelConfig
-from r1mega.models.builder import _mla_params
+from r1mega.models.builder import attention_weights
 
 # Dense bf16/fp16 tensor-core peaks per device (TFLOP/s, no sparsity), by a substring of the
 # name torch.cuda.get_device_name reports. fp32 models have no entry: set bench.peak_tflops.
 KNOWN_PEAKS = {"H200": 989.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H800": 989.0,
                "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0, "MI300X": 1307.0}
-
-
-def _attention_weights(m: ModelConfig) -> int:
-    if m.mla is not None:
-        return _mla_params(m)
-    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
-    q, kv = m.num_attention_heads * head_dim, m.num_query_groups * head_dim
-    return m.hidden_size * (q + 2 * kv) + q * m.hidden_size
 
 
 def _score_dims(m: ModelConfig) -> int:
@@ -50,7 +42,7 @@ def _mlp_weights(m: ModelConfig) -> float:
 
 def forward_flops_per_token(m: ModelConfig, context: float) -> float:
     """Forward FLOPs of one token that attends to `context` positions (itself included)."""
-    matmul = m.num_layers * _attention_weights(m) + _mlp_weights(m) + m.vocab_size * m.hidden_size
+    matmul = m.num_layers * attention_weights(m) + _mlp_weights(m) + m.vocab_size * m.hidden_size
     return 2.0 * matmul + 2.0 * m.num_layers * _score_dims(m) * context
 
 

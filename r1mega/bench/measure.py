@@ -9,10 +9,30 @@ import statistics
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[int], T], warmup: int, repeats: int) -> List[Tuple[float, T]]:
+    """Call fn(1), fn(2), ... warmup + repeats times; (wall seconds, result) of the timed calls.
+    Peak memory counts from the first timed call."""
+    from r1mega.trainer.timing import PhaseTimer
+
+    timer, out = PhaseTimer(), []
+    for i in range(1, warmup + repeats + 1):
+        if i == warmup + 1:
+            reset_peak_memory()
+        with timer("call"):
+            result = fn(i)
+        seconds = timer.seconds.pop("call")
+        if i > warmup:
+            out.append((seconds, result))
+    return out
 
 
 def median(values: List[float]) -> float:

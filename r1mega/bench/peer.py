@@ -45,15 +45,13 @@ def run(cfg: R1Config) -> Dict:
 
 def save_random_hf_model(model: ModelConfig, folder: Path, seed: int) -> Path:
     """The preset as an HF checkpoint with random weights (transformers' own init) and r1mega's tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from r1mega.checkpoint.hf_config import hf_config_from_model
+    from r1mega.checkpoint.hf_config import transformers_config
     from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(build_tiny_tokenizer(folder, vocab_size=model.vocab_size))
-    hf = {k: v for k, v in hf_config_from_model(model).items() if k not in ("architectures", "torch_dtype")}
-    config = AutoConfig.for_model(hf.pop("model_type"), **hf, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+    config = transformers_config(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder

@@ -100,14 +100,15 @@ def markdown(results: Dict) -> str:
 
 # -- plots -------------------------------------------------------------------------------
 
-def _figure(path: Path, draw: Callable, size=(6.0, 3.8)) -> Path:
+def _figure(path: Path, draw: Callable, data: Dict, size=(6.0, 3.8)) -> Path:
+    """draw(ax, data) into a PNG at path, written aside and renamed when complete."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=size)
-    draw(ax)
+    draw(ax, data)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
@@ -117,62 +118,51 @@ def _figure(path: Path, draw: Callable, size=(6.0, 3.8)) -> Path:
     return path
 
 
+def _measured(rows: List[Dict]) -> List[Dict]:
+    return [r for r in rows if "tokens_per_s" in r]  # not the skipped ones
+
+
+def _plot_step(ax, s: Dict) -> None:
+    left = 0.0
+    for phase, seconds in s["phase_s"].items():
+        ax.barh(["GRPO step"], [seconds], left=left, label=phase)
+        left += seconds
+    ax.set_xlabel("seconds (median step)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    ax.set_title(f"{s['model']}: time per phase")
+
+
+def _plot_train(ax, t: Dict) -> None:
+    rows = _measured(t["rows"])
+    labels = [f"{r['model']}\ntp{r['tp']} dp{r['dp']}" + (f" ep{r['ep']}" if r["ep"] > 1 else "") for r in rows]
+    ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("training throughput by layout")
+
+
+def _plot_rollout(ax, r: Dict) -> None:
+    rows = _measured(r["rows"])
+    for engine in dict.fromkeys(x["engine"] for x in rows):
+        ax.plot(*zip(*[(x["batch_size"], x["tokens_per_s"]) for x in rows if x["engine"] == engine]), marker="o",
+                label=engine)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (rows)")
+    ax.set_ylabel("generated tokens/s")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{r['model']}: rollout throughput")
+
+
+def _plot_peer(ax, p: Dict) -> None:
+    ax.bar(["r1mega", "TRL"], [p["r1mega"]["tokens_per_s"], p["trl"]["tokens_per_s"]], color=["tab:blue", "tab:orange"])
+    ax.set_ylabel("tokens/s (prompt + response)")
+    ax.set_title(f"GRPO step on the same CPU work: {p['step_time_ratio_trl_over_r1mega']:.2f}x")
+
+
+PLOTS = {"step": _plot_step, "train": _plot_train, "rollout": _plot_rollout, "peer": _plot_peer}
+
+
 def plots(suites: Dict, out: Path) -> List[Path]:
-    drawn = []
-    for name, make in (("step", _plot_step), ("train", _plot_train), ("rollout", _plot_rollout), ("peer", _plot_peer)):
-        draw = make(suites[name]) if name in suites else None
-        if draw is not None:
-            drawn.append(_figure(out / f"{name}.png", draw))
-    return drawn
-
-
-def _plot_step(s: Dict):
-    def draw(ax):
-        left = 0.0
-        for phase, seconds in s["phase_s"].items():
-            ax.barh(["GRPO step"], [seconds], left=left, label=phase)
-            left += seconds
-        ax.set_xlabel("seconds (median step)")
-        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-        ax.set_title(f"{s['model']}: time per phase")
-    return draw
-
-
-def _plot_train(t: Dict):
-    rows = [r for r in t["rows"] if "tokens_per_s" in r]
-    if not rows:
-        return None
-
-    def draw(ax):
-        labels = [f"{r['model']}\ntp{r['tp']} dp{r['dp']}" + (f" ep{r['ep']}" if r["ep"] > 1 else "") for r in rows]
-        ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("tokens/s")
-        ax.set_title("training throughput by layout")
-    return draw
-
-
-def _plot_rollout(r: Dict):
-    rows = [x for x in r["rows"] if "tokens_per_s" in x]
-    if not rows:
-        return None
-
-    def draw(ax):
-        for engine in dict.fromkeys(x["engine"] for x in rows):
-            pts = [(x["batch_size"], x["tokens_per_s"]) for x in rows if x["engine"] == engine]
-            ax.plot(*zip(*pts), marker="o", label=engine)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size (rows)")
-        ax.set_ylabel("generated tokens/s")
-        ax.legend(fontsize=8)
-        ax.set_title(f"{r['model']}: rollout throughput")
-    return draw
-
-
-def _plot_peer(p: Dict):
-    def draw(ax):
-        names = ["r1mega", "TRL"]
-        ax.bar(names, [p["r1mega"]["tokens_per_s"], p["trl"]["tokens_per_s"]], color=["tab:blue", "tab:orange"])
-        ax.set_ylabel("tokens/s (prompt + response)")
-        ax.set_title(f"GRPO step on the same CPU work: {p['step_time_ratio_trl_over_r1mega']:.2f}x")
-    return draw
+    """One PNG per suite that measured something (a suite of skipped rows draws none)."""
+    return [_figure(out / f"{name}.png", PLOTS[name], data) for name, data in suites.items()
+            if "rows" not in data or _measured(data["rows"])]

@@ -3,11 +3,12 @@ bench.rollout.new_tokens tokens (EOS is not a stop here), from the task's prompt
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from typing import Dict, List
 
-from r1mega.bench.measure import median, peak_memory_mb, reset_peak_memory
+from r1mega.bench.measure import median, peak_memory_mb, timed
+from r1mega.bench.training import with_layout
+from r1mega.config.bench_schema import LayoutConfig
 from r1mega.config.schema import R1Config
 from r1mega.platform.launch import spawn
 
@@ -19,10 +20,7 @@ def run(cfg: R1Config) -> Dict:
         if why:
             rows.append({"engine": engine, "skipped": why})
             continue
-        one = copy.deepcopy(cfg)
-        one.parallel.tp = one.parallel.pp = one.parallel.ep = 1
-        one.parallel.nproc, one.parallel.vpp, one.parallel.pipeline_layout = 1, None, None
-        one.parallel.sequence_parallel = False
+        one = with_layout(cfg, LayoutConfig())  # one rank
         rows += [{"engine": engine, **r} for r in spawn(1, _rank, one, timeout=3600.0)[0]]
     return {"model": cfg.model.name, "new_tokens": cfg.bench.rollout.new_tokens, "rows": rows}
 
@@ -40,15 +38,13 @@ def unavailable(engine: str) -> str:
 
 def _rank(cfg: R1Config) -> List[Dict[str, float]]:
     from r1mega.models.builder import build_model
-    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.platform.distributed import running
     from r1mega.rollout.native import NativeEngine
     from r1mega.rollout.types import SamplingParams
     from r1mega.trainer.rl_setup import load_records, run_tokenizer, tokenize_prompts
-    from r1mega.trainer.timing import PhaseTimer
 
     b = cfg.bench
-    initialize(cfg.parallel, cfg.trainer.seed)
-    try:
+    with running(cfg.parallel, cfg.trainer.seed):
         tokenizer = run_tokenizer(cfg)
         records, table = tokenize_prompts(cfg, tokenizer, load_records(cfg)[0], "train")
         prompts = [table[id(r)] for r in records]
@@ -57,22 +53,12 @@ def _rank(cfg: R1Config) -> List[Dict[str, float]]:
         engine = NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(b.rollout.batch_sizes),
                               seed=cfg.trainer.seed)
         params = SamplingParams(temperature=1.0, max_new_tokens=b.rollout.new_tokens)
-        rows, timer = [], PhaseTimer()
+        rows = []
         for size in b.rollout.batch_sizes:
             batch = [prompts[i % len(prompts)] for i in range(size)]
-            times = []
-            for i in range(b.warmup + b.repeats):
-                if i == b.warmup:
-                    reset_peak_memory()
-                with timer("generate"):
-                    out = engine.generate(batch, params)
-                seconds = timer.seconds.pop("generate")
-                if i >= b.warmup:
-                    times.append(seconds)
-            generated = sum(len(r) for r in out.response_ids)
-            seconds = median(times)
+            runs = timed(lambda _: engine.generate(batch, params), b.warmup, b.repeats)
+            generated = sum(len(r) for r in runs[-1][1].response_ids)
+            seconds = median([s for s, _ in runs])
             rows.append({"batch_size": size, "generated_tokens": generated, "seconds": seconds,
                          "tokens_per_s": generated / seconds, **peak_memory_mb()})
         return rows
-    finally:
-        destroy()

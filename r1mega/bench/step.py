@@ -10,7 +10,7 @@ import copy
 from typing import Dict, List
 
 from r1mega.bench.flops import causal_context, device_peak_tflops, forward_flops_per_token, mfu
-from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, reset_peak_memory
+from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, timed
 from r1mega.config.schema import R1Config
 from r1mega.platform.launch import spawn
 from r1mega.trainer.rl_phases import needs_old_logprobs
@@ -28,29 +28,21 @@ def run(cfg: R1Config) -> Dict:
 
 def _rank(cfg: R1Config) -> List[Dict[str, float]]:
     from r1mega.cli.common import setup_logging
-    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.platform.distributed import running
     from r1mega.trainer.rl_setup import setup
     from r1mega.trainer.rl_step import rl_step
 
     setup_logging()
-    runtime = initialize(cfg.parallel, cfg.trainer.seed)
-    try:
+    with running(cfg.parallel, cfg.trainer.seed) as runtime:
         ctx = setup(cfg, runtime)
-        rows = []
-        try:
-            for step in range(1, cfg.bench.warmup + cfg.bench.repeats + 1):
-                if step == cfg.bench.warmup + 1:
-                    reset_peak_memory()
-                metrics = rl_step(ctx, step)
-                if step > cfg.bench.warmup:
-                    rows.append(metrics)
+        try:  # rl_step times its own phases; the wall time of each call adds nothing
+            rows = [metrics for _, metrics in timed(lambda step: rl_step(ctx, step), cfg.bench.warmup,
+                                                      cfg.bench.repeats)]
         finally:
             if ctx.rewards is not None:
                 ctx.rewards.close()
         peak = max_over_ranks(peak_memory_mb())
         return [{**r, **peak} for r in rows]
-    finally:
-        destroy()
 
 
 def step_flops(cfg: R1Config, prompt_tokens: float, response_tokens: float, per_token: float) -> float:

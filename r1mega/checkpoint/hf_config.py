@@ -148,3 +148,11 @@ def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
             router_aux_loss_coef=e.aux_loss_coeff, attention_bias=cfg.add_qkv_bias,
         )
     return hf
+
+
+def transformers_config(cfg: ModelConfig, **overrides: Any):
+    """transformers' config object for `cfg`, to build its HF model class in memory."""
+    from transformers import AutoConfig
+
+    hf = {k: v for k, v in hf_config_from_model(cfg).items() if k not in ("architectures", "torch_dtype")}
+    return AutoConfig.for_model(hf.pop("model_type"), **hf, **overrides)

@@ -76,15 +76,14 @@ def run_job(cfg: R1Config, job: Callable[[R1Config, object], object], stoppable:
     A stoppable job (a training loop that checks for stop signals between steps) catches them
     from before its slow start-up on, and is requeued when a time-limit warning stopped it.
     """
-    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.platform.distributed import running
     from r1mega.platform.signals import STOP, Stopped
     from r1mega.slurm.requeue import requeue_if_warned
 
     if stoppable:
         STOP.install()
     setup_logging()
-    runtime = initialize(cfg.parallel, cfg.trainer.seed)
-    try:
+    with running(cfg.parallel, cfg.trainer.seed) as runtime:
         share_output_dir(cfg)
         try:
             job(cfg, runtime)
@@ -94,8 +93,6 @@ def run_job(cfg: R1Config, job: Callable[[R1Config, object], object], stoppable:
                 log.warning("%s", e)
         if stoppable and runtime.is_main:  # every rank has saved and passed the loop's last barrier
             requeue_if_warned(cfg.cluster, STOP)
-    finally:
-        destroy()
 
 
 def share_output_dir(cfg: R1Config) -> Path:

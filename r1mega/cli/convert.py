@@ -44,10 +44,9 @@ def convert(direction: str, cfg: ConvertConfig, model: ModelConfig) -> None:
     from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
     from r1mega.checkpoint.mcore import load_model, save_model
     from r1mega.models.builder import build_model
-    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.platform.distributed import running
 
-    initialize(cfg.parallel, cfg.seed)
-    try:
+    with running(cfg.parallel, cfg.seed):
         chunks = build_model(model, cfg.parallel)
         if direction == "hf-to-mcore":
             load_hf_weights(chunks, model, cfg.src)
@@ -55,8 +54,6 @@ def convert(direction: str, cfg: ConvertConfig, model: ModelConfig) -> None:
         else:
             load_model(chunks, cfg.src)
             save_hf(chunks, model, cfg.dst)
-    finally:
-        destroy()
 
 
 def main(argv: list[str] | None = None) -> None:

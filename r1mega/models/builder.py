@@ -161,19 +161,24 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     return chunks
 
 
+def attention_weights(model: ModelConfig) -> int:
+    """Weights of one layer's attention projections (QKV and output; MLA: its low-rank ones and norms)."""
+    if model.mla is not None:
+        return _mla_params(model)
+    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    q, kv = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
+    return model.hidden_size * (q + 2 * kv) + q * model.hidden_size
+
+
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameters of the full model, from the config alone."""
     h, L, V = model.hidden_size, model.num_layers, model.vocab_size
     head_dim = model.head_dim or h // model.num_attention_heads
-    q = model.num_attention_heads * head_dim
-    kv = model.num_query_groups * head_dim
-    attn = h * (q + 2 * kv) + q * h
-    if model.add_qkv_bias:
-        attn += q + 2 * kv
-    if model.qk_layernorm:
+    attn = attention_weights(model)
+    if model.mla is None and model.add_qkv_bias:
+        attn += (model.num_attention_heads + 2 * model.num_query_groups) * head_dim
+    if model.mla is None and model.qk_layernorm:
         attn += 2 * head_dim
-    if model.mla is not None:
-        attn = _mla_params(model)
     norms = 2 * h
     embed = V * h * (1 if model.tie_word_embeddings else 2) + h
     if model.moe is None:

@@ -6,7 +6,9 @@ import datetime
 import logging
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -107,3 +109,13 @@ def destroy() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def running(parallel: ParallelConfig, seed: int) -> Iterator[Runtime]:
+    """`initialize` for the length of a block, then `destroy`, also when the block raises."""
+    runtime = initialize(parallel, seed)
+    try:
+        yield runtime
+    finally:
+        destroy()

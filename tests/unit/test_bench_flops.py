@@ -9,16 +9,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from r1mega.bench.flops import causal_context, forward_flops_per_token, mfu, training_flops_per_token
-from r1mega.checkpoint.hf_config import hf_config_from_model
+from r1mega.checkpoint.hf_config import transformers_config
 from r1mega.config.loader import compose_config, load_config, to_config
 from r1mega.config.validate import ConfigError
 
 
 def _hf_model(model):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = {k: v for k, v in hf_config_from_model(model).items() if k not in ("architectures", "torch_dtype")}
-    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    config = transformers_config(model)
     config._attn_implementation = "eager"  # attention as matmuls the counter sees
     config._experts_implementation = "eager"  # a loop of per-expert matmuls over routed tokens
     return AutoModelForCausalLM.from_config(config).eval()
