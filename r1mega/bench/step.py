@@ -15,7 +15,7 @@ from r1mega.config.schema import R1Config
 from r1mega.platform.launch import spawn
 from r1mega.trainer.rl_phases import needs_old_logprobs
 
-PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync")
+PHASES = ("sync", "generate", "score", "release", "advantages", "logprobs", "update")
 
 
 def run(cfg: R1Config) -> Dict:

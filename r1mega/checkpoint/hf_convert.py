@@ -114,16 +114,25 @@ def iter_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterat
     Every rank must consume the iterator: the tensor-parallel gathers are collective.
     Tied output weights on the last stage are skipped (they are the embedding).
     """
+    for tensors, writes in hf_tensors_by_param(chunks, model):
+        for hf_name, tensor in tensors:
+            yield hf_name, tensor, writes
+
+
+def hf_tensors_by_param(chunks: List[torch.nn.Module],
+                        model: ModelConfig) -> Iterator[Tuple[List[Tuple[str, torch.Tensor]], bool]]:
+    """For each parameter of this rank, in order: its HF tensors (one, or the q/k/v or gate/up parts)
+    and whether this rank writes them. Each HF tensor has exactly one writer in the world."""
     writer_dense = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(
         with_context_parallel=True) == 0
     writer_expert = ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
     for name, param, rule in _named_params(chunks, model):
         if name == "output_layer.weight" and model.tie_word_embeddings:
+            yield [], False
             continue
         full = _gather(param, rule)
         writes = writer_expert if rule.is_expert else writer_dense
-        for hf_name, tensor in zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1])):
-            yield hf_name, tensor, writes
+        yield list(zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1]))), writes
 
 
 def _gather(param: torch.Tensor, rule: Rule) -> torch.Tensor:

@@ -18,7 +18,7 @@ def check_rl(cfg: R1Config, dp: Optional[int]) -> None:
     _check_data(cfg, dp)
     _check_warmup(cfg, dp)
     _check_algorithm(cfg)
-    _check_rollout(cfg)
+    _check_rollout(cfg, dp)
     _check_reward(cfg)
     _check_trainer(cfg)
 
@@ -82,7 +82,7 @@ def _check_algorithm(cfg: R1Config) -> None:
                 "algorithm.use_rollout_logprobs with tis_cap has no trainer log-probs to correct against")
 
 
-def _check_rollout(cfg: R1Config) -> None:
+def _check_rollout(cfg: R1Config, dp: Optional[int]) -> None:
     r = cfg.rollout
     one_of(r.engine, {"native", "sglang"}, "rollout.engine")
     require(r.temperature > 0, f"rollout.temperature={r.temperature} must be > 0 for sampled rollouts")
@@ -94,6 +94,31 @@ def _check_rollout(cfg: R1Config) -> None:
             f"{cfg.algorithm.group_size} samples (they decode together from one prefill)")
     require(r.eval_temperature >= 0 and r.eval_samples >= 0,
             "rollout.eval_temperature and rollout.eval_samples must be >= 0")
+    if r.engine == "sglang":
+        _check_sglang(cfg, dp)
+
+
+def _check_sglang(cfg: R1Config, dp: Optional[int]) -> None:
+    g = cfg.rollout.sglang
+    one_of(g.mode, {"colocated", "disaggregated"}, "rollout.sglang.mode")
+    require(g.tp >= 1, f"rollout.sglang.tp={g.tp} must be >= 1")
+    require(0.0 < g.mem_fraction_static < 1.0,
+            f"rollout.sglang.mem_fraction_static={g.mem_fraction_static} is not in (0, 1)")
+    require(g.bucket_mb > 0, f"rollout.sglang.bucket_mb={g.bucket_mb} must be > 0")
+    require(g.base_gpu_id >= 0, f"rollout.sglang.base_gpu_id={g.base_gpu_id} must be >= 0")
+    require(1 <= g.port <= 65535 and 1 <= g.nccl_port <= 65535, "rollout.sglang.port and nccl_port must be TCP ports")
+    if g.mode == "disaggregated":
+        require(g.num_gpus is not None and g.num_gpus >= g.tp and g.num_gpus % g.tp == 0,
+                f"rollout.sglang.mode=disaggregated needs rollout.sglang.num_gpus, a positive multiple of "
+                f"rollout.sglang.tp={g.tp} (got {g.num_gpus})")
+    require(not g.offload_params or cfg.optimizer.distributed,
+            "rollout.sglang.offload_params needs optimizer.distributed=true (megatron keeps parameters in one "
+            "offloadable buffer only then)")
+    p = cfg.parallel
+    if dp is not None and g.mode == "colocated":
+        world = dp * p.tp * p.pp * p.cp
+        require(world % g.tp == 0, f"rollout.sglang.tp={g.tp} must divide the world size {world} (colocated engines "
+                "take the trainer's GPUs in blocks of tp)")
 
 
 def _check_reward(cfg: R1Config) -> None:

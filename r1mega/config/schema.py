@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
+from r1mega.config.sglang_schema import SGLangConfig
 
 
 @dataclass
@@ -189,6 +190,7 @@ class RolloutConfig:
     max_batch_size: int = 512  # rows decoded together by the native engine
     eval_temperature: float = 0.0  # 0: greedy pass@1
     eval_samples: int = 4  # k of sampled pass@k at `temperature`; 0 = off
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # used when engine=sglang
 
 
 @dataclass

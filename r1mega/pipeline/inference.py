@@ -13,6 +13,7 @@ from r1mega.models.builder import build_model
 from r1mega.platform.distributed import Runtime
 from r1mega.rewards.stack import RewardStack
 from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.rl_phases import rollout_turn
 from r1mega.trainer.rl_setup import (build_engine, build_rewards, initial_weights, load_records, load_weights,
                                      run_tokenizer, sampling_params, tokenize_prompts)
 
@@ -38,12 +39,14 @@ def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict
         chunk.requires_grad_(False)
     rewards, names = build_rewards(cfg)
     ctx = RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=chunks, optimizer=None, scheduler=None,
-                    ref_chunks=None, engine=build_engine(cfg, chunks, tokenizer), engine_shares_weights=True,
-                    rewards=rewards, reward_names=names, sampler=None, test_records=test,
-                    sampling=sampling_params(cfg, tokenizer), prompt_tokens=table)
+                    ref_chunks=None, engine=build_engine(cfg, chunks, tokenizer),
+                    engine_shares_weights=cfg.rollout.engine == "native", rewards=rewards, reward_names=names,
+                    sampler=None, test_records=test, sampling=sampling_params(cfg, tokenizer), prompt_tokens=table)
+    rollout_turn(ctx)  # an engine with its own copy of the weights gets them once
     return ctx, train
 
 
 def close(ctx: RLContext) -> None:
+    ctx.engine.shutdown()
     if isinstance(ctx.rewards, RewardStack):
         ctx.rewards.close()

@@ -81,13 +81,16 @@ class NativeEngine:
     def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the engine decodes with the trainer's parameters themselves."""
 
-    def release_memory(self) -> None:
+    def release_memory(self, tags: Sequence[str] = ()) -> None:
         """KV caches live only inside generate(); return cached blocks to the device."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: Sequence[str] = ()) -> None:
         """Nothing was released beyond the allocator cache."""
+
+    def shutdown(self) -> None:
+        """Nothing runs outside the trainer's processes."""
 
     # -- batches -------------------------------------------------------------------------
 

@@ -36,6 +36,14 @@ def evaluate(ctx: RLContext, seed: int = 0) -> Dict[str, float]:
     """eval/greedy_accuracy, eval/pass_at_k, eval/mean_at_k, eval/reward, eval/length_mean (all ranks)."""
     if not ctx.test_records:
         return {}
+    phases.rollout_turn(ctx)  # an engine with its own weights gets the current ones (and the GPUs)
+    try:
+        return _evaluate(ctx, seed)
+    finally:
+        phases.training_turn(ctx)
+
+
+def _evaluate(ctx: RLContext, seed: int) -> Dict[str, float]:
     rows = _shard(ctx.test_records)
     real = torch.tensor([float(keep) for _, keep in rows])
     r = ctx.cfg.rollout

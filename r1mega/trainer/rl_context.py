@@ -28,6 +28,8 @@ class RLContext:
     test_records: list
     sampling: SamplingParams
     prompt_tokens: Dict[int, List[int]] = field(default_factory=dict)  # id(record) -> token ids
+    train_state: Any = None  # TrainState when trainer and engine take turns on the GPUs (colocated SGLang)
+    hf_plan: Any = None  # who sends which HF tensor in a weight sync (made at the first sync)
 
     @property
     def temperature(self) -> float:

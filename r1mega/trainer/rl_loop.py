@@ -74,6 +74,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                     break
         export_if_finished(cfg, runtime, step, t.steps, ctx.chunks, ctx.tokenizer)
     finally:
+        ctx.engine.shutdown()
         if ctx.rewards is not None:
             ctx.rewards.close()
         if out is not None:

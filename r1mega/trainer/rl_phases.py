@@ -195,10 +195,30 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     return {k: v / updates for k, v in stats.items()}
 
 
-def sync_weights(ctx: RLContext) -> None:
-    """Hand the updated weights to an engine that keeps its own copy (the native engine shares them)."""
+def rollout_turn(ctx: RLContext) -> Dict[str, float]:
+    """Hand the GPUs and the updated weights to an engine that keeps its own copy (SGLang): the
+    trainer frees grads and offloads optimizer states, the engine takes its weights back, the
+    weights cross in buckets, then the engine takes its KV cache and CUDA graphs back.
+    Nothing to do for the native engine, which decodes with the policy's own parameters."""
     if ctx.engine_shares_weights:
-        return
-    from r1mega.checkpoint.hf_convert import iter_hf_tensors
+        return {}
+    from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 
-    ctx.engine.sync_weights((name, tensor) for name, tensor, _ in iter_hf_tensors(ctx.chunks, ctx.cfg.model))
+    if ctx.train_state is not None:
+        ctx.train_state.offload_training()
+    ctx.engine.resume_memory(["weights"])
+    if ctx.hf_plan is None:
+        ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)
+    ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
+    if ctx.train_state is not None:
+        ctx.train_state.offload_parameters()
+    ctx.engine.resume_memory(["kv_cache", "cuda_graph"])
+    return dict(ctx.engine.last_sync)
+
+
+def training_turn(ctx: RLContext) -> None:
+    """Take the GPUs back from a colocated engine: it releases everything, the trainer reloads."""
+    if ctx.train_state is None:
+        return
+    ctx.engine.release_memory()
+    ctx.train_state.reload()

@@ -24,6 +24,7 @@ from r1mega.platform.distributed import Runtime
 from r1mega.rewards.stack import RewardStack
 from r1mega.rollout.native import NativeEngine
 from r1mega.rollout.types import SamplingParams
+from r1mega.trainer.memory_turns import TrainState
 from r1mega.trainer.optimizer import build_optimizer
 from r1mega.trainer.rl_context import RLContext
 
@@ -169,8 +170,10 @@ def sampling_params(cfg: R1Config, tokenizer) -> SamplingParams:
 
 
 def build_engine(cfg: R1Config, chunks, tokenizer):
-    if cfg.rollout.engine != "native":
-        raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; use 'native'")
+    if cfg.rollout.engine == "sglang":
+        from r1mega.rollout.sglang.launch import build_sglang_engine
+
+        return build_sglang_engine(cfg, tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     return NativeEngine(chunks, eos, pad, detokenize=tokenizer.decode, max_batch_size=cfg.rollout.max_batch_size,
@@ -188,11 +191,15 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())
+    g = cfg.rollout.sglang
+    separate = cfg.rollout.engine != "native"  # the engine keeps its own copy of the weights
+    turns = separate and g.mode == "colocated"
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
                      scheduler=scheduler, ref_chunks=build_reference(cfg, source, chunks),
-                     engine=build_engine(cfg, chunks, tokenizer), engine_shares_weights=True, rewards=rewards,
-                     reward_names=names, sampler=sampler, test_records=test,
-                     sampling=sampling_params(cfg, tokenizer), prompt_tokens=table)
+                     engine=build_engine(cfg, chunks, tokenizer), engine_shares_weights=not separate,
+                     rewards=rewards, reward_names=names, sampler=sampler, test_records=test,
+                     sampling=sampling_params(cfg, tokenizer), prompt_tokens=table,
+                     train_state=TrainState(ddp, optimizer, g.offload_optimizer, g.offload_params) if turns else None)
 
 
 def _is_first_rank() -> bool:

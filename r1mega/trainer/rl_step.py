@@ -17,11 +17,18 @@ from r1mega.trainer.timing import PhaseTimer
 
 
 def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
-    """Generate -> score -> advantages -> log-probs -> update -> weight sync; `step` counts from 1."""
+    """Weight sync -> generate -> score -> advantages -> log-probs -> update; `step` counts from 1.
+
+    The sync (a no-op for the native engine) opens the engine's turn on the GPUs; the release
+    after scoring gives them back to training."""
     timer, start = PhaseTimer(), time.perf_counter()
     lr = current_lr(ctx.optimizer)
+    with timer("sync"):
+        sync = phases.rollout_turn(ctx)
     prompts = ctx.sampler.next_batch()
     gen = phases.generate_and_score(ctx, prompts, timer)
+    with timer("release"):
+        phases.training_turn(ctx)
     with timer("advantages"):
         adv = phases.advantages(ctx, gen)
         batch = StepBatch.from_rollouts(gen.rollouts, adv)
@@ -29,12 +36,10 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
         phases.logprobs(ctx, batch)
     with timer("update"):
         stats = phases.update(ctx, batch, step)
-    with timer("sync"):
-        phases.sync_weights(ctx)
     every = ctx.cfg.algorithm.ref_reset_every
     if ctx.ref_chunks is not None and every and step % every == 0:
         copy_weights(ctx.chunks, ctx.ref_chunks)
-    return {**rollout_metrics(ctx, gen, adv), **stats, "lr": lr,
+    return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
 

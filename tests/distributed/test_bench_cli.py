@@ -41,7 +41,7 @@ def test_every_suite_writes_results(tmp_path):
     step = results["suites"]["step"]
     assert all(_positive(step[k]) for k in ("step_s", "tokens_per_s", "samples_per_s", "model_gflops_per_token",
                                             "model_tflops_per_step"))
-    assert set(step["phase_s"]) == {"generate", "score", "advantages", "logprobs", "update", "sync"}
+    assert set(step["phase_s"]) == {"sync", "generate", "score", "release", "advantages", "logprobs", "update"}
     assert step["mfu"] is None and _positive(step["peak_rss_mb"])  # no MFU on CPU
 
     train = {(r["model"], r["dp"], r["ep"]): r for r in results["suites"]["train"]["rows"]}

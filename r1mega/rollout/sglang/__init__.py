@@ -1,0 +1,1 @@
+"""The SGLang rollout engine (rollout.engine=sglang): servers colocated with the trainer or on GPUs of their own."""

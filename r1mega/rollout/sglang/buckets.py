@@ -1,0 +1,95 @@
+"""Weight-sync buckets: runs of named tensors up to a byte budget, packed into one uint8 buffer.
+
+The packed layout is SGLang's flattened bucket (weight_sync/tensor_bucket.py): tensors back to
+back as bytes, each described by (name, shape, dtype, start, end, byte count). Tensors are
+ordered by element size, widest first, so every start is a multiple of its dtype's size, which
+SGLang's receiving side of an NCCL broadcast requires.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Tuple
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storage reductions)
+from multiprocessing.reduction import ForkingPickler
+
+Named = Tuple[str, torch.Tensor]
+
+
+def buckets(named: Iterable[Named], max_bytes: int) -> Iterator[List[Named]]:
+    """Consecutive runs of `named` of at most `max_bytes` each; a larger tensor travels alone."""
+    bucket: List[Named] = []
+    size = 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+@dataclass
+class FlatMeta:
+    """Same fields as sglang's FlattenedTensorMetadata (used where sglang is not installed)."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int  # bytes
+
+
+def _meta_class():
+    try:
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+    except ImportError:
+        return FlatMeta
+    return FlattenedTensorMetadata  # the server's unpickler admits only its own class
+
+
+def pack(bucket: List[Named]) -> Tuple[torch.Tensor, list]:
+    """(uint8 buffer, metadata) of the bucket, widest dtypes first."""
+    if not bucket:
+        raise ValueError("cannot pack an empty bucket")
+    ordered = sorted(bucket, key=lambda nt: -nt[1].element_size())  # stable: same-size order kept
+    meta_cls = _meta_class()
+    parts, meta, offset = [], [], 0
+    for name, t in ordered:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        parts.append(raw)
+        meta.append(meta_cls(name=name, shape=torch.Size(t.shape), dtype=t.dtype, start_idx=offset,
+                             end_idx=offset + raw.numel(), numel=raw.numel()))
+        offset += raw.numel()
+    return torch.cat(parts), meta
+
+
+def unpack(buffer: torch.Tensor, meta: list) -> List[Named]:
+    """The tensors of a packed bucket (views into `buffer`)."""
+    return [(m.name, buffer[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in meta]
+
+
+def serialize(obj) -> str:
+    """What sglang's MultiprocessingSerializer.serialize(obj, output_str=True) sends: a base64
+    ForkingPickler dump, CUDA tensors as IPC handles."""
+    _patch_device_reductions()
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _patch_device_reductions() -> None:
+    # sglang names a CUDA tensor's device by UUID, so a server process that numbers GPUs
+    # differently (another CUDA_VISIBLE_DEVICES) opens the handle on the right one.
+    try:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    except ImportError:
+        return
+    monkey_patch_torch_reductions()

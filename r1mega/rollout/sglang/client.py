@@ -1,0 +1,121 @@
+"""HTTP client of one SGLang server (routes and bodies of sglang 0.5.21-0.5.23's http_server.py).
+
+Every call raises SGLangError naming the server and the route when the server refuses it, so a
+failed weight update never passes silently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Sequence
+
+ALL_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang.srt.constants.GPU_MEMORY_TYPE_*
+
+
+class SGLangError(RuntimeError):
+    """A refused or failed request to an SGLang server."""
+
+
+class SGLangClient:
+    def __init__(self, url: str, timeout_s: float = 3600.0):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def request(self, route: str, body: Optional[dict] = None, method: str = "POST",
+                timeout_s: Optional[float] = None) -> Any:
+        """JSON body in, parsed JSON (or text) out; an HTTP error becomes SGLangError."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + route, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                raw = resp.read().decode()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise SGLangError(f"{self.url}{route}: HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            raise SGLangError(f"{self.url}{route}: {err}") from None
+        try:
+            return json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return raw  # /flush_cache answers in plain text
+
+    def _checked(self, route: str, body: dict) -> dict:
+        out = self.request(route, body)
+        if not isinstance(out, dict) or not out.get("success", False):
+            raise SGLangError(f"{self.url}{route} failed: {out}")
+        return out
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def wait_ready(self, timeout_s: float, alive=lambda: True) -> None:
+        """Poll /ready until the server serves; `alive` says whether its process still runs."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not alive():
+                raise SGLangError(f"{self.url}: the server process exited during start-up (see its log)")
+            try:
+                self.request("/ready", method="GET", timeout_s=5)
+                return
+            except SGLangError:
+                time.sleep(1.0)
+        raise SGLangError(f"{self.url}: not ready after {timeout_s:.0f} s (rollout.sglang.startup_timeout_s)")
+
+    def server_version(self) -> str:
+        return str(self.request("/server_info", method="GET").get("version", "unknown"))
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any]) -> List[dict]:
+        """One output dict per sample, prompt-major (all n samples of prompt 0 first)."""
+        out = self.request("/generate", {"input_ids": input_ids, "sampling_params": sampling_params,
+                                         "return_logprob": True, "logprob_start_len": -1, "stream": False})
+        return out if isinstance(out, list) else [out]
+
+    # -- memory and weights ------------------------------------------------------------------
+
+    def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
+        self.request("/release_memory_occupation", {"tags": list(tags)})
+
+    def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
+        self.request("/resume_memory_occupation", {"tags": list(tags)})
+
+    def flush_cache(self, attempts: int = 60) -> None:
+        """Drop the prefix cache (refused while requests run, so retried)."""
+        for _ in range(attempts - 1):
+            try:
+                self.request("/flush_cache", method="POST", timeout_s=30)
+                return
+            except SGLangError:
+                time.sleep(1.0)
+        self.request("/flush_cache", method="POST", timeout_s=30)
+
+    def begin_weight_update(self) -> None:
+        self._checked("/begin_weight_update", {"selector": "all"})
+
+    def end_weight_update(self) -> None:
+        self._checked("/end_weight_update", {})
+
+    def update_weights_from_tensor(self, payloads: List[str], load_format: str, weight_version: str) -> None:
+        """One base64 payload per engine TP rank (rank i reads entry i); the cache is flushed once at the end."""
+        self._checked("/update_weights_from_tensor", {
+            "serialized_named_tensors": payloads, "load_format": load_format, "flush_cache": False,
+            "weight_version": weight_version})
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str) -> None:
+        self._checked("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": "nccl"})
+
+    def update_weights_from_distributed(self, names: List[str], dtypes: List[str], shapes: List[List[int]],
+                                        group_name: str, weight_version: str) -> None:
+        """The server receives one broadcast of a flattened bucket in exactly this layout."""
+        self._checked("/update_weights_from_distributed", {
+            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "load_format": "flattened_bucket", "flush_cache": False, "weight_version": weight_version})

@@ -1,0 +1,160 @@
+"""The SGLang rollout engine: generation over HTTP, bucketed weight sync, memory release and resume.
+
+Every trainer rank holds one SGLangEngine. Engine owners (topology.py) launch the servers and
+drive their memory and weight-update sessions; data-parallel leaders send prompts; everything
+else is collective, so every rank calls every method in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.rollout.sglang.buckets import buckets
+from r1mega.rollout.sglang.client import ALL_TAGS, SGLangClient, SGLangError
+from r1mega.rollout.sglang.topology import Topology, engines_for, split_even
+from r1mega.rollout.types import Rollouts, SamplingParams
+
+FINISH = {"stop": "stop", "length": "length"}
+
+
+def sampling_payload(params: SamplingParams, n: int, stop_token_ids: Sequence[int]) -> dict:
+    """SGLang's sampling_params for `params` (its schema refuses unknown keys and float counts)."""
+    out = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
+           "max_new_tokens": int(params.max_new_tokens), "n": int(n),
+           "stop_token_ids": sorted(set(stop_token_ids) | set(params.stop_token_ids)), "no_stop_trim": True}
+    if params.seed is not None:
+        out["sampling_seed"] = int(params.seed)  # honoured by servers in deterministic-inference mode
+    return out
+
+
+def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[List[float]], List[str]]:
+    """(response ids, their log-probs, finish reasons) of SGLang's /generate outputs."""
+    ids, logprobs, reasons = [], [], []
+    for out in outputs:
+        meta = out["meta_info"]
+        kind = (meta.get("finish_reason") or {}).get("type")
+        if kind not in FINISH:
+            raise SGLangError(f"{url}/generate: a request ended with finish_reason={meta.get('finish_reason')}")
+        tokens = [int(t) for t in out["output_ids"]]
+        lps = [float(entry[0]) for entry in meta["output_token_logprobs"]]
+        if len(lps) != len(tokens):
+            raise SGLangError(f"{url}/generate: {len(tokens)} output ids but {len(lps)} log-probs")
+        ids.append(tokens)
+        logprobs.append(lps)
+        reasons.append(FINISH[kind])
+    return ids, logprobs, reasons
+
+
+class SGLangEngine:
+    """RolloutEngine over SGLang servers; `transport` sends weight buckets (IPC or NCCL)."""
+
+    def __init__(self, topology: Topology, clients: List[SGLangClient], transport, stop_token_ids: Sequence[int],
+                 bucket_bytes: int, memory_saver: bool, processes: Sequence = ()):
+        self.topology = topology
+        self.clients = clients
+        self.transport = transport
+        self.processes = list(processes)  # the servers this rank launched
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.bucket_bytes = bucket_bytes
+        self.memory_saver = memory_saver
+        self.version = 0  # weight version: syncs so far
+        self.resident: List[str] = list(ALL_TAGS)  # what the engines hold on the GPU now
+        self.last_sync: Dict[str, float] = {}
+        self._rank = dist.get_rank()
+        self._owned = [self.clients[e] for e in topology.owned_engines(self._rank)]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
+        """n samples of each prompt from this data-parallel group's engines, shared with the group."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        group = ps.get_model_parallel_group()
+        box: list = [None]
+        if dist.get_rank(group) == 0:
+            try:
+                box[0] = self._request(prompts, params, n)
+            except SGLangError as err:  # every rank of the group raises it, none waits forever
+                box[0] = err
+        if dist.get_world_size(group) > 1:
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        ids, logprobs, reasons = box[0]
+        rows = [list(p) for p in prompts for _ in range(n)]
+        return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(prompts)) for _ in range(n)])
+
+    def _request(self, prompts, params, n):
+        mine = engines_for(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), len(self.clients))
+        parts = [(self.clients[e], [prompts[i] for i in r]) for e, r in zip(mine, split_even(len(prompts), len(mine)))]
+        payload = sampling_payload(params, n, self.stop_token_ids)
+        with ThreadPoolExecutor(len(parts)) as pool:
+            futures = [pool.submit(c.generate, p, payload) for c, p in parts if p]
+            results = [parse_outputs(f.result(), c.url) for f, (c, p) in zip(futures, [x for x in parts if x[1]])]
+        return tuple(sum((r[k] for r in results), []) for k in range(3))
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
+        """Engines give up `tags` (after every data-parallel leader finished generating)."""
+        tags = [t for t in tags if t in self.resident]
+        if not self.memory_saver or not tags:
+            return
+        dist.barrier()
+        for client in self._owned:
+            client.release_memory(tags)
+        self.resident = [t for t in self.resident if t not in tags]
+        dist.barrier()
+
+    def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
+        tags = [t for t in tags if t not in self.resident]
+        if not self.memory_saver or not tags:
+            return
+        dist.barrier()
+        for client in self._owned:
+            client.resume_memory(tags)
+        self.resident += tags
+        dist.barrier()
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Every HF-named tensor of the model (the same on every rank), in buckets, inside one
+        weight-update session per engine; the prefix cache is flushed once at the end."""
+        start = time.perf_counter()
+        self.version += 1
+        version = str(self.version)
+        dist.barrier()
+        for client in self._owned:
+            client.begin_weight_update()
+        sent, count = 0, 0
+        for bucket in buckets(named_tensors, self.bucket_bytes):
+            self.transport.send(bucket, version)
+            sent += sum(t.numel() * t.element_size() for _, t in bucket)
+            count += 1
+        self.transport.finish()
+        for client in self._owned:
+            client.end_weight_update()
+            client.flush_cache()
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        self.last_sync = {"sync/gb": sent / 1e9, "sync/seconds": seconds, "sync/buckets": float(count),
+                          "sync/gb_per_s": sent / 1e9 / max(seconds, 1e-9)}
+
+    def state_dict(self) -> dict:
+        return {"version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = int(state.get("version", 0))
+
+    def shutdown(self) -> None:
+        """Close the transport and stop the servers this rank launched."""
+        self.transport.close()
+        for proc in self.processes:
+            proc.stop()

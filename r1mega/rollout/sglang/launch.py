@@ -1,0 +1,81 @@
+"""Building the SGLang engine of an RL run: topology, servers, transport."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from r1mega.checkpoint.hf_config import hf_config_from_model
+from r1mega.config.schema import R1Config
+from r1mega.rollout.sglang.client import SGLangClient
+from r1mega.rollout.sglang.engine import SGLangEngine
+from r1mega.rollout.sglang.server import ServerProcess, check_version, server_command, write_model_dir
+from r1mega.rollout.sglang.topology import Topology
+from r1mega.rollout.sglang.transport import IpcTransport, NcclTransport
+
+log = logging.getLogger(__name__)
+
+
+def topology(cfg: R1Config) -> Topology:
+    g = cfg.rollout.sglang
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
+    return Topology(g.mode, g.tp, world, per_node, g.base_gpu_id, g.num_gpus or 0)
+
+
+def start_servers(cfg: R1Config, topo: Topology) -> Tuple[List[str], List[ServerProcess]]:
+    """Owners launch their engines; every rank gets every engine's URL (collective)."""
+    g = cfg.rollout.sglang
+    if not torch.cuda.is_available():
+        raise RuntimeError("rollout.engine=sglang needs CUDA GPUs; use rollout=native on this machine")
+    check_version()
+    folder = Path(g.log_dir or Path(cfg.trainer.output_dir) / "sglang")
+    host = socket.gethostname() if g.host == "0.0.0.0" else g.host
+    procs, mine = [], {}
+    for e in topo.owned_engines(dist.get_rank()):
+        port = g.port + e
+        model_dir = write_model_dir(folder / f"model-{e}", hf_config_from_model(cfg.model))
+        memory_saver = g.enable_memory_saver and g.mode == "colocated"
+        cmd = server_command(model_dir, g, topo.engine_gpu(e), port, cfg.model.dtype, cfg.trainer.seed + e,
+                             memory_saver)
+        procs.append(ServerProcess(cmd, folder / f"engine-{e}.log", f"http://{host}:{port}", g.request_timeout_s))
+        mine[e] = procs[-1].client.url
+    for p in procs:  # started together, waited on together
+        p.wait_ready(g.startup_timeout_s)
+        log.info("sglang engine ready at %s (sglang %s)", p.client.url, p.client.server_version())
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    urls = {e: u for part in every for e, u in part.items()}
+    return [urls[e] for e in range(topo.num_engines)], procs
+
+
+def stop_token_ids(cfg: R1Config, tokenizer) -> List[int]:
+    """EOS plus rollout.stop strings, each of which must be one token (servers run without a tokenizer)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in cfg.rollout.stop:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"rollout.stop entry {text!r} is {len(tokens)} tokens; with rollout.engine=sglang "
+                             "(servers without a tokenizer) each stop string must be a single token")
+        ids.append(tokens[0])
+    return ids
+
+
+def build_sglang_engine(cfg: R1Config, tokenizer) -> SGLangEngine:
+    """Servers up, transport connected: an engine ready for its first weight sync."""
+    g = cfg.rollout.sglang
+    topo = topology(cfg)
+    urls, procs = start_servers(cfg, topo)
+    clients = [SGLangClient(u, g.request_timeout_s) for u in urls]
+    if g.mode == "colocated":
+        transport = IpcTransport(topo, clients)
+    else:
+        transport = NcclTransport(topo, clients, socket.gethostname(), g.nccl_port)
+    return SGLangEngine(topo, clients, transport, stop_token_ids(cfg, tokenizer), int(g.bucket_mb * 2**20),
+                        memory_saver=g.enable_memory_saver and g.mode == "colocated", processes=procs)

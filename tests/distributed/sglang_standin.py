@@ -1,0 +1,250 @@
+"""A stand-in SGLang server for contract tests: the HTTP routes and bodies r1mega uses, checked the
+way sglang 0.5.23 checks them, over a transformers model of the same config.
+
+It refuses what the real server refuses (unknown sampling keys, non-integer counts, weight
+updates outside a begin/end session or while weights are released, generation while its memory
+is released) and adds the checks of the contract: every received tensor has the name, shape and
+dtype of the HF model's own, and each arrives exactly once per session. It records every call.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storage reductions)
+from multiprocessing.reduction import ForkingPickler
+
+SAMPLING_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
+                 "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+                 "sampling_seed", "min_new_tokens", "frequency_penalty", "presence_penalty", "repetition_penalty"}
+INT_KEYS = {"top_k", "max_new_tokens", "n", "sampling_seed"}
+TAGS = {"weights", "kv_cache", "cuda_graph"}
+
+
+class Refused(Exception):
+    pass
+
+
+class StandIn:
+    """The engine state behind one server; `tp` payload entries per weight update."""
+
+    def __init__(self, model_cfg, tp: int, seed: int):
+        from transformers import AutoModelForCausalLM
+
+        from r1mega.checkpoint.hf_config import transformers_config
+
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg), torch_dtype=torch.float32)
+        self.model.eval()
+        self.expected = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()
+                         if not (k == "lm_head.weight" and model_cfg.tie_word_embeddings)}
+        self.tp = tp
+        self.resident = set(TAGS)
+        self.session = None  # names received in the open session
+        self.synced = False
+        self.busy = 0
+        self.calls: List[tuple] = []
+        self.lock = threading.Lock()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def handle(self, route: str, body) -> object:
+        handler = getattr(self, "r_" + route.strip("/"), None)
+        if handler is None:
+            raise Refused(f"no route {route}")
+        return handler(body)
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def r_ready(self, body):
+        return None
+
+    def r_server_info(self, body):
+        return {"version": "0.5.23"}
+
+    def r_generate(self, body):
+        params = body["sampling_params"]
+        unknown = set(params) - SAMPLING_KEYS
+        if unknown:
+            raise Refused(f"unknown sampling params {sorted(unknown)}")
+        for key in INT_KEYS & set(params):
+            if not isinstance(params[key], int):
+                raise Refused(f"{key} must be an integer")
+        if not body.get("return_logprob"):
+            raise Refused("r1mega always asks for log-probs")
+        with self.lock:
+            if self.resident != TAGS or not self.synced:
+                raise Refused(f"generate with resident={sorted(self.resident)} synced={self.synced}")
+            self.busy += 1
+            self.calls.append(("generate", len(body["input_ids"]), params["n"]))
+        try:
+            return [self._sample(p, params) for p in body["input_ids"] for _ in range(params["n"])]
+        finally:
+            with self.lock:
+                self.busy -= 1
+
+    def r_release_memory_occupation(self, body):
+        return self._memory(body, release=True)
+
+    def r_resume_memory_occupation(self, body):
+        return self._memory(body, release=False)
+
+    def r_begin_weight_update(self, body):
+        if self.session is not None:
+            return {"success": False, "message": "a weight-update session is already open"}
+        self.session = set()
+        self.calls.append(("begin",))
+        return {"success": True, "message": ""}
+
+    def r_update_weights_from_tensor(self, body):
+        if self.session is None:
+            return {"success": False, "message": "update_weights_from_tensor must run between "
+                                                 "begin_weight_update() and end_weight_update()"}
+        if "weights" not in self.resident:
+            return {"success": False, "message": "weights are released"}
+        payloads = body["serialized_named_tensors"]
+        if len(payloads) < self.tp or body["load_format"] != "flattened_bucket":
+            return {"success": False, "message": f"{len(payloads)} payloads for tp={self.tp}, "
+                                                 f"load_format={body['load_format']}"}
+        per_rank = [_reconstruct(ForkingPickler.loads(base64.b64decode(p, validate=True))) for p in payloads]
+        names = [n for n, _ in per_rank[0]]
+        for other in per_rank[1:]:
+            if [n for n, _ in other] != names or any(not torch.equal(a, b) for (_, a), (_, b) in zip(per_rank[0], other)):
+                return {"success": False, "message": "TP ranks got different tensors"}
+        state = self.model.state_dict()
+        for name, tensor in per_rank[0]:
+            if name not in self.expected:
+                return {"success": False, "message": f"{name} is not a parameter of the HF model"}
+            if (tuple(tensor.shape), tensor.dtype) != self.expected[name]:
+                return {"success": False, "message": f"{name}: {tuple(tensor.shape)} {tensor.dtype}, expected "
+                                                     f"{self.expected[name]}"}
+            if not torch.isfinite(tensor).all():
+                return {"success": False, "message": f"{name} has NaN or inf values"}
+            if name in self.session:
+                return {"success": False, "message": f"{name} sent twice in one session"}
+            self.session.add(name)
+            with torch.no_grad():
+                state[name].copy_(tensor)
+        self.calls.append(("update", len(names), body["weight_version"]))
+        return {"success": True, "message": "Success"}
+
+    def r_end_weight_update(self, body):
+        if self.session is None:
+            return {"success": False, "message": "no open session"}
+        missing = set(self.expected) - self.session
+        self.session = None
+        if missing:
+            return {"success": False, "message": f"{len(missing)} parameters never arrived: {sorted(missing)[:3]}"}
+        self.synced = True
+        self.calls.append(("end",))
+        return {"success": True, "message": ""}
+
+    def r_flush_cache(self, body):
+        if self.busy:
+            raise Refused("requests are running")
+        self.calls.append(("flush",))
+        return "Cache flushed."
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _memory(self, body, release: bool):
+        tags = set(body["tags"] or TAGS)
+        with self.lock:
+            if release and self.busy:
+                raise Refused("release while generating")
+            if not tags <= TAGS:
+                raise Refused(f"unknown tags {tags - TAGS}")
+            self.resident = self.resident - tags if release else self.resident | tags
+            self.calls.append(("release" if release else "resume", tuple(sorted(tags))))
+        return None
+
+    @torch.no_grad()
+    def _sample(self, prompt: List[int], params: Dict) -> dict:
+        ids = list(prompt)
+        out, logprobs, finish = [], [], {"type": "length", "length": params["max_new_tokens"]}
+        for _ in range(params["max_new_tokens"]):
+            logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+            greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
+            logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
+            token = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+            out.append(token)
+            logprobs.append([float(logp[token]), token, None])
+            ids.append(token)
+            if token in params["stop_token_ids"]:
+                finish = {"type": "stop", "matched": token}
+                break
+        return {"output_ids": out, "meta_info": {"finish_reason": finish, "output_token_logprobs": logprobs,
+                                                  "completion_tokens": len(out)}}
+
+
+def _reconstruct(payload) -> List[tuple]:
+    """SGLang's FlattenedTensorBucket.reconstruct_tensors, with its alignment rule checked."""
+    flat, out = payload["flattened_tensor"], []
+    assert flat.dtype == torch.uint8
+    for m in payload["metadata"]:
+        assert m.start_idx % m.dtype.itemsize == 0, f"{m.name} is not aligned"
+        assert m.end_idx - m.start_idx == m.numel
+        out.append((m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape).clone()))
+    return out
+
+
+def serve(standin: StandIn) -> ThreadingHTTPServer:
+    """Serve `standin` on a free local port in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, method):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            if method == "POST" and body is None and self.path != "/flush_cache":
+                return self._send(422, {"detail": "a JSON body is required"})
+            try:
+                result = standin.handle(self.path, body)
+            except Refused as err:
+                return self._send(400, {"error": str(err)})
+            except Exception as err:  # a server error, as the real one answers it: never a hang
+                return self._send(500, {"error": f"{type(err).__name__}: {err}"})
+            failed = isinstance(result, dict) and result.get("success") is False
+            self._send(400 if failed else 200, result)
+
+        def _send(self, code, result):
+            raw = (result if isinstance(result, str) else json.dumps(result)).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._reply("GET")
+
+        def do_POST(self):
+            self._reply("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def start_standins(registry: dict):
+    """A replacement for r1mega.rollout.sglang.launch.start_servers: stand-ins in this process."""
+    import torch.distributed as dist
+
+    def start(cfg, topo):
+        mine = {}
+        for e in topo.owned_engines(dist.get_rank()):
+            standin = StandIn(cfg.model, topo.tp, seed=100 + e)
+            server = serve(standin)
+            registry[e] = standin
+            mine[e] = f"http://127.0.0.1:{server.server_address[1]}"
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        urls = {e: u for part in every for e, u in part.items()}
+        return [urls[e] for e in range(topo.num_engines)], []
+
+    return start
