@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import re
 import shutil
@@ -22,10 +23,13 @@ def _slurm_reachable() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu` tests without CUDA and `slurm` tests without a cluster, and say so."""
+    """Skip `gpu` tests without CUDA, `sglang` tests without sglang and a GPU, `slurm` tests without a cluster,
+    and say so."""
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs CUDA: no GPU on this machine")
+    if importlib.util.find_spec("sglang") is None or not torch.cuda.is_available():
+        skips["sglang"] = pytest.mark.skip(reason="needs sglang (pip install 'r1mega[sglang]') and a CUDA GPU")
     if any("slurm" in item.keywords for item in items) and not _slurm_reachable():
         skips["slurm"] = pytest.mark.skip(reason="needs the local Slurm cluster: run `slurm/local-cluster.sh start` "
                                           "as root and export the SLURM_CONF it prints")
