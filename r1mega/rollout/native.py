@@ -76,7 +76,7 @@ class NativeEngine:
         return {"calls": self._calls}
 
     def load_state_dict(self, state: dict) -> None:
-        self._calls = int(state["calls"])
+        self._calls = int(state.get("calls", 0))  # absent in a checkpoint of another engine
 
     def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: the engine decodes with the trainer's parameters themselves."""

@@ -13,11 +13,11 @@ import base64
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.reduction import ForkingPickler
 from typing import Dict, List
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storage reductions)
-from multiprocessing.reduction import ForkingPickler
 
 SAMPLING_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
                  "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
@@ -51,6 +51,7 @@ class StandIn:
         self.calls: List[tuple] = []
         self.lock = threading.Lock()
         self.generator = torch.Generator().manual_seed(seed)
+        self.group, self.group_name = None, "r1mega-weights"  # disaggregated: the weight-update group
 
     def handle(self, route: str, body) -> object:
         handler = getattr(self, "r_" + route.strip("/"), None)
@@ -104,19 +105,48 @@ class StandIn:
         if self.session is None:
             return {"success": False, "message": "update_weights_from_tensor must run between "
                                                  "begin_weight_update() and end_weight_update()"}
-        if "weights" not in self.resident:
-            return {"success": False, "message": "weights are released"}
         payloads = body["serialized_named_tensors"]
         if len(payloads) < self.tp or body["load_format"] != "flattened_bucket":
             return {"success": False, "message": f"{len(payloads)} payloads for tp={self.tp}, "
                                                  f"load_format={body['load_format']}"}
         per_rank = [_reconstruct(ForkingPickler.loads(base64.b64decode(p, validate=True))) for p in payloads]
-        names = [n for n, _ in per_rank[0]]
         for other in per_rank[1:]:
-            if [n for n, _ in other] != names or any(not torch.equal(a, b) for (_, a), (_, b) in zip(per_rank[0], other)):
+            if [n for n, _ in other] != [n for n, _ in per_rank[0]] or any(
+                    not torch.equal(a, b) for (_, a), (_, b) in zip(per_rank[0], other)):
                 return {"success": False, "message": "TP ranks got different tensors"}
+        return self._load(per_rank[0], body["weight_version"])
+
+    def r_init_weights_update_group(self, body):
+        self.calls.append(("init_group", body["rank_offset"], body["world_size"], body["group_name"]))
+        return {"success": True, "message": ""}
+
+    def r_update_weights_from_distributed(self, body):
+        """Receive one broadcast of a FlattenedTensorBucket.empty layout from group rank 0."""
+        import torch.distributed as dist
+
+        if self.session is None:
+            return {"success": False, "message": "update_weights_from_distributed must run between "
+                                                 "begin_weight_update() and end_weight_update()"}
+        if body["load_format"] != "flattened_bucket" or body["group_name"] != self.group_name:
+            return {"success": False, "message": f"load_format={body['load_format']} group={body['group_name']}"}
+        metas, offset = [], 0
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"], strict=True):
+            dtype = getattr(torch, dtype)
+            if offset % dtype.itemsize:
+                return {"success": False, "message": f"Unaligned received tensor {name}: byte offset {offset}"}
+            size = torch.Size(shape).numel() * dtype.itemsize
+            metas.append((name, dtype, torch.Size(shape), offset, offset + size))
+            offset += size
+        flat = torch.empty(offset, dtype=torch.uint8)
+        dist.broadcast(flat, src=0, group=self.group)
+        named = [(n, flat[a:b].view(d).reshape(sh).clone()) for n, d, sh, a, b in metas]
+        return self._load(named, body["weight_version"])
+
+    def _load(self, named, version):
+        if "weights" not in self.resident:
+            return {"success": False, "message": "weights are released"}
         state = self.model.state_dict()
-        for name, tensor in per_rank[0]:
+        for name, tensor in named:
             if name not in self.expected:
                 return {"success": False, "message": f"{name} is not a parameter of the HF model"}
             if (tuple(tensor.shape), tensor.dtype) != self.expected[name]:
@@ -129,7 +159,7 @@ class StandIn:
             self.session.add(name)
             with torch.no_grad():
                 state[name].copy_(tensor)
-        self.calls.append(("update", len(names), body["weight_version"]))
+        self.calls.append(("update", len(named), version))
         return {"success": True, "message": "Success"}
 
     def r_end_weight_update(self, body):

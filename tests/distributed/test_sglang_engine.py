@@ -9,6 +9,7 @@ trainer's: the weights crossed intact. The real server is exercised by the `sgla
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rl_helpers import run
 from r1mega.platform.launch import spawn
@@ -84,3 +85,52 @@ def test_colocated_pp2_trainer_one_tp2_engine(tmp_path):
     calls = _engine_calls(out)
     assert sorted(calls) == [0]
     _check_turns(calls[0])
+
+
+def _disaggregated():
+    """Rank 0 trains; rank 1 stands for a one-GPU engine that joins the weight-update group."""
+    import torch.distributed as dist
+
+    from r1mega.config.schema import ModelConfig, ParallelConfig
+    from r1mega.platform.distributed import running
+    from r1mega.rollout.sglang.buckets import buckets
+    from r1mega.rollout.sglang.client import SGLangClient
+    from r1mega.rollout.sglang.topology import Topology
+    from r1mega.rollout.sglang.transport import NcclTransport
+    from sglang_standin import StandIn, serve
+
+    model = ModelConfig(name="t", arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                        num_attention_heads=4, num_query_groups=2, vocab_size=96, tie_word_embeddings=False)
+    with running(ParallelConfig(), seed=1):
+        group = dist.new_group([0, 1], backend="gloo")
+        standin, url = None, [None]
+        if dist.get_rank() == 1:
+            standin = StandIn(model, tp=1, seed=5)
+            standin.group = group
+            url[0] = f"http://127.0.0.1:{serve(standin).server_address[1]}"
+        dist.broadcast_object_list(url, src=1)
+        if dist.get_rank() == 1:
+            dist.barrier()  # the sync runs in the server's thread meanwhile
+            return standin.calls, {k: v.clone() for k, v in standin.model.state_dict().items()}
+        client = SGLangClient(url[0], timeout_s=60)
+        topo = Topology("disaggregated", tp=1, world_size=2, ranks_per_node=2, num_gpus=1)
+        transport = NcclTransport(topo, [client], "127.0.0.1", 0, init_group=lambda *args: group)
+        named = list(StandIn(model, tp=1, seed=9).model.state_dict().items())  # another random model's weights
+        client.begin_weight_update()
+        for bucket in buckets(named, 20_000):
+            transport.send(bucket, "1")
+        client.end_weight_update()
+        transport.close = lambda: None  # the group is the test's
+        dist.barrier()
+        return named, None
+
+
+def test_disaggregated_buckets_arrive_over_the_group():
+    """The NCCL path's contract on gloo: one init per engine with rank_offset 1, then per bucket the
+    names, dtypes and shapes SGLang allocates from (aligned, back to back) and one broadcast."""
+    (named, _), (calls, received) = spawn(2, _disaggregated)
+    assert calls[0] == ("init_group", 1, 2, "r1mega-weights")
+    updates = [c for c in calls if c[0] == "update"]
+    assert len(updates) > 2 and sum(c[1] for c in updates) == len(named) and calls[-1] == ("end",)
+    for name, tensor in named:
+        assert torch.equal(received[name], tensor), name

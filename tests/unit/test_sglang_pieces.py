@@ -125,13 +125,14 @@ def test_parse_outputs():
 def test_server_command():
     from r1mega.config.sglang_schema import SGLangConfig
 
-    g = SGLangConfig(tp=2, mem_fraction_static=0.4, server_args={"disable_cuda_graph": True, "chunked_prefill_size": 4096,
-                                                                 "enable_x": False})
+    extra = {"disable_cuda_graph": True, "chunked_prefill_size": 4096, "enable_x": False}
+    g = SGLangConfig(tp=2, mem_fraction_static=0.4, server_args=extra)
     cmd = server_command("/m", g, base_gpu_id=2, port=30001, dtype="bf16", seed=5, memory_saver=True)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     args = dict(zip(cmd[3::2], cmd[4::2]))
     assert args["--model-path"] == "/m" and args["--tp-size"] == "2" and args["--base-gpu-id"] == "2"
-    assert args["--dtype"] == "bfloat16" and args["--load-format"] == "dummy" and args["--chunked-prefill-size"] == "4096"
+    assert args["--dtype"] == "bfloat16" and args["--load-format"] == "dummy"
+    assert args["--chunked-prefill-size"] == "4096"
     assert {"--skip-tokenizer-init", "--enable-memory-saver", "--disable-cuda-graph"} <= set(cmd)
     assert "--enable-x" not in cmd
     assert "--enable-memory-saver" not in server_command("/m", g, 0, 1, "fp32", 0, memory_saver=False)

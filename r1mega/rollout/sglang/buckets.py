@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Iterable, Iterator, List, Tuple
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storage reductions)
-from multiprocessing.reduction import ForkingPickler
 
 Named = Tuple[str, torch.Tensor]
 
