@@ -64,7 +64,7 @@ def _train_md(t: Dict) -> str:
 def _rollout_md(r: Dict) -> str:
     head = f"{r['model']}, {r['new_tokens']} new tokens per row.\n\n"
     rows = [[x["engine"], x.get("batch_size"), x.get("tokens_per_s"), x.get("seconds"), _memory(x),
-             x.get("skipped", "")] for x in r["rows"]]
+             x.get("skipped") or x.get("note", "")] for x in r["rows"]]
     return head + _table(["engine", "batch", "generated tokens/s", "seconds", "peak MB", "note"], rows)
 
 

@@ -23,11 +23,12 @@ from r1mega.rollout.types import Rollouts, SamplingParams
 FINISH = {"stop": "stop", "length": "length"}
 
 
-def sampling_payload(params: SamplingParams, n: int, stop_token_ids: Sequence[int]) -> dict:
+def sampling_payload(params: SamplingParams, n: int, stop_token_ids: Sequence[int], ignore_eos: bool = False) -> dict:
     """SGLang's sampling_params for `params` (its schema refuses unknown keys and float counts)."""
     out = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
-           "max_new_tokens": int(params.max_new_tokens), "n": int(n),
-           "stop_token_ids": sorted(set(stop_token_ids) | set(params.stop_token_ids)), "no_stop_trim": True}
+           "max_new_tokens": int(params.max_new_tokens), "n": int(n), "ignore_eos": ignore_eos,
+           "stop_token_ids": [] if ignore_eos else sorted(set(stop_token_ids) | set(params.stop_token_ids)),
+           "no_stop_trim": True}
     if params.seed is not None:
         out["sampling_seed"] = int(params.seed)  # honoured by servers in deterministic-inference mode
     return out
@@ -60,6 +61,7 @@ class SGLangEngine:
         self.clients = clients
         self.transport = transport
         self.processes = list(processes)  # the servers this rank launched
+        self.ignore_eos = False  # benchmarks decode exactly max_new_tokens
         self.stop_token_ids = tuple(stop_token_ids)
         self.bucket_bytes = bucket_bytes
         self.memory_saver = memory_saver
@@ -93,7 +95,7 @@ class SGLangEngine:
     def _request(self, prompts, params, n):
         mine = engines_for(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), len(self.clients))
         parts = [(self.clients[e], [prompts[i] for i in r]) for e, r in zip(mine, split_even(len(prompts), len(mine)))]
-        payload = sampling_payload(params, n, self.stop_token_ids)
+        payload = sampling_payload(params, n, self.stop_token_ids, self.ignore_eos)
         with ThreadPoolExecutor(len(parts)) as pool:
             futures = [pool.submit(c.generate, p, payload) for c, p in parts if p]
             results = [parse_outputs(f.result(), c.url) for f, (c, p) in zip(futures, [x for x in parts if x[1]])]
