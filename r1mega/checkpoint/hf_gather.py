@@ -1,9 +1,10 @@
-"""The whole model as HF-named tensors on every rank, one parameter at a time.
+"""The whole model as HF-named tensors on every rank, produced one parameter at a time.
 
 Each HF tensor has one writer (tensor-parallel rank 0 of data-parallel replica 0, or the
 expert's owner); after the tensor-parallel gather on its stage, the writer broadcasts it to the
 world. All ranks of one pipeline stage step through their parameters together, stages one
-after another, so memory holds one parameter at a time and no collective waits on another.
+after another, so no collective waits on another; what a consumer keeps (a sync bucket) is its
+own choice.
 """
 
 from __future__ import annotations

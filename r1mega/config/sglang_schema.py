@@ -12,12 +12,12 @@ class SGLangConfig:
     tp: int = 1  # GPUs per engine (rollout tensor parallelism; may differ from parallel.tp)
     base_gpu_id: int = 0  # first GPU of this node's engines (disaggregated: usually after the trainer's)
     num_gpus: Optional[int] = None  # disaggregated: rollout GPUs on the first node (engines = num_gpus / tp)
-    mem_fraction_static: float = 0.5  # share of each GPU for SGLang's weights + KV cache
+    mem_fraction_static: float = 0.5  # of the GPU memory free at engine start (before the trainer's), for SGLang
     enable_memory_saver: bool = True  # colocated: release/resume weights, KV cache and CUDA graphs
     offload_optimizer: bool = True  # colocated: optimizer states to host memory while the engine runs
     offload_params: bool = False  # colocated: the trainer's parameters too (after each weight sync)
     bucket_mb: float = 512.0  # weight-sync bucket size (MiB)
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # engines bind here on one node; on several, every interface under the node's name
     port: int = 30000  # engine i serves on port + i (on its owner's node)
     nccl_port: int = 29650  # disaggregated: rendezvous of the weight-update group
     startup_timeout_s: float = 900.0

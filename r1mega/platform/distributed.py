@@ -119,3 +119,28 @@ def running(parallel: ParallelConfig, seed: int) -> Iterator[Runtime]:
         yield runtime
     finally:
         destroy()
+
+
+class RankError(RuntimeError):
+    """A failure on some rank, raised on every rank of the group so none waits in a collective."""
+
+
+def raise_if_any(error: BaseException | None, group=None) -> None:
+    """Collective: if any rank of `group` passes an error, every rank raises one naming it."""
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = [(r, msg) for r, msg in enumerate(every) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise RankError(f"rank {rank}{f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''}: {msg}") from error
+
+
+@contextmanager
+def collectively(group=None) -> Iterator[None]:
+    """Run a block that may fail on some ranks only; afterwards all ranks raise, or none does."""
+    error = None
+    try:
+        yield
+    except Exception as err:  # re-raised below, on every rank
+        error = err
+    raise_if_any(error, group)

@@ -28,7 +28,8 @@ class TrainState:
         self.optimizer = optimizer
         self.offload_optimizer = offload_optimizer
         self.offload_params = offload_params
-        self._model_params = {id(p) for c in ddp_chunks for p in c.parameters()}
+        self._host: List[torch.Tensor] = []  # host buffers (pinned under CUDA), reused turn after turn
+        self._used = 0
         self._moved_states: List[Tuple[dict, str, torch.device]] = []
         self._moved_main: List[Tuple[torch.Tensor, torch.device]] = []  # fp32 main copies of bf16/fp16 params
         self._moved_params: List[Tuple[torch.Tensor, torch.Tensor, int]] = []  # (buffer, host copy, storage size)
@@ -36,24 +37,24 @@ class TrainState:
 
     def offload_training(self) -> None:
         """Before the engine resumes: free grads and move optimizer states to the host."""
-        cuda = torch.cuda.is_available()
         for chunk in self.ddp_chunks:
-            chunk.offload_grad_buffers(synchronize=cuda, empty_cache=False)
+            chunk.offload_grad_buffers(synchronize=torch.cuda.is_available(), empty_cache=False)
         self.offloaded.append("grads")
         if self.offload_optimizer:
+            # an fp32 model's optimizer steps the model's own parameters (or views of its buffers):
+            # those stay; bf16/fp16 models' fp32 main copies have storage of their own and go
+            model = {p.untyped_storage().data_ptr() for c in self.ddp_chunks for p in c.parameters()}
             for opt in self._inner_optimizers():
                 for state in opt.state.values():
                     for key, value in state.items():
                         if torch.is_tensor(value) and value.dim() > 0:
                             self._moved_states.append((state, key, value.device))
-                            state[key] = _to_host(value)
+                            state[key] = self._to_host(value)
                 for group in opt.param_groups:
                     for p in group["params"]:
-                        # fp32 main copies of bf16/fp16 params; fp32 models' optimizers step the
-                        # model's own parameters (or views of them), which stay
-                        if id(p) not in self._model_params and p.data._base is None:
+                        if p.untyped_storage().data_ptr() not in model:
                             self._moved_main.append((p, p.device))
-                            p.data = _to_host(p.data)
+                            p.data = self._to_host(p.data)
             self.offloaded.append("optimizer")
         _empty_cache()
 
@@ -65,7 +66,7 @@ class TrainState:
         for buffer in self._param_buffers():
             data = buffer.param_data
             if data is not None and data.untyped_storage().size() > 0:
-                self._moved_params.append((data, _to_host(data), data.untyped_storage().size()))
+                self._moved_params.append((data, self._to_host(data), data.untyped_storage().size()))
                 data.untyped_storage().resize_(0)
         self.offloaded.append("params")
         _empty_cache()
@@ -75,17 +76,27 @@ class TrainState:
         for data, host, size in self._moved_params:
             data.untyped_storage().resize_(size)
             data.copy_(host, non_blocking=True)
-        self._moved_params.clear()
         for state, key, device in self._moved_states:
-            state[key] = state[key].to(device, non_blocking=True)
+            state[key] = state[key].to(device, copy=True, non_blocking=True)
         for p, device in self._moved_main:
-            p.data = p.data.to(device, non_blocking=True)
+            p.data = p.data.to(device, copy=True, non_blocking=True)
+        self._moved_params.clear()
         self._moved_states.clear()
         self._moved_main.clear()
         if "grads" in self.offloaded:
             for chunk in self.ddp_chunks:
                 chunk.restore_grad_buffers(synchronize=torch.cuda.is_available())
         self.offloaded.clear()
+        self._used = 0
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of `t` in the next pooled buffer (tensors come in the same order every turn)."""
+        i = self._used
+        self._used += 1
+        if i == len(self._host) or self._host[i].shape != t.shape or self._host[i].dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._host[i:i + 1] = [buf]
+        return self._host[i].copy_(t.detach(), non_blocking=True)
 
     def _param_buffers(self):
         for chunk in self.ddp_chunks:
@@ -96,11 +107,6 @@ class TrainState:
             inner = getattr(opt, "optimizer", None)
             if inner is not None:
                 yield inner
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    host = t.detach().to("cpu", copy=True)
-    return host.pin_memory() if t.is_cuda else host
 
 
 def _empty_cache() -> None:

@@ -30,6 +30,8 @@ class RLContext:
     prompt_tokens: Dict[int, List[int]] = field(default_factory=dict)  # id(record) -> token ids
     train_state: Any = None  # TrainState when trainer and engine take turns on the GPUs (colocated SGLang)
     hf_plan: Any = None  # who sends which HF tensor in a weight sync (made at the first sync)
+    weights_version: int = 0  # optimizer steps taken; the engine holds weights_version == synced_version
+    synced_version: int = -1
 
     @property
     def temperature(self) -> float:

@@ -1,4 +1,4 @@
-"""The phases of one RL step: generate, score, advantages, log-probs, update, weight sync.
+"""The phases of one RL step: weight sync, generate, score, advantages, log-probs, update.
 
 Every rank of a model-parallel group (TP x PP) holds the same prompts and rollouts; ranks of
 different data-parallel groups hold different ones. Rewards are computed once per
@@ -189,6 +189,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
             settings = LossSettings(a, a.norm_length or r.max_new_tokens, ctx.temperature, tokens, seqs)
             out = train_minibatch(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler,
                                   _micro_batches(ctx, batch, rows), settings)
+            ctx.weights_version += 1
             updates += 1
             for k, v in out.items():
                 stats[k] = stats.get(k, 0.0) + v
@@ -207,13 +208,16 @@ def rollout_turn(ctx: RLContext) -> Dict[str, float]:
     if ctx.train_state is not None:
         ctx.train_state.offload_training()
     ctx.engine.resume_memory(["weights"])
-    if ctx.hf_plan is None:
-        ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)
-    ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
+    stale = ctx.synced_version != ctx.weights_version  # evaluation between steps finds them current
+    if stale:
+        if ctx.hf_plan is None:
+            ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)
+        ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
+        ctx.synced_version = ctx.weights_version
     if ctx.train_state is not None:
         ctx.train_state.offload_parameters()
     ctx.engine.resume_memory(["kv_cache", "cuda_graph"])
-    return dict(ctx.engine.last_sync)
+    return dict(ctx.engine.last_sync) if stale else {}
 
 
 def training_turn(ctx: RLContext) -> None:

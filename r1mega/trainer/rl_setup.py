@@ -187,19 +187,29 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     test, test_table = tokenize_prompts(cfg, tokenizer, test, "test")
     table.update(test_table)
     source = initial_weights(cfg, runtime, tokenizer)
+    separate = cfg.rollout.engine != "native"  # the engine keeps its own copy of the weights
+    # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
+    engine = build_engine(cfg, None, tokenizer) if separate else None
     chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
+    engine = engine or build_engine(cfg, chunks, tokenizer)
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())
-    g = cfg.rollout.sglang
-    separate = cfg.rollout.engine != "native"  # the engine keeps its own copy of the weights
-    turns = separate and g.mode == "colocated"
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
-                     scheduler=scheduler, ref_chunks=build_reference(cfg, source, chunks),
-                     engine=build_engine(cfg, chunks, tokenizer), engine_shares_weights=not separate,
-                     rewards=rewards, reward_names=names, sampler=sampler, test_records=test,
-                     sampling=sampling_params(cfg, tokenizer), prompt_tokens=table,
-                     train_state=TrainState(ddp, optimizer, g.offload_optimizer, g.offload_params) if turns else None)
+                     scheduler=scheduler, ref_chunks=build_reference(cfg, source, chunks), engine=engine,
+                     engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
+                     test_records=test, sampling=sampling_params(cfg, tokenizer), prompt_tokens=table,
+                     train_state=train_state(cfg, ddp, optimizer))
+
+
+def train_state(cfg: R1Config, ddp, optimizer) -> Optional[TrainState]:
+    """Offload and reload of the trainer's memory, when it takes turns with a colocated engine."""
+    if cfg.rollout.engine == "native":
+        return None
+    from r1mega.rollout.sglang.launch import memory_saver
+
+    g = cfg.rollout.sglang
+    return TrainState(ddp, optimizer, g.offload_optimizer, g.offload_params) if memory_saver(cfg) else None
 
 
 def _is_first_rank() -> bool:

@@ -10,24 +10,64 @@ dtype of the HF model's own, and each arrives exactly once per session. It recor
 from __future__ import annotations
 
 import base64
+import io
 import json
+import pickle
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from multiprocessing.reduction import ForkingPickler
 from typing import Dict, List
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storage reductions)
 
-SAMPLING_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
-                 "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
-                 "sampling_seed", "min_new_tokens", "frequency_penalty", "presence_penalty", "repetition_penalty"}
-INT_KEYS = {"top_k", "max_new_tokens", "n", "sampling_seed"}
+# sglang 0.5.23, api/v1/api_types.py SamplingParams: unknown keys are refused, counts must be integers
+SAMPLING_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+                 "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
+                 "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+                 "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed",
+                 "custom_params", "beam_width", "watermark", "choice"}
+INT_KEYS = {"max_new_tokens", "top_k", "min_new_tokens", "n", "stream_interval", "sampling_seed", "beam_width"}
 TAGS = {"weights", "kv_cache", "cuda_graph"}
 
 
 class Refused(Exception):
     pass
+
+
+@dataclass
+class FlattenedTensorMetadata:
+    """Stands for sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata (same fields)."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def use_stub_metadata() -> None:
+    """Make r1mega pack buckets with the stand-in's metadata class (sglang is not installed here)."""
+    import r1mega.rollout.sglang.buckets as b
+
+    b._meta_class = lambda: FlattenedTensorMetadata
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """SGLang's rule: only tensors, storages, dtypes, plain containers and the bucket metadata."""
+
+    ALLOWED = {("builtins", n) for n in ("list", "dict", "tuple", "set", "int", "float", "str", "bytes")} | {
+        ("collections", "OrderedDict"), (__name__, "FlattenedTensorMetadata"),
+        ("multiprocessing.resource_sharer", "DupFd")}  # CPU storages only; CUDA ones travel as IPC handles
+
+    def find_class(self, module, name):
+        if module.startswith("torch") or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Blocked unsafe global {module}.{name}")
+
+
+def loads(payload: str):
+    return SafeUnpickler(io.BytesIO(base64.b64decode(payload, validate=True))).load()
 
 
 class StandIn:
@@ -109,7 +149,7 @@ class StandIn:
         if len(payloads) < self.tp or body["load_format"] != "flattened_bucket":
             return {"success": False, "message": f"{len(payloads)} payloads for tp={self.tp}, "
                                                  f"load_format={body['load_format']}"}
-        per_rank = [_reconstruct(ForkingPickler.loads(base64.b64decode(p, validate=True))) for p in payloads]
+        per_rank = [_reconstruct(loads(p)) for p in payloads]
         for other in per_rank[1:]:
             if [n for n, _ in other] != [n for n, _ in per_rank[0]] or any(
                     not torch.equal(a, b) for (_, a), (_, b) in zip(per_rank[0], other)):
@@ -266,6 +306,7 @@ def start_standins(registry: dict):
     import torch.distributed as dist
 
     def start(cfg, topo):
+        use_stub_metadata()
         mine = {}
         for e in topo.owned_engines(dist.get_rank()):
             standin = StandIn(cfg.model, topo.tp, seed=100 + e)

@@ -37,6 +37,7 @@ def _two_steps(dtype: str, distributed: bool, offload: bool):
         train_step(ddp, optimizer, scheduler, list(batches[0].split(2)), SEQ, 2)
         freed = {}
         if offload:
+            shared_before = _sharing_model_storage(optimizer, chunks)
             originals = _device_copies(optimizer, chunks, dtype)
             state.offload_training()
             for t in originals:  # whatever training reads next must come back from the host copies
@@ -47,12 +48,20 @@ def _two_steps(dtype: str, distributed: bool, offload: bool):
                      "param_storage": sum(b.param_data.untyped_storage().size() for c in ddp for b in c.buffers
                                           if b.param_data is not None)}
             state.reload()
+            freed["shared"] = (shared_before, _sharing_model_storage(optimizer, chunks))
             device = next(chunks[0].parameters()).device
             freed["homes"] = {t.device == device for opt in getattr(optimizer, "chained_optimizers", [optimizer])
                               for st in opt.optimizer.state.values() for t in st.values() if torch.is_tensor(t)
                               and t.dim() > 0}
         train_step(ddp, optimizer, scheduler, list(batches[1].split(2)), SEQ, 2)
         return {n: p.detach().float().clone() for n, p in chunks[0].named_parameters()}, freed
+
+
+def _sharing_model_storage(optimizer, chunks) -> int:
+    """How many optimizer parameters are the model's parameters or views of its buffers."""
+    model = {p.untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
+    return sum(p.untyped_storage().data_ptr() in model for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               for g in opt.optimizer.param_groups for p in g["params"])
 
 
 def _device_copies(optimizer, chunks, dtype: str):
@@ -75,6 +84,8 @@ def test_offload_and_reload_leave_training_unchanged(dtype, distributed):
     assert freed["offloaded"] == ["grads", "optimizer", "params"]
     assert freed["grad_storage"] == 0
     assert freed["homes"] == {True}  # every state back on the parameters' device (a GPU where there is one)
+    before, after = freed["shared"]
+    assert after == before and (before > 0) == (dtype == "fp32")  # fp32: still stepping the model itself
     if distributed:  # megatron keeps parameters in one freeable buffer only with the distributed optimizer
         assert freed["param_storage"] == 0
     assert ref.keys() == got.keys()

@@ -3,9 +3,8 @@ formats, the launch command, the version check, the client's errors, the config 
 
 from __future__ import annotations
 
-import base64
+import pickle
 import sys
-from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
@@ -19,7 +18,16 @@ from r1mega.rollout.sglang.topology import Topology, engines_for, split_even
 from r1mega.rollout.types import SamplingParams
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "distributed"))
-from sglang_standin import INT_KEYS, SAMPLING_KEYS, StandIn, serve  # noqa: E402
+import sglang_standin  # noqa: E402
+from sglang_standin import INT_KEYS, SAMPLING_KEYS, StandIn, loads, serve  # noqa: E402
+
+
+@pytest.fixture
+def stub_metadata(monkeypatch):
+    """sglang's metadata class is not installed here: pack with the stand-in's."""
+    import r1mega.rollout.sglang.buckets as b
+
+    monkeypatch.setattr(b, "_meta_class", lambda: sglang_standin.FlattenedTensorMetadata)
 
 
 def test_colocated_topology_blocks_of_tp():
@@ -36,8 +44,10 @@ def test_disaggregated_topology_on_its_own_gpus():
     t = Topology("disaggregated", tp=2, world_size=4, ranks_per_node=4, base_gpu_id=4, num_gpus=4)
     assert t.num_engines == 2 and [t.owner(e) for e in range(2)] == [0, 0]
     assert [t.engine_gpu(e) for e in range(2)] == [4, 6]
+    with pytest.raises(ValueError, match="base_gpu_id=2 puts engines on the trainer's GPUs 0-3"):
+        Topology("disaggregated", tp=2, world_size=4, ranks_per_node=4, base_gpu_id=2, num_gpus=4)
     with pytest.raises(ValueError, match="num_gpus=3 must be a positive multiple"):
-        Topology("disaggregated", tp=2, world_size=4, ranks_per_node=4, num_gpus=3)
+        Topology("disaggregated", tp=2, world_size=4, ranks_per_node=4, base_gpu_id=4, num_gpus=3)
     with pytest.raises(ValueError, match="rollout.sglang.mode='x'"):
         Topology("x", tp=1, world_size=1, ranks_per_node=1)
 
@@ -72,7 +82,7 @@ def test_buckets_keep_order_and_budget():
     assert sum(sizes) == sum(t.numel() * t.element_size() for b in buckets(named, 10**9) for _, t in b)
 
 
-def test_pack_is_sglangs_flattened_layout():
+def test_pack_is_sglangs_flattened_layout(stub_metadata):
     named = _named(1)
     flat, meta = pack(named)
     assert flat.dtype == torch.uint8 and flat.dim() == 1
@@ -88,12 +98,19 @@ def test_pack_is_sglangs_flattened_layout():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t)
 
 
-def test_serialize_is_base64_forking_pickle():
+def test_serialize_passes_a_restricted_unpickler(stub_metadata):
     flat, meta = pack(_named(2))
-    obj = ForkingPickler.loads(base64.b64decode(serialize({"flattened_tensor": flat, "metadata": meta}),
-                                                validate=True))
+    obj = loads(serialize({"flattened_tensor": flat, "metadata": meta}))
     assert torch.equal(obj["flattened_tensor"], flat)
     assert [m.name for m in obj["metadata"]] == [m.name for m in meta]
+    with pytest.raises(pickle.UnpicklingError, match="Blocked unsafe global r1mega.rollout.types.SamplingParams"):
+        loads(serialize({"metadata": [SamplingParams()]}))
+
+
+def test_pack_needs_sglangs_metadata_class():
+    if __import__("importlib").util.find_spec("sglang") is None:
+        with pytest.raises(RuntimeError, match="packing weights for SGLang needs sglang installed"):
+            pack(_named(3))
 
 
 def test_sampling_payload_passes_sglangs_schema():
@@ -125,17 +142,17 @@ def test_parse_outputs():
 def test_server_command():
     from r1mega.config.sglang_schema import SGLangConfig
 
-    extra = {"disable_cuda_graph": True, "chunked_prefill_size": 4096, "enable_x": False}
+    extra = {"disable_cuda_graph": True, "chunked_prefill_size": 4096, "enable_x": False, "stream_interval": 0}
     g = SGLangConfig(tp=2, mem_fraction_static=0.4, server_args=extra)
-    cmd = server_command("/m", g, base_gpu_id=2, port=30001, dtype="bf16", seed=5, memory_saver=True)
+    cmd = server_command("/m", g, base_gpu_id=2, host="127.0.0.1", port=30001, dtype="bf16", seed=5, memory_saver=True)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     args = dict(zip(cmd[3::2], cmd[4::2]))
     assert args["--model-path"] == "/m" and args["--tp-size"] == "2" and args["--base-gpu-id"] == "2"
     assert args["--dtype"] == "bfloat16" and args["--load-format"] == "dummy"
-    assert args["--chunked-prefill-size"] == "4096"
+    assert args["--chunked-prefill-size"] == "4096" and args["--stream-interval"] == "0"
     assert {"--skip-tokenizer-init", "--enable-memory-saver", "--disable-cuda-graph"} <= set(cmd)
     assert "--enable-x" not in cmd
-    assert "--enable-memory-saver" not in server_command("/m", g, 0, 1, "fp32", 0, memory_saver=False)
+    assert "--enable-memory-saver" not in server_command("/m", g, 0, "0.0.0.0", 1, "fp32", 0, memory_saver=False)
 
 
 def test_version_check():

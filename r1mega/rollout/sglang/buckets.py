@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Iterable, Iterator, List, Tuple
 
@@ -35,24 +34,13 @@ def buckets(named: Iterable[Named], max_bytes: int) -> Iterator[List[Named]]:
         yield bucket
 
 
-@dataclass
-class FlatMeta:
-    """Same fields as sglang's FlattenedTensorMetadata (used where sglang is not installed)."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int  # bytes
-
-
 def _meta_class():
+    """sglang's FlattenedTensorMetadata: the server's unpickler admits no other class."""
     try:
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-    except ImportError:
-        return FlatMeta
-    return FlattenedTensorMetadata  # the server's unpickler admits only its own class
+    except ImportError as err:
+        raise RuntimeError(f"packing weights for SGLang needs sglang installed: {err}") from None
+    return FlattenedTensorMetadata
 
 
 def pack(bucket: List[Named]) -> Tuple[torch.Tensor, list]:

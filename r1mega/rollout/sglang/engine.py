@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from r1mega.platform.distributed import collectively
 from r1mega.rollout.sglang.buckets import buckets
 from r1mega.rollout.sglang.client import ALL_TAGS, SGLangClient, SGLangError
 from r1mega.rollout.sglang.topology import Topology, engines_for, split_even
@@ -38,12 +39,15 @@ def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[
     """(response ids, their log-probs, finish reasons) of SGLang's /generate outputs."""
     ids, logprobs, reasons = [], [], []
     for out in outputs:
-        meta = out["meta_info"]
-        kind = (meta.get("finish_reason") or {}).get("type")
+        try:
+            meta = out["meta_info"]
+            kind = (meta.get("finish_reason") or {}).get("type")
+            tokens = [int(t) for t in out["output_ids"]]
+            lps = [float(entry[0]) for entry in meta["output_token_logprobs"]]  # null (NaN, -inf) fails here
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise SGLangError(f"{url}/generate: malformed output ({type(err).__name__}: {err})") from None
         if kind not in FINISH:
             raise SGLangError(f"{url}/generate: a request ended with finish_reason={meta.get('finish_reason')}")
-        tokens = [int(t) for t in out["output_ids"]]
-        lps = [float(entry[0]) for entry in meta["output_token_logprobs"]]
         if len(lps) != len(tokens):
             raise SGLangError(f"{url}/generate: {len(tokens)} output ids but {len(lps)} log-probs")
         ids.append(tokens)
@@ -74,55 +78,55 @@ class SGLangEngine:
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
-        """n samples of each prompt from this data-parallel group's engines, shared with the group."""
+        """n samples of each prompt from this data-parallel group's engines, shared with the group.
+        Collective over the world: a failed request raises on every rank."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         group = ps.get_model_parallel_group()
         box: list = [None]
-        if dist.get_rank(group) == 0:
-            try:
+        with collectively():
+            if dist.get_rank(group) == 0:
                 box[0] = self._request(prompts, params, n)
-            except SGLangError as err:  # every rank of the group raises it, none waits forever
-                box[0] = err
         if dist.get_world_size(group) > 1:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        if isinstance(box[0], Exception):
-            raise box[0]
         ids, logprobs, reasons = box[0]
         rows = [list(p) for p in prompts for _ in range(n)]
         return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(prompts)) for _ in range(n)])
 
     def _request(self, prompts, params, n):
+        """Each engine gets whole groups; a group's n rows go as n requests of one sample, so
+        SGLang's prefix cache shares the prompt without its serial per-prompt warm-up of n > 1."""
         mine = engines_for(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), len(self.clients))
-        parts = [(self.clients[e], [prompts[i] for i in r]) for e, r in zip(mine, split_even(len(prompts), len(mine)))]
-        payload = sampling_payload(params, n, self.stop_token_ids, self.ignore_eos)
+        parts = [(self.clients[e], [prompts[i] for i in r for _ in range(n)])
+                 for e, r in zip(mine, split_even(len(prompts), len(mine))) if len(r)]
+        payload = sampling_payload(params, 1, self.stop_token_ids, self.ignore_eos)
         with ThreadPoolExecutor(len(parts)) as pool:
-            futures = [pool.submit(c.generate, p, payload) for c, p in parts if p]
-            results = [parse_outputs(f.result(), c.url) for f, (c, p) in zip(futures, [x for x in parts if x[1]])]
+            futures = [pool.submit(c.generate, rows, payload) for c, rows in parts]
+            results = [parse_outputs(f.result(), c.url) for f, (c, _) in zip(futures, parts)]
         return tuple(sum((r[k] for r in results), []) for k in range(3))
 
     # -- memory ----------------------------------------------------------------------------
 
     def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
-        """Engines give up `tags` (after every data-parallel leader finished generating)."""
+        """Engines give up `tags` once idle (every data-parallel leader has finished generating)."""
         tags = [t for t in tags if t in self.resident]
         if not self.memory_saver or not tags:
             return
         dist.barrier()
-        for client in self._owned:
-            client.release_memory(tags)
+        with collectively():
+            for client in self._owned:
+                client.flush_cache()  # answers only when idle; releasing a busy server kills its scheduler
+                client.release_memory(tags)
         self.resident = [t for t in self.resident if t not in tags]
-        dist.barrier()
 
     def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
         tags = [t for t in tags if t not in self.resident]
         if not self.memory_saver or not tags:
             return
-        dist.barrier()
-        for client in self._owned:
-            client.resume_memory(tags)
+        with collectively():
+            for client in self._owned:
+                client.resume_memory(tags)
         self.resident += tags
-        dist.barrier()
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -132,19 +136,19 @@ class SGLangEngine:
         start = time.perf_counter()
         self.version += 1
         version = str(self.version)
-        dist.barrier()
-        for client in self._owned:
-            client.begin_weight_update()
+        with collectively():
+            for client in self._owned:
+                client.begin_weight_update()
         sent, count = 0, 0
         for bucket in buckets(named_tensors, self.bucket_bytes):
             self.transport.send(bucket, version)
             sent += sum(t.numel() * t.element_size() for _, t in bucket)
             count += 1
         self.transport.finish()
-        for client in self._owned:
-            client.end_weight_update()
-            client.flush_cache()
-        dist.barrier()
+        with collectively():
+            for client in self._owned:
+                client.end_weight_update()
+                client.flush_cache()
         seconds = time.perf_counter() - start
         self.last_sync = {"sync/gb": sent / 1e9, "sync/seconds": seconds, "sync/buckets": float(count),
                           "sync/gb_per_s": sent / 1e9 / max(seconds, 1e-9)}

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.config.schema import R1Config
+from r1mega.platform.distributed import collectively
 from r1mega.rollout.sglang.client import SGLangClient
 from r1mega.rollout.sglang.engine import SGLangEngine
 from r1mega.rollout.sglang.server import ServerProcess, check_version, server_command, write_model_dir
@@ -25,34 +26,44 @@ log = logging.getLogger(__name__)
 def topology(cfg: R1Config) -> Topology:
     g = cfg.rollout.sglang
     world = dist.get_world_size()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+                   or min(world, torch.cuda.device_count() or world))
     return Topology(g.mode, g.tp, world, per_node, g.base_gpu_id, g.num_gpus or 0)
 
 
 def start_servers(cfg: R1Config, topo: Topology) -> Tuple[List[str], List[ServerProcess]]:
-    """Owners launch their engines; every rank gets every engine's URL (collective)."""
+    """Owners launch their engines; every rank gets every engine's URL (collective; a server that
+    fails to start raises on every rank)."""
     g = cfg.rollout.sglang
-    if not torch.cuda.is_available():
-        raise RuntimeError("rollout.engine=sglang needs CUDA GPUs; use rollout=native on this machine")
-    check_version()
     folder = Path(g.log_dir or Path(cfg.trainer.output_dir) / "sglang")
-    host = socket.gethostname() if g.host == "0.0.0.0" else g.host
+    # engines on several nodes serve on every interface, under this node's name
+    bind = "0.0.0.0" if topo.world_size > topo.ranks_per_node else g.host
+    host = socket.gethostname() if bind == "0.0.0.0" else bind
     procs, mine = [], {}
-    for e in topo.owned_engines(dist.get_rank()):
-        port = g.port + e
-        model_dir = write_model_dir(folder / f"model-{e}", hf_config_from_model(cfg.model))
-        memory_saver = g.enable_memory_saver and g.mode == "colocated"
-        cmd = server_command(model_dir, g, topo.engine_gpu(e), port, cfg.model.dtype, cfg.trainer.seed + e,
-                             memory_saver)
-        procs.append(ServerProcess(cmd, folder / f"engine-{e}.log", f"http://{host}:{port}", g.request_timeout_s))
-        mine[e] = procs[-1].client.url
-    for p in procs:  # started together, waited on together
-        p.wait_ready(g.startup_timeout_s)
-        log.info("sglang engine ready at %s (sglang %s)", p.client.url, p.client.server_version())
+    with collectively():
+        if not torch.cuda.is_available():
+            raise RuntimeError("rollout.engine=sglang needs CUDA GPUs; use rollout=native on this machine")
+        check_version()
+        for e in topo.owned_engines(dist.get_rank()):
+            port = g.port + e
+            model_dir = write_model_dir(folder / f"model-{e}", hf_config_from_model(cfg.model))
+            cmd = server_command(model_dir, g, topo.engine_gpu(e), bind, port, cfg.model.dtype, cfg.trainer.seed + e,
+                                 memory_saver(cfg))
+            procs.append(ServerProcess(cmd, folder / f"engine-{e}.log", f"http://{host}:{port}", g.request_timeout_s))
+            mine[e] = procs[-1].client.url
+        for p in procs:  # started together, waited on together
+            p.wait_ready(g.startup_timeout_s)
+            log.info("sglang engine ready at %s (sglang %s)", p.client.url, p.client.server_version())
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     urls = {e: u for part in every for e, u in part.items()}
     return [urls[e] for e in range(topo.num_engines)], procs
+
+
+def memory_saver(cfg: R1Config) -> bool:
+    """Whether engines release and resume memory: colocated engines with the memory saver on."""
+    g = cfg.rollout.sglang
+    return g.enable_memory_saver and g.mode == "colocated"
 
 
 def stop_token_ids(cfg: R1Config, tokenizer) -> List[int]:
@@ -78,4 +89,4 @@ def build_sglang_engine(cfg: R1Config, tokenizer) -> SGLangEngine:
     else:
         transport = NcclTransport(topo, clients, socket.gethostname(), g.nccl_port)
     return SGLangEngine(topo, clients, transport, stop_token_ids(cfg, tokenizer), int(g.bucket_mb * 2**20),
-                        memory_saver=g.enable_memory_saver and g.mode == "colocated", processes=procs)
+                        memory_saver=memory_saver(cfg), processes=procs)

@@ -8,6 +8,7 @@ continue exist only on the server; and a crashed engine is an HTTP error, not a 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -41,18 +42,18 @@ def check_version(version: Optional[str] = None) -> str:
     return version
 
 
-def server_command(model_dir: str, g: SGLangConfig, base_gpu_id: int, port: int, dtype: str, seed: int,
+def server_command(model_dir: str, g: SGLangConfig, base_gpu_id: int, host: str, port: int, dtype: str, seed: int,
                    memory_saver: bool) -> List[str]:
     """The launch_server command line of one engine (weights arrive by sync, so load_format=dummy)."""
     args = {"model-path": model_dir, "tp-size": g.tp, "base-gpu-id": base_gpu_id,
-            "mem-fraction-static": g.mem_fraction_static, "host": g.host, "port": port,
+            "mem-fraction-static": g.mem_fraction_static, "host": host, "port": port,
             "dtype": DTYPES[dtype], "random-seed": seed, "load-format": "dummy"}
     flags = ["skip-tokenizer-init"] + (["enable-memory-saver"] if memory_saver else [])
     for key, value in g.server_args.items():
         key = str(key).replace("_", "-")
         if value is True:
             flags.append(key)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value, not "off"
             args[key] = value
     cmd = [sys.executable, "-m", "sglang.launch_server"]
     for key, value in args.items():
@@ -69,6 +70,15 @@ def write_model_dir(folder: Path, hf_config: Dict) -> str:
     return str(folder)
 
 
+def _die_with_parent() -> None:
+    # A server in its own session outlives a killed trainer and keeps its GPU memory; Linux's
+    # parent-death signal stops it (SGLang's launcher then stops its scheduler children).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class ServerProcess:
     """One engine's server process, its log file and its client."""
 
@@ -77,6 +87,7 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent,
                                      env={**os.environ, "SGLANG_RETURN_ORIGINAL_LOGPROB": "0"})
         self.client = SGLangClient(url, timeout_s)
 

@@ -31,6 +31,9 @@ class Topology:
             if self.num_gpus < self.tp or self.num_gpus % self.tp:
                 raise ValueError(f"rollout.sglang.num_gpus={self.num_gpus} must be a positive multiple of "
                                  f"rollout.sglang.tp={self.tp}")
+            if self.base_gpu_id < self.ranks_per_node:
+                raise ValueError(f"rollout.sglang.base_gpu_id={self.base_gpu_id} puts engines on the trainer's GPUs "
+                                 f"0-{self.ranks_per_node - 1} of the first node; start them after those")
         else:
             raise ValueError(f"rollout.sglang.mode={self.mode!r} is not one of ['colocated', 'disaggregated']")
 

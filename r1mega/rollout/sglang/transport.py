@@ -15,6 +15,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from r1mega.platform.distributed import collectively
 from r1mega.rollout.sglang.buckets import Named, pack, serialize
 from r1mega.rollout.sglang.client import SGLangClient
 from r1mega.rollout.sglang.topology import Topology
@@ -42,10 +43,12 @@ class IpcTransport:
             payloads = [None] * self.topology.tp
             dist.gather_object(payload, payloads if dist.get_rank() == self.owner else None,
                                dst=self.owner, group=self.group)
-        if dist.get_rank() == self.owner:
-            self.clients[self.engine].update_weights_from_tensor(payloads, "flattened_bucket", version)
-        if self.group is not None:
-            dist.barrier(group=self.group)  # the handles' memory stays alive until the engine has copied it
+        # collective, so a refused bucket raises on every rank. Each bucket is a fresh buffer, never
+        # overwritten; torch's CUDA IPC ref counting keeps its memory from reuse while the engine
+        # holds it, and finish() collects what the engines have let go.
+        with collectively():
+            if dist.get_rank() == self.owner:
+                self.clients[self.engine].update_weights_from_tensor(payloads, "flattened_bucket", version)
 
     def finish(self) -> None:
         if torch.cuda.is_available():
