@@ -12,4 +12,5 @@ if [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [ "${R1MEGA_SLURM:-on}" != 
     slurm/local-cluster.sh start
     eval "$(slurm/local-cluster.sh env)"
 fi
+bash scripts/compile_kernels.sh
 .venv/bin/python -m pytest -q "$@"

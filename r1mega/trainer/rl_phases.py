@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from r1mega.algorithms.advantages import group_advantages
+from r1mega.ops.advantage import group_advantage, group_offsets
 from r1mega.algorithms.filtering import varied_groups
 from r1mega.platform.distributed import current_device
 from r1mega.rewards.stack import RewardInput
@@ -126,11 +126,14 @@ def _concat(groups):
 # -- advantages, log-probs, update -------------------------------------------------------------
 
 def advantages(ctx: RLContext, gen: Generated) -> torch.Tensor:
+    """Per-row advantages through r1mega.ops (the CUDA kernel on a GPU, the reference elsewhere)."""
     a = ctx.cfg.algorithm
-    # float64: in float32 the mean of equal rewards is off by an ulp, which eps alone would amplify
-    rewards = gen.scores.total.double()
-    adv = group_advantages(rewards, torch.tensor(gen.rollouts.group_index), a.advantage, a.std, a.adv_eps)
-    return adv.float()
+    # float64 on the reference path: in float32 the mean of equal rewards is off by an ulp, which
+    # eps alone would amplify (the kernel accumulates in float64)
+    device = current_device()
+    rewards = gen.scores.total.double().to(device)
+    offsets = group_offsets(torch.tensor(gen.rollouts.group_index, device=device))
+    return group_advantage(rewards, offsets, a.advantage, a.std, a.adv_eps).float().cpu()
 
 
 def _micro_batches(ctx: RLContext, batch: StepBatch, rows: List[int]):

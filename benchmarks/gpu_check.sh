@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one short run (DESIGN.md, "Lent GPU"): builds r1mega's CUDA
+# kernels just in time, runs the `gpu` tests (kernels against their PyTorch references, CUDA
+# attention backends; the SGLang test where sglang is installed) and prints a summary last.
+# Usage: bash benchmarks/gpu_check.sh [PYTHON]   (installs nothing; PYTHONPATH may add a site dir)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-${PYTHON:-python3}}
+log=$(mktemp)
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \
+    || exit 1
+start=$(date +%s)
+"$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_ops_advantage.py 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+echo
+echo "== r1mega gpu_check: $(($(date +%s) - start)) s =="
+grep -E "^(FAILED|ERROR|SKIPPED)" "$log" | cut -c1-150
+tail -1 "$log"
+exit "$status"

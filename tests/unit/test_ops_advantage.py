@@ -1,0 +1,39 @@
+"""The advantage dispatch point on CPU: group offsets from the rollouts' group index, the
+reference path, and the packed token broadcast (the kernels' oracle; tests/gpu compares them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1mega.algorithms.advantages import broadcast_to_tokens, group_advantages
+from r1mega.ops.advantage import advantage_to_tokens, group_advantage, group_offsets
+
+
+def test_offsets_of_contiguous_groups_with_any_ids():
+    assert group_offsets(torch.tensor([5, 5, 5, 2, 2, 9])).tolist() == [0, 3, 5, 6]
+    assert group_offsets(torch.tensor([], dtype=torch.long)).tolist() == [0]
+    with pytest.raises(ValueError, match="each group's rows together"):
+        group_offsets(torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("mode", ["grpo", "drgrpo", "rloo", "batch_std"])
+@pytest.mark.parametrize("std", ["sample", "population"])
+def test_offsets_path_equals_index_path(mode, std):
+    g = torch.Generator().manual_seed(hash((mode, std)) % 1000)
+    sizes = [1, 4, 7, 2, 300]
+    rewards = torch.randn(sum(sizes), dtype=torch.float64, generator=g)
+    rewards[5:12] = 0.25  # a group with no spread
+    index = torch.repeat_interleave(torch.arange(len(sizes)) * 3 + 1, torch.tensor(sizes))
+    got = group_advantage(rewards, group_offsets(index), mode, std, 1e-6)
+    assert torch.equal(got, group_advantages(rewards, index, mode, std, 1e-6))
+    assert got[0] == 0 and torch.all(got[5:12] == 0)
+
+
+def test_token_broadcast_matches_the_padded_one():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 0, 5, 1])
+    adv = torch.randn(4, generator=g)
+    packed = advantage_to_tokens(adv, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    assert torch.equal(packed, broadcast_to_tokens(adv, mask)[mask])
