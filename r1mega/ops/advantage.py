@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.algorithms.advantages import group_advantages
-from r1mega.ops.kernels import available, load
+from r1mega.ops.kernels import available, load, verify_once
 
 KERNEL_MODES = {"grpo": 0, "drgrpo": 1, "rloo": 2}
 
@@ -32,7 +32,13 @@ def group_advantage(rewards: torch.Tensor, offsets: torch.Tensor, mode: str = "g
     if mode in KERNEL_MODES and std in ("sample", "population") and available(rewards, offsets):
         out = load().group_advantage(rewards.float().contiguous(), offsets.long().contiguous(), KERNEL_MODES[mode],
                                      std == "sample", float(eps))
-        return out.to(rewards.dtype) if rewards.is_floating_point() else out
+        out = out.to(rewards.dtype) if rewards.is_floating_point() else out
+        verify_once("group_advantage", out, lambda: _reference(rewards.double(), offsets, mode, std, eps))
+        return out
+    return _reference(rewards, offsets, mode, std, eps)
+
+
+def _reference(rewards, offsets, mode, std, eps):
     counts = offsets[1:] - offsets[:-1]
     index = torch.repeat_interleave(torch.arange(len(counts), device=rewards.device), counts)
     return group_advantages(rewards, index, mode, std, eps)
@@ -43,5 +49,11 @@ def advantage_to_tokens(adv: torch.Tensor, token_offsets: torch.Tensor) -> torch
     token_offsets[0] = 0."""
     total = int(token_offsets[-1]) if token_offsets.numel() else 0
     if available(adv, token_offsets):
-        return load().broadcast_to_tokens(adv.float().contiguous(), token_offsets.long().contiguous(), total)
+        out = load().broadcast_to_tokens(adv.float().contiguous(), token_offsets.long().contiguous(), total)
+        verify_once("broadcast_to_tokens", out, lambda: _tokens_reference(adv.float(), token_offsets, total))
+        return out
+    return _tokens_reference(adv, token_offsets, total)
+
+
+def _tokens_reference(adv, token_offsets, total):
     return torch.repeat_interleave(adv, token_offsets[1:] - token_offsets[:-1], output_size=total)

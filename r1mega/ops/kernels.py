@@ -38,3 +38,20 @@ def load() -> Optional[object]:
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can run on these tensors (all on CUDA, kernels built)."""
     return all(t.is_cuda for t in tensors) and load() is not None
+
+
+_VERIFIED: set = set()
+
+
+def verify_once(op: str, out: torch.Tensor, reference, tol: float = 1e-5) -> None:
+    """On an op's first kernel call in this process, compare with its PyTorch reference on the same
+    inputs; a mismatch stops the run (R1MEGA_KERNELS=off runs the references instead)."""
+    if op in _VERIFIED:
+        return
+    ref = reference().to(out.device, torch.float64)
+    got = out.to(torch.float64)
+    err = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
+    if bool(torch.isfinite(got).all()) != bool(torch.isfinite(ref).all()) or err > tol:
+        raise RuntimeError(f"r1mega kernel {op} disagrees with its reference (relative error {err:.2e}); "
+                           f"set R1MEGA_KERNELS=off to run the references")
+    _VERIFIED.add(op)

@@ -37,3 +37,14 @@ def test_token_broadcast_matches_the_padded_one():
     packed = advantage_to_tokens(adv, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
     mask = torch.arange(5)[None, :] < lengths[:, None]
     assert torch.equal(packed, broadcast_to_tokens(adv, mask)[mask])
+
+
+def test_a_kernel_is_checked_against_its_reference_on_first_use():
+    from r1mega.ops import kernels
+
+    ref = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="kernel test_op disagrees with its reference .* R1MEGA_KERNELS=off"):
+        kernels.verify_once("test_op", ref + 1e-3, lambda: ref)
+    kernels.verify_once("test_op", ref.float(), lambda: ref.double())
+    kernels.verify_once("test_op", ref + 1.0, lambda: ref)  # checked once per process
+    kernels._VERIFIED.discard("test_op")
