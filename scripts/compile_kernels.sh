@@ -13,3 +13,17 @@ for src in kernels/csrc/*.cu; do
     nvcc -c -O2 -std=c++17 -arch=sm_90 -Werror all-warnings "$src" -o "$out/$(basename "$src" .cu).o"
 done
 echo "compile_kernels: $(ls kernels/csrc/*.cu | wc -l) CUDA source(s) compiled with $(nvcc --version | tail -1)"
+# The torch bindings: a syntax and type check against this torch's headers. A CPU wheel lacks one
+# generated CUDA header (build macros only); an empty one stands in for it.
+if command -v g++ >/dev/null && [ -x .venv/bin/python ]; then
+    mkdir -p "$out/include/c10/cuda/impl" && echo "#pragma once" > "$out/include/c10/cuda/impl/cuda_cmake_macros.h"
+    read -r -a includes < <(.venv/bin/python -c "
+import sysconfig
+from torch.utils.cpp_extension import include_paths
+print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")
+    cuda_include=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include
+    [ -f "$cuda_include/cuda_runtime_api.h" ] || cuda_include=/usr/local/cuda/include
+    g++ -std=c++20 -fsyntax-only "${includes[@]}" -I"$cuda_include" -I"$out/include" \
+        -DTORCH_EXTENSION_NAME=r1mega_kernels kernels/csrc/bindings.cpp
+    echo "compile_kernels: kernels/csrc/bindings.cpp checked against torch's headers"
+fi

@@ -1,5 +1,5 @@
 // torch bindings of r1mega's CUDA kernels (built as the r1mega_kernels extension).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -7,6 +7,14 @@ extern "C" cudaError_t r1mega_group_advantage(const float* rewards, const int64_
                                               int sample_std, float eps, float* adv, cudaStream_t stream);
 extern "C" cudaError_t r1mega_broadcast_to_tokens(const float* adv, const int64_t* token_offsets, int num_seqs,
                                                   float* out, cudaStream_t stream);
+
+extern "C" cudaError_t r1mega_logprob_partials(const void* logits, int dtype, const int64_t* targets, int64_t rows,
+                                               int64_t vocab, int64_t vocab_start, float inv_temp, float* m, float* s,
+                                               float* b, float* zy, cudaStream_t stream);
+extern "C" cudaError_t r1mega_logprob_backward_inplace(void* logits, int dtype, const int64_t* targets, int64_t rows,
+                                                       int64_t vocab, int64_t vocab_start, float inv_temp,
+                                                       const float* lse, const float* entropy, const float* g_logp,
+                                                       const float* g_ent, cudaStream_t stream);
 
 namespace {
 
@@ -26,7 +34,7 @@ torch::Tensor group_advantage(torch::Tensor rewards, torch::Tensor offsets, int6
   const auto err = r1mega_group_advantage(rewards.data_ptr<float>(), offsets.data_ptr<int64_t>(),
                                           static_cast<int>(offsets.numel() - 1), static_cast<int>(mode), sample_std,
                                           static_cast<float>(eps), adv.data_ptr<float>(),
-                                          at::cuda::getCurrentCUDAStream());
+                                          c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "group_advantage kernel: ", cudaGetErrorString(err));
   return adv;
 }
@@ -39,9 +47,58 @@ torch::Tensor broadcast_to_tokens(torch::Tensor adv, torch::Tensor token_offsets
   auto out = torch::zeros({num_tokens}, adv.options());
   const auto err = r1mega_broadcast_to_tokens(adv.data_ptr<float>(), token_offsets.data_ptr<int64_t>(),
                                               static_cast<int>(adv.numel()), out.data_ptr<float>(),
-                                              at::cuda::getCurrentCUDAStream());
+                                              c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "broadcast_to_tokens kernel: ", cudaGetErrorString(err));
   return out;
+}
+
+int logits_dtype(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.is_contiguous(), "logits must be contiguous CUDA [N, V]");
+  TORCH_CHECK(logits.scalar_type() == torch::kFloat32 || logits.scalar_type() == torch::kBFloat16,
+              "logits must be float32 or bfloat16, got ", logits.scalar_type());
+  return logits.scalar_type() == torch::kFloat32 ? 0 : 1;
+}
+
+const float* optional_ptr(const torch::Tensor& t, const char* name, int64_t rows) {
+  if (t.numel() == 0) return nullptr;
+  check(t, name, torch::kFloat32);
+  TORCH_CHECK(t.numel() == rows, name, " needs one value per row");
+  return t.data_ptr<float>();
+}
+
+std::vector<torch::Tensor> logprob_partials(torch::Tensor logits, torch::Tensor targets, int64_t vocab_start,
+                                            double inv_temp) {
+  const int dtype = logits_dtype(logits);
+  check(targets, "targets", torch::kInt64);
+  TORCH_CHECK(targets.numel() == logits.size(0), "targets needs one id per row of logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto opts = logits.options().dtype(torch::kFloat32);
+  const int64_t rows = logits.size(0);
+  auto m = torch::empty({rows}, opts), s = torch::empty({rows}, opts), b = torch::empty({rows}, opts),
+       zy = torch::empty({rows}, opts);
+  const auto err = r1mega_logprob_partials(logits.data_ptr(), dtype, targets.data_ptr<int64_t>(), rows, logits.size(1),
+                                           vocab_start, static_cast<float>(inv_temp), m.data_ptr<float>(),
+                                           s.data_ptr<float>(), b.data_ptr<float>(), zy.data_ptr<float>(),
+                                           c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "logprob_partials kernel: ", cudaGetErrorString(err));
+  return {m, s, b, zy};
+}
+
+void logprob_backward_(torch::Tensor logits, torch::Tensor targets, int64_t vocab_start, double inv_temp,
+                       torch::Tensor lse, torch::Tensor entropy, torch::Tensor g_logp, torch::Tensor g_ent) {
+  const int dtype = logits_dtype(logits);
+  check(targets, "targets", torch::kInt64);
+  check(lse, "lse", torch::kFloat32);
+  const int64_t rows = logits.size(0);
+  const float* ent = optional_ptr(entropy, "entropy", rows);
+  const float* ge = optional_ptr(g_ent, "g_ent", rows);
+  TORCH_CHECK(ge == nullptr || ent != nullptr, "g_ent needs the entropy");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto err = r1mega_logprob_backward_inplace(logits.data_ptr(), dtype, targets.data_ptr<int64_t>(), rows,
+                                                   logits.size(1), vocab_start, static_cast<float>(inv_temp),
+                                                   lse.data_ptr<float>(), ent, optional_ptr(g_logp, "g_logp", rows),
+                                                   ge, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "logprob_backward kernel: ", cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -49,4 +106,6 @@ torch::Tensor broadcast_to_tokens(torch::Tensor adv, torch::Tensor token_offsets
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_advantage", &group_advantage, "per-group advantages of contiguous groups given by offsets");
   m.def("broadcast_to_tokens", &broadcast_to_tokens, "each sequence's advantage onto its packed tokens");
+  m.def("logprob_partials", &logprob_partials, "per-row max, sum-exp, entropy sum and target logit of a vocab slice");
+  m.def("logprob_backward_", &logprob_backward_, "gradient w.r.t. the logits, written into the logits");
 }

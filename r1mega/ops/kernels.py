@@ -43,6 +43,10 @@ def available(*tensors: torch.Tensor) -> bool:
 _VERIFIED: set = set()
 
 
+def verified(op: str) -> bool:
+    return op in _VERIFIED
+
+
 def verify_once(op: str, out: torch.Tensor, reference, tol: float = 1e-5) -> None:
     """On an op's first kernel call in this process, compare with its PyTorch reference on the same
     inputs; a mismatch stops the run (R1MEGA_KERNELS=off runs the references instead)."""

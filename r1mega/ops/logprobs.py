@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from r1mega.ops.kernels import available
+
 DEFAULT_CHUNK_ROWS = 4096
 
 
@@ -157,7 +159,24 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, v
         tp_group = None
     lead = targets.shape
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    logp, entropy = _VocabParallelLogprobs.apply(
-        flat_logits, targets.reshape(-1), tp_group, vocab_start, float(temperature), with_entropy,
-        max(1, chunk_rows))
+    if _kernel_runs(flat_logits):
+        from r1mega.ops.logprobs_kernel import KernelLogprobs
+
+        logp, entropy = KernelLogprobs.apply(flat_logits.contiguous(), targets.reshape(-1).contiguous(), tp_group,
+                                             vocab_start, float(temperature), with_entropy, _reference)
+    else:
+        logp, entropy = _VocabParallelLogprobs.apply(
+            flat_logits, targets.reshape(-1), tp_group, vocab_start, float(temperature), with_entropy,
+            max(1, chunk_rows))
     return logp.reshape(lead), entropy.reshape(lead) if with_entropy else None
+
+
+def _kernel_runs(logits: torch.Tensor) -> bool:
+    """The CUDA kernels take fp32 and bf16 logits on a GPU, when built (fp64 stays on the reference)."""
+    return logits.dtype in (torch.float32, torch.bfloat16) and available(logits)
+
+
+def _reference(logits, targets, group, vocab_start, temperature):
+    """(logp, entropy) of the reference, without autograd: the kernels' check on first use."""
+    with torch.no_grad():
+        return _VocabParallelLogprobs.apply(logits, targets, group, vocab_start, temperature, True, DEFAULT_CHUNK_ROWS)
