@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one short run (DESIGN.md, "Lent GPU"): builds r1mega's CUDA
 # kernels just in time, runs the `gpu` tests (kernels against their PyTorch references, CUDA
-# attention backends; the SGLang test where sglang is installed) and prints a summary last.
+# attention backends; the SGLang test where sglang is installed), times the log-prob kernels
+# (benchmarks/kernels; QUICK=1 skips the 64k-token rows) and prints a summary last.
 # Usage: bash benchmarks/gpu_check.sh [PYTHON]   (installs nothing; PYTHONPATH may add a site dir)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,10 @@ log=$(mktemp)
 start=$(date +%s)
 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_ops_advantage.py 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+"$PY" benchmarks/kernels/bench_logprobs.py ${QUICK:+--quick} 2>&1 | tee -a "$log" | tail -9 > "$log.bench"
 echo
 echo "== r1mega gpu_check: $(($(date +%s) - start)) s =="
 grep -E "^(FAILED|ERROR|SKIPPED)" "$log" | cut -c1-150
-tail -1 "$log"
+grep -E "passed|failed" "$log" | tail -1
+cat "$log.bench"
 exit "$status"
