@@ -26,8 +26,8 @@ struct Stats {
 __device__ __forceinline__ Stats merge(Stats x, Stats y) {
   const float m = fmaxf(x.m, y.m);
   if (m == -INFINITY) return {m, 0.f, 0.f};  // both empty; NaN is handled by the caller
-  const float fx = x.m == -INFINITY ? 0.f : __expf(x.m - m);
-  const float fy = y.m == -INFINITY ? 0.f : __expf(y.m - m);
+  const float fx = x.m == -INFINITY ? 0.f : expf(x.m - m);
+  const float fy = y.m == -INFINITY ? 0.f : expf(y.m - m);
   const float bx = x.m == -INFINITY ? 0.f : fx * (x.b + (x.m - m) * x.s);
   const float by = y.m == -INFINITY ? 0.f : fy * (y.b + (y.m - m) * y.s);
   return {m, fx * x.s + fy * y.s, bx + by};
@@ -37,10 +37,10 @@ __device__ __forceinline__ Stats push(Stats st, float z) {
   if (z == -INFINITY) return st;
   if (isnan(z)) return {NAN, NAN, NAN};
   if (z > st.m) {
-    const float f = st.m == -INFINITY ? 0.f : __expf(st.m - z);
+    const float f = st.m == -INFINITY ? 0.f : expf(st.m - z);
     return {z, st.s * f + 1.f, f * (st.b + (st.m == -INFINITY ? 0.f : (st.m - z) * st.s))};
   }
-  const float e = __expf(z - st.m);
+  const float e = expf(z - st.m);
   return {st.m, st.s + e, st.b + (z - st.m) * e};
 }
 
@@ -100,8 +100,9 @@ __global__ void backward_kernel(T* __restrict__ logits, const int64_t* __restric
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     float logp = to_float(row[j]) * inv_temp - l;
     logp = logp < -3.0e38f ? -3.0e38f : logp;  // -inf logits: p = 0 and a finite log p; NaN stays NaN
-    const float p = __expf(logp);
-    float grad = -p * (ge * (logp + h) + gl);
+    const float p = expf(logp);
+    // p first: for -inf logits p = 0 must zero the term even when ge * (log p + H) overflows
+    float grad = -(p * ge) * (logp + h) - p * gl;
     if (j == local) grad += gl;
     row[j] = from_float<T>(grad * inv_temp);
   }

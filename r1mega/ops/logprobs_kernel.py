@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from r1mega.ops.kernels import load, verified, verify_once
 
-VERIFY_ROWS = 64  # rows of the first backward also run through the reference
+VERIFY_ROWS = 256  # rows of the first forward and backward (per dtype) also run through the reference
 
 
 def combine(m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, zy: torch.Tensor, targets: torch.Tensor,
@@ -48,8 +48,9 @@ class KernelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, reference):
         m, s, b, zy = load().logprob_partials(logits, targets, vocab_start, 1.0 / temperature)
         logp, lse, entropy = combine(m, s, b, zy, targets, vocab_start, logits.shape[1], group)
-        verify_once("logprob_forward", torch.cat([logp, entropy]),
-                    lambda: torch.cat(reference(logits.detach().float(), targets, group, vocab_start, temperature)))
+        rows = slice(0, VERIFY_ROWS)  # every rank of the group checks the same rows (collective reference)
+        verify_once(f"logprob_forward_{logits.dtype}", torch.cat([logp[rows], entropy[rows]]), lambda: torch.cat(
+            reference(logits[rows].detach().float(), targets[rows], group, vocab_start, temperature)), 1e-6)
         entropy = entropy if with_entropy else entropy.new_empty(0)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.config = (vocab_start, temperature, with_entropy)
@@ -67,23 +68,26 @@ class KernelLogprobs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return (None,) * 7
         as_f32 = lambda t: t.float().contiguous() if t is not None else lse.new_empty(0)  # noqa: E731
-        check = None
-        if not verified("logprob_backward"):  # computed before the kernel overwrites the logits
-            check = _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature)
+        op, rows, check = f"logprob_backward_{logits.dtype}", None, None
+        if not verified(op):  # rows that carry gradient, computed before the kernel overwrites them
+            weight = sum(g.abs() for g in (g_logp, g_ent) if g is not None)
+            rows = weight.nonzero().flatten()[:VERIFY_ROWS]
+            check = _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature, rows)
         load().logprob_backward_(logits, targets, vocab_start, 1.0 / temperature, lse, as_f32(entropy),
                                  as_f32(g_logp), as_f32(g_ent))
+        torch.autograd.graph.increment_version(logits)  # a node that saved these logits now fails loudly
         if check is not None:
             # bf16 gradients are rounded to bf16 (DESIGN.md: 1e-3 to 1e-2 for bf16)
             tol = 1e-2 if logits.dtype == torch.bfloat16 else 1e-5
-            verify_once("logprob_backward", logits[:VERIFY_ROWS].float(), lambda: check, tol)
-        return logits, None, None, None, None, None, None
+            verify_once(op, logits[rows].float(), lambda: check, tol)
+        return logits.detach(), None, None, None, None, None, None
 
 
-def _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature) -> torch.Tensor:
-    """The reference gradient of the first rows."""
+def _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature,
+                    rows: torch.Tensor) -> torch.Tensor:
+    """The reference gradient of some rows."""
     from r1mega.ops.logprobs import _backward_chunk
 
-    rows = slice(0, VERIFY_ROWS)
     pick = lambda t: None if t is None else t[rows].float()  # noqa: E731
     return _backward_chunk(logits[rows].float(), targets[rows], lse[rows], pick(entropy) if g_ent is not None
                            else None, pick(g_logp), pick(g_ent), vocab_start, temperature, torch.float32)

@@ -48,3 +48,10 @@ def test_a_kernel_is_checked_against_its_reference_on_first_use():
     kernels.verify_once("test_op", ref.float(), lambda: ref.double())
     kernels.verify_once("test_op", ref + 1.0, lambda: ref)  # checked once per process
     kernels._VERIFIED.discard("test_op")
+    nan = float("nan")
+    with pytest.raises(RuntimeError, match="relative error"):  # NaN in both does not hide the rest
+        kernels.verify_once("nan_op", torch.tensor([nan, 5.0, 7.0]), lambda: torch.tensor([nan, 1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="NaN/inf differ"):
+        kernels.verify_once("nan_op", torch.tensor([nan, 1.0]), lambda: torch.tensor([0.0, 1.0]))
+    kernels.verify_once("nan_op", torch.tensor([]), lambda: torch.tensor([]))  # nothing to check: not verified
+    assert not kernels.verified("nan_op")
