@@ -44,19 +44,10 @@ __device__ __forceinline__ Stats push(Stats st, float z) {
   return {st.m, st.s + e, st.b + (z - st.m) * e};
 }
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
 // One block per row.
 template <typename T>
@@ -104,7 +95,7 @@ __global__ void backward_kernel(T* __restrict__ logits, const int64_t* __restric
     // p first: for -inf logits p = 0 must zero the term even when ge * (log p + H) overflows
     float grad = -(p * ge) * (logp + h) - p * gl;
     if (j == local) grad += gl;
-    row[j] = from_float<T>(grad * inv_temp);
+    store(row + j, grad * inv_temp);
   }
 }
 

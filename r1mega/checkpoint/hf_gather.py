@@ -69,10 +69,3 @@ def world_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig,
                     t = torch.empty(e.shape, dtype=e.dtype, device=device)
                 dist.broadcast(t, src=e.src)
                 yield e.name, t
-        if local is not None:
-            _exhaust(local)
-
-
-def _exhaust(it) -> None:
-    for _ in it:
-        pass

@@ -104,23 +104,31 @@ def _backward_chunk(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tens
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
-    """logp [N] and entropy [N] (empty when not requested) of vocab-parallel logits [N, V_local]."""
+    """logp [N] and entropy [N] (empty when not requested) of vocab-parallel logits [N, V_local]:
+    the chunked PyTorch reference, or with `kernel` the CUDA kernels (r1mega/ops/logprobs_kernel.py)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, chunk_rows):
-        dtype = _compute_dtype(logits.dtype)
-        logp = logits.new_empty(logits.shape[0], dtype=dtype)
-        lse = torch.empty_like(logp)
-        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
-        for start in range(0, logits.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            lp, ls, ent = _forward_chunk(logits[rows], targets[rows], group, vocab_start,
-                                         temperature, with_entropy, dtype)
-            logp[rows], lse[rows] = lp, ls
-            if with_entropy:
-                entropy[rows] = ent
+    def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, chunk_rows, kernel=False):
+        if kernel:
+            from r1mega.ops import logprobs_kernel
+
+            dtype = torch.float32
+            logp, lse, entropy = logprobs_kernel.forward(logits, targets, group, vocab_start, temperature)
+            entropy = entropy if with_entropy else logp.new_empty(0)
+        else:
+            dtype = _compute_dtype(logits.dtype)
+            logp = logits.new_empty(logits.shape[0], dtype=dtype)
+            lse = torch.empty_like(logp)
+            entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+            for start in range(0, logits.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                lp, ls, ent = _forward_chunk(logits[rows], targets[rows], group, vocab_start,
+                                             temperature, with_entropy, dtype)
+                logp[rows], lse[rows] = lp, ls
+                if with_entropy:
+                    entropy[rows] = ent
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.config = (vocab_start, temperature, with_entropy, chunk_rows, dtype)
+        ctx.config = (vocab_start, temperature, with_entropy, chunk_rows, dtype, kernel)
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -130,10 +138,15 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent):
         logits, targets, lse, entropy = ctx.saved_tensors
-        vocab_start, temperature, with_entropy, chunk_rows, dtype = ctx.config
+        vocab_start, temperature, with_entropy, chunk_rows, dtype, kernel = ctx.config
         g_ent = g_ent if with_entropy else None
         if g_logp is None and g_ent is None:
-            return (None,) * 7
+            return (None,) * 8
+        if kernel:
+            from r1mega.ops import logprobs_kernel
+
+            grad = logprobs_kernel.backward_(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature)
+            return grad, None, None, None, None, None, None, None
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -141,7 +154,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 logits[rows], targets[rows], lse[rows], entropy[rows] if with_entropy else None,
                 None if g_logp is None else g_logp[rows].to(dtype), None if g_ent is None else g_ent[rows].to(dtype),
                 vocab_start, temperature, dtype)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, vocab_start: int = 0,
@@ -158,16 +171,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, v
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     lead = targets.shape
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    if _kernel_runs(flat_logits):
-        from r1mega.ops.logprobs_kernel import KernelLogprobs
-
-        logp, entropy = KernelLogprobs.apply(flat_logits.contiguous(), targets.reshape(-1).contiguous(), tp_group,
-                                             vocab_start, float(temperature), with_entropy, _reference)
-    else:
-        logp, entropy = _VocabParallelLogprobs.apply(
-            flat_logits, targets.reshape(-1), tp_group, vocab_start, float(temperature), with_entropy,
-            max(1, chunk_rows))
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    kernel = _kernel_runs(flat_logits)
+    if kernel:  # the kernels read rows whole and write the gradient into the logits
+        flat_logits, flat_targets = flat_logits.contiguous(), flat_targets.contiguous()
+    logp, entropy = _VocabParallelLogprobs.apply(flat_logits, flat_targets, tp_group, vocab_start, float(temperature),
+                                                 with_entropy, max(1, chunk_rows), kernel)
     return logp.reshape(lead), entropy.reshape(lead) if with_entropy else None
 
 
@@ -176,7 +185,7 @@ def _kernel_runs(logits: torch.Tensor) -> bool:
     return logits.dtype in (torch.float32, torch.bfloat16) and available(logits)
 
 
-def _reference(logits, targets, group, vocab_start, temperature):
-    """(logp, entropy) of the reference, without autograd: the kernels' check on first use."""
+def reference(logits, targets, group, vocab_start, temperature):
+    """(logp, entropy) of the PyTorch reference, without autograd: the kernels' check on first use."""
     with torch.no_grad():
         return _VocabParallelLogprobs.apply(logits, targets, group, vocab_start, temperature, True, DEFAULT_CHUNK_ROWS)

@@ -1,7 +1,8 @@
 """The CUDA path of token_logprobs: one read of the logits forward, the gradient written into
 the logits buffer backward (kernels/csrc/grpo_logprobs.cu).
 
-The kernels give per-row partials of this rank's vocab slice; `combine` turns them into log-probs,
+r1mega.ops.logprobs' autograd function calls `forward` and `backward_` for CUDA inputs. The
+kernels give per-row partials of this rank's vocab slice; `combine` turns them into log-probs,
 log-sum-exp and entropy across the tensor-parallel group, with the same two all-reduces and
 the same edge cases as the PyTorch reference in r1mega/ops/logprobs.py.
 
@@ -41,46 +42,37 @@ def combine(m: torch.Tensor, s: torch.Tensor, b: torch.Tensor, zy: torch.Tensor,
     return zy_rel - log_s, m_all + log_s, log_s - b_all / s_all
 
 
-class KernelLogprobs(torch.autograd.Function):
-    """logp [N] and entropy [N] (empty unless asked) of vocab-parallel logits [N, V_local] (fp32/bf16)."""
+def forward(logits: torch.Tensor, targets: torch.Tensor, group, vocab_start: int,
+            temperature: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, entropy) of contiguous fp32/bf16 logits [N, V_local], from one read of them."""
+    from r1mega.ops.logprobs import reference
 
-    @staticmethod
-    def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, reference):
-        m, s, b, zy = load().logprob_partials(logits, targets, vocab_start, 1.0 / temperature)
-        logp, lse, entropy = combine(m, s, b, zy, targets, vocab_start, logits.shape[1], group)
-        rows = slice(0, VERIFY_ROWS)  # every rank of the group checks the same rows (collective reference)
-        verify_once(f"logprob_forward_{logits.dtype}", torch.cat([logp[rows], entropy[rows]]), lambda: torch.cat(
-            reference(logits[rows].detach().float(), targets[rows], group, vocab_start, temperature)), 1e-6)
-        entropy = entropy if with_entropy else entropy.new_empty(0)
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.config = (vocab_start, temperature, with_entropy)
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+    m, s, b, zy = load().logprob_partials(logits, targets, vocab_start, 1.0 / temperature)
+    logp, lse, entropy = combine(m, s, b, zy, targets, vocab_start, logits.shape[1], group)
+    rows = slice(0, VERIFY_ROWS)  # every rank of the group checks the same rows (collective reference)
+    verify_once(f"logprob_forward_{logits.dtype}", torch.cat([logp[rows], entropy[rows]]), lambda: torch.cat(
+        reference(logits[rows].detach().float(), targets[rows], group, vocab_start, temperature)), 1e-6)
+    return logp, lse, entropy
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_logp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor]):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        vocab_start, temperature, with_entropy = ctx.config
-        g_ent = g_ent if with_entropy else None
-        if g_logp is None and g_ent is None:
-            return (None,) * 7
-        as_f32 = lambda t: t.float().contiguous() if t is not None else lse.new_empty(0)  # noqa: E731
-        op, rows, check = f"logprob_backward_{logits.dtype}", None, None
-        if not verified(op):  # rows that carry gradient, computed before the kernel overwrites them
-            weight = sum(g.abs() for g in (g_logp, g_ent) if g is not None)
-            rows = weight.nonzero().flatten()[:VERIFY_ROWS]
-            check = _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature, rows)
-        load().logprob_backward_(logits, targets, vocab_start, 1.0 / temperature, lse, as_f32(entropy),
-                                 as_f32(g_logp), as_f32(g_ent))
-        torch.autograd.graph.increment_version(logits)  # a node that saved these logits now fails loudly
-        if check is not None:
-            # bf16 gradients are rounded to bf16 (DESIGN.md: 1e-3 to 1e-2 for bf16)
-            tol = 1e-2 if logits.dtype == torch.bfloat16 else 1e-5
-            verify_once(op, logits[rows].float(), lambda: check, tol)
-        return logits.detach(), None, None, None, None, None, None
+
+def backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+              g_logp: Optional[torch.Tensor], g_ent: Optional[torch.Tensor], vocab_start: int,
+              temperature: float) -> torch.Tensor:
+    """The gradient w.r.t. the logits, written into them; returns that buffer (detached)."""
+    as_f32 = lambda t: t.float().contiguous() if t is not None else lse.new_empty(0)  # noqa: E731
+    op, rows, check = f"logprob_backward_{logits.dtype}", None, None
+    if not verified(op):  # rows that carry gradient, computed before the kernel overwrites them
+        weight = sum(g.abs() for g in (g_logp, g_ent) if g is not None)
+        rows = weight.nonzero().flatten()[:VERIFY_ROWS]
+        check = _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature, rows)
+    load().logprob_backward_(logits, targets, vocab_start, 1.0 / temperature, lse, as_f32(entropy),
+                             as_f32(g_logp), as_f32(g_ent))
+    torch.autograd.graph.increment_version(logits)  # a node that saved these logits now fails loudly
+    if check is not None:
+        # bf16 gradients are rounded to bf16 (DESIGN.md: 1e-3 to 1e-2 for bf16)
+        tol = 1e-2 if logits.dtype == torch.bfloat16 else 1e-5
+        verify_once(op, logits[rows].float(), lambda: check, tol)
+    return logits.detach()
 
 
 def _reference_grad(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature,

@@ -305,6 +305,8 @@ def start_standins(registry: dict):
     """A replacement for r1mega.rollout.sglang.launch.start_servers: stand-ins in this process."""
     import torch.distributed as dist
 
+    from r1mega.rollout.sglang.launch import share_urls
+
     def start(cfg, topo):
         use_stub_metadata()
         mine = {}
@@ -313,9 +315,6 @@ def start_standins(registry: dict):
             server = serve(standin)
             registry[e] = standin
             mine[e] = f"http://127.0.0.1:{server.server_address[1]}"
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-        urls = {e: u for part in every for e, u in part.items()}
-        return [urls[e] for e in range(topo.num_engines)], []
+        return share_urls(mine, topo.num_engines), []
 
     return start

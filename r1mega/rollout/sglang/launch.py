@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,10 +54,15 @@ def start_servers(cfg: R1Config, topo: Topology) -> Tuple[List[str], List[Server
         for p in procs:  # started together, waited on together
             p.wait_ready(g.startup_timeout_s)
             log.info("sglang engine ready at %s (sglang %s)", p.client.url, p.client.server_version())
+    return share_urls(mine, topo.num_engines), procs
+
+
+def share_urls(mine: Dict[int, str], num_engines: int) -> List[str]:
+    """Every engine's URL on every rank, from the URLs of the engines each rank launched (collective)."""
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     urls = {e: u for part in every for e, u in part.items()}
-    return [urls[e] for e in range(topo.num_engines)], procs
+    return [urls[e] for e in range(num_engines)]
 
 
 def memory_saver(cfg: R1Config) -> bool:
