@@ -3,6 +3,8 @@
 A row is prompt + response. The model reads tokens[:-1] and predicts tokens[1:]; the
 response tokens are predicted at positions prompt_len - 1 ... len - 2, which the mask marks.
 Right padding needs no attention mask: under causal attention no real token sees a pad.
+Logits are only computed from the earliest response position of a micro-batch on
+(`logits_from`), so per-token fields cover positions logits_from ... L - 1.
 """
 
 from __future__ import annotations
@@ -42,16 +44,18 @@ class StepBatch:
 
 @dataclass
 class MicroBatch:
-    """Padded tensors of some rows; per-token fields are [b, L] aligned with the model's output."""
+    """Padded tensors of some rows; per-token fields are [b, W] aligned with the model's output,
+    the logits of positions logits_from ... L - 1 (W = L - logits_from)."""
 
     rows: List[int]
     tokens: torch.Tensor  # [b, L] model input
-    targets: torch.Tensor  # [b, L] next tokens
-    mask: torch.Tensor  # [b, L] bool, True where the target is a response token
+    targets: torch.Tensor  # [b, W] next tokens
+    mask: torch.Tensor  # [b, W] bool, True where the target is a response token
     advantages: torch.Tensor  # [b]
-    rollout_logp: torch.Tensor  # [b, L]
+    rollout_logp: torch.Tensor  # [b, W]
     old_logp: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None
+    logits_from: int = 0  # first position whose logits a loss reads
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of GPTModel.forward (right padding needs no attention mask)."""
@@ -61,7 +65,7 @@ class MicroBatch:
     def to(self, device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(self.rows, move(self.tokens), move(self.targets), move(self.mask), move(self.advantages),
-                          move(self.rollout_logp), move(self.old_logp), move(self.ref_logp))
+                          move(self.rollout_logp), move(self.old_logp), move(self.ref_logp), self.logits_from)
 
 
 def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
@@ -82,8 +86,10 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
         for key, values in per_token.items():
             if values is not None:
                 padded[key][j, start:n] = values[i]
-    return MicroBatch(rows, tokens, targets, mask, batch.advantages[rows], padded["rollout_logp"],
-                      padded.get("old_logp"), padded.get("ref_logp"))
+    start = min(min(batch.prompt_lens[i] for i in rows) - 1, width - 1)
+    window = {k: v[:, start:] for k, v in padded.items()}
+    return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
+                      window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start)
 
 
 def response_values(micro: MicroBatch, values: torch.Tensor) -> List[torch.Tensor]:

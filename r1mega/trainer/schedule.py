@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from r1mega.models.logits_window import logits_from
 from r1mega.ops.logprobs import token_logprobs
 from r1mega.platform.distributed import current_device
 
@@ -29,7 +30,8 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 def _forward_step(data_iterator, model, loss_fn):
     micro = next(data_iterator).to(next(model.parameters()).device)
-    logits = model(**micro.model_inputs())
+    with logits_from(model, getattr(micro, "logits_from", 0)):
+        logits = model(**micro.model_inputs())
     return logits, partial(loss_fn, micro)
 
 

@@ -42,6 +42,17 @@ def test_collate_aligns_targets_mask_and_logprobs():
     assert collate(batch, [0, 1], multiple=4).tokens.shape[1] == 8  # padded for sequence parallelism
 
 
+def test_collate_windows_per_token_fields_from_the_first_response_position():
+    batch = _batch()
+    m = collate(batch, [0, 1])  # prompts of 3 and 2 tokens: row 1's response is predicted from position 1
+    assert m.logits_from == 1 and m.tokens.shape == (2, 5) and m.targets.shape == m.mask.shape == (2, 4)
+    assert m.targets[0].tolist() == [3, 7, 8, 0] and m.mask[0].tolist() == [False, True, True, False]
+    assert m.targets[1].tolist() == [9, 10, 11, 12] and m.mask[1].all()
+    back = response_values(m, m.rollout_logp)
+    assert torch.allclose(back[0], torch.tensor([-0.1, -0.2])) and torch.allclose(back[1], torch.tensor([-0.3, -0.4,
+                                                                                                          -0.5, -0.6]))
+
+
 def test_split_rows_respects_the_budget_and_min_parts():
     lengths = [10, 3, 7, 7, 2, 9]
     groups = split_rows(lengths, range(6), token_budget=20)
