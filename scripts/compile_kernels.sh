@@ -23,7 +23,9 @@ from torch.utils.cpp_extension import include_paths
 print(' '.join('-I' + p for p in include_paths() + [sysconfig.get_paths()['include']]))")
     cuda_include=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include
     [ -f "$cuda_include/cuda_runtime_api.h" ] || cuda_include=/usr/local/cuda/include
+    # as setup.py's ahead-of-time build compiles it (with the sources' digest)
+    digest=$(.venv/bin/python -c "from r1mega.ops.kernel_sources import digest; print(digest())")
     g++ -std=c++20 -fsyntax-only "${includes[@]}" -I"$cuda_include" -I"$out/include" \
-        -DTORCH_EXTENSION_NAME=r1mega_kernels kernels/csrc/bindings.cpp
+        -DTORCH_EXTENSION_NAME=_kernels -DR1MEGA_SOURCES_DIGEST="$digest" kernels/csrc/bindings.cpp
     echo "compile_kernels: kernels/csrc/bindings.cpp checked against torch's headers"
 fi

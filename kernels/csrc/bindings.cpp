@@ -103,7 +103,18 @@ void logprob_backward_(torch::Tensor logits, torch::Tensor targets, int64_t voca
 
 }  // namespace
 
+// An ahead-of-time build (setup.py) names the sources it was built from; r1mega.ops.kernels
+// compares that with the sources on disk and rebuilds just in time when they differ.
+#define R1MEGA_STR2(x) #x
+#define R1MEGA_STR(x) R1MEGA_STR2(x)
+#ifdef R1MEGA_SOURCES_DIGEST
+#define R1MEGA_DIGEST_STRING R1MEGA_STR(R1MEGA_SOURCES_DIGEST)
+#else
+#define R1MEGA_DIGEST_STRING ""
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("sources_digest") = R1MEGA_DIGEST_STRING;
   m.def("group_advantage", &group_advantage, "per-group advantages of contiguous groups given by offsets");
   m.def("broadcast_to_tokens", &broadcast_to_tokens, "each sequence's advantage onto its packed tokens");
   m.def("logprob_partials", &logprob_partials, "per-row max, sum-exp, entropy sum and target logit of a vocab slice");

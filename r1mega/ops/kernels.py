@@ -1,38 +1,58 @@
-"""r1mega's CUDA kernels (kernels/csrc): the built extension, compiled just in time on first use.
+"""r1mega's CUDA kernels (kernels/csrc): the extension built at install time (setup.py), or else
+compiled just in time on first use.
 
-Only on a machine with CUDA torch, a GPU and a CUDA toolkit; anywhere else `load()` is None and
-each op runs its PyTorch reference. Set R1MEGA_KERNELS=off to force the references.
+Only on a machine with CUDA torch, a GPU and (for the just-in-time build) a CUDA toolkit;
+anywhere else `load()` is None and each op runs its PyTorch reference. Set R1MEGA_KERNELS=off
+to force the references.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from r1mega.ops import kernel_sources
+
 log = logging.getLogger(__name__)
 
-SOURCES = Path(__file__).resolve().parents[2] / "kernels" / "csrc"
+
+def prebuilt() -> Optional[object]:
+    """The extension built at install time, if there is one and it was built from these sources."""
+    try:
+        module = importlib.import_module("r1mega._kernels")
+    except ImportError:
+        return None
+    built, current = getattr(module, "sources_digest", ""), kernel_sources.digest()
+    if built != current:
+        log.warning("r1mega._kernels was built from other sources (%s, now %s): building just in time",
+                    built or "unknown", current)
+        return None
+    return module
 
 
 @lru_cache(maxsize=1)
 def load() -> Optional[object]:
-    """The kernels module, or None where it cannot be built (no GPU, no toolkit, no sources)."""
+    """The kernels module, or None where it cannot be had (no GPU, no build and no toolkit)."""
     if os.environ.get("R1MEGA_KERNELS", "on") == "off" or not torch.cuda.is_available():
         return None
+    module = prebuilt()
+    if module is not None:
+        return module
     from torch.utils.cpp_extension import CUDA_HOME, load as build
 
-    sources = sorted(SOURCES.glob("*.cu")) + [SOURCES / "bindings.cpp"]
+    sources = kernel_sources.sources()
     if CUDA_HOME is None or not all(s.is_file() for s in sources):
         log.warning("r1mega kernels unavailable (CUDA toolkit: %s, sources in %s): PyTorch references run",
-                    CUDA_HOME, SOURCES)
+                    CUDA_HOME, kernel_sources.CSRC)
         return None
     try:
-        return build(name="r1mega_kernels", sources=[str(s) for s in sources], extra_cuda_cflags=["-O3"],
+        return build(name="r1mega_kernels", sources=[str(s) for s in sources],
+                     extra_cflags=kernel_sources.CXX_FLAGS, extra_cuda_cflags=kernel_sources.NVCC_FLAGS,
                      verbose=False)
     except Exception as err:  # no ninja, a toolkit torch was not built with, an unsupported compiler
         log.warning("r1mega kernels failed to build (%s): PyTorch references run", err)
