@@ -13,7 +13,7 @@ log=$(mktemp)
 start=$(date +%s)
 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu tests/unit/test_ops_advantage.py 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-"$PY" benchmarks/kernels/bench_logprobs.py ${QUICK:+--quick} 2>&1 | tee -a "$log" | tail -9 > "$log.bench"
+"$PY" benchmarks/kernels/bench_logprobs.py ${QUICK:+--quick} 2>&1 | tee -a "$log" | tail -12 > "$log.bench"
 echo
 echo "== r1mega gpu_check: $(($(date +%s) - start)) s =="
 grep -E "^(FAILED|ERROR|SKIPPED)" "$log" | cut -c1-150

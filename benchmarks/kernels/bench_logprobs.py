@@ -4,7 +4,10 @@ same code.
 
 Reports the median time (CUDA events) and the peak memory above the logits themselves, and the
 kernels' achieved bandwidth against the floor: one read of the logits forward, one read and one
-write backward, at the device's measured copy bandwidth. Writes benchmarks/results/kernels.json.
+write backward, at the device's measured copy bandwidth. Where Liger-Kernel is installed, a
+second table times the whole GRPO loss from hidden states (the lm_head matmul included, as
+Liger fuses it): r1mega's kernels against Liger's fused-linear GRPO loss and eager PyTorch.
+Writes benchmarks/results/kernels.json.
 Usage: python benchmarks/kernels/bench_logprobs.py [--quick]   (GPU only)
 """
 
@@ -59,6 +62,79 @@ def timed(fn, logits: torch.Tensor, targets, weights) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+HIDDEN = 3584  # Qwen2.5-7B's; the lm_head is [vocab, HIDDEN]
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+
+
+def grpo_r1mega(hidden, weight, targets, adv, old):
+    """The trainer's path: lm_head logits, the log-prob kernels, the fused per-token loss."""
+    from r1mega.ops.grpo_loss import Surrogate, policy_terms
+    from r1mega.ops.logprobs import token_logprobs
+
+    logp, _ = token_logprobs(hidden @ weight.T, targets)
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    return policy_terms(logp[None], old[None], None, adv[None], mask[None], None,
+                        Surrogate(EPS_LOW, EPS_HIGH, None, "token", 0.0, "k3")).loss
+
+
+def grpo_eager(hidden, weight, targets, adv, old):
+    logp = torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    ratio = (logp - old).exp()
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - EPS_LOW, 1 + EPS_HIGH)).mean()
+
+
+def liger_loss():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", epsilon_low=EPS_LOW,
+                                  epsilon_high=EPS_HIGH)
+    return lambda hidden, weight, targets, adv, old: fn(
+        hidden[None], weight, targets[None], torch.ones_like(targets)[None], adv[:1], old_per_token_logps=old[None])[0]
+
+
+def timed_loss(fn, hidden, weight, targets, adv, old) -> tuple[float, float]:
+    """(median ms of forward + backward w.r.t. hidden and weight, peak MB above the inputs)."""
+    h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    times = []
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(WARMUP + REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(h, w, targets, adv, old).backward()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= WARMUP:
+            times.append(start.elapsed_time(end))
+        h.grad = w.grad = None
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def with_lm_head(tokens) -> list:
+    """The loss from hidden states, one advantage per token row (as one sequence)."""
+    rows, v = [], VOCABS[-1]
+    sides = [("r1mega", grpo_r1mega), ("eager", grpo_eager)]
+    if importlib.util.find_spec("liger_kernel"):
+        sides.append(("liger", liger_loss()))
+    for n in tokens[:2]:
+        g = torch.Generator(device="cuda").manual_seed(n)
+        hidden = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
+        weight = 0.02 * torch.randn(v, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=g)
+        targets = torch.randint(0, v, (n,), device="cuda", generator=g)
+        adv = torch.full((n,), 0.5, device="cuda")
+        old = -torch.rand(n, device="cuda", generator=g) * 12
+        row = {"tokens": n, "vocab": v, "hidden": HIDDEN}
+        for name, fn in sides:
+            try:
+                row[f"{name}_ms"], row[f"{name}_peak_mb"] = timed_loss(fn, hidden, weight, targets, adv, old)
+            except torch.OutOfMemoryError:
+                row[f"{name}_ms"] = row[f"{name}_peak_mb"] = None
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy GB/s (bytes read + written) of a 4 GiB buffer."""
     src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
@@ -99,10 +175,10 @@ def main() -> None:
             rows.append(row)
             del logits
             torch.cuda.empty_cache()
-    # Liger-Kernel's GRPO loss takes hidden states and fuses the lm_head matmul: other work, not timed here
-    liger = "installed (fuses the lm_head; not timed)" if importlib.util.find_spec("liger_kernel") else "not installed"
+    loss_rows = with_lm_head(tokens)
+    liger = "installed" if importlib.util.find_spec("liger_kernel") else "not installed"
     out = {"device": torch.cuda.get_device_name(), "copy_gb_per_s": bandwidth, "dtype": "bf16", "liger": liger,
-           "rows": rows}
+           "rows": rows, "loss_from_hidden": loss_rows}
     path = Path(__file__).resolve().parents[1] / "results" / "kernels.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"\n{out['device']}: copy {bandwidth:.0f} GB/s; floor = 1 read fwd + 1 read + 1 write bwd of the logits")
@@ -113,6 +189,10 @@ def main() -> None:
         print(f"{r['tokens']:>7} {r['vocab']:>7} | {fmt(r['r1mega_ms'], '9.2f')} {fmt(r['eager_ms'], '9.2f')} "
               f"{fmt(r['compile_ms'], '10.2f')} | {fmt(r['r1mega_peak_mb'], '9.0f')} {fmt(r['eager_peak_mb'], '9.0f')}"
               f" | {r['r1mega_gb_per_s']:6.0f} {r['share_of_copy_bandwidth']:7.0%}")
+    print(f"GRPO loss from hidden states ({HIDDEN} wide, lm_head included; Liger {liger}): ms / peak MB")
+    for r in loss_rows:
+        print(f"{r['tokens']:>7} {r['vocab']:>7} | " + "  ".join(
+            f"{k[:-3]} {fmt(r[k], '.2f')} / {fmt(r[k[:-3] + '_peak_mb'], '.0f')}" for k in r if k.endswith("_ms")))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ extern "C" cudaError_t r1mega_logprob_backward_inplace(void* logits, int dtype, 
                                                        const float* lse, const float* entropy, const float* g_logp,
                                                        const float* g_ent, cudaStream_t stream);
 
+extern "C" cudaError_t r1mega_grpo_token_loss(int64_t n, const uint8_t* mask, const float* logp,
+                                              const float* old_logp, const float* ref_logp, const float* adv,
+                                              const float* tis, const float* weight, float eps_low, float eps_high,
+                                              float dual_clip, int kl_mode, float beta, float* pg, float* kl,
+                                              float* ratio, float* g_logp, cudaStream_t stream);
+
 namespace {
 
 void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
@@ -101,6 +107,33 @@ void logprob_backward_(torch::Tensor logits, torch::Tensor targets, int64_t voca
   TORCH_CHECK(err == cudaSuccess, "logprob_backward kernel: ", cudaGetErrorString(err));
 }
 
+// (pg, kl, ratio, g_logp) per token; ref_logp and tis may be empty (no KL / no TIS).
+std::vector<torch::Tensor> grpo_token_loss(torch::Tensor mask, torch::Tensor logp, torch::Tensor old_logp,
+                                           torch::Tensor ref_logp, torch::Tensor adv, torch::Tensor tis,
+                                           torch::Tensor weight, double eps_low, double eps_high, double dual_clip,
+                                           int64_t kl_mode, double beta) {
+  TORCH_CHECK(mask.is_cuda() && mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.dim() == 1,
+              "mask must be a contiguous 1-D CUDA bool tensor");
+  const int64_t n = mask.numel();
+  for (auto* t : {&logp, &old_logp, &adv, &weight}) {
+    check(*t, "per-token input", torch::kFloat32);
+    TORCH_CHECK(t->numel() == n, "every per-token input needs one value per token");
+  }
+  TORCH_CHECK(kl_mode >= 0 && kl_mode <= 3, "kl_mode must be 0 (off), 1, 2 or 3 (k1..k3), got ", kl_mode);
+  TORCH_CHECK(kl_mode == 0 || ref_logp.numel() > 0, "a KL estimator needs reference log-probs");
+  const c10::cuda::CUDAGuard guard(logp.device());
+  auto pg = torch::empty_like(logp), kl = torch::empty_like(logp), ratio = torch::empty_like(logp),
+       g_logp = torch::empty_like(logp);
+  const auto err = r1mega_grpo_token_loss(
+      n, reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), logp.data_ptr<float>(), old_logp.data_ptr<float>(),
+      optional_ptr(ref_logp, "ref_logp", n), adv.data_ptr<float>(), optional_ptr(tis, "tis", n),
+      weight.data_ptr<float>(), static_cast<float>(eps_low), static_cast<float>(eps_high),
+      static_cast<float>(dual_clip), static_cast<int>(kl_mode), static_cast<float>(beta), pg.data_ptr<float>(),
+      kl.data_ptr<float>(), ratio.data_ptr<float>(), g_logp.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "grpo_token_loss kernel: ", cudaGetErrorString(err));
+  return {pg, kl, ratio, g_logp};
+}
+
 }  // namespace
 
 // An ahead-of-time build (setup.py) names the sources it was built from; r1mega.ops.kernels
@@ -118,5 +151,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_advantage", &group_advantage, "per-group advantages of contiguous groups given by offsets");
   m.def("broadcast_to_tokens", &broadcast_to_tokens, "each sequence's advantage onto its packed tokens");
   m.def("logprob_partials", &logprob_partials, "per-row max, sum-exp, entropy sum and target logit of a vocab slice");
+  m.def("grpo_token_loss", &grpo_token_loss, "per-token surrogate, KL, ratio and d loss / d logp");
   m.def("logprob_backward_", &logprob_backward_, "gradient w.r.t. the logits, written into the logits");
 }

@@ -42,3 +42,19 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: AggregationMode = "t
         length = _denominator(norm_length, m.shape[-1])
         return masked.sum() / (_denominator(num_seqs, m.shape[0]) * length)
     raise ValueError(f"unknown aggregation mode {mode!r}")
+
+
+def token_weights(mask: torch.Tensor, mode: AggregationMode = "token-mean", *, num_tokens: Count = None,
+                  num_seqs: Count = None, norm_length: Count = None) -> torch.Tensor:
+    """Each token's weight w [B, T] in `aggregate` (0 off the mask): aggregate(loss) equals
+    (w * loss).sum() for a loss finite on the mask. The fused loss kernel takes these."""
+    m = mask.bool()
+    on = m.to(torch.float32)
+    if mode == "token-mean":
+        return on / _denominator(num_tokens, m.sum())
+    if mode == "seq-mean-token-mean":
+        seq_len = m.sum(-1, keepdim=True).clamp(min=1).to(on.dtype)
+        return on / seq_len / _denominator(num_seqs, m.shape[0])
+    if mode == "seq-mean-token-sum-norm":
+        return on / (_denominator(num_seqs, m.shape[0]) * _denominator(norm_length, m.shape[-1]))
+    raise ValueError(f"unknown aggregation mode {mode!r}")

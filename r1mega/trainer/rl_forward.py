@@ -16,9 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.algorithms.aggregation import aggregate
-from r1mega.algorithms.kl import kl_penalty
-from r1mega.algorithms.policy_loss import clipped_surrogate, truncated_is_weights
+from r1mega.algorithms.policy_loss import surrogate_stats, truncated_is_weights
 from r1mega.config.schema import AlgorithmConfig
+from r1mega.ops.grpo_loss import Surrogate, policy_terms
 from r1mega.platform.distributed import current_device
 from r1mega.trainer.rl_batch import MicroBatch
 from r1mega.trainer.schedule import run_schedule, target_logprobs, train_step
@@ -57,27 +57,26 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     logp, entropy = target_logprobs(logits, micro.targets, s.temperature, with_entropy=True)
     mask = micro.mask
     old = micro.old_logp if micro.old_logp is not None else logp.detach()
-    per_token, pg_stats = clipped_surrogate(logp, old, micro.advantages, mask, a.eps_low, a.eps_high, a.dual_clip,
-                                            a.ratio_level)
-    if a.tis_cap is not None:
-        per_token = per_token * truncated_is_weights(old, micro.rollout_logp, mask, a.tis_cap)
-    pg_loss = per_token
-    kl = kl_penalty(logp, micro.ref_logp, a.kl_estimator, mask) if a.kl_beta > 0 else torch.zeros_like(logp)
-    per_token = per_token + a.kl_beta * kl
+    tis = truncated_is_weights(old, micro.rollout_logp, mask, a.tis_cap) if a.tis_cap is not None else None
+    counts = dict(mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs, norm_length=s.norm_length)
+    terms = policy_terms(logp, old, micro.ref_logp, micro.advantages, mask, tis, surrogate(a), **counts)
+    loss = terms.loss
     if a.entropy_coeff:
-        per_token = per_token - a.entropy_coeff * entropy
-    agg = partial(aggregate, mask=mask, mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs,
-                  norm_length=s.norm_length)
-    loss = agg(per_token)
+        loss = loss - a.entropy_coeff * aggregate(entropy, mask, **counts)
+    pg_stats = surrogate_stats(terms.ratio, micro.advantages, mask, a.eps_low, a.eps_high, a.dual_clip)
     n = mask.sum().float()
     gap = torch.where(mask, (old - micro.rollout_logp).abs(), 0.0)
     zero = lambda x: torch.where(mask, x.detach(), 0.0).sum()  # noqa: E731
-    sums = torch.stack([loss.detach(), agg(pg_loss).detach(), zero(kl), zero(entropy),
+    sums = torch.stack([loss.detach(), aggregate(terms.pg, mask, **counts), zero(terms.kl), zero(entropy),
                         pg_stats["clip_fraction"] * n, pg_stats["ratio_mean"] * n, gap.sum(), n])
     maxes = torch.stack([gap.max() if mask.any() else gap.new_zeros(()), pg_stats["ratio_max"]])
     # megatron divides each micro-batch loss by the local micro-batch count and averages
     # gradients over data-parallel ranks; the loss already carries global denominators.
     return loss * scale, {"sums": sums.double().cpu(), "maxes": maxes.double().cpu()}
+
+
+def surrogate(a: AlgorithmConfig) -> Surrogate:
+    return Surrogate(a.eps_low, a.eps_high, a.dual_clip, a.ratio_level, a.kl_beta, a.kl_estimator)
 
 
 def train_minibatch(ddp_chunks, optimizer, scheduler, micro_batches: List[MicroBatch],

@@ -60,7 +60,8 @@ def _loss_and_grads(parallel: ParallelConfig):
         multiple = parallel.tp if parallel.sequence_parallel else 1
         windowed = [collate(batch, rows, multiple) for rows in ([0, 1], [2, 3])]
         assert [m.logits_from for m in windowed] == [5, 6]
-        settings = LossSettings(AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01), 8, 1.0, float(sum(m.mask.sum() for m in windowed)), 4.0)
+        tokens = float(sum(m.mask.sum() for m in windowed))
+        settings = LossSettings(AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01), 8, 1.0, tokens, 4.0)
         out = {}
         for name, micro in (("window", windowed), ("full", [_full(m) for m in windowed])):
             for p in chunks[0].parameters():

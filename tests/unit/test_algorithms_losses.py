@@ -15,6 +15,7 @@ from r1mega.algorithms import (
     logprob_gap_stats,
     truncated_is_weights,
 )
+from r1mega.algorithms.aggregation import token_weights
 
 RATIOS = torch.tensor([0.5, 0.9, 1.0, 1.1, 1.5, 5.0], dtype=torch.float64)
 
@@ -178,3 +179,18 @@ def test_aggregate_micro_batch_split_equals_whole(mode):
 def test_aggregate_unknown_mode():
     with pytest.raises(ValueError):
         aggregate(LOSS, MASK, "sum")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("counts", [{}, {"num_tokens": 37.0, "num_seqs": 9.0, "norm_length": 12}])
+def test_token_weights_reproduce_aggregate(mode, counts):
+    """The fused loss kernel aggregates with per-token weights; they give aggregate()'s value."""
+    g = torch.Generator().manual_seed(5)
+    loss = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    mask = torch.rand(4, 7, generator=g) < 0.6
+    mask[2] = False  # an all-masked row still counts as a sequence
+    loss[~mask] = float("nan")  # off the mask, anything
+    w = token_weights(mask, mode, **counts)
+    assert torch.all(w[~mask] == 0)
+    got = (w.double() * torch.where(mask, loss, 0.0)).sum()
+    assert got.item() == pytest.approx(aggregate(loss, mask, mode, **counts).item(), rel=1e-6)

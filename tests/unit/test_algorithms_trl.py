@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from r1mega.algorithms import aggregate, clipped_surrogate, group_advantages, kl_penalty
+from r1mega.algorithms import group_advantages
+from r1mega.algorithms.policy_loss import surrogate_stats
+from r1mega.ops.grpo_loss import Surrogate, policy_terms
 
 grpo_module = pytest.importorskip("trl.trainer.grpo_trainer", reason="cross-check needs trl (dev extra)")
 rloo_module = pytest.importorskip("trl.trainer.rloo_trainer", reason="cross-check needs trl (dev extra)")
@@ -80,15 +82,16 @@ def _trl_loss(batch, loss_type, level, eps_low, eps_high, beta):
 
 
 def _our_loss(batch, loss_type, level, eps_low, eps_high, beta):
-    """The same loss from r1mega.algorithms: (loss, gradient w.r.t. logp, stats, mean k3)."""
+    """The same loss from the trainer's dispatch point, r1mega.ops.grpo_loss (its PyTorch path):
+    (loss, gradient w.r.t. logp, stats, mean k3)."""
     logp = batch["logp"].clone().requires_grad_(True)
     mask = batch["mask"].bool()
-    per_token, stats = clipped_surrogate(logp, batch["old"], batch["adv"], mask, eps_low, eps_high,
-                                         ratio_level=level)
-    kl = kl_penalty(logp, batch["ref"], "k3", mask=mask)
-    loss = aggregate(per_token + beta * kl, mask, AGGREGATION[loss_type], norm_length=MAX_COMPLETION)
-    (grad,) = torch.autograd.grad(loss, logp)
-    return loss.detach(), grad, stats, (kl.detach().sum() / mask.sum()).item()
+    terms = policy_terms(logp, batch["old"], batch["ref"], batch["adv"], mask, None,
+                         Surrogate(eps_low, eps_high, None, level, beta, "k3"), mode=AGGREGATION[loss_type],
+                         norm_length=MAX_COMPLETION)
+    stats = surrogate_stats(terms.ratio, batch["adv"], mask, eps_low, eps_high, None)
+    (grad,) = torch.autograd.grad(terms.loss, logp)
+    return terms.loss.detach(), grad, stats, (terms.kl.sum() / mask.sum()).item()
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
