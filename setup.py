@@ -1,6 +1,6 @@
-"""Builds r1mega's CUDA kernels (kernels/csrc) ahead of time where CUDA torch and a CUDA toolkit
-are present at install time (`pip install --no-build-isolation -e .`, which scripts/setup.sh
-uses on such machines). Anywhere else r1mega installs without them, and a GPU machine builds
+"""Builds r1mega's CUDA kernels (kernels/csrc) ahead of time where CUDA torch, a CUDA toolkit
+and a GPU (or TORCH_CUDA_ARCH_LIST) are present at install time (`pip install
+--no-build-isolation -e .`, which scripts/setup.sh uses on such machines). Anywhere else r1mega installs without them, and a GPU machine builds
 them just in time on first use (r1mega/ops/kernels.py). The rest of the package metadata is
 in pyproject.toml."""
 
@@ -22,11 +22,14 @@ def kernel_build() -> dict:
         return {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return {}
+    if not (torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST")):
+        return {}  # torch picks the archs of the visible GPUs: with none, it needs the list
     spec = runpy.run_path(str(Path(__file__).resolve().parent / "r1mega" / "ops" / "kernel_sources.py"))
     root = Path(__file__).resolve().parent
     # bindings.cpp stringifies the macro (no quotes to survive the build's shell)
     define = f"-DR1MEGA_SOURCES_DIGEST={spec['digest']()}"
     ext = CUDAExtension("r1mega._kernels", [str(p.relative_to(root)) for p in spec["sources"]()],
+                        depends=[str(p.relative_to(root)) for p in spec["headers"]()],
                         extra_compile_args={"cxx": [*spec["CXX_FLAGS"], define], "nvcc": spec["NVCC_FLAGS"]})
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 

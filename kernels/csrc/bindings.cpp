@@ -18,7 +18,7 @@ extern "C" cudaError_t r1mega_logprob_backward_inplace(void* logits, int dtype, 
 
 extern "C" cudaError_t r1mega_grpo_token_loss(int64_t n, const uint8_t* mask, const float* logp,
                                               const float* old_logp, const float* ref_logp, const float* adv,
-                                              const float* tis, const float* weight, float eps_low, float eps_high,
+                                              const float* tis, const float* weight, float clip_low, float clip_high,
                                               float dual_clip, int kl_mode, float beta, float* pg, float* kl,
                                               float* ratio, float* g_logp, cudaStream_t stream);
 
@@ -127,7 +127,7 @@ std::vector<torch::Tensor> grpo_token_loss(torch::Tensor mask, torch::Tensor log
   const auto err = r1mega_grpo_token_loss(
       n, reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()), logp.data_ptr<float>(), old_logp.data_ptr<float>(),
       optional_ptr(ref_logp, "ref_logp", n), adv.data_ptr<float>(), optional_ptr(tis, "tis", n),
-      weight.data_ptr<float>(), static_cast<float>(eps_low), static_cast<float>(eps_high),
+      weight.data_ptr<float>(), static_cast<float>(1.0 - eps_low), static_cast<float>(1.0 + eps_high),
       static_cast<float>(dual_clip), static_cast<int>(kl_mode), static_cast<float>(beta), pg.data_ptr<float>(),
       kl.data_ptr<float>(), ratio.data_ptr<float>(), g_logp.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "grpo_token_loss kernel: ", cudaGetErrorString(err));

@@ -40,14 +40,14 @@ __global__ void grpo_token_loss_kernel(int64_t n, const uint8_t* __restrict__ ma
 
 extern "C" cudaError_t r1mega_grpo_token_loss(int64_t n, const uint8_t* mask, const float* logp,
                                               const float* old_logp, const float* ref_logp, const float* adv,
-                                              const float* tis, const float* weight, float eps_low, float eps_high,
+                                              const float* tis, const float* weight, float clip_low, float clip_high,
                                               float dual_clip, int kl_mode, float beta, float* pg, float* kl,
                                               float* ratio, float* g_logp, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (kl_mode < r1mega::kNoKL || kl_mode > r1mega::kKL3 || (kl_mode != r1mega::kNoKL && ref_logp == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  const r1mega::GrpoParams params{eps_low, eps_high, dual_clip, kl_mode};
+  const r1mega::GrpoParams params{clip_low, clip_high, dual_clip, kl_mode};
   const int64_t blocks64 = (n + kThreads - 1) / kThreads;
   const int blocks = static_cast<int>(blocks64 < 65535 ? blocks64 : 65535);  // grid-stride beyond
   grpo_token_loss_kernel<<<blocks, kThreads, 0, stream>>>(n, mask, logp, old_logp, ref_logp, adv, tis, weight, params,

@@ -26,7 +26,9 @@ constexpr float kLogRatioBound = 20.0f;  // policy_loss.LOG_RATIO_BOUND and kl.K
 enum KLMode { kNoKL = 0, kKL1 = 1, kKL2 = 2, kKL3 = 3 };
 
 struct GrpoParams {
-  float eps_low, eps_high;
+  // the clip range [1 - eps_low, 1 + eps_high], computed in double and rounded once, as
+  // PyTorch's clamp rounds its Python-float bounds
+  float clip_low, clip_high;
   float dual_clip;  // 0: off, else c > 1
   int kl_mode;      // KLMode; kNoKL leaves kl and its gradient 0 (no reference log-probs read)
 };
@@ -56,7 +58,7 @@ R1MEGA_HD GrpoToken grpo_token(bool on, float logp, float old_logp, float ref_lo
   const float log_ratio = logp - old_logp;
   const float ratio = R1MEGA_EXP(clamp_to(log_ratio, -kLogRatioBound, kLogRatioBound));
   const float g_ratio = ratio * inside(log_ratio, -kLogRatioBound, kLogRatioBound);
-  const float lo = 1.0f - p.eps_low, hi = 1.0f + p.eps_high;
+  const float lo = p.clip_low, hi = p.clip_high;
   const float clipped = clamp_to(ratio, lo, hi);
   const float plain = -adv * ratio, capped = -adv * clipped;
   float pg = plain > capped ? plain : capped;

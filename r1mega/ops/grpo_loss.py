@@ -5,13 +5,12 @@ policy (times the TIS weight), the KL estimate against the reference policy, and
 aggregation into the minibatch loss. On CUDA, with the kernels built and token-level ratios,
 one kernel (kernels/csrc/grpo_loss.cu) computes every term and d loss / d logp in one pass;
 elsewhere the PyTorch definitions in r1mega.algorithms run, and they are the kernel's oracle
-(checked on its first call in a process).
+(checked against them on a synthetic batch before the kernel's first use in a process).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -80,7 +79,7 @@ class _FusedTerms(torch.autograd.Function):
         outs = [t.view(shape) for t in (pg, kl, ratio, g_logp)]
         ctx.save_for_backward(outs[-1])
         ctx.mark_non_differentiable(*outs)
-        return (loss, *outs)
+        return (loss, *outs)  # g_logp last: the self-check compares it
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -89,17 +88,49 @@ class _FusedTerms(torch.autograd.Function):
 
 
 def _fused(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict) -> PolicyTerms:
+    _self_check(s, counts.get("mode", "token-mean"), logp.device)
+    return PolicyTerms(*_fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)[:4])
+
+
+def _fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict):
     m = mask.bool()
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weight = token_weights(m, **counts)
-    loss, pg, kl, ratio, g_logp = _FusedTerms.apply(logp, old_logp, ref_logp, adv.expand_as(logp), m, tis, weight, s)
-    terms = PolicyTerms(loss, pg, kl, ratio)
-    ref = lru_cache(maxsize=1)(lambda: _reference_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s,
-                                                            counts))
-    if not verified("grpo_token_loss_grad"):  # values and gradient apart: gradients are small next to ratios
-        verify_once("grpo_token_loss", _values(terms), lambda: _values(ref()[0]), 1e-5)
-        verify_once("grpo_token_loss_grad", g_logp, lambda: ref()[1], 1e-5)
-    return terms
+    return _FusedTerms.apply(logp, old_logp, ref_logp, adv.expand_as(logp), m, tis, weight, s)
+
+
+def _self_check(s: Surrogate, mode: str, device: torch.device) -> None:
+    """Before the kernel's first use with these settings in a process: kernel and PyTorch path on
+    a synthetic batch that takes every branch (both clips, dual clip, log-ratios past and on the
+    +-20 clamps, zero advantages, NaN and inf off the mask), values and gradients through the
+    autograd function. A mismatch stops the run (R1MEGA_KERNELS=off runs the PyTorch path)."""
+    op = f"grpo_token_loss[{s}, {mode}]"
+    if verified(op + " grad"):
+        return
+    g = torch.Generator().manual_seed(0)
+    b, t = 16, 256
+    logp = -8 * torch.rand(b, t, generator=g)
+    old = logp + 0.4 * torch.randn(b, t, generator=g)
+    old[:, ::37] = logp[:, ::37] + torch.where(torch.rand(b, 1, generator=g) < 0.5, -25.0, 25.0)
+    ref = logp + 0.5 * torch.randn(b, t, generator=g)
+    ref[:, 1::41] = logp[:, 1::41] - 30.0
+    logp[:, 2], old[:, 2], ref[:, 2] = -1.0, -21.0, 19.0  # exactly on the bounds
+    adv = 2 * torch.randn(b, generator=g)
+    adv[::4] = 0.0
+    mask = torch.rand(b, t, generator=g) < 0.85
+    mask[:, 2] = True
+    logp[~mask], old[~mask] = float("nan"), float("inf")
+    tis = torch.where(mask, 2 * torch.rand(b, t, generator=g), 0.0)
+    logp, old, ref, adv, mask, tis = (x.to(device) for x in (logp, old, ref, adv, mask, tis))
+    counts = {"mode": mode}
+    leaf = logp.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss, pg, kl, ratio, _ = _fused_with_grad(leaf, old, ref, adv, mask, tis, s, counts)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    want, want_grad = _reference_with_grad(logp, old, ref, adv, mask, tis, s, counts)
+    # element by element: ratios past the clamp reach e^20, next to gradients of about 1 / tokens
+    verify_once(op, _values(PolicyTerms(loss, pg, kl, ratio)), lambda: _values(want), 1e-5, atol=1e-6)
+    verify_once(op + " grad", grad, lambda: want_grad, 1e-5, atol=1e-9)
 
 
 def _values(terms: PolicyTerms) -> torch.Tensor:

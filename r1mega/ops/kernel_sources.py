@@ -14,15 +14,24 @@ CXX_FLAGS = ["-O3"]
 
 
 def sources() -> List[Path]:
-    """The CUDA sources and the torch bindings, in build order."""
+    """The files compiled: the CUDA sources and the torch bindings, in build order."""
     return sorted(CSRC.glob("*.cu")) + [CSRC / "bindings.cpp"]
 
 
+def headers() -> List[Path]:
+    return sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h")])
+
+
+def present() -> bool:
+    """Whether the sources are on disk (an editable install or a checkout; not a wheel)."""
+    return all(p.is_file() for p in sources())
+
+
 def digest() -> str:
-    """A hash of the sources: an ahead-of-time build carries the one it was built from, so a
-    build older than the sources is noticed."""
-    h = hashlib.sha256()
-    for path in sources():
+    """A hash of every source, header and flag: an ahead-of-time build carries the one it was
+    built from, so a build older than the sources is noticed."""
+    h = hashlib.sha256(" ".join(NVCC_FLAGS + CXX_FLAGS).encode())
+    for path in sorted(sources() + headers()):
         h.update(path.name.encode())
         h.update(path.read_bytes() if path.is_file() else b"")
     return h.hexdigest()[:16]

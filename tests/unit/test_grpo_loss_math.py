@@ -56,7 +56,7 @@ def _host(binary: Path, tmp_path: Path, params, arrays):
     mask, logp, old, ref, adv, tis = arrays
     n = len(mask)
     eps_low, eps_high, dual_clip, kl_mode = params
-    data = struct.pack("<qfffi", n, eps_low, eps_high, dual_clip or 0.0, kl_mode)
+    data = struct.pack("<qddfi", n, eps_low, eps_high, dual_clip or 0.0, kl_mode)
     data += mask.numpy().astype(np.uint8).tobytes()
     data += b"".join(t.numpy().astype(np.float32).tobytes() for t in (logp, old, ref, adv, tis))
     (tmp_path / "in.bin").write_bytes(data)

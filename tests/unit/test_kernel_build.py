@@ -27,36 +27,49 @@ def test_sources_are_every_cuda_file_and_the_bindings():
     assert len(names) >= 3 and all(p.is_file() for p in kernel_sources.sources())
 
 
-def test_digest_follows_the_sources(tmp_path, monkeypatch):
+@pytest.mark.parametrize("edited", ["grpo_logprobs.cu", "grpo_loss_math.cuh", "bindings.cpp", "flags"])
+def test_digest_follows_sources_headers_and_flags(tmp_path, monkeypatch, edited):
     before = kernel_sources.digest()
     assert before == kernel_sources.digest() and len(before) == 16
-    for p in kernel_sources.sources():
+    for p in kernel_sources.sources() + kernel_sources.headers():
         (tmp_path / p.name).write_bytes(p.read_bytes())
     monkeypatch.setattr(kernel_sources, "CSRC", tmp_path)
     assert kernel_sources.digest() == before
-    (tmp_path / "grpo_logprobs.cu").write_text((tmp_path / "grpo_logprobs.cu").read_text() + "\n// edit\n")
+    if edited == "flags":
+        monkeypatch.setattr(kernel_sources, "NVCC_FLAGS", [*kernel_sources.NVCC_FLAGS, "-lineinfo"])
+    else:
+        (tmp_path / edited).write_text((tmp_path / edited).read_text() + "\n// edit\n")
     assert kernel_sources.digest() != before
 
 
-def test_no_extension_without_cuda_torch_or_toolkit(monkeypatch):
+def test_no_extension_without_cuda_torch_toolkit_or_target(monkeypatch):
     kernel_build = _setup()["kernel_build"]
     import torch.utils.cpp_extension as ext
 
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.version, "cuda", None)
     assert kernel_build() == {}
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(ext, "CUDA_HOME", None)
     assert kernel_build() == {}
     monkeypatch.setattr(ext, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernel_build() == {}  # no GPU to take the archs from, and no TORCH_CUDA_ARCH_LIST
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("R1MEGA_KERNELS", "off")
     assert kernel_build() == {}
 
 
-def test_extension_with_cuda_torch_and_toolkit(monkeypatch):
+@pytest.mark.parametrize("target", ["visible_device", "arch_list"])
+def test_extension_with_cuda_torch_toolkit_and_target(monkeypatch, target):
     import torch.utils.cpp_extension as ext
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(ext, "CUDA_HOME", "/usr/local/cuda")
+    if target == "visible_device":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     made = {}
     monkeypatch.setattr(ext, "CUDAExtension", lambda name, sources, **kw: made.update(name=name, sources=sources, **kw)
                         or "ext")
@@ -64,6 +77,7 @@ def test_extension_with_cuda_torch_and_toolkit(monkeypatch):
     assert args["ext_modules"] == ["ext"] and args["cmdclass"]["build_ext"] is ext.BuildExtension
     assert made["name"] == "r1mega._kernels"  # r1mega.ops.kernels.prebuilt imports this name
     assert made["sources"] == [str(p.relative_to(ROOT)) for p in kernel_sources.sources()]
+    assert made["depends"] == [str(p.relative_to(ROOT)) for p in kernel_sources.headers()] and made["depends"]
     flags = made["extra_compile_args"]
     assert f"-DR1MEGA_SOURCES_DIGEST={kernel_sources.digest()}" in flags["cxx"]
     assert flags["nvcc"] == kernel_sources.NVCC_FLAGS
@@ -87,5 +101,13 @@ def test_prebuilt_of_other_sources_is_passed_over(fake_prebuilt, caplog):
     assert "built from other sources" in caplog.text
 
 
-def test_no_prebuilt_here():
-    assert kernels.prebuilt() is None  # CI installs without CUDA torch
+def test_prebuilt_without_sources_on_disk_is_used(fake_prebuilt, monkeypatch, tmp_path):
+    """An install from a wheel has no kernels/csrc to compare with."""
+    fake_prebuilt.sources_digest = "0" * 16
+    monkeypatch.setattr(kernel_sources, "CSRC", tmp_path / "absent")
+    assert kernels.prebuilt() is fake_prebuilt
+
+
+def test_no_prebuilt_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "r1mega._kernels", None)  # import raises ImportError
+    assert kernels.prebuilt() is None

@@ -55,3 +55,19 @@ def test_a_kernel_is_checked_against_its_reference_on_first_use():
         kernels.verify_once("nan_op", torch.tensor([nan, 1.0]), lambda: torch.tensor([0.0, 1.0]))
     kernels.verify_once("nan_op", torch.tensor([]), lambda: torch.tensor([]))  # nothing to check: not verified
     assert not kernels.verified("nan_op")
+
+
+def test_elementwise_check_sees_small_entries_next_to_huge_ones():
+    from r1mega.ops import kernels
+
+    ref = torch.tensor([4.8e8, 1e-3, 0.5, -2.0])
+    got = ref.clone()
+    got[1] = 2e-3  # invisible in the norm of the whole vector
+    kernels.verify_once("wide_op", got, lambda: ref)
+    assert kernels.verified("wide_op")
+    kernels._VERIFIED.discard("wide_op")
+    with pytest.raises(RuntimeError, match="disagrees"):
+        kernels.verify_once("wide_op", got, lambda: ref, 1e-5, atol=1e-6)
+    kernels.verify_once("wide_op", ref * (1 + 1e-7), lambda: ref, 1e-5, atol=1e-6)  # rounding passes
+    assert kernels.verified("wide_op")
+    kernels._VERIFIED.discard("wide_op")

@@ -1,5 +1,5 @@
 // kernels/csrc/grpo_loss_math.cuh compiled for the CPU, for tests/unit/test_grpo_loss_math.py.
-// Usage: grpo_loss_host IN OUT. IN: int64 n, float eps_low, eps_high, dual_clip, int32 kl_mode,
+// Usage: grpo_loss_host IN OUT. IN: int64 n, double eps_low, eps_high, float dual_clip, int32 kl_mode,
 // then n mask bytes and n floats each of logp, old, ref, adv, tis. OUT: n floats each of pg, kl,
 // ratio, g_pg, g_kl.
 #include <cstdint>
@@ -20,8 +20,11 @@ int main(int argc, char** argv) {
   int64_t n = 0;
   r1mega::GrpoParams p{};
   read(in, &n, 1);
-  read(in, &p.eps_low, 1);
-  read(in, &p.eps_high, 1);
+  double eps_low = 0.0, eps_high = 0.0;  // the clip bounds as bindings.cpp computes them
+  read(in, &eps_low, 1);
+  read(in, &eps_high, 1);
+  p.clip_low = static_cast<float>(1.0 - eps_low);
+  p.clip_high = static_cast<float>(1.0 + eps_high);
   read(in, &p.dual_clip, 1);
   int32_t kl_mode = 0;
   read(in, &kl_mode, 1);
