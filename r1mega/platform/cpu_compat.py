@@ -40,6 +40,12 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # every torch call on CPU passes here: the common case (no device argument, not one of
+        # the methods below) returns after two lookups
+        if kwargs and "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func not in _REWRITTEN:
+            return func(*args, **(kwargs or {}))
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.cuda,):
             return args[0]
@@ -51,8 +57,6 @@ class _CudaToCpuMode(TorchFunctionMode):
             # Tensor.backward's body: torch.autograd.backward ignores modes (_patch_autograd).
             with self:
                 return _tensor_backward(*args, **kwargs)
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         if func is torch.Tensor.pin_memory:
@@ -64,6 +68,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             # a CPU parameter reads as its CUDA counterpart ('torch.cuda.FloatTensor').
             return out.replace("torch.", "torch.cuda.", 1)
         return out
+
+
+_REWRITTEN = frozenset({torch.Tensor.cuda, torch.Tensor.backward, torch.Tensor.to, torch.Tensor.pin_memory,
+                        torch.Tensor.type})
 
 
 def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
