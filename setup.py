@@ -1,10 +1,10 @@
 """Builds r1mega's CUDA kernels (kernels/csrc) ahead of time where CUDA torch, a CUDA toolkit
 and a GPU (or TORCH_CUDA_ARCH_LIST) are present at install time (`pip install
---no-build-isolation -e .`, which scripts/setup.sh uses on such machines). Anywhere else r1mega installs without them, and a GPU machine builds
-them just in time on first use (r1mega/ops/kernels.py). The rest of the package metadata is
-in pyproject.toml."""
+--no-build-isolation -e .`, which scripts/setup.sh uses on such machines; the test is
+r1mega/ops/kernel_sources.py's `ahead_of_time`). Anywhere else r1mega installs without them,
+and a GPU machine builds them just in time on first use (r1mega/ops/kernels.py). The rest of
+the package metadata is in pyproject.toml."""
 
-import os
 import runpy
 from pathlib import Path
 
@@ -13,19 +13,12 @@ from setuptools import setup
 
 def kernel_build() -> dict:
     """setup() arguments for the r1mega._kernels extension, or none where it cannot be built."""
-    if os.environ.get("R1MEGA_KERNELS", "on") == "off":
-        return {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:  # pip's isolated build environment has no torch
-        return {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        return {}
-    if not (torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST")):
-        return {}  # torch picks the archs of the visible GPUs: with none, it needs the list
-    spec = runpy.run_path(str(Path(__file__).resolve().parent / "r1mega" / "ops" / "kernel_sources.py"))
     root = Path(__file__).resolve().parent
+    spec = runpy.run_path(str(root / "r1mega" / "ops" / "kernel_sources.py"))
+    if not spec["ahead_of_time"]():
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
     # bindings.cpp stringifies the macro (no quotes to survive the build's shell)
     define = f"-DR1MEGA_SOURCES_DIGEST={spec['digest']()}"
     ext = CUDAExtension("r1mega._kernels", [str(p.relative_to(root)) for p in spec["sources"]()],

@@ -13,9 +13,8 @@ extras=${1:-}
 # With CUDA torch, a CUDA toolkit and a GPU (or TORCH_CUDA_ARCH_LIST), setup.py builds r1mega's
 # kernels now, against this torch (no isolated build environment); elsewhere they are left to a
 # just-in-time build on a GPU.
-if python -c "import os, sys, torch; from torch.utils.cpp_extension import CUDA_HOME; \
-sys.exit(torch.version.cuda is None or CUDA_HOME is None or not (torch.cuda.is_available() \
-or os.environ.get('TORCH_CUDA_ARCH_LIST')))" 2>/dev/null; then
+if python -c "import runpy, sys
+sys.exit(not runpy.run_path('r1mega/ops/kernel_sources.py')['ahead_of_time']())" 2>/dev/null; then
     python -m pip install -q "setuptools>=68" wheel ninja
     python -m pip install -q --no-build-isolation -e ".${extras:+[$extras]}"
 else

@@ -41,25 +41,40 @@ def fused(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) ->
     return (weights * (logp + 0.01 * entropy)).sum()
 
 
-def timed(fn, logits: torch.Tensor, targets, weights) -> tuple[float, float]:
-    """(median ms of forward + backward, peak MB above the inputs)."""
-    leaf = logits.detach().requires_grad_(True)
+def measure(row: dict, name: str, step, leaves) -> None:
+    """row[name_ms], row[name_peak_mb]: the median time (CUDA events) of step() after WARMUP
+    calls, and the peak memory above what existed before; None for both when it runs out of memory.
+    The leaves' gradients are cleared between calls, untimed."""
     times = []
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(WARMUP + REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(WARMUP + REPEATS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            if i >= WARMUP:
+                times.append(start.elapsed_time(end))
+            for leaf in leaves:
+                leaf.grad = None
+        row[f"{name}_ms"] = statistics.median(times)
+        row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    except torch.OutOfMemoryError:
+        row[f"{name}_ms"] = row[f"{name}_peak_mb"] = None
+        for leaf in leaves:
+            leaf.grad = None
+        torch.cuda.empty_cache()
+
+
+def logprobs_step(fn, leaf: torch.Tensor, targets, weights):
+    """Forward + backward of a log-prob loss on the logits `leaf`."""
+    def step():
         buffer = leaf * 1.0 if fn is fused else leaf  # the fused op consumes its buffer (output-layer logits)
         fn(buffer, targets, weights).backward()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append(start.elapsed_time(end))
-        leaf.grad = None
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return statistics.median(times), peak
+    return step
 
 
 HIDDEN = 3584  # Qwen2.5-7B's; the lm_head is [vocab, HIDDEN]
@@ -92,25 +107,6 @@ def liger_loss():
         hidden[None], weight, targets[None], torch.ones_like(targets)[None], adv[:1], old_per_token_logps=old[None])[0]
 
 
-def timed_loss(fn, hidden, weight, targets, adv, old) -> tuple[float, float]:
-    """(median ms of forward + backward w.r.t. hidden and weight, peak MB above the inputs)."""
-    h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-    times = []
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(WARMUP + REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(h, w, targets, adv, old).backward()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append(start.elapsed_time(end))
-        h.grad = w.grad = None
-    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def with_lm_head(tokens) -> list:
     """The loss from hidden states, one advantage per token row (as one sequence)."""
     rows, v = [], VOCABS[-1]
@@ -125,12 +121,9 @@ def with_lm_head(tokens) -> list:
         adv = torch.full((n,), 0.5, device="cuda")
         old = -torch.rand(n, device="cuda", generator=g) * 12
         row = {"tokens": n, "vocab": v, "hidden": HIDDEN}
-        for name, fn in sides:
-            try:
-                row[f"{name}_ms"], row[f"{name}_peak_mb"] = timed_loss(fn, hidden, weight, targets, adv, old)
-            except torch.OutOfMemoryError:
-                row[f"{name}_ms"] = row[f"{name}_peak_mb"] = None
-                torch.cuda.empty_cache()
+        h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+        for name, fn in sides:  # forward + backward w.r.t. hidden states and lm_head
+            measure(row, name, lambda: fn(h, w, targets, adv, old).backward(), (h, w))
         rows.append(row)
     return rows
 
@@ -163,17 +156,14 @@ def main() -> None:
             targets = torch.randint(0, v, (n,), device="cuda", generator=g)
             weights = torch.rand(n, device="cuda", generator=g)
             row = {"tokens": n, "vocab": v}
+            leaf = logits.requires_grad_(True)
             for name, fn in (("r1mega", fused), ("eager", eager), ("compile", compiled)):
-                try:
-                    row[f"{name}_ms"], row[f"{name}_peak_mb"] = timed(fn, logits, targets, weights)
-                except torch.OutOfMemoryError:
-                    row[f"{name}_ms"] = row[f"{name}_peak_mb"] = None
-                    torch.cuda.empty_cache()
+                measure(row, name, logprobs_step(fn, leaf, targets, weights), (leaf,))
             floor_bytes = 3 * logits.numel() * logits.element_size()
-            row["r1mega_gb_per_s"] = floor_bytes / (row["r1mega_ms"] / 1e3) / 1e9
-            row["share_of_copy_bandwidth"] = row["r1mega_gb_per_s"] / bandwidth
+            row["r1mega_gb_per_s"] = floor_bytes / (row["r1mega_ms"] / 1e3) / 1e9 if row["r1mega_ms"] else None
+            row["share_of_copy_bandwidth"] = row["r1mega_gb_per_s"] / bandwidth if row["r1mega_gb_per_s"] else None
             rows.append(row)
-            del logits
+            del logits, leaf
             torch.cuda.empty_cache()
     loss_rows = with_lm_head(tokens)
     liger = "installed" if importlib.util.find_spec("liger_kernel") else "not installed"
@@ -188,7 +178,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['tokens']:>7} {r['vocab']:>7} | {fmt(r['r1mega_ms'], '9.2f')} {fmt(r['eager_ms'], '9.2f')} "
               f"{fmt(r['compile_ms'], '10.2f')} | {fmt(r['r1mega_peak_mb'], '9.0f')} {fmt(r['eager_peak_mb'], '9.0f')}"
-              f" | {r['r1mega_gb_per_s']:6.0f} {r['share_of_copy_bandwidth']:7.0%}")
+              f" | {fmt(r['r1mega_gb_per_s'], '6.0f')} {fmt(r['share_of_copy_bandwidth'], '7.0%')}")
     print(f"GRPO loss from hidden states ({HIDDEN} wide, lm_head included; Liger {liger}): ms / peak MB")
     for r in loss_rows:
         print(f"{r['tokens']:>7} {r['vocab']:>7} | " + "  ".join(

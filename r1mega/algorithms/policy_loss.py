@@ -18,7 +18,7 @@ def _zeros_off(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x))
 
 
-def _token_advantages(advantages: torch.Tensor, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def token_advantages(advantages: torch.Tensor, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] or [B, T] advantages as [B, T] in like's dtype, 0 off the mask."""
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     return _zeros_off(m, adv.expand_as(like).to(like.dtype))
@@ -72,7 +72,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     m = mask.bool()
-    adv = _token_advantages(advantages, m, logp)
+    adv = token_advantages(advantages, m, logp)
     ratio = log_ratio(logp, old_logp, m, ratio_level).exp()
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(-adv * ratio, -adv * clipped)
@@ -87,7 +87,7 @@ def surrogate_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     """Clip fractions (tokens whose gradient the clip removes) and ratio summary over the mask;
     advantages [B] or [B, T]."""
     m = mask.bool()
-    adv = _token_advantages(advantages, m, ratio)
+    adv = token_advantages(advantages, m, ratio)
     ratio = ratio.detach()
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)

@@ -17,7 +17,7 @@ import torch
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
 from r1mega.algorithms.kl import kl_penalty
-from r1mega.algorithms.policy_loss import clipped_surrogate, log_ratio
+from r1mega.algorithms.policy_loss import clipped_surrogate, log_ratio, token_advantages
 from r1mega.ops.kernels import available, load, verified, verify_once
 
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}  # kernels/csrc/grpo_loss_math.cuh's KLMode
@@ -94,9 +94,8 @@ def _fused(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts
 
 def _fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict):
     m = mask.bool()
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weight = token_weights(m, **counts)
-    return _FusedTerms.apply(logp, old_logp, ref_logp, adv.expand_as(logp), m, tis, weight, s)
+    return _FusedTerms.apply(logp, old_logp, ref_logp, token_advantages(advantages, m, logp), m, tis, weight, s)
 
 
 def _self_check(s: Surrogate, mode: str, device: torch.device) -> None:

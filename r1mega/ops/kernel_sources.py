@@ -5,12 +5,29 @@ setup.py can read it before r1mega is installed."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import List
 
 CSRC = Path(__file__).resolve().parents[2] / "kernels" / "csrc"
 NVCC_FLAGS = ["-O3"]  # torch adds its own -std and arch flags
 CXX_FLAGS = ["-O3"]
+
+
+def ahead_of_time() -> bool:
+    """Whether the install can build the kernels now (setup.py, scripts/setup.sh): CUDA torch, a
+    CUDA toolkit, and a GPU or TORCH_CUDA_ARCH_LIST to take the archs from; not with
+    R1MEGA_KERNELS=off."""
+    if os.environ.get("R1MEGA_KERNELS", "on") == "off":
+        return False
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:  # pip's isolated build environment has no torch
+        return False
+    # with no GPU visible, torch picks no archs by itself: it needs the list
+    return (torch.version.cuda is not None and CUDA_HOME is not None
+            and (torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))))
 
 
 def sources() -> List[Path]:

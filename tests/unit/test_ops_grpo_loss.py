@@ -33,16 +33,18 @@ def _kernel_stand_in(bad_clip: bool = False):
     return SimpleNamespace(grpo_token_loss=grpo_token_loss)
 
 
+def _forget_checks() -> None:
+    kernels._VERIFIED.difference_update({op for op in kernels._VERIFIED if op.startswith("grpo_token_loss")})
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     def use(**kw):
         monkeypatch.setattr(grpo_loss, "load", lambda: _kernel_stand_in(**kw))
         monkeypatch.setattr(grpo_loss, "available", lambda *t: True)
-        for op in [op for op in kernels._VERIFIED if op.startswith("grpo_token_loss")]:
-            kernels._VERIFIED.discard(op)
+        _forget_checks()
     yield use
-    for op in [op for op in kernels._VERIFIED if op.startswith("grpo_token_loss")]:
-        kernels._VERIFIED.discard(op)
+    _forget_checks()
 
 
 def _batch(seed: int):
