@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from r1mega.algorithms.advantages import group_advantages
-from r1mega.ops.kernels import available, load, verify_once
+from r1mega.ops.kernels import available, failed, load, verify_once
 
 KERNEL_MODES = {"grpo": 0, "drgrpo": 1, "rloo": 2}
 
@@ -29,12 +29,13 @@ def group_offsets(group_index: torch.Tensor) -> torch.Tensor:
 def group_advantage(rewards: torch.Tensor, offsets: torch.Tensor, mode: str = "grpo", std: str = "sample",
                eps: float = 1e-6) -> torch.Tensor:
     """Advantage [B] of each row; groups are rows [offsets[g], offsets[g + 1])."""
-    if mode in KERNEL_MODES and std in ("sample", "population") and available(rewards, offsets):
+    if mode in KERNEL_MODES and std in ("sample", "population") and available(rewards, offsets) and not failed(
+            "group_advantage"):
         out = load().group_advantage(rewards.float().contiguous(), offsets.long().contiguous(), KERNEL_MODES[mode],
                                      std == "sample", float(eps))
         out = out.to(rewards.dtype) if rewards.is_floating_point() else out
-        verify_once("group_advantage", out, lambda: _reference(rewards.double(), offsets, mode, std, eps))
-        return out
+        if verify_once("group_advantage", out, lambda: _reference(rewards.double(), offsets, mode, std, eps)):
+            return out
     return _reference(rewards, offsets, mode, std, eps)
 
 
@@ -48,10 +49,10 @@ def advantage_to_tokens(adv: torch.Tensor, token_offsets: torch.Tensor) -> torch
     """Packed per-token advantages: row s's value on tokens [token_offsets[s], token_offsets[s + 1]),
     token_offsets[0] = 0."""
     total = int(token_offsets[-1]) if token_offsets.numel() else 0
-    if available(adv, token_offsets):
+    if available(adv, token_offsets) and not failed("broadcast_to_tokens"):
         out = load().broadcast_to_tokens(adv.float().contiguous(), token_offsets.long().contiguous(), total)
-        verify_once("broadcast_to_tokens", out, lambda: _tokens_reference(adv.float(), token_offsets, total))
-        return out
+        if verify_once("broadcast_to_tokens", out, lambda: _tokens_reference(adv.float(), token_offsets, total)):
+            return out
     return _tokens_reference(adv, token_offsets, total)
 
 

@@ -5,7 +5,8 @@ policy (times the TIS weight), the KL estimate against the reference policy, and
 aggregation into the minibatch loss. On CUDA, with the kernels built and token-level ratios,
 one kernel (kernels/csrc/grpo_loss.cu) computes every term and d loss / d logp in one pass;
 elsewhere the PyTorch definitions in r1mega.algorithms run, and they are the kernel's oracle
-(checked against them on a synthetic batch before the kernel's first use in a process).
+(checked against them on a synthetic batch before the kernel's first use in a process; a kernel
+that disagrees gives way to them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from r1mega.algorithms.aggregation import aggregate, token_weights
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.policy_loss import clipped_surrogate, log_ratio, token_advantages
-from r1mega.ops.kernels import available, load, verified, verify_once
+from r1mega.ops.kernels import available, failed, load, verified, verify_once
 
 KL_MODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}  # kernels/csrc/grpo_loss_math.cuh's KLMode
 
@@ -47,8 +48,9 @@ def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[
                  **counts) -> PolicyTerms:
     """The policy terms of [B, T] log-probs; advantages [B] or [B, T]; tis the detached TIS weights
     (None: off); counts are aggregate()'s (mode, num_tokens, num_seqs, norm_length)."""
-    if s.ratio_level == "token" and logp.dtype == torch.float32 and available(logp):
-        return _fused(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)
+    if s.ratio_level == "token" and logp.dtype == torch.float32 and available(logp) and _self_check(
+            s, counts.get("mode", "token-mean"), logp.device):
+        return PolicyTerms(*_fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)[:4])
     return reference(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)
 
 
@@ -87,25 +89,23 @@ class _FusedTerms(torch.autograd.Function):
         return g_logp * g_loss, None, None, None, None, None, None, None
 
 
-def _fused(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict) -> PolicyTerms:
-    _self_check(s, counts.get("mode", "token-mean"), logp.device)
-    return PolicyTerms(*_fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)[:4])
-
-
 def _fused_with_grad(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict):
     m = mask.bool()
     weight = token_weights(m, **counts)
     return _FusedTerms.apply(logp, old_logp, ref_logp, token_advantages(advantages, m, logp), m, tis, weight, s)
 
 
-def _self_check(s: Surrogate, mode: str, device: torch.device) -> None:
-    """Before the kernel's first use with these settings in a process: kernel and PyTorch path on
-    a synthetic batch that takes every branch (both clips, dual clip, log-ratios past and on the
-    +-20 clamps, zero advantages, NaN and inf off the mask), values and gradients through the
-    autograd function. A mismatch stops the run (R1MEGA_KERNELS=off runs the PyTorch path)."""
+def _self_check(s: Surrogate, mode: str, device: torch.device) -> bool:
+    """Whether the kernel may run with these settings: before its first use with them in a
+    process, kernel and PyTorch path on a synthetic batch that takes every branch (both clips, dual
+    clip, log-ratios past and on the +-20 clamps, zero advantages, NaN and inf off the mask),
+    values and gradients through the autograd function. On a mismatch the PyTorch path runs (the
+    loss issues no collective, so ranks need not agree)."""
     op = f"grpo_token_loss[{s}, {mode}]"
     if verified(op + " grad"):
-        return
+        return True
+    if failed(op) or failed(op + " grad"):
+        return False
     g = torch.Generator().manual_seed(0)
     b, t = 16, 256
     logp = -8 * torch.rand(b, t, generator=g)
@@ -128,8 +128,8 @@ def _self_check(s: Surrogate, mode: str, device: torch.device) -> None:
         (grad,) = torch.autograd.grad(loss, leaf)
     want, want_grad = _reference_with_grad(logp, old, ref, adv, mask, tis, s, counts)
     # element by element: ratios past the clamp reach e^20, next to gradients of about 1 / tokens
-    verify_once(op, _values(PolicyTerms(loss, pg, kl, ratio)), lambda: _values(want), 1e-5, atol=1e-6)
-    verify_once(op + " grad", grad, lambda: want_grad, 1e-5, atol=1e-9)
+    return (verify_once(op, _values(PolicyTerms(loss, pg, kl, ratio)), lambda: _values(want), 1e-5, atol=1e-6)
+            and verify_once(op + " grad", grad, lambda: want_grad, 1e-5, atol=1e-9))
 
 
 def _values(terms: PolicyTerms) -> torch.Tensor:

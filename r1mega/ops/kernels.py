@@ -3,7 +3,8 @@ compiled just in time on first use.
 
 Only on a machine with CUDA torch, a GPU and (for the just-in-time build) a CUDA toolkit;
 anywhere else `load()` is None and each op runs its PyTorch reference. Set R1MEGA_KERNELS=off
-to force the references.
+to force the references. Each op checks its kernel against its reference before trusting it
+(`verify_once`); one that disagrees runs the reference instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 
 from r1mega.ops import kernel_sources
+from r1mega.platform.distributed import current_device
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +81,31 @@ def available(*tensors: torch.Tensor) -> bool:
 
 
 _VERIFIED: set = set()
+_FAILED: set = set()
 
 
 def verified(op: str) -> bool:
     return op in _VERIFIED
 
 
-def verify_once(op: str, out: torch.Tensor, reference, tol: float = 1e-5, atol: Optional[float] = None) -> None:
+def failed(op: str) -> bool:
+    """Whether `op`'s kernel disagreed with its reference in this process (it then runs the reference)."""
+    return op in _FAILED
+
+
+def verify_once(op: str, out: torch.Tensor, reference, tol: float = 1e-5, atol: Optional[float] = None) -> bool:
     """On an op's first kernel call in this process (per op and dtype: name it so), compare with its
     PyTorch reference on the same inputs: the same NaN and inf positions and values, and elsewhere
     a relative error (norm of the difference over the reference's) under tol, or with atol every
     element within atol + tol * |reference| (for outputs whose scale varies widely).
-    A mismatch stops the run (R1MEGA_KERNELS=off runs the references)."""
+
+    Returns whether the kernel's result may be used. A mismatch is logged once as an error and
+    the op runs its reference from then on in this process: callers whose kernel and reference
+    issue different collectives must agree on the path across their group (`agree`)."""
+    if op in _FAILED:
+        return False
     if op in _VERIFIED or out.numel() == 0:
-        return
+        return True
     ref = reference().to(out.device, torch.float64)
     got = out.to(torch.float64)
     finite = torch.isfinite(ref)
@@ -105,7 +118,21 @@ def verify_once(op: str, out: torch.Tensor, reference, tol: float = 1e-5, atol: 
     else:  # the worst element's error in units of its allowance (fails above 1, like err > tol)
         err = tol * float(((got[finite] - ref[finite]).abs() / (atol + tol * ref[finite].abs())).max())
     if not same_special or err > tol:
-        raise RuntimeError(f"r1mega kernel {op} disagrees with its reference (relative error {err:.2e}, "
-                           f"NaN/inf {'match' if same_special else 'differ'}); set R1MEGA_KERNELS=off to run "
-                           f"the references")
+        log.error("r1mega kernel %s disagrees with its reference (relative error %.2e, NaN/inf %s): the PyTorch "
+                  "reference runs instead", op, err, "match" if same_special else "differ")
+        _FAILED.add(op)
+        return False
     _VERIFIED.add(op)
+    return True
+
+
+def agree(ok: bool, group) -> bool:
+    """Collective over `group`: True on every rank when every rank passes True. A path whose
+    kernel issues other collectives than its reference must be taken by the whole group or by
+    none of it; ranks that disagree (one without the build, one whose check failed) would wait
+    in collectives that never match."""
+    if group is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size(group) == 1:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=current_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item())

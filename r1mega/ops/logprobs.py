@@ -22,10 +22,14 @@ Memory: rows go through in chunks; beyond the saved input logits a chunk needs o
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
-from r1mega.ops.kernels import available
+from r1mega.ops.kernels import agree, available
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 4096
 
@@ -172,7 +176,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, v
         tp_group = None
     lead = targets.shape
     flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    kernel = _kernel_runs(flat_logits)
+    kernel = _kernel_runs(flat_logits, tp_group)
     if kernel:  # the kernels read rows whole and write the gradient into the logits
         flat_logits, flat_targets = flat_logits.contiguous(), flat_targets.contiguous()
     logp, entropy = _VocabParallelLogprobs.apply(flat_logits, flat_targets, tp_group, vocab_start, float(temperature),
@@ -180,12 +184,32 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, v
     return logp.reshape(lead), entropy.reshape(lead) if with_entropy else None
 
 
-def _kernel_runs(logits: torch.Tensor) -> bool:
-    """The CUDA kernels take fp32 and bf16 logits on a GPU, when built (fp64 stays on the reference)."""
-    return logits.dtype in (torch.float32, torch.bfloat16) and available(logits)
+_AGREED: dict = {}  # (tensor-parallel group, dtype) -> the path the whole group takes
 
 
-def reference(logits, targets, group, vocab_start, temperature):
-    """(logp, entropy) of the PyTorch reference, without autograd: the kernels' check on first use."""
-    with torch.no_grad():
-        return _VocabParallelLogprobs.apply(logits, targets, group, vocab_start, temperature, True, DEFAULT_CHUNK_ROWS)
+def _kernel_runs(logits: torch.Tensor, group) -> bool:
+    """The CUDA kernels take fp32 and bf16 logits on a GPU, when built and checked (fp64 stays on
+    the reference). The kernel path issues other collectives than the reference's chunks, so the
+    tensor-parallel group agrees once (per dtype) on which path all of it takes."""
+    if group is None:
+        return _kernel_usable(logits)
+    key = (group, logits.dtype)
+    if key not in _AGREED:
+        _AGREED[key] = agree(_kernel_usable(logits), group)
+    return _AGREED[key]
+
+
+def _kernel_usable(logits: torch.Tensor) -> bool:
+    """This rank's side of the agreement; an error (a build or check that cannot run here) counts as
+    no, so every rank of the group still reaches the all-reduce."""
+    from r1mega.ops import logprobs_kernel
+
+    try:
+        return (logits.dtype in (torch.float32, torch.bfloat16) and available(logits)
+                and logprobs_kernel.checked(logits.dtype, logits.device))
+    except Exception as err:  # noqa: BLE001 - any failure means the reference path, on every rank
+        log.error("r1mega log-prob kernels unusable here (%s: %s): the PyTorch reference runs instead",
+                  type(err).__name__, err)
+        return False
+
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.ops.kernels import load
+from r1mega.ops.kernels import failed, load
 from r1mega.ops.logprobs import _VocabParallelLogprobs, token_logprobs
 
 pytestmark = pytest.mark.gpu
@@ -51,9 +51,11 @@ def test_kernel_matches_reference(rows, vocab, dtype, temperature, g_ent_scale):
     loss = (logp * g_logp).sum() + ((ent * g_ent).sum() if ent is not None else 0.0)
     loss.backward()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel(logp.cpu(), ref_logp) < 1e-6
+    assert not failed(f"logprobs[{dtype}]") and not failed(f"logprobs[{dtype}] backward")  # the kernel path ran
+    # element by element, as the first-use check compares (reduction order moves peaked rows by ~1e-6)
+    torch.testing.assert_close(logp.cpu().double(), ref_logp, rtol=1e-4, atol=1e-4)
     if ent is not None:
-        assert rel(ent.cpu(), ref_ent) < 1e-6
+        torch.testing.assert_close(ent.cpu().double(), ref_ent, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(x.grad).all()
     assert rel(x.grad.cpu(), ref_grad) < tol
     assert torch.all(x.grad[1::3] == 0)  # zero loss weight, zero gradient
