@@ -72,11 +72,12 @@ def _rank(cfg: R1Config, kind: str) -> List[Dict[str, float]]:
 
 
 def _native(cfg: R1Config, chunks, tokenizer):
+    from r1mega.platform.fp8 import token_multiple
     from r1mega.rollout.native import NativeEngine
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(cfg.bench.rollout.batch_sizes),
-                        seed=cfg.trainer.seed)
+                        seed=cfg.trainer.seed, row_multiple=token_multiple(cfg.model.fp8))
 
 
 def _sglang(cfg: R1Config, chunks, tokenizer):

@@ -16,7 +16,7 @@ from r1mega.cli.common import fail, setup_logging
 from r1mega.config.bench_rules import check_bench
 from r1mega.config.loader import compose_config, to_config
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import ConfigError, validate
+from r1mega.config.validate import ConfigError, check_installed, validate
 
 log = logging.getLogger("r1mega")
 
@@ -24,6 +24,7 @@ log = logging.getLogger("r1mega")
 def load(argv) -> R1Config:
     cfg = to_config(compose_config(argv))
     validate(cfg, cfg.parallel.nproc or 1, check_bench)
+    check_installed(cfg.model)
     return cfg
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from r1mega.config.loader import load_config, to_yaml
 from r1mega.config.schema import R1Config
-from r1mega.config.validate import ConfigError, validate
+from r1mega.config.validate import ConfigError, check_installed, validate
 from r1mega.platform.atomic import write_text_atomic
 from r1mega.platform.env import read_env
 from r1mega.platform.launch import spawn
@@ -57,6 +57,7 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
     env = read_env()
     nproc = cfg.parallel.nproc if env.launcher == "none" and cfg.parallel.nproc else None
     validate(cfg, nproc or env.world_size, check)
+    check_installed(cfg.model)
     if nproc and nproc > 1:
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
         return

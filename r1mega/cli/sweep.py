@@ -82,13 +82,15 @@ class CheckBeforeLaunch(Callback):
         from r1mega.config.cluster_rules import world_size
         from r1mega.config.errors import ConfigError, require
         from r1mega.config.loader import compose_config
-        from r1mega.config.validate import validate
+        from r1mega.config.validate import check_installed, validate
         from r1mega.slurm.partitions import check_fits
 
         try:
             cfg = to_config(compose_config(overrides))
             world = world_size(cfg.cluster) if on_slurm else (cfg.parallel.nproc or 1)
             validate(cfg, world, get_method(self.check) if self.check else None)
+            if not on_slurm:  # the points run here
+                check_installed(cfg.model)
             if on_slurm:
                 c = cfg.cluster
                 require(c.container_image is None and c.python is None,

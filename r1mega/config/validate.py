@@ -12,6 +12,8 @@ from r1mega.config.errors import ConfigError, one_of as _one_of, require as _che
 from r1mega.config.rl_rules import check_rl
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
 from r1mega.config.stage_rules import check_stages
+from r1mega.platform import installed
+from r1mega.platform.fp8 import dim_multiple, sequence_multiple
 
 
 def validate(cfg: R1Config, world_size: Optional[int] = None,
@@ -21,12 +23,29 @@ def validate(cfg: R1Config, world_size: Optional[int] = None,
     check_cluster(cfg.cluster)  # first: a submitted job's world size comes from it
     check_model(cfg.model)
     check_layout(cfg.model, cfg.parallel, world_size)
+    check_fp8_shapes(cfg)
     check_optimizer(cfg.optimizer, "optimizer")
     check_optimizer(cfg.warmup.optimizer, "warmup.optimizer")
     check_rl(cfg, _data_parallel_size(cfg.parallel, world_size))
     check_stages(cfg, _data_parallel_size(cfg.parallel, world_size))
     if entry_rules is not None:
         entry_rules(cfg, world_size)
+
+
+def check_installed(m: ModelConfig) -> None:
+    """What the model config needs of this machine's packages. Run where the job runs, after
+    `validate`: r1mega-submit checks on a login node, which may lack the GPUs and packages of
+    the job's nodes."""
+    if m.fp8.format is not None:
+        _check(installed.transformer_engine(),
+               f"model.fp8.format={m.fp8.format} needs Transformer Engine, which is not usable here (it needs a "
+               f"CUDA GPU and transformer-engine[pytorch]: pip install 'r1mega[gpu]'); unset model.fp8.format "
+               f"to train in {m.dtype}")
+    for backend, usable, package in (("te", installed.transformer_engine, "transformer-engine[pytorch]"),
+                                     ("flash", installed.flash_attn, "flash-attn")):
+        if m.attention_backend == backend:
+            _check(usable(), f"model.attention_backend={backend} needs {package} on a CUDA GPU, which is not "
+                             f"usable here; use model.attention_backend=auto")
 
 
 def _data_parallel_size(p: ParallelConfig, world_size: Optional[int]) -> Optional[int]:
@@ -60,6 +79,7 @@ def check_model(m: ModelConfig) -> None:
         _one_of(e.token_dispatcher, {"allgather", "alltoall"}, "model.moe.token_dispatcher")
         _check(0 <= e.first_k_dense < m.num_layers,
                f"model.moe.first_k_dense={e.first_k_dense} must be below model.num_layers={m.num_layers}")
+    _check(not m.fp8.param or m.fp8.format is not None, "model.fp8.param=true needs model.fp8.format (e4m3 or hybrid)")
     if m.fp8.format is not None:
         _one_of(m.fp8.format, {"hybrid", "e4m3"}, "model.fp8.format")
         _one_of(m.fp8.recipe, {"delayed", "tensorwise", "blockwise", "mxfp8"}, "model.fp8.recipe")
@@ -122,6 +142,42 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
             f"world size {world_size} is not a multiple of parallel.etp x ep x pp = "
             f"{etp} x {p.ep} x {p.pp}",
         )
+
+
+def check_fp8_shapes(cfg: R1Config) -> None:
+    """With FP8, Transformer Engine refuses a linear layer whose input features (per rank) are not a
+    multiple of 16 (MXFP8: 32) or whose output features are not a multiple of 8 (MXFP8: 32).
+    Token counts r1mega pads itself, except the base model's pre-training sequences."""
+    m, p = cfg.model, cfg.parallel
+    if m.fp8.format is None:
+        return
+    features, outputs = dim_multiple(m.fp8), 32 if m.fp8.recipe == "mxfp8" else 8
+    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+    ffn = [("model.ffn_hidden_size", m.ffn_hidden_size)]
+    if m.moe is not None:
+        ffn = [("model.moe.dense_ffn_hidden_size", m.moe.dense_ffn_hidden_size or m.ffn_hidden_size)] * (
+            m.moe.first_k_dense > 0)
+        ffn += [("model.moe.shared_expert_ffn_hidden_size", m.moe.shared_expert_ffn_hidden_size)] * bool(
+            m.moe.shared_expert_ffn_hidden_size)
+    # (what, size per rank, multiple it needs)
+    sizes = [("model.hidden_size", m.hidden_size, features)]
+    for key, size in ffn:
+        sizes += [(f"{key} / parallel.tp", size // p.tp, features)]
+    if m.moe is not None:  # megatron pads the experts' tokens for FP8, not their widths
+        sizes += [("model.moe.ffn_hidden_size / parallel.etp", m.moe.ffn_hidden_size // (p.etp or p.tp), features)]
+    if m.mla is None:
+        sizes += [("model.num_attention_heads x head_dim / parallel.tp", m.num_attention_heads * head_dim // p.tp,
+                   features),
+                  ("(model.num_attention_heads + 2 x model.num_query_groups) x head_dim / parallel.tp",
+                   (m.num_attention_heads + 2 * m.num_query_groups) * head_dim // p.tp, outputs)]
+    for what, size, multiple in sizes:
+        _check(size % multiple == 0, f"model.fp8.format={m.fp8.format}: Transformer Engine's FP8 linear layers need "
+                                     f"{what} = {size} to be a multiple of {multiple} (recipe {m.fp8.recipe})")
+    if cfg.warmup.enabled and not (m.hf_path or m.mcore_path):  # the built-in base model is pre-trained first
+        need = sequence_multiple(m.fp8, p)
+        _check(cfg.warmup.seq_length % need == 0,
+               f"warmup.seq_length={cfg.warmup.seq_length} must be a multiple of {need} with model.fp8.format set "
+               f"(Transformer Engine's FP8 token rule)")
 
 
 def check_optimizer(o: OptimizerConfig, key: str) -> None:

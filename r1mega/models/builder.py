@@ -53,8 +53,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         fp16=dtype == torch.float16,
         # Initialise the full weight then split it: the same seed gives the same model under
         # every TP layout. (Not under EP: experts and later tensors draw differently; parity
-        # checks across EP layouts load shared weights.)
-        use_cpu_initialization=True,
+        # checks across EP layouts load shared weights.) FP8 parameters are the exception:
+        # Transformer Engine quantizes them as they are made, into CUDA memory, reading the
+        # source as CUDA memory too, so they must be made on the GPU (per shard, TP-dependent).
+        use_cpu_initialization=not fp8_parameters(model),
         # Fusions below are CUDA kernels (apex / TE / triton); megatron falls back to torch.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -90,6 +92,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         )
         return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
+
+
+def fp8_parameters(model: ModelConfig) -> bool:
+    """Whether the parameters themselves are FP8 (model.fp8.param), not only the GEMMs."""
+    return model.fp8.format is not None and model.fp8.param
 
 
 def _moe_kwargs(model: ModelConfig) -> dict:

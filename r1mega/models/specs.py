@@ -1,15 +1,12 @@
 """Layer-spec choice: what is installed decides the backend.
 
 Transformer Engine spec when TE imports (required for FP8); else megatron's local spec
-with a flash-attn core attention on CUDA when flash-attn imports; else torch SDPA.
+with a flash-attn core attention on CUDA when flash-attn imports; else torch SDPA
+(r1mega.platform.installed says what imports).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
-import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
@@ -19,27 +16,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models.norm import RMSNorm
 from r1mega.models.self_attention import RotatedCacheSelfAttention
-
-
-@functools.cache
-def have_transformer_engine() -> bool:
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # a broken TE build (ABI mismatch) is treated as absent
-        return False
-    return True
-
-
-@functools.cache
-def have_flash_attn() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+from r1mega.platform import installed
 
 
 def resolve_backend(requested: str) -> str:
     """auto -> te | flash | sdpa by what imports; an explicit choice must be available."""
-    available = {"te": have_transformer_engine(), "flash": have_flash_attn(), "sdpa": True}
+    available = {"te": installed.transformer_engine(), "flash": installed.flash_attn(), "sdpa": True}
     if requested == "auto":
         return next(name for name in ("te", "flash", "sdpa") if available[name])
     if not available[requested]:

@@ -9,6 +9,7 @@ the shifted positions give the same log-probs as the trainer's unpadded forward.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,8 @@ _COMPACT_BELOW = 0.75
 class NativeEngine:
     """RolloutEngine over megatron GPTModel chunks (one per virtual pipeline stage)."""
 
+    weights_lost = False  # it decodes with the trainer's parameters themselves
+
     def __init__(
         self,
         chunks: Sequence[torch.nn.Module],
@@ -37,6 +40,7 @@ class NativeEngine:
         detokenize: Optional[Callable[[List[int]], str]] = None,
         max_batch_size: int = 512,
         seed: int = 0,
+        row_multiple: int = 1,
     ):
         self.chunks = list(chunks)
         self.eos_token_ids = tuple(eos_token_ids)
@@ -44,6 +48,9 @@ class NativeEngine:
         self.detokenize = detokenize
         self.max_batch_size = max_batch_size
         self.seed = seed
+        # decoding batches hold a multiple of this many rows (FP8: Transformer Engine's shape rule),
+        # with copies of the first prompt, or finished rows, filling up
+        self.row_multiple = row_multiple
         self._calls = 0
         config = self.chunks[0].config
         self._hidden = config.hidden_size
@@ -63,6 +70,8 @@ class NativeEngine:
         generator = torch.Generator(device=self._device()).manual_seed(seed)
         responses, logprobs, reasons = [], [], []
         per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
+        if per_call >= self._prompt_multiple(n):  # padding a batch to the row multiple stays within the budget
+            per_call -= per_call % self._prompt_multiple(n)
         with self._inference_mode():
             for start in self._batch_starts(len(prompts), per_call):
                 r, lp, fr = self._generate_batch(prompts[start:start + per_call], n, params, generator)
@@ -108,8 +117,12 @@ class NativeEngine:
         """n samples of each prompt. The prompts are prefilled once; their KV cache and last logits
         are then copied to each prompt's n rows (prefix sharing, as serving engines do)."""
         device = self._device()
+        real = len(prompts) * n  # rows past these fill the batch up to row_multiple and are dropped
+        prompts = list(prompts) + [prompts[0]] * (-len(prompts) % self._prompt_multiple(n))
         b = len(prompts) * n
         width = max(len(r) for r in prompts)
+        # the prefill reads prompts x width tokens: more left padding makes that a multiple too
+        width += -width % (self.row_multiple // math.gcd(self.row_multiple, len(prompts)))
         pad = torch.tensor([width - len(r) for r in prompts], device=device)
         tokens = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
         for i, r in enumerate(prompts):
@@ -119,7 +132,7 @@ class NativeEngine:
         out_ids = [[] for _ in range(b)]
         out_lp = [[] for _ in range(b)]
         reasons = ["length"] * b
-        done = [False] * b
+        done = [row >= real for row in range(b)]
         positions = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
         mask = _prefill_mask(pad, width)
         for step in range(params.max_new_tokens):
@@ -142,15 +155,20 @@ class NativeEngine:
                     reasons[row] = "stop"
             if not self._any_active(done):
                 break
-            keep = torch.tensor([not done[row] for row in rows], device=device)
-            if keep.sum() < _COMPACT_BELOW * len(rows) and keep.any():
+            keep = _keep_multiple([not done[row] for row in rows], self.row_multiple)
+            if keep.sum() < _COMPACT_BELOW * len(rows):
+                keep = keep.to(device)
                 alive, next_ids, pad = alive[keep], next_ids[keep], pad[keep]
                 _select_cache_rows(ctx, keep.nonzero().squeeze(1))
             offset = ctx.sequence_len_offset
             tokens = next_ids[:, None]
             positions = (offset - pad)[:, None]
             mask = (torch.arange(offset + 1, device=device)[None] < pad[:, None])[:, None, None, :]
-        return out_ids, out_lp, reasons
+        return out_ids[:real], out_lp[:real], reasons[:real]
+
+    def _prompt_multiple(self, n: int) -> int:
+        """Prompts per decoding batch must be a multiple of this for its rows (x n) to be one of row_multiple."""
+        return self.row_multiple // math.gcd(self.row_multiple, n)
 
     def _stops(self, ids: List[int], params: SamplingParams) -> bool:
         last = ids[-1]
@@ -231,6 +249,16 @@ def _prefill_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
     masked = key_is_pad[:, None, :].expand(-1, width, -1)
     masked = masked & ~torch.eye(width, dtype=torch.bool, device=pad.device)[None]
     return masked[:, None]
+
+
+def _keep_multiple(active: List[bool], multiple: int) -> torch.Tensor:
+    """Rows to keep in the cache: the active ones, and as many finished ones as make their count a
+    multiple of `multiple` (a finished row decodes on, unread). At least one row always stays."""
+    keep = torch.tensor(active, dtype=torch.bool)
+    short = -max(int(keep.sum()), 1) % multiple + (0 if keep.any() else 1)
+    if short:
+        keep[(~keep).nonzero().flatten()[:short]] = True
+    return keep
 
 
 def _select_cache_rows(ctx: StaticInferenceContext, rows: torch.Tensor) -> None:

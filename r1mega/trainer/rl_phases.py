@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from r1mega.ops.advantage import group_advantage, group_offsets
 from r1mega.algorithms.filtering import varied_groups
 from r1mega.platform.distributed import current_device
+from r1mega.platform.fp8 import sequence_multiple
 from r1mega.rewards.stack import RewardInput
 from r1mega.data.packing import split_rows
 from r1mega.rollout.types import Rollouts
@@ -143,7 +144,7 @@ def _micro_batches(ctx: RLContext, batch: StepBatch, rows: List[int]):
     count = int(dp_sum([len(parts)], op=dist.ReduceOp.MAX)[0])
     if count != len(parts):
         parts = split_rows(lengths, rows, ctx.cfg.trainer.micro_batch_tokens, min_parts=count)
-    multiple = ctx.cfg.parallel.tp if ctx.cfg.parallel.sequence_parallel else 1
+    multiple = sequence_multiple(ctx.cfg.model.fp8, ctx.cfg.parallel)  # sequence parallelism, FP8 shapes
     return [collate(batch, p, multiple) for p in parts]
 
 
@@ -211,7 +212,9 @@ def rollout_turn(ctx: RLContext) -> Dict[str, float]:
     if ctx.train_state is not None:
         ctx.train_state.offload_training()
     ctx.engine.resume_memory(["weights"])
-    stale = ctx.synced_version != ctx.weights_version  # evaluation between steps finds them current
+    # the engine needs them after an optimizer step, and after a release that threw its copy away
+    # (SGLang without --enable-weights-cpu-backup: also after an evaluation)
+    stale = ctx.synced_version != ctx.weights_version or ctx.engine.weights_lost
     if stale:
         if ctx.hf_plan is None:
             ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)

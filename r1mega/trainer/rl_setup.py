@@ -21,6 +21,7 @@ from r1mega.data.templates import render_prompt
 from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from r1mega.models.builder import build_model
 from r1mega.platform.distributed import Runtime
+from r1mega.platform.fp8 import token_multiple
 from r1mega.rewards.stack import RewardStack
 from r1mega.rollout.native import NativeEngine
 from r1mega.rollout.types import SamplingParams
@@ -177,7 +178,8 @@ def build_engine(cfg: R1Config, chunks, tokenizer):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     return NativeEngine(chunks, eos, pad, detokenize=tokenizer.decode, max_batch_size=cfg.rollout.max_batch_size,
-                        seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank())
+                        seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank(),
+                        row_multiple=token_multiple(cfg.model.fp8))
 
 
 def setup(cfg: R1Config, runtime: Runtime) -> RLContext:

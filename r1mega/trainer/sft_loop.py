@@ -60,7 +60,8 @@ def _evaluate(cfg: R1Config, chunks, valid: List[SFTSample]) -> Dict[str, float]
     for chunk in chunks:
         chunk.eval()
     try:
-        return eval_loss(chunks, micro_batches(_valid_shard(valid), cfg.sft, cfg.parallel))
+        return eval_loss(chunks, micro_batches(_valid_shard(valid), cfg.sft, cfg.parallel,
+                                                   cfg.model.fp8))
     finally:
         for chunk in chunks:
             chunk.train()
@@ -95,7 +96,7 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
             while step < steps:
                 lr = current_lr(optimizer)
                 metrics = sft_step(ddp, optimizer, scheduler, micro_batches(sampler.next_batch(), cfg.sft,
-                                                                           cfg.parallel))
+                                                                           cfg.parallel, cfg.model.fp8))
                 step += 1
                 metrics.update(lr=lr, epoch=float(sampler.epoch))
                 every = cfg.sft.eval_every

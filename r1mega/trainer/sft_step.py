@@ -13,15 +13,17 @@ from typing import Dict, List, Sequence
 import torch
 from megatron.core import parallel_state as ps
 
-from r1mega.config.schema import ParallelConfig, SFTConfig
+from r1mega.config.schema import FP8Config, ParallelConfig, SFTConfig
 from r1mega.data.conversations import SFTSample
 from r1mega.data.packing import SFTMicroBatch, pack, pad_rows
+from r1mega.platform.fp8 import sequence_multiple
 from r1mega.trainer.schedule import dp_sum, reduce_last_stage, run_schedule, target_logprobs, train_step
 
 
-def micro_batches(samples: Sequence[SFTSample], sft: SFTConfig, parallel: ParallelConfig) -> List[SFTMicroBatch]:
+def micro_batches(samples: Sequence[SFTSample], sft: SFTConfig, parallel: ParallelConfig,
+                  fp8: FP8Config) -> List[SFTMicroBatch]:
     """This rank's samples as micro-batches; every data-parallel rank makes the same number of them."""
-    multiple = parallel.tp if parallel.sequence_parallel else 1
+    multiple = sequence_multiple(fp8, parallel)  # sequence parallelism, FP8 shapes
     make = pack if sft.pack else pad_rows
     parts = make(samples, sft.micro_batch_tokens, multiple)
     count = int(dp_sum([len(parts)], op=torch.distributed.ReduceOp.MAX)[0])

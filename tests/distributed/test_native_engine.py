@@ -59,6 +59,11 @@ def _generate(layouts, root: str, moe: bool = False):
             forward = [logits(chunks, torch.tensor([p + r])) for p, r in
                        zip(greedy.prompt_ids + other.prompt_ids, greedy.response_ids + other.response_ids)]
             out[name] = (greedy, sampled, other, forward)
+            if name == "ref":  # FP8's shape rule: batches padded to 16 rows (spare prompts, finished rows)
+                padded = NativeEngine(chunks, eos_token_ids=[EOS], pad_token_id=PAD, max_batch_size=5,
+                                      row_multiple=16)
+                out["padded"] = [padded.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12), n=n)
+                                 for n in (1, 3)]
     finally:
         destroy()
     return out
@@ -70,7 +75,8 @@ def runs(tmp_path_factory):
     ref = spawn(1, _generate, [("ref", ParallelConfig())], root)[0]
     tp = spawn(2, _generate, [("tp2", ParallelConfig(tp=2))], root)
     pp = spawn(2, _generate, [("pp2", ParallelConfig(pp=2))], root)
-    return {"ref": ref["ref"], "tp2": tp[0]["tp2"], "pp2": pp[1]["pp2"], "pp2_first": pp[0]["pp2"]}
+    return {"ref": ref["ref"], "tp2": tp[0]["tp2"], "pp2": pp[1]["pp2"], "pp2_first": pp[0]["pp2"],
+            "padded": ref["padded"]}
 
 
 def _check_logprobs(rollouts, forward) -> None:
@@ -128,3 +134,12 @@ def test_stop_and_length(runs):
     reasons = sampled[0].finish_reasons + other.finish_reasons
     assert "stop" in reasons and "length" in reasons  # both ends, and the cache was compacted
 
+
+def test_batches_padded_to_a_row_multiple_generate_the_same(runs):
+    """Spare rows (copies of a prompt, kept-on finished rows) and extra left padding change nothing."""
+    greedy = runs["ref"][0]
+    one, three = runs["padded"]
+    assert one.response_ids == greedy.response_ids and one.finish_reasons == greedy.finish_reasons
+    assert torch.allclose(torch.tensor(sum(one.logprobs, [])), torch.tensor(sum(greedy.logprobs, [])), atol=1e-5)
+    assert three.response_ids == [r for r in greedy.response_ids for _ in range(3)]
+    assert three.group_index == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]

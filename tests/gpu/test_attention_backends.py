@@ -1,6 +1,5 @@
 """CUDA attention backends against the SDPA reference (bf16 tolerances from DESIGN.md)."""
 
-import importlib.util
 import math
 from types import SimpleNamespace
 
@@ -9,7 +8,11 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
+from r1mega.platform import installed
+
 pytestmark = pytest.mark.gpu
+needs_flash = pytest.mark.skipif(not installed.flash_attn(), reason="flash-attn is not usable here (absent, or does not "
+                                                                  "import)")
 
 
 def _init(cls):
@@ -21,7 +24,7 @@ def _init(cls):
     return module
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@needs_flash
 @pytest.mark.parametrize("sq,sk", [(128, 128), (1, 77), (3, 40)])
 def test_flash_matches_sdpa(sq, sk):
     from r1mega.models.attention import SDPAttention
@@ -37,7 +40,7 @@ def test_flash_matches_sdpa(sq, sk):
     assert torch.isfinite(out).all() and rel < 1e-2, rel
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@needs_flash
 def test_flash_packed_matches_sdpa():
     from r1mega.models.attention import SDPAttention
     from r1mega.models.flash_attention import FlashAttention
