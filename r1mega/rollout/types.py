@@ -81,6 +81,8 @@ class Rollouts:
 class RolloutEngine(Protocol):
     """What the RL trainer needs from a generator (native megatron or SGLang)."""
 
+    weights_lost: bool  # a memory release threw its copy of the weights away: sync before generating
+
     def generate(self, prompts: List[List[int]], params: SamplingParams, n: int) -> Rollouts: ...
 
     def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None: ...

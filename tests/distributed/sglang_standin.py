@@ -5,6 +5,17 @@ It refuses what the real server refuses (unknown sampling keys, non-integer coun
 updates outside a begin/end session or while weights are released, generation while its memory
 is released) and adds the checks of the contract: every received tensor has the name, shape and
 dtype of the HF model's own, and each arrives exactly once per session. It records every call.
+
+It also does what 0.5.23 does to the weights and to sampling:
+- releasing `weights` unmaps them without a copy unless the server runs with
+  --enable-weights-cpu-backup (torch_memory_saver's pause; the scheduler stashes only buffers),
+  and resuming maps fresh memory that is never cleared: the parameters hold whatever the pages
+  held before, here finite garbage, until the next weight sync;
+- releasing memory while requests run trips the scheduler's assertion and kills it: every later
+  request fails;
+- with --enable-deterministic-inference each token is drawn with Gumbel noise hashed from
+  (sampling_seed, position) alone, 42 when a request has no seed: two requests with one seed
+  sample the same tokens; otherwise sampling_seed is ignored and the server's generator draws.
 """
 
 from __future__ import annotations
@@ -32,6 +43,10 @@ TAGS = {"weights", "kv_cache", "cuda_graph"}
 
 class Refused(Exception):
     pass
+
+
+class Dead(Exception):
+    """The scheduler process died (the real server exits; its clients see failed requests)."""
 
 
 @dataclass
@@ -73,7 +88,7 @@ def loads(payload: str):
 class StandIn:
     """The engine state behind one server; `tp` payload entries per weight update."""
 
-    def __init__(self, model_cfg, tp: int, seed: int):
+    def __init__(self, model_cfg, tp: int, seed: int, server_args: Dict | None = None):
         from transformers import AutoModelForCausalLM
 
         from r1mega.checkpoint.hf_config import transformers_config
@@ -84,16 +99,22 @@ class StandIn:
         self.expected = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()
                          if not (k == "lm_head.weight" and model_cfg.tie_word_embeddings)}
         self.tp = tp
+        args = {str(k).replace("-", "_"): v for k, v in (server_args or {}).items()}
+        self.weights_cpu_backup = bool(args.get("enable_weights_cpu_backup"))
+        self.deterministic = bool(args.get("enable_deterministic_inference"))
+        self.dead = None  # why the scheduler died: every request fails from then on
         self.resident = set(TAGS)
         self.session = None  # names received in the open session
-        self.synced = False
         self.busy = 0
         self.calls: List[tuple] = []
+        self.seeds: List = []  # sampling_seed of every request, in order
         self.lock = threading.Lock()
         self.generator = torch.Generator().manual_seed(seed)
         self.group, self.group_name = None, "r1mega-weights"  # disaggregated: the weight-update group
 
     def handle(self, route: str, body) -> object:
+        if self.dead is not None:
+            raise Dead(f"the scheduler died: {self.dead}")
         handler = getattr(self, "r_" + route.strip("/"), None)
         if handler is None:
             raise Refused(f"no route {route}")
@@ -108,22 +129,30 @@ class StandIn:
         return {"version": "0.5.23"}
 
     def r_generate(self, body):
-        params = body["sampling_params"]
-        unknown = set(params) - SAMPLING_KEYS
-        if unknown:
-            raise Refused(f"unknown sampling params {sorted(unknown)}")
-        for key in INT_KEYS & set(params):
-            if not isinstance(params[key], int):
-                raise Refused(f"{key} must be an integer")
+        prompts = body["input_ids"]
+        per_prompt = body["sampling_params"]  # one dict for all prompts, or one per prompt
+        per_prompt = per_prompt if isinstance(per_prompt, list) else [per_prompt] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise Refused(f"{len(per_prompt)} sampling_params for {len(prompts)} prompts")
+        if len({p.get("n", 1) for p in per_prompt}) > 1:  # io_struct: parallel sampling reads n of the first
+            raise Refused("the parallel sampling number must be the same for every request of a batch")
+        for params in per_prompt:
+            unknown = set(params) - SAMPLING_KEYS
+            if unknown:
+                raise Refused(f"unknown sampling params {sorted(unknown)}")
+            for key in INT_KEYS & set(params):
+                if not isinstance(params[key], int):
+                    raise Refused(f"{key} must be an integer")
         if not body.get("return_logprob"):
             raise Refused("r1mega always asks for log-probs")
         with self.lock:
-            if self.resident != TAGS or not self.synced:
-                raise Refused(f"generate with resident={sorted(self.resident)} synced={self.synced}")
+            if self.resident != TAGS:  # the real server would touch unmapped memory
+                raise Refused(f"generate with resident={sorted(self.resident)}")
             self.busy += 1
-            self.calls.append(("generate", len(body["input_ids"]), params["n"]))
+            self.calls.append(("generate", len(prompts), per_prompt[0]["n"]))
+            self.seeds += [p.get("sampling_seed") for p in per_prompt]
         try:
-            return [self._sample(p, params) for p in body["input_ids"] for _ in range(params["n"])]
+            return [self._sample(p, params) for p, params in zip(prompts, per_prompt) for _ in range(params["n"])]
         finally:
             with self.lock:
                 self.busy -= 1
@@ -209,7 +238,6 @@ class StandIn:
         self.session = None
         if missing:
             return {"success": False, "message": f"{len(missing)} parameters never arrived: {sorted(missing)[:3]}"}
-        self.synced = True
         self.calls.append(("end",))
         return {"success": True, "message": ""}
 
@@ -224,13 +252,24 @@ class StandIn:
     def _memory(self, body, release: bool):
         tags = set(body["tags"] or TAGS)
         with self.lock:
-            if release and self.busy:
-                raise Refused("release while generating")
+            if release and self.busy:  # weight_updater.release_memory_occupation asserts the server is idle
+                self.dead = "release_memory_occupation should be called only when server is idle"
+                raise Dead(self.dead)
             if not tags <= TAGS:
                 raise Refused(f"unknown tags {tags - TAGS}")
+            if release and "weights" in tags & self.resident and not self.weights_cpu_backup:
+                self._lose_weights()
             self.resident = self.resident - tags if release else self.resident | tags
             self.calls.append(("release" if release else "resume", tuple(sorted(tags))))
         return None
+
+    @torch.no_grad()
+    def _lose_weights(self) -> None:
+        """What the parameters hold after an unbacked release and a resume: stale pages, not the
+        weights (buffers, such as rotary tables, are stashed and come back)."""
+        garbage = torch.Generator().manual_seed(len(self.calls))
+        for p in self.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=garbage) * 3)
 
     @torch.no_grad()
     def _sample(self, prompt: List[int], params: Dict) -> dict:
@@ -240,7 +279,15 @@ class StandIn:
             logits = self.model(torch.tensor([ids])).logits[0, -1].float()
             greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
             logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
-            token = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+            if greedy:
+                token = int(logp.argmax())
+            elif self.deterministic:  # sampler.multinomial_with_seed: noise from (seed, position) only
+                seed = params.get("sampling_seed")
+                noise = torch.Generator().manual_seed(hash((42 if seed is None else seed, len(ids) - 1)) & (2**63 - 1))
+                u = torch.rand(logp.shape, generator=noise, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+                token = int((logp.double() - torch.log(-torch.log(u))).argmax())
+            else:
+                token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
             out.append(token)
             logprobs.append([float(logp[token]), token, None])
             ids.append(token)
@@ -275,6 +322,8 @@ def serve(standin: StandIn) -> ThreadingHTTPServer:
                 result = standin.handle(self.path, body)
             except Refused as err:
                 return self._send(400, {"error": str(err)})
+            except Dead as err:
+                return self._send(503, {"error": str(err)})
             except Exception as err:  # a server error, as the real one answers it: never a hang
                 return self._send(500, {"error": f"{type(err).__name__}: {err}"})
             failed = isinstance(result, dict) and result.get("success") is False
@@ -311,7 +360,7 @@ def start_standins(registry: dict):
         use_stub_metadata()
         mine = {}
         for e in topo.owned_engines(dist.get_rank()):
-            standin = StandIn(cfg.model, topo.tp, seed=100 + e)
+            standin = StandIn(cfg.model, topo.tp, seed=100 + e, server_args=dict(cfg.rollout.sglang.server_args))
             server = serve(standin)
             registry[e] = standin
             mine[e] = f"http://127.0.0.1:{server.server_address[1]}"

@@ -55,14 +55,15 @@ def _check_turns(calls, expect_generate: bool = True):
     assert versions == sorted(versions, key=int)
 
 
-def _check_metrics(history):
+def _check_metrics(history, weights_backup: bool = False):
     assert [m["step"] for m in history] == [1, 2]
     for m in history:
         # the stand-in's transformers model samples; the trainer recomputes: same weights, same numbers
         assert m["logprob_gap_max"] < 1e-5, m["logprob_gap_max"]
         assert m["time/sync"] > 0 and m["time/release"] > 0
-    # step 1 finds the weights the first evaluation synced; step 2 syncs the updated ones
-    assert "sync/gb" not in history[0]
+    # the first evaluation synced, then released the weights: without a CPU backup SGLang threw them
+    # away, so step 1 syncs them again; with one, it finds them. Step 2 syncs the updated ones.
+    assert ("sync/gb" in history[0]) != weights_backup
     m = history[1]
     assert m["sync/gb"] > 0 and m["sync/buckets"] >= 2 and m["sync/gb_per_s"] > 0
 
@@ -80,14 +81,55 @@ def test_colocated_tp2_trainer_two_engines(tmp_path):
         _check_turns(calls[e])
 
 
-def test_colocated_pp2_trainer_one_tp2_engine(tmp_path):
+def test_colocated_pp2_trainer_one_tp2_engine_with_weights_backup(tmp_path):
     """Training PP=2, one engine over both GPUs: every stage's tensors reach every rank, and the
-    engine's first rank sends both ranks' payloads (entry i for engine TP rank i)."""
-    out = spawn(2, _run, [*COMMON, "parallel.pp=2", "rollout.sglang.tp=2"], str(tmp_path / "pp2"), 2)
-    _check_metrics(out[0][0])
+    engine's first rank sends both ranks' payloads (entry i for engine TP rank i). The server keeps
+    a CPU copy of its weights through releases, so nothing is resent after an evaluation."""
+    out = spawn(2, _run, [*COMMON, "parallel.pp=2", "rollout.sglang.tp=2",
+                          "+rollout.sglang.server_args.enable_weights_cpu_backup=true"], str(tmp_path / "pp2"), 2)
+    _check_metrics(out[0][0], weights_backup=True)
     calls = _engine_calls(out)
     assert sorted(calls) == [0]
     _check_turns(calls[0])
+
+
+def _generate_with_seeds(deterministic: bool):
+    """Samples from one deterministic-inference stand-in through the engine: two training calls of
+    3 prompts x 4, then one seeded call twice (evaluation)."""
+    from r1mega.config.schema import ModelConfig, ParallelConfig
+    from r1mega.platform.distributed import running
+    from r1mega.rollout.sglang.client import SGLangClient
+    from r1mega.rollout.sglang.engine import SGLangEngine
+    from r1mega.rollout.sglang.topology import Topology
+    from r1mega.rollout.types import SamplingParams
+    from sglang_standin import StandIn, serve
+
+    model = ModelConfig(name="t", arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                        num_attention_heads=4, num_query_groups=2, vocab_size=96)
+    with running(ParallelConfig(), seed=1):
+        standin = StandIn(model, tp=1, seed=5, server_args={"enable_deterministic_inference": deterministic})
+        client = SGLangClient(f"http://127.0.0.1:{serve(standin).server_address[1]}", timeout_s=60)
+        engine = SGLangEngine(Topology("colocated", tp=1, world_size=1, ranks_per_node=1), [client], None, [],
+                              1 << 20, memory_saver=True, seed=3)
+        prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+        params = SamplingParams(temperature=1.0, max_new_tokens=8)
+        train = [engine.generate(prompts, params, n=4).response_ids for _ in range(2)]
+        seeded = [engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=8, seed=7), n=4).response_ids
+                  for _ in range(2)]
+        return train, seeded, standin.seeds, engine.state_dict()
+
+
+def test_every_sample_has_its_own_seed():
+    """A server in deterministic-inference mode samples a request's tokens from (seed, position):
+    the samples of a group, and of later steps, differ only because each request has its own seed;
+    a seeded (evaluation) call gives the same samples again."""
+    train, seeded, seeds, state = spawn(1, _generate_with_seeds, True)[0]
+    first, second = train
+    for g in range(3):
+        assert len({tuple(r) for r in first[4 * g:4 * g + 4]}) > 1  # pass@k sees k different answers
+    assert first != second  # the next step samples anew
+    assert seeded[0] == seeded[1]
+    assert len(set(seeds[:24])) == 24 and None not in seeds and state["calls"] == 2
 
 
 def _disaggregated():

@@ -1,5 +1,7 @@
 """Two GRPO steps with rollout=sglang on a 0.5B model and a real SGLang server (colocated on this
-GPU): weights sync, memory turns, and the engine's log-probs agree with the trainer's.
+GPU), after an evaluation: weights sync, memory turns (the evaluation's release throws the
+engine's weights away, so step 1 syncs them again), and the engine's log-probs agree with the
+trainer's.
 
 Needs sglang and a CUDA GPU. The model is Qwen2.5-0.5B's architecture with random weights, or
 the local checkpoint folder named by R1MEGA_SGLANG_MODEL (r1mega never downloads at run time).
@@ -26,7 +28,8 @@ def test_two_grpo_steps_on_sglang(tmp_path):
     cmd = [sys.executable, "-m", "r1mega.cli.train", "model=qwen2.5-0.5b", *weights, "rollout=sglang",
            "rollout.max_new_tokens=64", "rollout.sglang.mem_fraction_static=0.3",
            "data.prompts_per_step=8", "algorithm.group_size=4", "algorithm.tis_cap=2.0", "warmup.enabled=false",
-           "trainer.steps=2", "trainer.eval_at_ends=false", "trainer.save_at_end=false", "trainer.plot=false",
+           "trainer.steps=2", "trainer.eval_at_ends=true", "rollout.eval_samples=2", "data.test_size=8",
+           "trainer.save_at_end=false", "trainer.plot=false",
            "trainer.tensorboard=false", f"trainer.output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,7 +12,7 @@ import torch
 from r1mega.config.errors import ConfigError
 from r1mega.rollout.sglang.buckets import buckets, pack, serialize, unpack
 from r1mega.rollout.sglang.client import SGLangClient, SGLangError
-from r1mega.rollout.sglang.engine import parse_outputs, sampling_payload
+from r1mega.rollout.sglang.engine import parse_outputs, sample_seeds, sampling_payload
 from r1mega.rollout.sglang.server import check_version, server_command
 from r1mega.rollout.sglang.topology import Topology, engines_for, split_even
 from r1mega.rollout.types import SamplingParams
@@ -118,8 +118,15 @@ def test_sampling_payload_passes_sglangs_schema():
     out = sampling_payload(p, 4, stop_token_ids=[2, 5])
     assert set(out) <= SAMPLING_KEYS
     assert all(isinstance(out[k], int) for k in INT_KEYS & set(out))
-    assert out["stop_token_ids"] == [2, 5] and out["n"] == 4 and out["top_k"] == 20 and out["sampling_seed"] == 3
-    assert "sampling_seed" not in sampling_payload(SamplingParams(), 1, [])
+    assert out["stop_token_ids"] == [2, 5] and out["n"] == 4 and out["top_k"] == 20
+    assert "sampling_seed" not in out  # one per request, from sample_seeds
+
+
+def test_sample_seeds_are_distinct_across_requests_ranks_calls_and_evaluation():
+    keys = [(0, 1234, 0), (0, 1234, 1), (0, 1235, 0), (1, 0), (1, 1)]  # training calls, other run seed, evaluation
+    seeds = [s for key in keys for rank in range(4) for s in sample_seeds(key, rank, 64)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 and isinstance(s, int) for s in seeds)
+    assert sample_seeds((1, 7), 2, 8) == sample_seeds((1, 7), 2, 8)  # reproducible
 
 
 def _output(ids, reason):

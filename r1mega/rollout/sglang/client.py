@@ -71,8 +71,10 @@ class SGLangClient:
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any]) -> List[dict]:
-        """One output dict per sample, prompt-major (all n samples of prompt 0 first)."""
+    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any] | List[Dict[str, Any]]
+                 ) -> List[dict]:
+        """One output dict per sample, prompt-major (all n samples of prompt 0 first); sampling_params
+        is one dict for every prompt, or a list with one per prompt."""
         out = self.request("/generate", {"input_ids": input_ids, "sampling_params": sampling_params,
                                          "return_logprob": True, "logprob_start_len": -1, "stream": False})
         return out if isinstance(out, list) else [out]

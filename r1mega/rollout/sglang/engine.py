@@ -25,14 +25,31 @@ FINISH = {"stop": "stop", "length": "length"}
 
 
 def sampling_payload(params: SamplingParams, n: int, stop_token_ids: Sequence[int], ignore_eos: bool = False) -> dict:
-    """SGLang's sampling_params for `params` (its schema refuses unknown keys and float counts)."""
-    out = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
-           "max_new_tokens": int(params.max_new_tokens), "n": int(n), "ignore_eos": ignore_eos,
-           "stop_token_ids": [] if ignore_eos else sorted(set(stop_token_ids) | set(params.stop_token_ids)),
-           "no_stop_trim": True}
-    if params.seed is not None:
-        out["sampling_seed"] = int(params.seed)  # honoured by servers in deterministic-inference mode
-    return out
+    """SGLang's sampling_params for `params` (its schema refuses unknown keys and float counts);
+    each request's sampling_seed is added by the engine."""
+    return {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": int(params.top_k),
+            "max_new_tokens": int(params.max_new_tokens), "n": int(n), "ignore_eos": ignore_eos,
+            "stop_token_ids": [] if ignore_eos else sorted(set(stop_token_ids) | set(params.stop_token_ids)),
+            "no_stop_trim": True}
+
+
+def sample_seeds(key: Tuple[int, ...], data_rank: int, count: int) -> List[int]:
+    """A distinct sampling_seed for each of `count` requests: splitmix64 over the key, the
+    data-parallel rank and the request's index, kept in int64's positive range. A server in
+    deterministic-inference mode draws each token from a hash of (seed, position) alone, and
+    uses 42 for a request without one: the samples of a group would all be the same."""
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    state = 0
+    for part in (*key, data_rank):
+        state = mix(state ^ (part & mask))
+    return [mix(state ^ i) >> 1 for i in range(count)]
 
 
 def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[List[float]], List[str]]:
@@ -60,7 +77,8 @@ class SGLangEngine:
     """RolloutEngine over SGLang servers; `transport` sends weight buckets (IPC or NCCL)."""
 
     def __init__(self, topology: Topology, clients: List[SGLangClient], transport, stop_token_ids: Sequence[int],
-                 bucket_bytes: int, memory_saver: bool, processes: Sequence = ()):
+                 bucket_bytes: int, memory_saver: bool, processes: Sequence = (), weights_backup: bool = False,
+                 seed: int = 0):
         self.topology = topology
         self.clients = clients
         self.transport = transport
@@ -69,6 +87,12 @@ class SGLangEngine:
         self.stop_token_ids = tuple(stop_token_ids)
         self.bucket_bytes = bucket_bytes
         self.memory_saver = memory_saver
+        # SGLang releases `weights` without a copy unless it runs with --enable-weights-cpu-backup:
+        # after a release and resume they are garbage (only buffers are restored) until synced again
+        self.weights_backup = weights_backup
+        self.weights_lost = False
+        self.seed = seed
+        self._calls = 0  # unseeded generate calls: each draws new sampling seeds
         self.version = 0  # weight version: syncs so far
         self.resident: List[str] = list(ALL_TAGS)  # what the engines hold on the GPU now
         self.last_sync: Dict[str, float] = {}
@@ -83,26 +107,33 @@ class SGLangEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         group = ps.get_model_parallel_group()
+        # seeded calls (evaluation) are reproducible and leave the training stream alone
+        key = (1, params.seed) if params.seed is not None else (0, self.seed, self._calls)
+        self._calls += params.seed is None
         box: list = [None]
         with collectively():
             if dist.get_rank(group) == 0:
-                box[0] = self._request(prompts, params, n)
+                box[0] = self._request(prompts, params, n, key)
         if dist.get_world_size(group) > 1:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         ids, logprobs, reasons = box[0]
         rows = [list(p) for p in prompts for _ in range(n)]
         return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(prompts)) for _ in range(n)])
 
-    def _request(self, prompts, params, n):
+    def _request(self, prompts, params, n, key: Tuple[int, ...]):
         """Each engine gets whole groups; a group's n rows go as n requests of one sample, so
-        SGLang's prefix cache shares the prompt without its serial per-prompt warm-up of n > 1."""
-        mine = engines_for(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), len(self.clients))
-        parts = [(self.clients[e], [prompts[i] for i in r for _ in range(n)])
-                 for e, r in zip(mine, split_even(len(prompts), len(mine))) if len(r)]
+        SGLang's prefix cache shares the prompt without its serial per-prompt warm-up of n > 1.
+        Every request has a seed of its own."""
+        rank = ps.get_data_parallel_rank()
+        mine = engines_for(rank, ps.get_data_parallel_world_size(), len(self.clients))
         payload = sampling_payload(params, 1, self.stop_token_ids, self.ignore_eos)
+        seeds = iter(sample_seeds(key, rank, len(prompts) * n))
+        parts = [(self.clients[e], [prompts[i] for i in r for _ in range(n)],
+                  [{**payload, "sampling_seed": next(seeds)} for _ in range(len(r) * n)])
+                 for e, r in zip(mine, split_even(len(prompts), len(mine))) if len(r)]
         with ThreadPoolExecutor(len(parts)) as pool:
-            futures = [pool.submit(c.generate, rows, payload) for c, rows in parts]
-            results = [parse_outputs(f.result(), c.url) for f, (c, _) in zip(futures, parts)]
+            futures = [pool.submit(c.generate, rows, per_row) for c, rows, per_row in parts]
+            results = [parse_outputs(f.result(), c.url) for f, (c, _, _) in zip(futures, parts)]
         return tuple(sum((r[k] for r in results), []) for k in range(3))
 
     # -- memory ----------------------------------------------------------------------------
@@ -118,6 +149,7 @@ class SGLangEngine:
                 client.flush_cache()  # answers only when idle; releasing a busy server kills its scheduler
                 client.release_memory(tags)
         self.resident = [t for t in self.resident if t not in tags]
+        self.weights_lost |= "weights" in tags and not self.weights_backup
 
     def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
         tags = [t for t in tags if t not in self.resident]
@@ -149,15 +181,18 @@ class SGLangEngine:
             for client in self._owned:
                 client.end_weight_update()
                 client.flush_cache()
+        self.weights_lost = False
         seconds = time.perf_counter() - start
         self.last_sync = {"sync/gb": sent / 1e9, "sync/seconds": seconds, "sync/buckets": float(count),
                           "sync/gb_per_s": sent / 1e9 / max(seconds, 1e-9)}
 
     def state_dict(self) -> dict:
-        return {"version": self.version}
+        """Weight version and position in the sampling-seed stream, for exact resumes."""
+        return {"version": self.version, "calls": self._calls}
 
     def load_state_dict(self, state: dict) -> None:
         self.version = int(state.get("version", 0))
+        self._calls = int(state.get("calls", 0))
 
     def shutdown(self) -> None:
         """Close the transport and stop the servers this rank launched."""

@@ -94,4 +94,10 @@ def build_sglang_engine(cfg: R1Config, tokenizer) -> SGLangEngine:
     else:
         transport = NcclTransport(topo, clients, socket.gethostname(), g.nccl_port)
     return SGLangEngine(topo, clients, transport, stop_token_ids(cfg, tokenizer), int(g.bucket_mb * 2**20),
-                        memory_saver=memory_saver(cfg), processes=procs)
+                        memory_saver=memory_saver(cfg), processes=procs,
+                        weights_backup=server_flag(g, "enable_weights_cpu_backup"), seed=cfg.trainer.seed)
+
+
+def server_flag(g, name: str) -> bool:
+    """Whether rollout.sglang.server_args turns the launch_server flag `name` on (either spelling)."""
+    return any(str(key).replace("-", "_") == name and bool(value) for key, value in g.server_args.items())
