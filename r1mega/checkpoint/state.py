@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.distributed.checkpoint.api import CheckpointException
@@ -100,10 +100,25 @@ def _state_dict(chunks, optimizer, scheduler, is_loading: bool, with_rng: bool, 
     if reference is not None:  # the RL reference policy, under its own tensor names
         state[REFERENCE] = {k: unwrap(c).sharded_state_dict(prefix=f"{REFERENCE}.", metadata=metadata)
                             for k, c in zip(model_keys(len(reference)), reference)}
-    state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
+    state["optimizer"] = _not_gathered_here(
+        optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata))
     state["scheduler"] = scheduler.state_dict()
     if with_rng:
         state["rng_state"] = _rng_object(None if is_loading else _rng_state())
+    return state
+
+
+def _not_gathered_here(state: Any) -> Any:
+    """The optimizer's sharded state with the param_state of DP ranks > 0 marked as theirs alone.
+
+    The memory-efficient fully reshardable format gathers every optimizer state on DP rank 0 and
+    gives the other ranks param_state=None (distrib_optimizer.sharded_param_state_fully_reshardable).
+    A plain None would count as common state that only they hold (megatron warns that their common
+    state dict differs from rank 0's, which alone is written); it is nothing to save, so it is
+    wrapped as a local non-persistent object, as megatron's dp_zero format wraps the same None."""
+    if isinstance(state, dict):
+        return {k: LocalNonpersistentObject(None) if k == "param_state" and v is None else _not_gathered_here(v)
+                for k, v in state.items()}
     return state
 
 

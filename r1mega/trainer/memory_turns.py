@@ -59,15 +59,14 @@ class TrainState:
         _empty_cache()
 
     def offload_parameters(self) -> None:
-        """After the weight sync (the engine holds its own copy): parameters to the host. The
-        parameters are views of megatron's contiguous buffers; freeing a buffer's storage keeps them."""
+        """After the weight sync (the engine holds its own copy): parameters to the host. Freeing a
+        storage keeps the tensors that view it (parameters, optimizer views), to be refilled."""
         if not self.offload_params:
             return
-        for buffer in self._param_buffers():
-            data = buffer.param_data
-            if data is not None and data.untyped_storage().size() > 0:
+        for data in self._parameter_storages():
+            if data.untyped_storage().size() > 0:
                 self._moved_params.append((data, self._to_host(data), data.untyped_storage().size()))
-                data.untyped_storage().resize_(0)
+                data.untyped_storage().resize_(0)  # the whole storage: `data` spans all of it
         self.offloaded.append("params")
         _empty_cache()
 
@@ -98,9 +97,20 @@ class TrainState:
             self._host[i:i + 1] = [buf]
         return self._host[i].copy_(t.detach(), non_blocking=True)
 
-    def _param_buffers(self):
+    def _parameter_storages(self):
+        """Tensors spanning the storages that hold the parameters: with the distributed optimizer,
+        megatron's contiguous buffers (the parameters are views of them); without it, each
+        parameter's own storage (whole, should another parameter view part of it)."""
+        seen = set()
         for chunk in self.ddp_chunks:
-            yield from chunk.buffers + chunk.expert_parallel_buffers
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                held = [buffer.param_data] if buffer.param_data is not None else [p.data for p in
+                                                                                  buffer.param_index_map]
+                for data in held:
+                    storage = data.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        yield data.new_empty(0).set_(storage, 0, (storage.nbytes() // data.element_size(),))
 
     def _inner_optimizers(self):
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):

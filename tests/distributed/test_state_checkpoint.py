@@ -190,3 +190,41 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
     assert read_marker(tmp_path / "step_4")["step"] == 4
     with pytest.raises(TrainingCheckpointError, match="step_6.*incomplete"):
         read_marker(tmp_path / "step_6")
+
+
+def _save_warnings(root: str):
+    """megatron's warnings while DP=2 ranks save a checkpoint of the distributed optimizer."""
+    import logging
+
+    from r1mega.checkpoint.state import save_checkpoint
+    from r1mega.data.synthetic import SyntheticLM
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import running
+    from r1mega.trainer.lm_step import train_step
+    from r1mega.trainer.optimizer import build_optimizer
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("megatron").addHandler(keep)
+    with running(LAYOUTS["dp2"], seed=5):
+        ddp, optimizer, scheduler = build_optimizer(build_model(MODEL, LAYOUTS["dp2"]), MODEL, OPTIMIZER, 10)
+        data = SyntheticLM(VOCAB, SEQ, GBS, MBS, seed=3, dp_rank=torch.distributed.get_rank(), dp_size=2)
+        train_step(ddp, optimizer, scheduler, data.next_micro_batches(), SEQ, MBS)
+        save_checkpoint(f"{root}/dp2", 1, ddp, optimizer, scheduler, data.state_dict())
+    return keep.messages
+
+
+@pytest.mark.distributed
+def test_data_parallel_ranks_save_the_same_common_state(tmp_path):
+    """Only rank 0's common (non-tensor) state is written; megatron compares every rank's with it.
+    DP ranks > 0 hold no gathered optimizer state (fully reshardable, memory-efficient: it is
+    gathered on DP rank 0), which must not show up as state only they have."""
+    for messages in spawn(2, _save_warnings, str(tmp_path)):
+        assert not [m for m in messages if "common state dict differs" in m], messages
