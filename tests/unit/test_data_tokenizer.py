@@ -1,7 +1,6 @@
 """The built-in tiny tokenizer and loading tokenizers from local folders."""
 
 import string
-import time
 
 import pytest
 
@@ -12,10 +11,7 @@ from r1mega.data.tokenizer import CHAT_SPECIALS, EOS, TAGS, build_tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    start = time.perf_counter()
-    path = build_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny", vocab_size=256)
-    assert time.perf_counter() - start < 5
-    return path
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny", vocab_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """Language consistency and the DAPO overlong penalty."""
 
-import time
-
 import pytest
 
 from r1mega.rewards.language import language_consistency, words
@@ -59,10 +57,8 @@ def test_unknown_language():
 
 
 def test_huge_response():
-    text = "<think>" + "word 字 " * 150_000 + "</think>"  # about 1 MB
-    start = time.perf_counter()
+    text = "<think>" + "word 字 " * 150_000 + "</think>"  # about 1 MB (benchmarks/rewards times it)
     assert language_consistency(text, "en") == pytest.approx(0.5)
-    assert time.perf_counter() - start < 2.0
 
 
 @pytest.mark.parametrize("tokens, value", [

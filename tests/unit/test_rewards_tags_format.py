@@ -1,7 +1,5 @@
 """Tag extraction and the format reward."""
 
-import time
-
 import pytest
 
 from r1mega.rewards.format import format_reward
@@ -47,13 +45,11 @@ def test_strip_tags():
     assert strip_tags("<think>a</think><answer>b</answer>").split() == ["a", "b"]
 
 
-def test_huge_input_is_linear():
-    text = "<think>" * 200_000 + "</answer>" * 100_000  # about 2.3 MB of near-miss tags
-    start = time.perf_counter()
+def test_huge_input_of_near_miss_tags():
+    text = "<think>" * 200_000 + "</answer>" * 100_000  # about 2.3 MB (benchmarks/rewards times it)
     assert extract_answer(text) is None
     assert extract_think(text) is None
     assert format_reward(text) == 0.0
-    assert time.perf_counter() - start < 1.0
 
 
 @pytest.mark.parametrize("text", [
