@@ -2,15 +2,13 @@
 whole batch) or the reference's (a pair per chunk of rows), never one each, which would leave
 them waiting in collectives that do not match.
 
-On gloo, with a stand-in for the CUDA extension that keeps its contract (per-row partials of the
-slice; the gradient written into the logits): one rank without the build, or one whose kernel
+On gloo, with the CUDA extension emulated (tests/logprob_kernel_emulation.py: per-row partials of
+the slice in the kernel's fp32 order; the gradient written into the logits): one rank without the build, or one whose kernel
 fails its check, sends the whole group down the reference; with both kernels sound the group
 takes the kernel path. Every case gives the single-process float64 answer.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,38 +18,6 @@ from r1mega.platform.launch import spawn
 pytestmark = pytest.mark.distributed
 
 ROWS, VOCAB, CHUNK = 10, 96, 4  # more rows than a reference chunk: the two paths' collectives differ
-
-
-def stand_in_kernels(ignore_temperature: bool = False):
-    """The extension's log-prob functions in PyTorch (kernels/csrc/grpo_logprobs.cu's math);
-    `ignore_temperature` makes a wrong one."""
-    calls = {"batch": 0}  # launches on the test's batch (the first-use check runs its own rows)
-
-    def logprob_partials(logits, targets, vocab_start, inv_temp):
-        calls["batch"] += logits.shape[0] == ROWS
-        z = logits.float() * (1.0 if ignore_temperature else inv_temp)
-        m = z.amax(-1)
-        keep = z != float("-inf")  # -inf logits add nothing; NaN propagates through m
-        d = torch.where(keep, z - m[:, None], 0.0)
-        e = torch.where(keep, d.exp(), 0.0)
-        local = targets - vocab_start
-        inside = (local >= 0) & (local < z.shape[1])
-        zy = torch.where(inside, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
-        return m, e.sum(-1), (d * e).sum(-1), zy
-
-    def logprob_backward_(logits, targets, vocab_start, inv_temp, lse, entropy, g_logp, g_ent):
-        logp = (logits.float() * inv_temp - lse[:, None]).clamp(min=-3.0e38)
-        p = logp.exp()
-        gl = g_logp[:, None] if g_logp.numel() else torch.zeros_like(lse)[:, None]
-        ge = g_ent[:, None] if g_ent.numel() else torch.zeros_like(lse)[:, None]
-        h = entropy[:, None] if g_ent.numel() else torch.zeros_like(lse)[:, None]
-        grad = -(p * ge) * (logp + h) - p * gl
-        local = targets - vocab_start
-        inside = (local >= 0) & (local < logits.shape[1])
-        grad.scatter_add_(1, local.clamp(0, logits.shape[1] - 1)[:, None], torch.where(inside[:, None], gl, 0.0))
-        logits.copy_(grad * inv_temp)
-
-    return SimpleNamespace(logprob_partials=logprob_partials, logprob_backward_=logprob_backward_), calls
 
 
 def _inputs():
@@ -73,9 +39,12 @@ def _run(built: list, wrong: list, temperature: float = 0.7):
     from r1mega.config.schema import ParallelConfig
     from r1mega.platform.distributed import running
 
+    import logprob_kernel_emulation as emulation
+
     with running(ParallelConfig(tp=2), seed=1):
         rank = dist.get_rank()
-        module, calls = stand_in_kernels(ignore_temperature=wrong[rank])
+        rows_seen: list = []  # rows of each kernel launch (the first-use check runs its own)
+        module = emulation.kernels(wrong_temperature=wrong[rank], rows_seen=rows_seen)
         logprobs_kernel.load = lambda: module
         logprobs.available = lambda *tensors: built[rank]
         logits, targets, weights = _inputs()
@@ -87,7 +56,7 @@ def _run(built: list, wrong: list, temperature: float = 0.7):
         ((logp * weights).sum() + 0.1 * entropy.sum()).backward()
         grads = [torch.empty_like(mine.grad) for _ in range(2)]
         dist.all_gather(grads, mine.grad.contiguous(), group=group)
-        return logp.detach(), torch.cat(grads, dim=1), calls["batch"]
+        return logp.detach(), torch.cat(grads, dim=1), rows_seen.count(ROWS)
 
 
 def _reference(temperature: float = 0.7):
