@@ -37,3 +37,13 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_kernel_checks(monkeypatch):
+    """r1mega.ops.kernels with no kernel checked yet (passed or failed), restored after the test."""
+    from r1mega.ops import kernels
+
+    monkeypatch.setattr(kernels, "_VERIFIED", set())
+    monkeypatch.setattr(kernels, "_FAILED", set())
+    return kernels

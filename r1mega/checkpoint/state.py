@@ -116,10 +116,12 @@ def _not_gathered_here(state: Any) -> Any:
     A plain None would count as common state that only they hold (megatron warns that their common
     state dict differs from rank 0's, which alone is written); it is nothing to save, so it is
     wrapped as a local non-persistent object, as megatron's dp_zero format wraps the same None."""
-    if isinstance(state, dict):
-        return {k: LocalNonpersistentObject(None) if k == "param_state" and v is None else _not_gathered_here(v)
-                for k, v in state.items()}
-    return state
+    if not isinstance(state, dict):
+        return state
+    if "param_state" in state:  # one optimizer's state dict: nothing below it needs a look
+        return {**state, "param_state": state["param_state"] if state["param_state"] is not None
+                else LocalNonpersistentObject(None)}
+    return {k: _not_gathered_here(v) for k, v in state.items()}  # chained optimizers
 
 
 def _prime_optimizer_state(optimizer: MegatronOptimizer) -> None:

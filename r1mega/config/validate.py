@@ -13,7 +13,7 @@ from r1mega.config.rl_rules import check_rl
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
 from r1mega.config.stage_rules import check_stages
 from r1mega.platform import installed
-from r1mega.platform.fp8 import dim_multiple, sequence_multiple
+from r1mega.platform.fp8 import feature_multiples, sequence_multiple
 
 
 def validate(cfg: R1Config, world_size: Optional[int] = None,
@@ -151,20 +151,21 @@ def check_fp8_shapes(cfg: R1Config) -> None:
     m, p = cfg.model, cfg.parallel
     if m.fp8.format is None:
         return
-    features, outputs = dim_multiple(m.fp8), 32 if m.fp8.recipe == "mxfp8" else 8
+    features, outputs = feature_multiples(m.fp8)
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
-    ffn = [("model.ffn_hidden_size", m.ffn_hidden_size)]
-    if m.moe is not None:
-        ffn = [("model.moe.dense_ffn_hidden_size", m.moe.dense_ffn_hidden_size or m.ffn_hidden_size)] * (
-            m.moe.first_k_dense > 0)
-        ffn += [("model.moe.shared_expert_ffn_hidden_size", m.moe.shared_expert_ffn_hidden_size)] * bool(
-            m.moe.shared_expert_ffn_hidden_size)
     # (what, size per rank, multiple it needs)
     sizes = [("model.hidden_size", m.hidden_size, features)]
-    for key, size in ffn:
-        sizes += [(f"{key} / parallel.tp", size // p.tp, features)]
-    if m.moe is not None:  # megatron pads the experts' tokens for FP8, not their widths
-        sizes += [("model.moe.ffn_hidden_size / parallel.etp", m.moe.ffn_hidden_size // (p.etp or p.tp), features)]
+    e = m.moe
+    if e is None:
+        sizes.append(("model.ffn_hidden_size / parallel.tp", m.ffn_hidden_size // p.tp, features))
+    else:  # megatron pads the experts' tokens for FP8, not their widths
+        sizes.append(("model.moe.ffn_hidden_size / parallel.etp", e.ffn_hidden_size // (p.etp or p.tp), features))
+        if e.first_k_dense:
+            dense = e.dense_ffn_hidden_size or m.ffn_hidden_size
+            sizes.append(("model.moe.dense_ffn_hidden_size / parallel.tp", dense // p.tp, features))
+        if e.shared_expert_ffn_hidden_size:
+            sizes.append(("model.moe.shared_expert_ffn_hidden_size / parallel.tp",
+                          e.shared_expert_ffn_hidden_size // p.tp, features))
     if m.mla is None:
         sizes += [("model.num_attention_heads x head_dim / parallel.tp", m.num_attention_heads * head_dim // p.tp,
                    features),

@@ -56,7 +56,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         # checks across EP layouts load shared weights.) FP8 parameters are the exception:
         # Transformer Engine quantizes them as they are made, into CUDA memory, reading the
         # source as CUDA memory too, so they must be made on the GPU (per shard, TP-dependent).
-        use_cpu_initialization=not fp8_parameters(model),
+        use_cpu_initialization=not (model.fp8.format is not None and model.fp8.param),
         # Fusions below are CUDA kernels (apex / TE / triton); megatron falls back to torch.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -92,11 +92,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         )
         return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
-
-
-def fp8_parameters(model: ModelConfig) -> bool:
-    """Whether the parameters themselves are FP8 (model.fp8.param), not only the GEMMs."""
-    return model.fp8.format is not None and model.fp8.param
 
 
 def _moe_kwargs(model: ModelConfig) -> dict:

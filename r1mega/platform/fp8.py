@@ -34,6 +34,6 @@ def sequence_multiple(fp8: FP8Config, parallel: ParallelConfig) -> int:
     return token_multiple(fp8, parallel.tp if parallel.sequence_parallel else 1)
 
 
-def dim_multiple(fp8: FP8Config) -> int:
-    """What every linear layer's input features (and output features: 8) must be a multiple of."""
-    return 32 if fp8.recipe == "mxfp8" else 16
+def feature_multiples(fp8: FP8Config) -> tuple[int, int]:
+    """What every linear layer's (input, output) features must be multiples of."""
+    return (32, 32) if fp8.recipe == "mxfp8" else (16, 8)

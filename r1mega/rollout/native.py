@@ -70,8 +70,9 @@ class NativeEngine:
         generator = torch.Generator(device=self._device()).manual_seed(seed)
         responses, logprobs, reasons = [], [], []
         per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
-        if per_call >= self._prompt_multiple(n):  # padding a batch to the row multiple stays within the budget
-            per_call -= per_call % self._prompt_multiple(n)
+        multiple = self._prompt_multiple(n)
+        if per_call >= multiple:  # padding a batch to the row multiple then stays within the budget
+            per_call -= per_call % multiple
         with self._inference_mode():
             for start in self._batch_starts(len(prompts), per_call):
                 r, lp, fr = self._generate_batch(prompts[start:start + per_call], n, params, generator)

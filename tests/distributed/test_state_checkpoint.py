@@ -7,8 +7,10 @@ run that never stopped (same data batch, same Adam moments and step count, same 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,8 @@ def _phase(layout: str, root: str, seed: int, load: str | None = None):
     if load is None:
         for _ in range(2):
             train_step(ddp, optimizer, scheduler, data.next_micro_batches(), SEQ, MBS)
-        save_checkpoint(f"{root}/{layout}", 2, ddp, optimizer, scheduler, data.state_dict())
+        with _megatron_warnings() as out["save_warnings"]:
+            save_checkpoint(f"{root}/{layout}", 2, ddp, optimizer, scheduler, data.state_dict())
     else:
         state = load_checkpoint(latest_checkpoint(f"{root}/{load}"), ddp, optimizer, scheduler)
         data.load_state_dict(state["data"])
@@ -66,6 +69,19 @@ def _phase(layout: str, root: str, seed: int, load: str | None = None):
     out["step3"] = train_step(ddp, optimizer, scheduler, data.next_micro_batches(), SEQ, MBS)
     out["params3"] = full_params(ddp, f"{root}/params_{layout}_{load or 'fresh'}")
     return out
+
+
+@contextmanager
+def _megatron_warnings():
+    """The messages megatron logs at WARNING or above inside the block."""
+    messages: list = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("megatron").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("megatron").removeHandler(handler)
 
 
 def _two_ranks(root: str):
@@ -134,7 +150,8 @@ def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ckpt"))
     per_rank = spawn(2, _two_ranks, root)
     # Logits live on the last pipeline stage; full parameters come back from rank 0.
-    merged = {k: dict(v, logits=next(r[k]["logits"] for r in per_rank if r[k]["logits"] is not None))
+    merged = {k: dict(v, logits=next(r[k]["logits"] for r in per_rank if r[k]["logits"] is not None),
+                      save_warnings=[m for r in per_rank for m in r[k].get("save_warnings", [])])
               for k, v in per_rank[0].items()}
     merged.update(spawn(1, _one_rank, root)[0])
     return root, merged
@@ -192,39 +209,12 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
         read_marker(tmp_path / "step_6")
 
 
-def _save_warnings(root: str):
-    """megatron's warnings while DP=2 ranks save a checkpoint of the distributed optimizer."""
-    import logging
-
-    from r1mega.checkpoint.state import save_checkpoint
-    from r1mega.data.synthetic import SyntheticLM
-    from r1mega.models.builder import build_model
-    from r1mega.platform.distributed import running
-    from r1mega.trainer.lm_step import train_step
-    from r1mega.trainer.optimizer import build_optimizer
-
-    class Keep(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.WARNING)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    keep = Keep()
-    logging.getLogger("megatron").addHandler(keep)
-    with running(LAYOUTS["dp2"], seed=5):
-        ddp, optimizer, scheduler = build_optimizer(build_model(MODEL, LAYOUTS["dp2"]), MODEL, OPTIMIZER, 10)
-        data = SyntheticLM(VOCAB, SEQ, GBS, MBS, seed=3, dp_rank=torch.distributed.get_rank(), dp_size=2)
-        train_step(ddp, optimizer, scheduler, data.next_micro_batches(), SEQ, MBS)
-        save_checkpoint(f"{root}/dp2", 1, ddp, optimizer, scheduler, data.state_dict())
-    return keep.messages
-
 
 @pytest.mark.distributed
-def test_data_parallel_ranks_save_the_same_common_state(tmp_path):
+@pytest.mark.parametrize("saved", ["tp2", "pp2", "dp2"])
+def test_ranks_save_the_same_common_state(runs, saved):
     """Only rank 0's common (non-tensor) state is written; megatron compares every rank's with it.
     DP ranks > 0 hold no gathered optimizer state (fully reshardable, memory-efficient: it is
     gathered on DP rank 0), which must not show up as state only they have."""
-    for messages in spawn(2, _save_warnings, str(tmp_path)):
-        assert not [m for m in messages if "common state dict differs" in m], messages
+    messages = runs[1][saved]["save_warnings"]
+    assert not [m for m in messages if "common state dict differs" in m], messages

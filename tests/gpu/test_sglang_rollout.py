@@ -37,7 +37,7 @@ def test_two_grpo_steps_on_sglang(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        # bf16 engine vs bf16 trainer: different kernels, same weights (DESIGN.md bf16 tolerances)
+        # bf16 engine vs bf16 trainer: different kernels, same weights; bf16 rounding moves log-probs by ~1e-2
         assert r["logprob_gap"] < 0.05, r["logprob_gap"]
         assert r["sync/gb"] > 0.9 and r["sync/gb_per_s"] > 0  # 0.5B bf16 parameters crossed
         assert r["memory/generate_device_gib"] > r["memory/update_trainer_gib"] > 0

@@ -39,16 +39,8 @@ def test_token_broadcast_matches_the_padded_one():
     assert torch.equal(packed, broadcast_to_tokens(adv, mask)[mask])
 
 
-def _fresh(monkeypatch):
-    from r1mega.ops import kernels
-
-    monkeypatch.setattr(kernels, "_VERIFIED", set())
-    monkeypatch.setattr(kernels, "_FAILED", set())
-    return kernels
-
-
-def test_a_kernel_is_checked_against_its_reference_on_first_use(monkeypatch, caplog):
-    kernels = _fresh(monkeypatch)
+def test_a_kernel_is_checked_against_its_reference_on_first_use(fresh_kernel_checks, caplog):
+    kernels = fresh_kernel_checks
     ref = torch.randn(50, generator=torch.Generator().manual_seed(1))
     assert kernels.verify_once("good_op", ref.float(), lambda: ref.double())
     assert kernels.verify_once("good_op", ref + 1.0, lambda: ref)  # checked once per process
@@ -66,8 +58,8 @@ def test_a_kernel_is_checked_against_its_reference_on_first_use(monkeypatch, cap
     assert not kernels.verified("empty_op")
 
 
-def test_elementwise_check_sees_small_entries_next_to_huge_ones(monkeypatch):
-    kernels = _fresh(monkeypatch)
+def test_elementwise_check_sees_small_entries_next_to_huge_ones(fresh_kernel_checks):
+    kernels = fresh_kernel_checks
     ref = torch.tensor([4.8e8, 1e-3, 0.5, -2.0])
     got = ref.clone()
     got[1] = 2e-3  # invisible in the norm of the whole vector

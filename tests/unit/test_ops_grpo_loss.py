@@ -12,7 +12,7 @@ import torch
 
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.policy_loss import clipped_surrogate, log_ratio
-from r1mega.ops import grpo_loss, kernels
+from r1mega.ops import grpo_loss
 
 ESTIMATORS = {1: "k1", 2: "k2", 3: "k3"}
 
@@ -33,19 +33,12 @@ def _kernel_stand_in(bad_clip: bool = False):
     return SimpleNamespace(grpo_token_loss=grpo_token_loss)
 
 
-def _forget_checks() -> None:
-    for done in (kernels._VERIFIED, kernels._FAILED):
-        done.difference_update({op for op in done if op.startswith("grpo_token_loss")})
-
-
 @pytest.fixture
-def stand_in(monkeypatch):
+def stand_in(monkeypatch, fresh_kernel_checks):
     def use(**kw):
         monkeypatch.setattr(grpo_loss, "load", lambda: _kernel_stand_in(**kw))
         monkeypatch.setattr(grpo_loss, "available", lambda *t: True)
-        _forget_checks()
-    yield use
-    _forget_checks()
+    return use
 
 
 def _batch(seed: int):

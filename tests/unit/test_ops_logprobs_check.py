@@ -18,14 +18,12 @@ VOCAB = 151_936
 
 
 @pytest.fixture
-def emulated(monkeypatch):
+def emulated(monkeypatch, fresh_kernel_checks):
     def use(**kw):
         seen: list = []
         monkeypatch.setattr(logprobs_kernel, "load", lambda: emulation.kernels(rows_seen=seen, **kw))
         monkeypatch.setattr(logprobs, "available", lambda *tensors: True)
         return seen
-    monkeypatch.setattr(kernels, "_VERIFIED", set())
-    monkeypatch.setattr(kernels, "_FAILED", set())
     return use
 
 
