@@ -83,7 +83,7 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 def grpo_r1mega(hidden, weight, targets, adv, old):
     """The trainer's path: lm_head logits, the log-prob kernels, the fused per-token loss."""
-    from r1mega.ops.grpo_loss import Surrogate, policy_terms
+    from r1mega.trainer.rl.loss import Surrogate, policy_terms
     from r1mega.ops.logprobs import token_logprobs
 
     logp, _ = token_logprobs(hidden @ weight.T, targets)

@@ -5,8 +5,6 @@
 
 extern "C" cudaError_t r1mega_group_advantage(const float* rewards, const int64_t* offsets, int num_groups, int mode,
                                               int sample_std, float eps, float* adv, cudaStream_t stream);
-extern "C" cudaError_t r1mega_broadcast_to_tokens(const float* adv, const int64_t* token_offsets, int num_seqs,
-                                                  float* out, cudaStream_t stream);
 
 extern "C" cudaError_t r1mega_logprob_partials(const void* logits, int dtype, const int64_t* targets, int64_t rows,
                                                int64_t vocab, int64_t vocab_start, float inv_temp, float* m, float* s,
@@ -43,19 +41,6 @@ torch::Tensor group_advantage(torch::Tensor rewards, torch::Tensor offsets, int6
                                           c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "group_advantage kernel: ", cudaGetErrorString(err));
   return adv;
-}
-
-torch::Tensor broadcast_to_tokens(torch::Tensor adv, torch::Tensor token_offsets, int64_t num_tokens) {
-  check(adv, "adv", torch::kFloat32);
-  check(token_offsets, "token_offsets", torch::kInt64);
-  TORCH_CHECK(token_offsets.numel() == adv.numel() + 1, "token_offsets needs one more entry than adv");
-  const c10::cuda::CUDAGuard guard(adv.device());
-  auto out = torch::zeros({num_tokens}, adv.options());
-  const auto err = r1mega_broadcast_to_tokens(adv.data_ptr<float>(), token_offsets.data_ptr<int64_t>(),
-                                              static_cast<int>(adv.numel()), out.data_ptr<float>(),
-                                              c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "broadcast_to_tokens kernel: ", cudaGetErrorString(err));
-  return out;
 }
 
 int logits_dtype(const torch::Tensor& logits) {
@@ -149,7 +134,6 @@ std::vector<torch::Tensor> grpo_token_loss(torch::Tensor mask, torch::Tensor log
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("sources_digest") = R1MEGA_DIGEST_STRING;
   m.def("group_advantage", &group_advantage, "per-group advantages of contiguous groups given by offsets");
-  m.def("broadcast_to_tokens", &broadcast_to_tokens, "each sequence's advantage onto its packed tokens");
   m.def("logprob_partials", &logprob_partials, "per-row max, sum-exp, entropy sum and target logit of a vocab slice");
   m.def("grpo_token_loss", &grpo_token_loss, "per-token surrogate, KL, ratio and d loss / d logp");
   m.def("logprob_backward_", &logprob_backward_, "gradient w.r.t. the logits, written into the logits");

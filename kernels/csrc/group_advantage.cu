@@ -1,5 +1,5 @@
-// Group-relative advantages over groups of variable size (contiguous rows given by offsets), and
-// their broadcast onto packed response tokens. Plain CUDA C++: no torch headers, so nvcc alone
+// Group-relative advantages over groups of variable size (contiguous rows given by offsets).
+// Plain CUDA C++: no torch headers, so nvcc alone
 // compiles it (r1mega's CI does, on machines without a GPU); bindings.cpp adapts torch tensors.
 //
 // Modes (r1mega.algorithms.advantages): 0 GRPO (r - mean) / (std + eps); 1 Dr. GRPO r - mean;
@@ -60,15 +60,6 @@ __global__ void group_advantage_kernel(const float* __restrict__ rewards, const 
   }
 }
 
-// One block per sequence: its advantage onto its tokens [token_offsets[s], token_offsets[s + 1]).
-__global__ void broadcast_kernel(const float* __restrict__ adv, const int64_t* __restrict__ token_offsets,
-                                 float* __restrict__ out) {
-  const float a = adv[blockIdx.x];
-  for (int64_t t = token_offsets[blockIdx.x] + threadIdx.x; t < token_offsets[blockIdx.x + 1]; t += blockDim.x) {
-    out[t] = a;
-  }
-}
-
 }  // namespace
 
 extern "C" cudaError_t r1mega_group_advantage(const float* rewards, const int64_t* offsets, int num_groups, int mode,
@@ -76,11 +67,5 @@ extern "C" cudaError_t r1mega_group_advantage(const float* rewards, const int64_
   if (num_groups > 0) {
     group_advantage_kernel<<<num_groups, kThreads, 0, stream>>>(rewards, offsets, mode, sample_std, eps, adv);
   }
-  return cudaGetLastError();
-}
-
-extern "C" cudaError_t r1mega_broadcast_to_tokens(const float* adv, const int64_t* token_offsets, int num_seqs,
-                                                  float* out, cudaStream_t stream) {
-  if (num_seqs > 0) broadcast_kernel<<<num_seqs, kThreads, 0, stream>>>(adv, token_offsets, out);
   return cudaGetLastError();
 }

@@ -10,12 +10,6 @@ AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 Count = int | float | torch.Tensor | None
 
 
-def local_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(number of masked tokens, number of sequences) of this micro-batch, to be summed by the caller."""
-    m = mask.bool()
-    return m.sum(), torch.tensor(m.shape[0], device=m.device)
-
-
 def _denominator(value: Count, default: torch.Tensor | int) -> torch.Tensor | float:
     """A count usable as a divisor: the caller's global one, else the local one; never below 1."""
     value = default if value is None else value

@@ -19,7 +19,3 @@ def varied_groups(rewards: torch.Tensor, group_index: torch.Tensor, num_groups: 
     lo = r.new_zeros(num_groups).scatter_reduce(0, group_index, r, "amin", include_self=False)
     return (hi - lo) > tol
 
-
-def keep_mask(rewards: torch.Tensor, group_index: torch.Tensor, tol: float = REWARD_TOLERANCE) -> torch.Tensor:
-    """bool [B]: True for responses whose group has varied rewards (single-response groups are dropped)."""
-    return varied_groups(rewards, group_index, tol=tol)[group_index]

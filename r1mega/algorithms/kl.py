@@ -6,11 +6,9 @@ from typing import Literal
 
 import torch
 
-KLEstimator = Literal["k1", "k2", "k3"]
+from r1mega.algorithms.policy_loss import LOG_RATIO_BOUND
 
-# exp(20) ~ 5e8 keeps k3 finite in fp32 (exp overflows past ~88) while leaving every log-ratio
-# a trained policy should reach untouched; beyond it k3's gradient is cut to 0.
-K3_LOG_RATIO_BOUND = 20.0
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3",
@@ -29,6 +27,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimato
     if estimator == "k2":
         return 0.5 * diff.square()
     if estimator == "k3":
-        log_rho = (-diff).clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        log_rho = (-diff).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # past it, k3's gradient is cut to 0
         return log_rho.exp() - log_rho - 1.0
     raise ValueError(f"unknown KL estimator {estimator!r}")

@@ -6,10 +6,13 @@ from typing import Literal
 
 import torch
 
+from r1mega.algorithms.advantages import broadcast_to_tokens
+
 RatioLevel = Literal["token", "sequence"]
 
-# exp(20) ~ 5e8: keeps ratios finite in fp32 so a zero gradient times an inf ratio never makes NaN.
-# Any ratio this far from 1 is clipped (or dual-clipped) anyway.
+# exp(20) ~ 5e8: keeps ratios (and the KL estimators' exp) finite in fp32, so a zero gradient times
+# an inf ratio never makes NaN. Any ratio this far from 1 is clipped (or dual-clipped) anyway, and
+# no log-ratio a trained policy should reach is touched.
 LOG_RATIO_BOUND = 20.0
 
 
@@ -20,8 +23,8 @@ def _zeros_off(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def token_advantages(advantages: torch.Tensor, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] or [B, T] advantages as [B, T] in like's dtype, 0 off the mask."""
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    return _zeros_off(m, adv.expand_as(like).to(like.dtype))
+    adv = advantages.to(like.dtype)
+    return broadcast_to_tokens(adv, m) if adv.dim() == 1 else _zeros_off(m, adv)
 
 
 def _masked_stats(x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,7 +66,17 @@ def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                       mask: torch.Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None,
                       ratio_level: RatioLevel = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) [B, T], 0 off the mask, and stats.
+    """Per-token loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) [B, T], 0 off the mask, and stats
+    (see surrogate_and_ratio)."""
+    loss, ratio = surrogate_and_ratio(logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, ratio_level)
+    return loss, surrogate_stats(ratio, advantages, mask, eps_low, eps_high, dual_clip)
+
+
+def surrogate_and_ratio(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, eps_low: float, eps_high: float, dual_clip: float | None = None,
+                        ratio_level: RatioLevel = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped-surrogate loss [B, T] (0 off the mask) and the ratio rho [B, T] (detached; 1
+    off the mask), from which surrogate_stats reads the clip statistics.
 
     dual_clip = c > 1 caps the loss of negative-advantage tokens at -c A (dual-clip PPO).
     ratio_level="sequence" uses GSPO's length-normalised sequence ratio (give it GSPO's tiny eps).
@@ -78,8 +91,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     loss = torch.maximum(-adv * ratio, -adv * clipped)
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-    loss = _zeros_off(m, loss)
-    return loss, surrogate_stats(ratio, adv, m, eps_low, eps_high, dual_clip)
+    return _zeros_off(m, loss), ratio.detach()
 
 
 def surrogate_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float,

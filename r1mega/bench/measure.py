@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
+from r1mega.trainer.timing import PhaseTimer
 
 T = TypeVar("T")
 
@@ -21,8 +22,6 @@ T = TypeVar("T")
 def timed(fn: Callable[[int], T], warmup: int, repeats: int) -> List[Tuple[float, T]]:
     """Call fn(1), fn(2), ... warmup + repeats times; (wall seconds, result) of the timed calls.
     Peak memory counts from the first timed call."""
-    from r1mega.trainer.timing import PhaseTimer
-
     timer, out = PhaseTimer(), []
     for i in range(1, warmup + repeats + 1):
         if i == warmup + 1:

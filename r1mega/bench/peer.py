@@ -14,17 +14,19 @@ import os
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
 
 from r1mega.bench.measure import median
+from r1mega.checkpoint.hf_config import transformers_config
 from r1mega.config.loader import compose_config, to_config
 from r1mega.config.schema import ModelConfig, R1Config
 from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
+from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 TRL_ADV_EPS = 1e-4  # TRL divides advantages by (std + 1e-4); r1mega's side uses the same
 
@@ -47,8 +49,6 @@ def save_random_hf_model(model: ModelConfig, folder: Path, seed: int) -> Path:
     """The preset as an HF checkpoint with random weights (transformers' own init) and r1mega's tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from r1mega.checkpoint.hf_config import transformers_config
-    from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(build_tiny_tokenizer(folder, vocab_size=model.vocab_size))
     config = transformers_config(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -60,8 +60,6 @@ def save_random_hf_model(model: ModelConfig, folder: Path, seed: int) -> Path:
 def write_prompts(cfg: R1Config, path: Path, tokenizer_dir: Path) -> Tuple[Path, int]:
     """Exactly the prompts both sides train on (one pass of prompts_per_step x steps, rendered),
     and the longest one's length in tokens."""
-    from r1mega.data.tokenizer import load_tokenizer
-
     p = cfg.bench.peer
     d = cfg.data
     records = make_task(d.name, "train", p.prompts_per_step * p.steps, d.seed, **dict(d.difficulty))

@@ -13,9 +13,18 @@ import torch
 
 from r1mega.bench.measure import median, peak_memory_mb, timed
 from r1mega.bench.training import with_layout
+from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.bench_schema import LayoutConfig
 from r1mega.config.schema import R1Config
+from r1mega.models.builder import build_model
+from r1mega.platform.distributed import running
+from r1mega.platform.fp8 import token_multiple
 from r1mega.platform.launch import spawn
+from r1mega.rollout.native import NativeEngine
+from r1mega.rollout.sglang.launch import build_sglang_engine
+from r1mega.rollout.types import SamplingParams
+from r1mega.trainer.model_setup import run_tokenizer
+from r1mega.trainer.rl.setup import load_records, tokenize_prompts
 
 
 def run(cfg: R1Config) -> Dict:
@@ -44,16 +53,10 @@ def unavailable(engine: str) -> str:
 
 
 def _rank(cfg: R1Config, kind: str) -> List[Dict[str, float]]:
-    from r1mega.models.builder import build_model
-    from r1mega.platform.distributed import running
-    from r1mega.rollout.types import SamplingParams
-    from r1mega.trainer.rl_setup import load_records, run_tokenizer, tokenize_prompts
-
     b = cfg.bench
     with running(cfg.parallel, cfg.trainer.seed):
         tokenizer = run_tokenizer(cfg)
-        records, table = tokenize_prompts(cfg, tokenizer, load_records(cfg)[0], "train")
-        prompts = [table[id(r)] for r in records]
+        prompts = [r.token_ids for r in tokenize_prompts(cfg, tokenizer, load_records(cfg)[0], "train")]
         chunks = build_model(cfg.model, cfg.parallel)
         engine, note = (_native(cfg, chunks, tokenizer), "") if kind == "native" else _sglang(cfg, chunks, tokenizer)
         params = SamplingParams(temperature=1.0, max_new_tokens=b.rollout.new_tokens)
@@ -72,9 +75,6 @@ def _rank(cfg: R1Config, kind: str) -> List[Dict[str, float]]:
 
 
 def _native(cfg: R1Config, chunks, tokenizer):
-    from r1mega.platform.fp8 import token_multiple
-    from r1mega.rollout.native import NativeEngine
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(cfg.bench.rollout.batch_sizes),
                         seed=cfg.trainer.seed, row_multiple=token_multiple(cfg.model.fp8))
@@ -82,9 +82,6 @@ def _native(cfg: R1Config, chunks, tokenizer):
 
 def _sglang(cfg: R1Config, chunks, tokenizer):
     """A one-GPU SGLang engine holding the model's weights, and a note on its (second) weight sync."""
-    from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
-    from r1mega.rollout.sglang.launch import build_sglang_engine
-
     cfg = copy.deepcopy(cfg)
     cfg.rollout.engine, cfg.rollout.sglang.mode, cfg.rollout.sglang.tp = "sglang", "colocated", 1
     cfg.trainer.output_dir = str(Path(cfg.bench.output_dir) / "sglang-run")

@@ -12,8 +12,11 @@ from typing import Dict, List
 from r1mega.bench.flops import causal_context, device_peak_tflops, forward_flops_per_token, mfu
 from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, timed
 from r1mega.config.schema import R1Config
+from r1mega.platform.distributed import running
 from r1mega.platform.launch import spawn
-from r1mega.trainer.rl_phases import needs_old_logprobs
+from r1mega.platform.logs import setup_logging
+from r1mega.trainer.rl.setup import setup
+from r1mega.trainer.rl.step import needs_old_logprobs, rl_step
 
 PHASES = ("sync", "generate", "score", "release", "advantages", "logprobs", "update")
 
@@ -27,11 +30,6 @@ def run(cfg: R1Config) -> Dict:
 
 
 def _rank(cfg: R1Config) -> List[Dict[str, float]]:
-    from r1mega.cli.common import setup_logging
-    from r1mega.platform.distributed import running
-    from r1mega.trainer.rl_setup import setup
-    from r1mega.trainer.rl_step import rl_step
-
     setup_logging()
     with running(cfg.parallel, cfg.trainer.seed) as runtime:
         ctx = setup(cfg, runtime)

@@ -12,11 +12,14 @@ import torch
 
 from r1mega.bench.flops import device_peak_tflops, mfu, training_flops_per_token
 from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, timed
-from r1mega.config.loader import compose_config, to_config
 from r1mega.config.bench_schema import LayoutConfig
+from r1mega.config.loader import compose_config, to_config
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import ConfigError, validate
+from r1mega.platform.distributed import current_device, running
 from r1mega.platform.launch import spawn
+from r1mega.trainer.model_setup import build_policy
+from r1mega.trainer.pretrain import train_step
 
 
 def with_layout(cfg: R1Config, layout: LayoutConfig) -> R1Config:
@@ -53,9 +56,6 @@ def run(cfg: R1Config) -> Dict:
 def _rank(cfg: R1Config) -> Dict[str, float]:
     from megatron.core import parallel_state as ps
 
-    from r1mega.platform.distributed import current_device, running
-    from r1mega.trainer.lm_step import train_step
-    from r1mega.trainer.rl_setup import build_policy
 
     b = cfg.bench
     with running(cfg.parallel, cfg.trainer.seed) as runtime:

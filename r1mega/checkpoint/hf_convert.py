@@ -18,7 +18,9 @@ from megatron.core import parallel_state as ps
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
-from r1mega.checkpoint.staging import barrier, publish, rank, staging_dir, unwrap
+from r1mega.checkpoint.staging import staging_dir, unwrap
+from r1mega.platform.atomic import publish
+from r1mega.platform.distributed import barrier, rank
 from r1mega.config.schema import ModelConfig
 
 

@@ -15,7 +15,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.hf_io import CheckpointError
-from r1mega.checkpoint.staging import barrier, error_line, publish, rank, staging_dir, unwrap
+from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
+from r1mega.platform.atomic import publish
+from r1mega.platform.distributed import barrier, rank
 from r1mega.config.schema import ModelConfig
 
 MODEL_YAML = "model.yaml"

@@ -1,13 +1,13 @@
-"""Write-then-rename for checkpoint folders written by every rank, and small rank helpers."""
+"""Write-then-rename for checkpoint folders written by every rank."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from r1mega.platform.distributed import barrier, rank
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -15,15 +15,6 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def staging_dir(final: Path) -> Path:
@@ -34,18 +25,6 @@ def staging_dir(final: Path) -> Path:
         tmp.mkdir(parents=True)
     barrier()
     return tmp
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Make a completely written folder visible under its final name (replacing an old one)."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def error_line(exc: BaseException) -> str:

@@ -29,7 +29,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.mcore import model_keys, model_sharded_state_dict
-from r1mega.checkpoint.staging import barrier, error_line, publish, rank, staging_dir, unwrap
+from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
+from r1mega.platform.atomic import publish
+from r1mega.platform.distributed import barrier, rank
 from r1mega.platform.atomic import write_text_atomic
 
 MARKER = "r1mega_state.json"  # written last, inside the .tmp folder: its presence means complete

@@ -12,11 +12,15 @@ import logging
 import sys
 from typing import Dict
 
-from r1mega.cli.common import fail, setup_logging
+from r1mega.bench import peer, rollout, step, training
+from r1mega.bench.measure import environment
+from r1mega.bench.report import markdown, write_results
+from r1mega.cli.exit import fail
 from r1mega.config.bench_rules import check_bench
 from r1mega.config.loader import compose_config, to_config
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import ConfigError, check_installed, validate
+from r1mega.platform.logs import setup_logging
 
 log = logging.getLogger("r1mega")
 
@@ -32,9 +36,6 @@ def run(cfg: R1Config, command: str) -> Dict:
     """Every configured suite in order; the results files are rewritten after each one."""
     from dataclasses import asdict
 
-    from r1mega.bench import peer, rollout, step, training
-    from r1mega.bench.measure import environment
-    from r1mega.bench.report import write_results
 
     suites = {"step": step.run, "train": training.run, "rollout": rollout.run, "peer": peer.run}
     results = {"command": command, "environment": environment(), "bench": asdict(cfg.bench), "suites": {}}
@@ -53,7 +54,6 @@ def main() -> None:
     except ConfigError as e:
         fail(str(e))
     setup_logging()
-    from r1mega.bench.report import markdown
 
     print(markdown(run(cfg, " ".join(["r1mega-bench", *argv]))))
 

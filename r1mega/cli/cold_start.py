@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from r1mega.cli.common import fail, setup_logging
+from r1mega.cli.exit import fail
+from r1mega.config.loader import load_config
+from r1mega.config.validate import ConfigError
+from r1mega.platform.logs import setup_logging
+from r1mega.recipe.cold_start import write
 
 
 def main() -> None:
-    from r1mega.config.loader import load_config
-    from r1mega.config.validate import ConfigError
-    from r1mega.pipeline.cold_start import write
-
     setup_logging()
     try:
         cfg = load_config(sys.argv[1:])

@@ -3,42 +3,34 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
+from r1mega.checkpoint.hf_io import CheckpointError
+from r1mega.cli.exit import fail
+from r1mega.cli.sweep import sweep
 from r1mega.config.loader import load_config, to_yaml
 from r1mega.config.schema import R1Config
 from r1mega.config.validate import ConfigError, check_installed, validate
+from r1mega.data.prompts import DataError
 from r1mega.platform.atomic import write_text_atomic
+from r1mega.platform.distributed import running
 from r1mega.platform.env import read_env
 from r1mega.platform.launch import spawn
+from r1mega.platform.logs import backends_line, setup_logging
+from r1mega.platform.signals import STOP, Stopped
+from r1mega.slurm.requeue import leave_requeue_file, requeue_if_warned
 
 log = logging.getLogger("r1mega")
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr, then exit."""
-    print(f"r1mega: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def setup_logging() -> None:
-    """INFO to stderr; called in each rank (spawned ranks do not inherit the parent's handlers)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    # megatron-core logs every parameter of every gradient bucket at INFO
-    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
            check: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
     """Load and validate the config, then run rank_main on every rank (`-m`: once per sweep point)."""
     if "-m" in argv or "--multirun" in argv:
-        from r1mega.cli.sweep import sweep
-
-        sweep(argv, rank_main, check)
+        sweep(argv, lambda cfg: start(cfg, rank_main, check), check)
         return
     try:
         cfg = load_config(argv)
@@ -61,9 +53,6 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
     if nproc and nproc > 1:
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
         return
-    from r1mega.checkpoint.hf_io import CheckpointError
-    from r1mega.data.prompts import DataError
-
     try:
         rank_main(cfg)
     except (CheckpointError, DataError) as e:  # bad input files: one line, not a traceback
@@ -77,14 +66,13 @@ def run_job(cfg: R1Config, job: Callable[[R1Config, object], object], stoppable:
     A stoppable job (a training loop that checks for stop signals between steps) catches them
     from before its slow start-up on, and is requeued when a time-limit warning stopped it.
     """
-    from r1mega.platform.distributed import running
-    from r1mega.platform.signals import STOP, Stopped
-    from r1mega.slurm.requeue import requeue_if_warned
-
     if stoppable:
         STOP.install()
+        STOP.after_stop_save = lambda: leave_requeue_file(cfg.cluster, STOP)
     setup_logging()
     with running(cfg.parallel, cfg.trainer.seed) as runtime:
+        if runtime.is_main:
+            log.info("%s", backends_line())
         share_output_dir(cfg)
         try:
             job(cfg, runtime)

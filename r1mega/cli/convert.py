@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from r1mega.checkpoint.hf_config import model_config_from_hf
-from r1mega.checkpoint.mcore import read_model_config
-from r1mega.cli.common import fail
+from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
+from r1mega.checkpoint.mcore import load_model, read_model_config, save_model
+from r1mega.cli.exit import fail
 from r1mega.config.loader import compose_config, to_config
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.config.validate import ConfigError, check_layout, check_model
+from r1mega.models.builder import build_model
+from r1mega.platform.distributed import running
 from r1mega.platform.env import read_env
 from r1mega.platform.launch import spawn
 
@@ -41,11 +44,6 @@ def source_model(direction: str, cfg: ConvertConfig, world_size: int) -> ModelCo
 
 def convert(direction: str, cfg: ConvertConfig, model: ModelConfig) -> None:
     """One rank's part of the conversion (every rank calls it)."""
-    from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
-    from r1mega.checkpoint.mcore import load_model, save_model
-    from r1mega.models.builder import build_model
-    from r1mega.platform.distributed import running
-
     with running(cfg.parallel, cfg.seed):
         chunks = build_model(model, cfg.parallel)
         if direction == "hf-to-mcore":

@@ -11,21 +11,21 @@ from pathlib import Path
 
 from r1mega.cli.common import launch, run_job
 from r1mega.config.schema import R1Config
+from r1mega.config.stage_rules import check_no_cp
+from r1mega.recipe.inference import inference_context
+from r1mega.recipe.jsonl import write_json
+from r1mega.trainer.rl.evaluate import evaluate
 
 EVAL_FILE = "eval.json"
 
 
 def evaluate_model(cfg: R1Config, runtime) -> None:
     """Held-out accuracy of cfg's model, into <trainer.output_dir>/eval.json."""
-    from r1mega.pipeline.inference import close, inference_context
-    from r1mega.pipeline.jsonl import write_json
-    from r1mega.trainer.evaluate import evaluate
-
     ctx, _ = inference_context(cfg, runtime)
     try:
         metrics = evaluate(ctx)
     finally:
-        close(ctx)
+        ctx.close()
     if runtime.is_main:
         write_json(Path(cfg.trainer.output_dir) / EVAL_FILE, metrics)
         logging.getLogger("r1mega").info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
@@ -36,8 +36,6 @@ def rank_main(cfg: R1Config) -> None:
 
 
 def main() -> None:
-    from r1mega.config.stage_rules import check_no_cp
-
     launch(sys.argv[1:], rank_main, check_no_cp)
 
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 import sys
 from typing import List, Sequence
 
-from r1mega.cli.common import fail, setup_logging
+from r1mega.cli.exit import fail
+from r1mega.config.loader import load_config
+from r1mega.config.validate import ConfigError
+from r1mega.platform.logs import setup_logging
+from r1mega.recipe.runner import StageFailed, format_table, run_pipeline
 
 
 def stage_extra(argv: Sequence[str]) -> List[str]:
@@ -25,10 +29,6 @@ def stage_extra(argv: Sequence[str]) -> List[str]:
 
 
 def main() -> None:
-    from r1mega.config.loader import load_config
-    from r1mega.config.validate import ConfigError
-    from r1mega.pipeline.runner import StageFailed, format_table, run_pipeline
-
     setup_logging()
     argv = sys.argv[1:]
     try:

@@ -14,15 +14,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from r1mega.cli.common import fail
+from r1mega.cli.exit import fail
+from r1mega.config.errors import ConfigError
+from r1mega.slurm.partitions import SlurmUnavailable
+from r1mega.slurm.script import ENTRIES
+from r1mega.slurm.submit import SubmitError, check_cluster_has_room, prepare, submit
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from r1mega.config.errors import ConfigError
-    from r1mega.slurm.partitions import SlurmUnavailable
-    from r1mega.slurm.script import ENTRIES
-    from r1mega.slurm.submit import SubmitError, check_cluster_has_room, prepare, submit
-
     parser = argparse.ArgumentParser(prog="r1mega-submit", description="Submit an r1mega job to Slurm.")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     parser.add_argument("--entry", choices=sorted(ENTRIES), default="train", help="the job to run (default train)")

@@ -14,37 +14,38 @@ import itertools
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from r1mega.config.loader import CONF_DIR, to_config
+from r1mega.cli.exit import fail
+from r1mega.config.cluster_rules import check_resumes_itself, world_size
+from r1mega.config.errors import ConfigError, require
+from r1mega.config.loader import CONF_DIR, compose_config, to_config
 from r1mega.config.schema import R1Config, register
+from r1mega.config.validate import check_installed, validate
+from r1mega.platform.signals import STOP
+from r1mega.slurm.partitions import check_fits, query_partitions
 
 
-def sweep(argv: Sequence[str], rank_main: Callable[[R1Config], None],
+def sweep(argv: Sequence[str], start: Callable[[R1Config], None],
           check: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
-    """Hand the command line to Hydra, which composes each point and runs it through its launcher."""
-    import hydra
-
-    from r1mega.config.errors import ConfigError
-
+    """Hand the command line to Hydra, which composes each point and runs it through its launcher:
+    start(point's config) runs it; check is the entry point's own rules, run on every point first."""
     register()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def point(composed: DictConfig) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from r1mega.cli.common import start
-        from r1mega.config.cluster_rules import check_resumes_itself
-        from r1mega.platform.signals import STOP
-
         if STOP.received is not None:  # a stop signal ended an earlier point of this local sweep
             raise ConfigError("stop signal received: point not started")
         cfg = to_config(composed)
         check_resumes_itself(cfg.trainer.load, "a sweep point")
         cfg.trainer.output_dir = HydraConfig.get().runtime.output_dir
         cfg.trainer.load = "auto"
-        start(cfg, rank_main, check)
+        start(cfg)
 
     checks = "+hydra.callbacks.r1mega_checks"
     argv = [*argv, f"{checks}._target_={CheckBeforeLaunch.__module__}.{CheckBeforeLaunch.__name__}"]
@@ -63,9 +64,6 @@ class CheckBeforeLaunch(Callback):
         self._sinfo = None  # the cluster's partitions, asked once
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from r1mega.cli.common import fail
-        from r1mega.config.errors import ConfigError
-
         try:
             on_slurm = str(config.hydra.launcher._target_).endswith("SlurmLauncher")
             for overrides, swept in sweep_points(list(config.hydra.overrides.task)):
@@ -77,14 +75,6 @@ class CheckBeforeLaunch(Callback):
 
     def _check(self, overrides: List[str], swept: str, on_slurm: bool) -> None:
         """One point: its config at its world size, the entry point's rules, and its cluster."""
-        from hydra.utils import get_method
-
-        from r1mega.config.cluster_rules import world_size
-        from r1mega.config.errors import ConfigError, require
-        from r1mega.config.loader import compose_config
-        from r1mega.config.validate import check_installed, validate
-        from r1mega.slurm.partitions import check_fits
-
         try:
             cfg = to_config(compose_config(overrides))
             world = world_size(cfg.cluster) if on_slurm else (cfg.parallel.nproc or 1)
@@ -101,8 +91,6 @@ class CheckBeforeLaunch(Callback):
             raise ConfigError(f"sweep point {swept}: {e}") from None
 
     def _partitions(self):
-        from r1mega.slurm.partitions import query_partitions
-
         if self._sinfo is None:
             self._sinfo = query_partitions()
         return self._sinfo
@@ -111,8 +99,6 @@ class CheckBeforeLaunch(Callback):
 def sweep_points(overrides: List[str]) -> List[Tuple[List[str], str]]:
     """Each point's overrides as Hydra's basic sweeper expands them (the cross product), with
     its swept values as one string."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
                else [o.input_line] for o in parsed]

@@ -9,17 +9,15 @@ import sys
 
 from r1mega.cli.common import launch, run_job
 from r1mega.config.schema import R1Config
+from r1mega.config.stage_rules import check_no_cp
+from r1mega.trainer.rl.train import train
 
 
 def rank_main(cfg: R1Config) -> None:
-    from r1mega.trainer.rl_loop import train
-
     run_job(cfg, train, stoppable=True)
 
 
 def main() -> None:
-    from r1mega.config.stage_rules import check_no_cp
-
     launch(sys.argv[1:], rank_main, check_no_cp)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from r1mega.config.errors import one_of, require
+from r1mega.config.loader import CONF_DIR
 from r1mega.config.schema import R1Config
 
 SUITES = ("step", "train", "rollout", "peer")
@@ -14,8 +15,6 @@ TRL_FIXED = {"ppo_epochs": 1, "minibatches": 1, "dynamic_sampling": False, "tis_
 
 
 def _model_preset(name: str, key: str) -> None:
-    from r1mega.config.loader import CONF_DIR
-
     presets = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
     require(name in presets, f"{key}: no model preset {name!r} in conf/model (there are: {', '.join(presets)})")
 

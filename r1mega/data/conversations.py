@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from r1mega.data.prompts import _messages, _optional_str, load_rows
+from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
+
+from r1mega.data.prompts import DataError, _messages, _optional_str, load_rows
 from r1mega.data.templates import R1_ZERO_TEMPLATE
 
 log = logging.getLogger("r1mega.data")
@@ -126,8 +128,6 @@ def tokenize_conversation(conv: Conversation, tokenizer, template: str) -> SFTSa
 def tokenize_all(convs: Sequence[Conversation], tokenizer, template: str, max_seq_length: int,
                  on_bad_row: str = "skip", split: str = "train") -> List[SFTSample]:
     """Samples that fit max_seq_length and have assistant targets; the others warn (or raise)."""
-    from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
-
     out: List[SFTSample] = []
     problems: Dict[str, List[str]] = {}
     for conv in convs:
@@ -145,8 +145,6 @@ def tokenize_all(convs: Sequence[Conversation], tokenizer, template: str, max_se
                 continue
         where = f"{conv.metadata.get('file', '?')} id {conv.prompt_id}"
         if on_bad_row == "error":
-            from r1mega.data.prompts import DataError
-
             raise DataError(f"{where}: {reason}")
         problems.setdefault(reason, []).append(where)
     for reason, where in problems.items():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from r1mega.data.templates import render_prompt
+from r1mega.rewards.arith import ExpressionError, evaluate
 
 
 def _slip(value: int, rng: np.random.Generator) -> int:
@@ -82,8 +83,6 @@ def worked_response(record, correct: bool, rng: np.random.Generator) -> str:
 def _wrong_expression(expression: str, rng: np.random.Generator) -> str:
     """The expression with one operator swapped so that it misses its value (same numbers);
     the expression itself when no single swap changes the value."""
-    from r1mega.rewards.arith import ExpressionError, evaluate
-
     target = evaluate(expression)
     ops = [i for i, c in enumerate(expression) if c in "+-*/"]
     for i in rng.permutation(ops).tolist():

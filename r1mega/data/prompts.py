@@ -32,6 +32,7 @@ class PromptRecord:
     answer: str
     data_source: str
     metadata: Dict[str, Any] = field(default_factory=dict)
+    token_ids: Optional[List[int]] = None  # the rendered prompt's tokens, set once at a run's set-up
 
 
 def _messages(value: Any) -> List[Dict[str, str]]:

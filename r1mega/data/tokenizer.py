@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from r1mega.data.tasks import make_task
+from r1mega.data.templates import R1_ZERO_TEMPLATE
+from r1mega.platform.atomic import publish
+
 EOS = "<|endoftext|>"
 UNK = "<|unk|>"
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -45,9 +49,6 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def _training_text() -> Iterator[str]:
     """Rendered task prompts and answers: what the tiny model reads, so merges go where they pay."""
-    from r1mega.data.tasks import make_task
-    from r1mega.data.templates import R1_ZERO_TEMPLATE
-
     # the tags become single added tokens; merges spent on their letters would be wasted
     tags = re.compile("|".join(map(re.escape, TAGS)))
     for name in ("arithmetic", "countdown"):
@@ -88,7 +89,6 @@ def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 256) -> Path:
                                       unk_token=UNK, additional_special_tokens=CHAT_SPECIALS,
                                       clean_up_tokenization_spaces=False)
     wrapped.chat_template = CHAT_TEMPLATE
-    from r1mega.checkpoint.staging import publish
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -210,7 +210,3 @@ def _mla_params(model: ModelConfig) -> int:
     kv = h * (m.kv_lora_rank + m.qk_pos_emb_head_dim) + m.kv_lora_rank
     kv += m.kv_lora_rank * n * (m.qk_head_dim + m.v_head_dim)
     return q + kv + n * m.v_head_dim * h
-
-
-def local_parameter_count(chunks: List[torch.nn.Module]) -> int:
-    return sum(p.numel() for c in chunks for p in c.parameters())

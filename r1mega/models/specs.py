@@ -14,6 +14,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from r1mega.models.attention import SDPAttention
+from r1mega.models.flash_attention import FlashAttention
 from r1mega.models.norm import RMSNorm
 from r1mega.models.self_attention import RotatedCacheSelfAttention
 from r1mega.platform import installed
@@ -53,10 +55,7 @@ def decoder_block_spec(
 
 def _core_attention_module(backend: str) -> type:
     if backend == "flash":
-        from r1mega.models.flash_attention import FlashAttention
-
         return FlashAttention
-    from r1mega.models.attention import SDPAttention
 
     return SDPAttention
 

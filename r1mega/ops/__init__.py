@@ -1,5 +1,2 @@
-"""Fused tensor ops shared by the trainers (vocab-parallel log-probs)."""
-
-from r1mega.ops.logprobs import token_logprobs
-
-__all__ = ["token_logprobs"]
+"""r1mega's CUDA kernels and their dispatch: each op runs its kernel where built and checked, else
+its PyTorch path."""

@@ -26,7 +26,9 @@ import logging
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from r1mega.ops import logprobs_kernel
 from r1mega.ops.kernels import agree, available
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,6 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, vocab_start, temperature, with_entropy, chunk_rows, kernel=False):
         if kernel:
-            from r1mega.ops import logprobs_kernel
-
             dtype = torch.float32
             logp, lse, entropy = logprobs_kernel.forward(logits, targets, group, vocab_start, temperature)
             entropy = entropy if with_entropy else logp.new_empty(0)
@@ -147,8 +147,6 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return (None,) * 8
         if kernel:
-            from r1mega.ops import logprobs_kernel
-
             grad = logprobs_kernel.backward_(logits, targets, lse, entropy, g_logp, g_ent, vocab_start, temperature)
             return grad, None, None, None, None, None, None, None
         grad = torch.empty_like(logits)
@@ -202,14 +200,26 @@ def _kernel_runs(logits: torch.Tensor, group) -> bool:
 def _kernel_usable(logits: torch.Tensor) -> bool:
     """This rank's side of the agreement; an error (a build or check that cannot run here) counts as
     no, so every rank of the group still reaches the all-reduce."""
-    from r1mega.ops import logprobs_kernel
-
     try:
         return (logits.dtype in (torch.float32, torch.bfloat16) and available(logits)
-                and logprobs_kernel.checked(logits.dtype, logits.device))
+                and logprobs_kernel.checked(logits.dtype, logits.device, _pytorch_path))
     except Exception as err:  # noqa: BLE001 - any failure means the reference path, on every rank
         log.error("r1mega log-prob kernels unusable here (%s: %s): the PyTorch reference runs instead",
                   type(err).__name__, err)
         return False
 
 
+
+
+def _pytorch_path(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """The chunked PyTorch definition on a whole vocabulary: the kernels' oracle."""
+    return _VocabParallelLogprobs.apply(logits, targets, None, 0, temperature, True, DEFAULT_CHUNK_ROWS)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = False):
+    """Log-probs [b, L] of `targets` (and the entropy) from this tensor-parallel rank's vocab slice of
+    the logits (megatron's layout: rank r holds entries [r * V_local, (r + 1) * V_local))."""
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    vocab_start = ps.get_tensor_model_parallel_rank() * logits.size(-1)
+    return token_logprobs(logits, targets, tp_group, vocab_start, temperature, with_entropy)

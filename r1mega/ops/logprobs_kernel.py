@@ -62,9 +62,10 @@ def backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, en
 CHECK_SHAPES = ((16, 151_936), (37, 1031))
 
 
-def checked(dtype: torch.dtype, device: torch.device) -> bool:
+def checked(dtype: torch.dtype, device: torch.device, pytorch_path) -> bool:
     """Whether the kernels may run on `dtype` logits: before their first use in a process (per
-    dtype), forward and backward against the float64 reference on synthetic rows that take
+    dtype), forward and backward against `pytorch_path(logits, targets, temperature) -> (logp,
+    entropy)`, the PyTorch definition, in float64 on synthetic rows that take
     every case: peaked rows (one logit far above the rest, where sums are dominated by one
     term), uniform rows, -inf vocabulary padding and a target on it, rows of zero loss weight,
     temperature 1 and 0.7. Element by element within atol + rtol * |reference|: the kernels'
@@ -81,7 +82,7 @@ def checked(dtype: torch.dtype, device: torch.device) -> bool:
             logp, lse, entropy = forward(logits, targets, None, 0, temperature)
             got += [logp, entropy]
             got_grad.append(backward_(logits.clone(), targets, lse, entropy, g_logp, g_ent, 0, temperature).float())
-            ref = _reference(logits, targets, temperature, g_logp, g_ent)
+            ref = _pytorch_values(pytorch_path, logits, targets, temperature, g_logp, g_ent)
             want += ref[:2]
             want_grad.append(ref[2])
     cat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
@@ -111,13 +112,11 @@ def _synthetic(rows: int, vocab: int, dtype: torch.dtype, device, seed: int):
     return (logits.to(device, dtype).contiguous(), targets.to(device), g_logp.to(device), g_ent.to(device))
 
 
-def _reference(logits, targets, temperature, g_logp, g_ent):
+def _pytorch_values(pytorch_path, logits, targets, temperature, g_logp, g_ent):
     """(logp, entropy, gradient) of the PyTorch definition in float64."""
-    from r1mega.ops.logprobs import _VocabParallelLogprobs
-
     x = logits.detach().double().requires_grad_(True)
     with torch.enable_grad():
-        logp, entropy = _VocabParallelLogprobs.apply(x, targets, None, 0, temperature, True, 4096)
+        logp, entropy = pytorch_path(x, targets, temperature)
         finite = torch.isfinite(logp)
         loss = (torch.where(finite, logp, 0.0) * g_logp.double()).sum() + (entropy * g_ent.double()).sum()
         (grad,) = torch.autograd.grad(loss, x)

@@ -8,11 +8,13 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from r1mega.config.schema import ParallelConfig
 from r1mega.platform import cpu_compat
@@ -48,8 +50,6 @@ def device_and_backend(env: DistEnv) -> tuple[torch.device, str]:
 
 def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> Runtime:
     """Start the process group, megatron's parallel_state and the RNG trackers."""
-    from megatron.core import parallel_state
-
     env = env or read_env()
     device, backend = device_and_backend(env)
     if backend == "gloo":
@@ -69,7 +69,7 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
             timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
         )
-    parallel_state.initialize_model_parallel(
+    ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
@@ -79,7 +79,7 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
     seed_everything(seed)
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
     return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
 
 
@@ -94,8 +94,6 @@ def seed_everything(seed: int) -> None:
     The same seed on every rank keeps replicated weights identical; megatron's tracker
     derives distinct streams for tensor- and expert-parallel regions from it.
     """
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -104,9 +102,7 @@ def seed_everything(seed: int) -> None:
 
 def destroy() -> None:
     """Tear down parallel_state and the process group (tests start several in one process)."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
+    ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -144,3 +140,63 @@ def collectively(group=None) -> Iterator[None]:
     except Exception as err:  # re-raised below, on every rank
         error = err
     raise_if_any(error, group)
+
+
+# -- small collectives of the trainers ------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def rank() -> int:
+    """This process's global rank (0 before the process group starts)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def dp_all_reduce(values: Sequence[float], op=dist.ReduceOp.SUM) -> List[float]:
+    """Per-rank numbers reduced with `op` over the data-parallel group (float64)."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=current_device())
+    dist.all_reduce(t, op=op, group=ps.get_data_parallel_group())
+    return t.cpu().tolist()
+
+
+def dp_sum(values: Sequence[float]) -> List[float]:
+    return dp_all_reduce(values, dist.ReduceOp.SUM)
+
+
+def dp_max(values: Sequence[float]) -> List[float]:
+    return dp_all_reduce(values, dist.ReduceOp.MAX)
+
+
+def reduce_last_stage(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Values held by the last pipeline stages (ignored elsewhere), reduced over data-parallel ranks
+    and shared with every stage: the same result on every rank."""
+    out = values.to(current_device())
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        out = torch.zeros_like(out) if op == dist.ReduceOp.SUM else torch.full_like(out, -float("inf"))
+    for group in (ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group()):
+        dist.all_reduce(out, op=op, group=group)
+    return out.cpu()
+
+
+def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Broadcast from the first rank of this model-parallel group to the rest of it."""
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return t
+    out = t.to(current_device())
+    dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+    return out.cpu()
+
+
+def dp_share(items: Sequence[T], fill: T) -> Tuple[List[T], int]:
+    """This data-parallel rank's share of `items` (every dp-th from its rank), padded with `fill` to
+    the same count on every rank, and how many of them are real. Ranks run forwards in lock-step
+    (expert parallelism, pipeline stages), so every rank needs as many rows as the busiest."""
+    dp, me = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = list(items[me::dp])
+    return mine + [fill] * (-(-len(items) // dp) - len(mine)), len(mine)

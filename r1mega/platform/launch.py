@@ -15,7 +15,6 @@ import torch
 from r1mega.platform.env import free_port
 from r1mega.platform.signals import STOP_SIGNALS
 
-
 PRELOAD = ["torch", "megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.dist_checkpointing",
            "r1mega.platform.distributed"]
 

@@ -35,6 +35,9 @@ class StopRequest:
         self.warning: Optional[int] = None  # the time-limit warning, if one came (any rank, once agreed)
         self.stopped_early = False  # a loop saved and stopped before its last step
         self.requeued = False  # this job has asked Slurm to requeue it
+        # called on rank 0 when a loop has saved its stop checkpoint, before its last barrier (the
+        # entry point sets it: a Slurm job leaves its requeue note there)
+        self.after_stop_save: Optional[Callable[[], object]] = None
         self._previous: Dict[int, object] = {}
 
     def install(self) -> None:
@@ -70,6 +73,11 @@ class StopRequest:
         if int(flags[1]):  # never cleared: a warning may land while the all-reduce runs
             self.warning = self.warning or int(flags[1])
         return bool(flags[0])
+
+    def stop_saved(self) -> None:
+        """A loop saved its stop checkpoint (rank 0): run the entry point's hook."""
+        if self.after_stop_save is not None:
+            self.after_stop_save()
 
     def previous_handler(self, signum: int) -> Optional[Callable]:
         """The Python handler this process had before (e.g. submitit's requeue), if any."""

@@ -9,11 +9,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RL_BAR = {"reward": "reward/mean", "acc": "reward/accuracy", "len": "response/length_mean"}
 PLOT_FILE = "curves.png"
 # (panel title, metric keys) of the PNG; a key missing from every row is left out
 PANELS = (
@@ -25,7 +26,8 @@ PANELS = (
 
 class MetricsLog:
     def __init__(self, folder: str | Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0,
-                 desc: str = "rl"):
+                 desc: str = "rl", bar_keys: Mapping[str, str] = RL_BAR):
+        """bar_keys: progress-bar label -> metric key; a row with none of them is logged instead."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = self.folder / METRICS_FILE
@@ -34,6 +36,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+        self.bar_keys = dict(bar_keys)
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -50,11 +53,10 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
-        if self.bar is not None and "reward/mean" in metrics:
+        if self.bar is not None and any(key in metrics for key in self.bar_keys.values()):
             self.bar.n = step
-            self.bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                                 acc=f"{metrics.get('reward/accuracy', float('nan')):.3f}",
-                                 len=f"{metrics.get('response/length_mean', 0):.1f}", refresh=True)
+            self.bar.set_postfix({label: _fmt(metrics.get(key, float("nan")))
+                                  for label, key in self.bar_keys.items()}, refresh=True)
         elif console:
             log.info("step %d  %s", step, "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
 

@@ -6,10 +6,10 @@ from typing import List, Tuple
 
 import torch
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                      finalize_model_grads)
+                                       finalize_model_grads)
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.utils import get_model_config
 
 from r1mega.config.schema import ModelConfig, OptimizerConfig
@@ -115,3 +115,9 @@ def build_optimizer(
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     return ddp_chunks, optimizer, scheduler
+
+
+def current_lr(optimizer: MegatronOptimizer) -> float:
+    """Learning rate of the default parameter groups (the scheduler sets all groups alike)."""
+    lr = get_canonical_lr_for_logging(optimizer.param_groups)
+    return float(lr if lr is not None else optimizer.param_groups[0]["lr"])

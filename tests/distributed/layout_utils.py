@@ -16,7 +16,7 @@ def save_model(chunks: List[torch.nn.Module], folder: str) -> None:
     from megatron.core import dist_checkpointing
 
     from r1mega.checkpoint.mcore import model_sharded_state_dict
-    from r1mega.checkpoint.staging import barrier, rank
+    from r1mega.platform.distributed import barrier, rank
 
     if rank() == 0:
         Path(folder).mkdir(parents=True)

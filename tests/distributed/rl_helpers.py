@@ -33,7 +33,7 @@ def config(output_dir: str, extra: Sequence[str] = (), world_size: int = 1):
 def run(overrides: Sequence[str], output_dir: str, world_size: int) -> List[dict]:
     """One RL run inside a spawned rank: per-step metrics (the same on every rank)."""
     from r1mega.platform.distributed import destroy, initialize, seed_everything
-    from r1mega.trainer.rl_loop import train
+    from r1mega.trainer.rl.train import train
 
     cfg = config(output_dir, overrides, world_size)
     runtime = initialize(cfg.parallel, cfg.trainer.seed)

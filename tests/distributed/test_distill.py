@@ -23,7 +23,7 @@ STUDENT = ["model.arch=llama", "model.qk_layernorm=false", "model.num_layers=1",
 
 
 def _teacher(out: str, extra=()):
-    from r1mega.pipeline.rejection import run
+    from r1mega.recipe.rejection import run
     from r1mega.platform.distributed import destroy, initialize
 
     cfg = config(out, [*TEACHER, *extra], world_size=2)
@@ -36,8 +36,8 @@ def _teacher(out: str, extra=()):
 
 def _student(out: str, data: str):
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.rl_setup import run_tokenizer
-    from r1mega.trainer.sft_loop import train
+    from r1mega.trainer.model_setup import run_tokenizer
+    from r1mega.trainer.sft import train
 
     cfg = config(out, [*STUDENT, f"sft.train_files=[{data}]"])
     runtime = initialize(cfg.parallel, cfg.trainer.seed)

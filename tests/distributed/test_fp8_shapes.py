@@ -49,7 +49,7 @@ def _check(name, rows, last, seen):
 
 
 def _grpo(out: str):
-    import r1mega.trainer.rl_setup as rl_setup
+    import r1mega.trainer.model_setup as rl_setup
     from rl_helpers import run
 
     seen: list = []
@@ -62,7 +62,7 @@ def _grpo(out: str):
 
 
 def _sft(out: str, pack: str):
-    import r1mega.trainer.rl_setup as rl_setup
+    import r1mega.trainer.model_setup as rl_setup
     from test_sft import _sft_run
 
     seen: list = []

@@ -37,7 +37,7 @@ def _runs(root: str):
     from r1mega.checkpoint.state import TrainingCheckpointError
     from r1mega.platform.distributed import destroy, initialize, seed_everything
     from r1mega.platform.signals import STOP, Stopped
-    from r1mega.trainer.lm_loop import train
+    from r1mega.trainer.pretrain import train
 
     runtime = initialize(ParallelConfig(), seed=3)
     out = {}

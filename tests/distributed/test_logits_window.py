@@ -19,7 +19,7 @@ MODEL = ModelConfig(name="t", arch="qwen2", num_layers=2, hidden_size=64, ffn_hi
 
 def _batch():
     from r1mega.rollout.types import Rollouts
-    from r1mega.trainer.rl_batch import StepBatch
+    from r1mega.trainer.rl.batch import StepBatch
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 128, (int(n),), generator=g).tolist() for n in (9, 6, 12, 7)]
@@ -34,7 +34,7 @@ def _batch():
 
 def _full(m):
     """The same micro-batch with per-token fields over every position (no window)."""
-    from r1mega.trainer.rl_batch import MicroBatch
+    from r1mega.trainer.rl.batch import MicroBatch
 
     pad = lambda t, v=0: None if t is None else torch.cat([t.new_full((t.size(0), m.logits_from), v), t], 1)  # noqa
     return MicroBatch(m.rows, m.tokens, pad(m.targets), pad(m.mask, False), m.advantages, pad(m.rollout_logp),
@@ -48,9 +48,9 @@ def _loss_and_grads(parallel: ParallelConfig):
 
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.rl_batch import collate
-    from r1mega.trainer.rl_forward import LossSettings, policy_loss
-    from r1mega.trainer.schedule import run_schedule
+    from r1mega.trainer.rl.batch import collate
+    from r1mega.trainer.rl.loss import LossSettings, policy_loss
+    from r1mega.trainer.forward_backward import run_schedule
 
     initialize(parallel, seed=11)
     try:

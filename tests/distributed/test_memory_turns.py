@@ -22,8 +22,8 @@ def _two_steps(dtype: str, distributed: bool, offload: bool):
     from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import running
-    from r1mega.trainer.lm_step import train_step
-    from r1mega.trainer.memory_turns import TrainState
+    from r1mega.trainer.pretrain import train_step
+    from r1mega.trainer.rl.offload import TrainState
     from r1mega.trainer.optimizer import build_optimizer
 
     model = ModelConfig(name="t", arch="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128,

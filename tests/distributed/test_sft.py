@@ -40,8 +40,8 @@ def _loss_and_grads(parallel: ParallelConfig, packed: bool, folder: str, save: b
     from r1mega.data.packing import pack, pad_rows
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.sft_step import _sums, _target_count, nll_loss
-    from r1mega.trainer.schedule import run_schedule
+    from r1mega.trainer.sft import _sums, _target_count, nll_loss
+    from r1mega.trainer.forward_backward import run_schedule
 
     initialize(parallel, seed=7)
     try:
@@ -107,9 +107,9 @@ SFT = ["sft.template=r1_zero", "sft.samples_per_step=8", "sft.micro_batch_tokens
 def _sft_run(out: str, extra: list, nproc: int = 1):
     from rl_helpers import config
 
-    from r1mega.pipeline.cold_start import write
+    from r1mega.recipe.cold_start import write
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.sft_loop import train
+    from r1mega.trainer.sft import train
 
     data = f"{out}-data"
     cfg = config(out, [*SFT, *extra, f"sft.train_files=[{data}/cold_start.jsonl]",

@@ -44,7 +44,7 @@ def _phase(layout: str, root: str, seed: int, load: str | None = None):
     from r1mega.data.synthetic import SyntheticLM
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import initialize
-    from r1mega.trainer.lm_step import train_step
+    from r1mega.trainer.pretrain import train_step
     from r1mega.trainer.optimizer import build_optimizer
 
     if ps.model_parallel_is_initialized():

@@ -55,7 +55,7 @@ def _run(names, root: str):
 
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
-    from r1mega.trainer.lm_step import train_step
+    from r1mega.trainer.pretrain import train_step
     from r1mega.trainer.optimizer import build_optimizer
 
     batch = torch.randint(0, VOCAB, (GBS, SEQ + 1), generator=torch.Generator().manual_seed(31))

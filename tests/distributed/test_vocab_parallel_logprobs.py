@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.ops import token_logprobs
+from r1mega.ops.logprobs import token_logprobs
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed

@@ -1,5 +1,5 @@
-"""The fused per-token GRPO loss kernel (kernels/csrc/grpo_loss.cu) through its dispatch point,
-r1mega.ops.grpo_loss.policy_terms, against the PyTorch path on the same inputs: loss, per-token
+"""The fused per-token GRPO loss kernel (kernels/csrc/grpo_loss.cu) through the RL loss's dispatch
+point, r1mega.trainer.rl.loss.policy_terms, against the PyTorch path on the same inputs: loss, per-token
 terms and d loss / d logp, for every aggregation mode, KL estimator, dual clip and TIS, with
 masked positions holding NaN and inf, and more tokens than one grid covers."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.ops import grpo_loss
+from r1mega.trainer.rl import loss as grpo_loss
 from r1mega.ops.kernels import load
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +49,7 @@ def test_fused_terms_equal_the_pytorch_path(mode, kl, dual_clip, with_tis, shape
     assert got.loss.grad_fn is not None and "Fused" in type(got.loss.grad_fn).__name__  # the kernel ran
     (g_got,) = torch.autograd.grad(got.loss, leaf)
     want_leaf = logp.clone().requires_grad_(True)
-    want = grpo_loss.reference(want_leaf, old, ref, adv, mask, tis, s, counts)
+    want = grpo_loss.pytorch_terms(want_leaf, old, ref, adv, mask, tis, s, counts)
     (g_want,) = torch.autograd.grad(want.loss, want_leaf)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-7)
     for name in ("pg", "kl", "ratio"):

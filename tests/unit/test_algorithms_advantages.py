@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from r1mega.algorithms import broadcast_to_tokens, group_advantages, keep_mask, varied_groups
+from r1mega.algorithms.advantages import broadcast_to_tokens, group_advantages
+from r1mega.algorithms.filtering import varied_groups
 
 # Interleaved groups: g0 = [1, 0, 0, 1] (n=4), g1 = [2, 5, 8] (n=3), g2 = [7] (alone), g3 = [3, 3] (tie).
 GROUPS = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1, 0, 3])
@@ -83,7 +84,6 @@ def test_dynamic_sampling_filters():
     groups = torch.tensor([0, 0, 1, 1, 2, 3, 3])
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 5.0, 2.0, 2.0 + 1e-9], dtype=torch.float64)
     assert varied_groups(rewards, groups).tolist() == [False, True, False, False]
-    assert keep_mask(rewards, groups).tolist() == [False, False, True, True, False, False, False]
     # an index with no members (group 1 here) is not varied
     assert varied_groups(torch.tensor([0.0, 1.0]), torch.tensor([0, 2])).tolist() == [False, False, False]
     assert varied_groups(torch.tensor([0.0, 1.0]), torch.tensor([2, 2])).tolist() == [False, False, True]

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from r1mega.ops import token_logprobs
+from r1mega.ops.logprobs import token_logprobs
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from r1mega.algorithms import group_advantages
+from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.policy_loss import surrogate_stats
-from r1mega.ops.grpo_loss import Surrogate, policy_terms
+from r1mega.trainer.rl.loss import Surrogate, policy_terms
 
 grpo_module = pytest.importorskip("trl.trainer.grpo_trainer", reason="cross-check needs trl (dev extra)")
 rloo_module = pytest.importorskip("trl.trainer.rloo_trainer", reason="cross-check needs trl (dev extra)")
@@ -82,7 +82,7 @@ def _trl_loss(batch, loss_type, level, eps_low, eps_high, beta):
 
 
 def _our_loss(batch, loss_type, level, eps_low, eps_high, beta):
-    """The same loss from the trainer's dispatch point, r1mega.ops.grpo_loss (its PyTorch path):
+    """The same loss from the trainer's loss, r1mega.trainer.rl.loss (its PyTorch path):
     (loss, gradient w.r.t. logp, stats, mean k3)."""
     logp = batch["logp"].clone().requires_grad_(True)
     mask = batch["mask"].bool()

@@ -1,4 +1,4 @@
-"""r1mega's GRPO loss path (lm_head logits -> r1mega.ops.logprobs -> r1mega.ops.grpo_loss)
+"""r1mega's GRPO loss path (lm_head logits -> r1mega.ops.logprobs -> r1mega.trainer.rl.loss)
 against Liger-Kernel's fused-linear GRPO loss, an outside implementation of the same loss that
 never materialises the logits: loss and gradients w.r.t. the hidden states and the lm_head
 weight, with clipping active, the k3 KL against given reference log-probs, and each of Liger's
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1mega.ops.grpo_loss import Surrogate, policy_terms
+from r1mega.trainer.rl.loss import Surrogate, policy_terms
 from r1mega.ops.logprobs import token_logprobs
 
 chunked = pytest.importorskip("liger_kernel.chunked_loss")

@@ -1,13 +1,14 @@
-"""The advantage dispatch point on CPU: group offsets from the rollouts' group index, the
-reference path, and the packed token broadcast (the kernels' oracle; tests/gpu compares them)."""
+"""The advantage dispatch point on CPU: group offsets from the rollouts' group index, and the
+PyTorch path by offsets (the kernel's oracle; tests/gpu compares them)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from r1mega.algorithms.advantages import broadcast_to_tokens, group_advantages
-from r1mega.ops.advantage import advantage_to_tokens, group_advantage, group_offsets
+from r1mega.algorithms.advantages import group_advantages
+from r1mega.ops.advantage import group_offsets
+from r1mega.trainer.rl.step import advantages_by_offsets as group_advantage
 
 
 def test_offsets_of_contiguous_groups_with_any_ids():
@@ -28,15 +29,6 @@ def test_offsets_path_equals_index_path(mode, std):
     got = group_advantage(rewards, group_offsets(index), mode, std, 1e-6)
     assert torch.equal(got, group_advantages(rewards, index, mode, std, 1e-6))
     assert got[0] == 0 and torch.all(got[5:12] == 0)
-
-
-def test_token_broadcast_matches_the_padded_one():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([3, 0, 5, 1])
-    adv = torch.randn(4, generator=g)
-    packed = advantage_to_tokens(adv, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]))
-    mask = torch.arange(5)[None, :] < lengths[:, None]
-    assert torch.equal(packed, broadcast_to_tokens(adv, mask)[mask])
 
 
 def test_a_kernel_is_checked_against_its_reference_on_first_use(fresh_kernel_checks, caplog):

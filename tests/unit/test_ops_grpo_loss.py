@@ -12,7 +12,8 @@ import torch
 
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.policy_loss import clipped_surrogate, log_ratio
-from r1mega.ops import grpo_loss
+from r1mega.ops import grpo_loss as grpo_kernel
+from r1mega.trainer.rl import loss as grpo_loss
 
 ESTIMATORS = {1: "k1", 2: "k2", 3: "k3"}
 
@@ -36,8 +37,8 @@ def _kernel_stand_in(bad_clip: bool = False):
 @pytest.fixture
 def stand_in(monkeypatch, fresh_kernel_checks):
     def use(**kw):
-        monkeypatch.setattr(grpo_loss, "load", lambda: _kernel_stand_in(**kw))
-        monkeypatch.setattr(grpo_loss, "available", lambda *t: True)
+        monkeypatch.setattr(grpo_kernel, "load", lambda: _kernel_stand_in(**kw))
+        monkeypatch.setattr(grpo_kernel, "available", lambda *t: True)
     return use
 
 
@@ -64,7 +65,7 @@ def test_fused_path_equals_pytorch_path(stand_in, mode, kl, dual_clip, with_tis)
     a, b = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     got = grpo_loss.policy_terms(a, old, ref, adv, mask, tis, s, **counts)
     assert "Fused" in type(got.loss.grad_fn).__name__
-    want = grpo_loss.reference(b, old, ref, adv, mask, tis, s, counts)
+    want = grpo_loss.pytorch_terms(b, old, ref, adv, mask, tis, s, counts)
     (ga,), (gb,) = torch.autograd.grad(got.loss, a), torch.autograd.grad(want.loss, b)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
@@ -81,7 +82,7 @@ def test_self_check_sends_a_wrong_kernel_to_the_pytorch_path(stand_in, caplog):
         terms = grpo_loss.policy_terms(logp.clone().requires_grad_(True), logp, ref, adv, mask, None, s)
     assert "disagrees with its reference" in caplog.text
     assert "Fused" not in type(terms.loss.grad_fn).__name__
-    want = grpo_loss.reference(logp.clone().requires_grad_(True), logp, ref, adv, mask, None, s, {})
+    want = grpo_loss.pytorch_terms(logp.clone().requires_grad_(True), logp, ref, adv, mask, None, s, {})
     assert torch.equal(terms.loss, want.loss)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from r1mega.pipeline.filters import Candidate, FilterRules, merge_stats, reject_reason, select
+from r1mega.recipe.filters import Candidate, FilterRules, merge_stats, reject_reason, select
 
 GOOD = {"accuracy": 1.0, "format": 1.0, "language": 1.0}
 

@@ -10,7 +10,7 @@ from r1mega.cli.pipeline import stage_extra
 from r1mega.config.errors import ConfigError
 from r1mega.config.loader import load_config
 from r1mega.config.schema import PipelineConfig, StageConfig
-from r1mega.pipeline.runner import (eval_overrides, expand, format_table, stage_dirs, stage_overrides, summary,
+from r1mega.recipe.runner import (eval_overrides, expand, format_table, stage_dirs, stage_overrides, summary,
                                     validate_stages)
 
 

@@ -16,7 +16,7 @@ from r1mega.rewards.stack import RewardInput
 from r1mega.rollout.types import Rollouts, SamplingParams
 from r1mega.trainer.metrics import plot_curves, read_rows
 from r1mega.data.packing import split_rows
-from r1mega.trainer.rl_batch import StepBatch, collate, response_values
+from r1mega.trainer.rl.batch import StepBatch, collate, response_values
 
 
 def _batch():

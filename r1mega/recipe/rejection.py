@@ -2,7 +2,7 @@
 
 Each data-parallel rank generates for its share of the prompts; the first rank of each
 model-parallel group scores them (accuracy, format, language consistency) and applies the
-filters of r1mega.pipeline.filters to them; rank 0 joins the kept shards and writes
+filters of r1mega.recipe.filters to them; rank 0 joins the kept shards and writes
 
   data.jsonl   one conversation per kept response, with provenance (source checkpoint,
                prompt id, sample index, rewards, length), then the mixed-in conversations
@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch.distributed as dist
@@ -30,13 +30,12 @@ from r1mega.config.rl_rules import warmup_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.conversations import conversation_row, load_conversations
 from r1mega.data.templates import user_text
-from r1mega.pipeline.filters import Candidate, FilterRules, merge_stats, select
-from r1mega.pipeline.inference import close, inference_context
-from r1mega.pipeline.jsonl import write_json, write_jsonl
-from r1mega.platform.distributed import Runtime
-from r1mega.trainer import rl_phases as phases
-from r1mega.trainer.rl_context import RLContext
-from r1mega.trainer.schedule import dp_sum
+from r1mega.platform.distributed import Runtime, dp_all_reduce, dp_share
+from r1mega.recipe.filters import Candidate, FilterRules, merge_stats, select
+from r1mega.recipe.inference import inference_context
+from r1mega.recipe.jsonl import write_json, write_jsonl
+from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.step import score
 
 log = logging.getLogger(__name__)
 DATA_FILE, STATS_FILE, PARTS_DIR = "data.jsonl", "stats.json", "parts"
@@ -73,15 +72,6 @@ def setup_key(cfg: R1Config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _shard(prompts: list) -> Tuple[list, int]:
-    """This data-parallel rank's prompts, padded to the same count on every rank (ranks generate in
-    lock-step under expert parallelism), and how many are real."""
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = prompts[rank::dp]
-    size = -(-len(prompts) // dp)
-    return mine + [prompts[0]] * (size - len(mine)), len(mine)
-
-
 def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, per_call: int,
                 setup: str) -> List[Candidate]:
     """k scored responses to each prompt (on every rank of the model-parallel group).
@@ -91,12 +81,12 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
     out: List[Candidate] = []
     for call, start in enumerate(range(0, len(prompts), per_call)):
         batch = prompts[start:start + per_call]
-        content = json.dumps([[ctx.prompt_ids(r), r.answer] for r in batch]).encode()
+        content = json.dumps([[r.token_ids, r.answer] for r in batch]).encode()
         key = {"setup": setup, "seed": seed, "k": k, "prompts": [r.prompt_id for r in batch],
                "content": hashlib.sha256(content).hexdigest()[:16]}  # edited prompts or answers: stale
         part = parts / f"dp{ps.get_data_parallel_rank()}-call{call}.json"
         done = _read_part(part, key)
-        if dp_sum([float(done is not None)], op=dist.ReduceOp.MIN)[0] < 1:  # every rank resumes, or none
+        if dp_all_reduce([float(done is not None)], dist.ReduceOp.MIN)[0] < 1:  # every rank resumes, or none
             done = _generate(ctx, batch, k, seed * 1_000_003 + call)
             if _first_of_group():
                 write_json(part, {"key": key, "candidates": [asdict(c) for c in done]})
@@ -125,9 +115,9 @@ def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
 
 def _generate(ctx: RLContext, batch: list, k: int, seed: int) -> List[Candidate]:
     params = replace(ctx.sampling, seed=seed)
-    rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in batch], params, n=k)
+    rollouts = ctx.engine.generate([r.token_ids for r in batch], params, n=k)
     records = [batch[g] for g in rollouts.group_index]
-    scores = phases.score(ctx, records, rollouts)
+    scores = score(ctx, records, rollouts)
     out = []
     for row, (record, ids, reason) in enumerate(zip(records, rollouts.response_ids, rollouts.finish_reasons)):
         out.append(Candidate(
@@ -180,12 +170,13 @@ def run(cfg: R1Config, runtime: Runtime) -> Dict[str, dict]:
     out = Path(cfg.trainer.output_dir)
     ctx, train = inference_context(cfg, runtime, COMPONENTS)
     try:
-        shard, real = _shard(_prompts(cfg, train))
+        prompts = _prompts(cfg, train)
+        shard, real = dp_share(prompts, prompts[0])  # ranks generate in lock-step (expert parallelism)
         k = cfg.sample.samples_per_prompt
         mine = _candidates(ctx, shard, k, cfg.sample.seed + ps.get_data_parallel_rank(), out / PARTS_DIR,
                            cfg.sample.prompts_per_call, setup_key(cfg))
     finally:
-        close(ctx)
+        ctx.close()
     # A prompt's responses all live on one data-parallel rank: each rank filters its own and
     # writes what it keeps; rank 0 joins the shard files, so no rank holds every response.
     kept, stats = select(mine[:real * k], rules(cfg))  # padding prompts' responses are dropped

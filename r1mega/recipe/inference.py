@@ -11,11 +11,10 @@ from typing import Dict, List, Optional, Tuple
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import build_model
 from r1mega.platform.distributed import Runtime
-from r1mega.rewards.stack import RewardStack
-from r1mega.trainer.rl_context import RLContext
-from r1mega.trainer.rl_phases import rollout_turn
-from r1mega.trainer.rl_setup import (build_engine, build_rewards, initial_weights, load_records, load_weights,
-                                     run_tokenizer, sampling_params, tokenize_prompts)
+from r1mega.trainer.model_setup import initial_weights, load_weights, run_tokenizer
+from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.offload import rollout_turn
+from r1mega.trainer.rl.setup import build_engine, build_rewards, prompts, sampling_params
 
 
 def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict[str, float]] = None
@@ -28,10 +27,7 @@ def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict
     if components is not None:
         cfg.reward.components = dict(components)
     tokenizer = run_tokenizer(cfg)
-    train, test = load_records(cfg)
-    train, table = tokenize_prompts(cfg, tokenizer, train, "train")
-    test, test_table = tokenize_prompts(cfg, tokenizer, test, "test")
-    table.update(test_table)
+    train, test = prompts(cfg, tokenizer)
     chunks = build_model(cfg.model, cfg.parallel)
     load_weights(chunks, cfg, initial_weights(cfg, runtime, tokenizer))
     for chunk in chunks:
@@ -41,12 +37,7 @@ def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict
     ctx = RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=chunks, optimizer=None, scheduler=None,
                     ref_chunks=None, engine=build_engine(cfg, chunks, tokenizer),
                     engine_shares_weights=cfg.rollout.engine == "native", rewards=rewards, reward_names=names,
-                    sampler=None, test_records=test, sampling=sampling_params(cfg, tokenizer), prompt_tokens=table)
+                    sampler=None, test_records=test, sampling=sampling_params(cfg, tokenizer))
     rollout_turn(ctx)  # an engine with its own copy of the weights gets them once
     return ctx, train
 
-
-def close(ctx: RLContext) -> None:
-    ctx.engine.shutdown()
-    if isinstance(ctx.rewards, RewardStack):
-        ctx.rewards.close()

@@ -25,10 +25,10 @@ from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import load_config
 from r1mega.config.schema import PipelineConfig, StageConfig
 from r1mega.config.stage_rules import check_sft_run
-from r1mega.pipeline.jsonl import write_json
 from r1mega.platform.signals import STOP_SIGNALS
+from r1mega.recipe.jsonl import write_json
 
-log = logging.getLogger("r1mega.pipeline")
+log = logging.getLogger("r1mega.recipe")
 
 ENTRY = {"cold_start_data": "r1mega.cli.cold_start", "eval": "r1mega.cli.evaluate", "sft": "r1mega.cli.sft",
          "rl": "r1mega.cli.train", "sample": "r1mega.cli.sample"}

@@ -1,4 +1,4 @@
-"""The phases of one RL step: weight sync, generate, score, advantages, log-probs, update.
+"""One RL step, read top to bottom as its phases, and the metrics it reports.
 
 Every rank of a model-parallel group (TP x PP) holds the same prompts and rollouts; ranks of
 different data-parallel groups hold different ones. Rewards are computed once per
@@ -7,24 +7,28 @@ model-parallel group and broadcast, so all its ranks train on identical numbers.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from r1mega.ops.advantage import group_advantage, group_offsets
+from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
-from r1mega.platform.distributed import current_device
-from r1mega.platform.fp8 import sequence_multiple
+from r1mega.ops.advantage import group_offsets, kernel_group_advantages
+from r1mega.ops.logprobs import target_logprobs
+from r1mega.platform.distributed import current_device, dp_max, dp_sum, mp_broadcast
 from r1mega.rewards.stack import RewardInput
-from r1mega.data.packing import split_rows
 from r1mega.rollout.types import Rollouts
-from r1mega.trainer.rl_batch import StepBatch, collate, response_values
-from r1mega.trainer.rl_forward import LossSettings, forward_logprobs, train_minibatch
-from r1mega.trainer.rl_context import RLContext
-from r1mega.trainer.schedule import dp_sum
+from r1mega.trainer.forward_backward import run_schedule, train_step
+from r1mega.trainer.model_setup import copy_weights
+from r1mega.trainer.optimizer import current_lr
+from r1mega.trainer.rl.batch import MicroBatch, StepBatch, micro_batches, response_values
+from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.loss import LossSettings, policy_loss, reduce_stats
+from r1mega.trainer.rl.offload import rollout_turn, training_turn
 from r1mega.trainer.timing import PhaseTimer
 
 
@@ -45,14 +49,31 @@ class Generated:
     varied_share: float = 1.0  # share of first-round groups whose rewards differ
 
 
-def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Broadcast from the first rank of this model-parallel group to the rest of it."""
-    group = ps.get_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return t
-    out = t.to(current_device())
-    dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
-    return out.cpu()
+def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
+    """Weight sync -> generate -> score -> advantages -> log-probs -> update; `step` counts from 1.
+
+    The sync (a no-op for the native engine) opens the engine's turn on the GPUs; the release
+    after scoring gives them back to training."""
+    timer, start = PhaseTimer(), time.perf_counter()
+    lr = current_lr(ctx.optimizer)
+    with timer("sync"):
+        sync = rollout_turn(ctx)
+    prompts = ctx.sampler.next_batch()
+    gen = generate_and_score(ctx, prompts, timer)
+    with timer("release"):
+        training_turn(ctx)
+    with timer("advantages"):
+        adv = advantages(ctx, gen)
+        batch = StepBatch.from_rollouts(gen.rollouts, adv)
+    with timer("logprobs"):
+        logprobs(ctx, batch)
+    with timer("update"):
+        stats = update(ctx, batch, step)
+    every = ctx.cfg.algorithm.ref_reset_every
+    if ctx.ref_chunks is not None and every and step % every == 0:
+        copy_weights(ctx.chunks, ctx.ref_chunks)
+    return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
+            **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
 
 # -- generate and score ----------------------------------------------------------------------
@@ -85,7 +106,7 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
     batch, rounds, varied_share, failures, timeouts = prompts, 0, 1.0, 0, 0
     while True:
         with timer("generate"):
-            rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in batch], ctx.sampling, n=a.group_size)
+            rollouts = ctx.engine.generate([r.token_ids for r in batch], ctx.sampling, n=a.group_size)
         records = [batch[g] for g in rollouts.group_index]
         with timer("score"):
             scores = score(ctx, records, rollouts)
@@ -99,7 +120,7 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
         for g in range(len(batch)):  # the engine returns each prompt's responses together
             rows = list(range(g * a.group_size, (g + 1) * a.group_size))
             (kept if varied[g] and len(kept) < target else spare).append(_select(records, rollouts, scores, rows))
-        need = int(dp_sum([target - len(kept)], op=dist.ReduceOp.MAX)[0])  # all ranks run the same rounds
+        need = int(dp_max([target - len(kept)])[0])  # all ranks run the same rounds
         if need == 0 or rounds > a.max_extra_rounds:
             break
         batch = ctx.sampler.more(need)
@@ -127,25 +148,24 @@ def _concat(groups):
 # -- advantages, log-probs, update -------------------------------------------------------------
 
 def advantages(ctx: RLContext, gen: Generated) -> torch.Tensor:
-    """Per-row advantages through r1mega.ops (the CUDA kernel on a GPU, the reference elsewhere)."""
+    """Per-row advantages of the groups (the CUDA kernel on a GPU, the PyTorch definition elsewhere)."""
     a = ctx.cfg.algorithm
-    # float64 on the reference path: in float32 the mean of equal rewards is off by an ulp, which
+    # float64 on the PyTorch path: in float32 the mean of equal rewards is off by an ulp, which
     # eps alone would amplify (the kernel accumulates in float64)
     device = current_device()
     rewards = gen.scores.total.double().to(device)
     offsets = group_offsets(torch.tensor(gen.rollouts.group_index, device=device))
-    return group_advantage(rewards, offsets, a.advantage, a.std, a.adv_eps).float().cpu()
+    return advantages_by_offsets(rewards, offsets, a.advantage, a.std, a.adv_eps).float().cpu()
 
 
-def _micro_batches(ctx: RLContext, batch: StepBatch, rows: List[int]):
-    """Micro-batches of `rows` under the token budget; as many on every data-parallel rank."""
-    lengths = [len(t) - 1 for t in batch.tokens]
-    parts = split_rows(lengths, rows, ctx.cfg.trainer.micro_batch_tokens)
-    count = int(dp_sum([len(parts)], op=dist.ReduceOp.MAX)[0])
-    if count != len(parts):
-        parts = split_rows(lengths, rows, ctx.cfg.trainer.micro_batch_tokens, min_parts=count)
-    multiple = sequence_multiple(ctx.cfg.model.fp8, ctx.cfg.parallel)  # sequence parallelism, FP8 shapes
-    return [collate(batch, p, multiple) for p in parts]
+def advantages_by_offsets(rewards: torch.Tensor, offsets: torch.Tensor, mode: str = "grpo",
+                          std: str = "sample", eps: float = 1e-6) -> torch.Tensor:
+    """Advantage [B] of each row; groups are rows [offsets[g], offsets[g + 1])."""
+    counts = offsets[1:] - offsets[:-1]
+    index = torch.repeat_interleave(torch.arange(len(counts), device=rewards.device), counts)
+    definition = partial(group_advantages, group_index=index, mode=mode, std=std, eps=eps)
+    out = kernel_group_advantages(rewards, offsets, mode, std, eps, lambda: definition(rewards.double()))
+    return out if out is not None else definition(rewards)
 
 
 def needs_old_logprobs(a) -> bool:
@@ -162,7 +182,7 @@ def logprobs(ctx: RLContext, batch: StepBatch) -> None:
     need_old = needs_old_logprobs(a)
     if not need_old and ctx.ref_chunks is None:
         return
-    micro = _micro_batches(ctx, batch, list(range(len(batch))))
+    micro = micro_batches(ctx.cfg, batch, list(range(len(batch))))
     if need_old:
         batch.old_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ddp_chunks, micro, ctx.temperature))
     if ctx.ref_chunks is not None:
@@ -185,14 +205,13 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     stats: Dict[str, float] = {}
     updates = 0
     for epoch in range(a.ppo_epochs):
-        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(ctx.cfg.trainer.seed * 7919 + step
-                                                                                     * 31 + epoch)).tolist()
+        seed = ctx.cfg.trainer.seed * 7919 + step * 31 + epoch
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed)).tolist()
         for part in range(a.minibatches):
             rows = order[part::a.minibatches]
             tokens, seqs = dp_sum([batch.response_tokens(rows), len(rows)])
             settings = LossSettings(a, a.norm_length or r.max_new_tokens, ctx.temperature, tokens, seqs)
-            out = train_minibatch(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler,
-                                  _micro_batches(ctx, batch, rows), settings)
+            out = train_minibatch(ctx, micro_batches(ctx.cfg, batch, rows), settings)
             ctx.weights_version += 1
             updates += 1
             for k, v in out.items():
@@ -200,35 +219,58 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     return {k: v / updates for k, v in stats.items()}
 
 
-def rollout_turn(ctx: RLContext) -> Dict[str, float]:
-    """Hand the GPUs and the updated weights to an engine that keeps its own copy (SGLang): the
-    trainer frees grads and offloads optimizer states, the engine takes its weights back, the
-    weights cross in buckets, then the engine takes its KV cache and CUDA graphs back.
-    Nothing to do for the native engine, which decodes with the policy's own parameters."""
-    if ctx.engine_shares_weights:
-        return {}
-    from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
+def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
+    """Log-probs [b, L] per micro-batch without gradients, on the last pipeline stage; None on others."""
 
-    if ctx.train_state is not None:
-        ctx.train_state.offload_training()
-    ctx.engine.resume_memory(["weights"])
-    # the engine needs them after an optimizer step, and after a release that threw its copy away
-    # (SGLang without --enable-weights-cpu-backup: also after an evaluation)
-    stale = ctx.synced_version != ctx.weights_version or ctx.engine.weights_lost
-    if stale:
-        if ctx.hf_plan is None:
-            ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)
-        ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
-        ctx.synced_version = ctx.weights_version
-    if ctx.train_state is not None:
-        ctx.train_state.offload_parameters()
-    ctx.engine.resume_memory(["kv_cache", "cuda_graph"])
-    return dict(ctx.engine.last_sync) if stale else {}
+    def collect(m, logits):
+        logp, _ = target_logprobs(logits, m.targets, temperature, with_entropy=False)
+        return logits.new_zeros(()), {"logp": logp.detach().float().cpu()}
+
+    with torch.no_grad():
+        out = run_schedule(chunks, micro, collect, forward_only=True)
+    return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
 
 
-def training_turn(ctx: RLContext) -> None:
-    """Take the GPUs back from a colocated engine: it releases everything, the trainer reloads."""
-    if ctx.train_state is None:
-        return
-    ctx.engine.release_memory()
-    ctx.train_state.reload()
+def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSettings) -> Dict[str, float]:
+    """Forward/backward with the policy loss over this rank's micro-batches, one optimizer step."""
+    # megatron divides each micro-batch loss by the local micro-batch count and averages gradients
+    # over data-parallel ranks; the loss carries global denominators, so `scale` undoes both
+    scale = float(len(micro) * ps.get_data_parallel_world_size())
+    out, grad_norm, update_ok = train_step(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, micro,
+                                           partial(policy_loss, s=settings, scale=scale))
+    return {**reduce_stats(out), "grad_norm": grad_norm, "update_skipped": float(not update_ok)}
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[str, float]:
+    """Reward (total and per component), accuracy, lengths, truncation: means over all ranks' rows."""
+    s, lengths = gen.scores, torch.tensor(gen.rollouts.response_lengths, dtype=torch.float64)
+    truncated = sum(r == "length" for r in gen.rollouts.finish_reasons)
+    names = list(s.components)
+    sums = dp_sum([float(s.total.sum()), *[float(s.components[k].sum()) for k in names],
+                   float(lengths.sum()), float(truncated), float(len(lengths)), float(s.failures),
+                   float(s.timeouts), float(adv.abs().sum()), float(gen.varied_share), 1.0])
+    longest = dp_max([float(lengths.max()) if len(lengths) else 0.0])[0]
+    n = max(sums[len(names) + 3], 1.0)
+    out = {"reward/mean": sums[0] / n}
+    out.update({f"reward/{k}": sums[1 + i] / n for i, k in enumerate(names)})
+    base = len(names) + 1
+    out.update({
+        "response/length_mean": sums[base] / n,
+        "response/length_max": longest,
+        "response/truncated_share": sums[base + 1] / n,
+        "reward/failures": sums[base + 3],
+        "reward/timeouts": sums[base + 4],
+        "advantage/abs_mean": sums[base + 5] / n,
+        "rollout/varied_group_share": sums[base + 6] / sums[base + 7],
+        "rollout/rounds": float(gen.rounds),
+    })
+    return out
+
+
+def throughput(gen: Generated, seconds: float) -> Dict[str, float]:
+    """Tokens (prompt + response) and samples per second of this step, over all data-parallel ranks."""
+    tokens = sum(len(p) + len(r) for p, r in zip(gen.rollouts.prompt_ids, gen.rollouts.response_ids))
+    tokens, samples = dp_sum([float(tokens), float(len(gen.rollouts))])
+    return {"perf/tokens_per_s": tokens / seconds, "perf/samples_per_s": samples / seconds, "time/step": seconds}

@@ -14,6 +14,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from r1mega.config.schema import R1Config
+from r1mega.data.packing import split_rows
+from r1mega.platform.distributed import dp_max
+from r1mega.platform.fp8 import sequence_multiple
 from r1mega.rollout.types import Rollouts
 
 
@@ -95,3 +99,16 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
 def response_values(micro: MicroBatch, values: torch.Tensor) -> List[torch.Tensor]:
     """Per-row response slices of a [b, L] tensor (the inverse of collate's placement)."""
     return [values[j][micro.mask[j]].detach().float().cpu() for j in range(len(micro.rows))]
+
+
+def micro_batches(cfg: R1Config, batch: StepBatch, rows: List[int]) -> List[MicroBatch]:
+    """Micro-batches of `rows` under trainer.micro_batch_tokens; as many on every data-parallel rank
+    (ranks run the pipeline schedule and the gradient reduction in lock-step)."""
+    lengths = [len(t) - 1 for t in batch.tokens]
+    budget = cfg.trainer.micro_batch_tokens
+    parts = split_rows(lengths, rows, budget)
+    count = int(dp_max([len(parts)])[0])
+    if count != len(parts):
+        parts = split_rows(lengths, rows, budget, min_parts=count)
+    multiple = sequence_multiple(cfg.model.fp8, cfg.parallel)  # sequence parallelism, FP8 shapes
+    return [collate(batch, p, multiple) for p in parts]

@@ -17,7 +17,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.conversations import conversation_row
 from r1mega.data.corpus import worked_response
 from r1mega.data.tasks import make_task
-from r1mega.pipeline.jsonl import write_json, write_jsonl
+from r1mega.recipe.jsonl import write_json, write_jsonl
 
 TRACES_FILE = "cold_start.jsonl"
 GENERAL_FILE = "general.jsonl"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 import torch
 
@@ -27,7 +27,6 @@ class RLContext:
     sampler: Any  # PromptSampler over the train split, this data-parallel rank's share
     test_records: list
     sampling: SamplingParams
-    prompt_tokens: Dict[int, List[int]] = field(default_factory=dict)  # id(record) -> token ids
     train_state: Any = None  # TrainState when trainer and engine take turns on the GPUs (colocated SGLang)
     hf_plan: Any = None  # who sends which HF tensor in a weight sync (made at the first sync)
     weights_version: int = 0  # optimizer steps taken; the engine holds weights_version == synced_version
@@ -38,8 +37,8 @@ class RLContext:
         """Temperature of the trainer's log-probs: the one the rollouts were sampled at."""
         return self.sampling.logprob_temperature
 
-    def prompt_ids(self, record) -> List[int]:
-        ids = self.prompt_tokens.get(id(record))
-        if ids is None:
-            raise KeyError(f"prompt {record.prompt_id} was not tokenized at set-up")
-        return ids
+    def close(self) -> None:
+        """Stop the engine (its servers, for SGLang) and the reward workers."""
+        self.engine.shutdown()
+        if self.rewards is not None:
+            self.rewards.close()

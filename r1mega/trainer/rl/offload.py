@@ -1,8 +1,11 @@
-"""The trainer's side of colocated memory turns: free what training holds while the engine generates.
+"""Turns on the GPUs between the trainer and a rollout engine that keeps its own weights (SGLang).
 
-Gradients are freed (megatron's DDP keeps the buffer views and reallocates them zeroed), and
-optimizer states (and optionally parameters) move to host memory and back. Each tensor returns
-to the device it came from, so the same code runs, as plain copies, on CPU ranks.
+`rollout_turn` hands the GPUs and the current weights to the engine, `training_turn` takes them
+back. The trainer's side is TrainState: gradients are freed (megatron's DDP keeps the buffer
+views and reallocates them zeroed), and optimizer states (and optionally parameters) move to
+host memory and back. Each tensor returns to the device it came from, so the same code runs,
+as plain copies, on CPU ranks. The native engine decodes with the policy's own parameters and
+takes no turns.
 """
 
 from __future__ import annotations
@@ -11,13 +14,39 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
+from r1mega.trainer.rl.context import RLContext
 
-def gpu_memory_gib() -> Dict[str, float]:
-    """Allocated and reserved GPU memory of this rank (empty on CPU)."""
-    if not torch.cuda.is_available():
+
+def rollout_turn(ctx: RLContext) -> Dict[str, float]:
+    """Hand the GPUs and the updated weights to the engine: the trainer frees grads and offloads
+    optimizer states, the engine takes its weights back, the weights cross in buckets, then the
+    engine takes its KV cache and CUDA graphs back. Returns the sync's metrics (none without one)."""
+    if ctx.engine_shares_weights:
         return {}
-    gib = float(1 << 30)
-    return {"allocated_gib": torch.cuda.memory_allocated() / gib, "reserved_gib": torch.cuda.memory_reserved() / gib}
+    if ctx.train_state is not None:
+        ctx.train_state.offload_training()
+    ctx.engine.resume_memory(["weights"])
+    # the engine needs them after an optimizer step, and after a release that threw its copy away
+    # (SGLang without --enable-weights-cpu-backup: also after an evaluation)
+    stale = ctx.synced_version != ctx.weights_version or ctx.engine.weights_lost
+    if stale:
+        if ctx.hf_plan is None:
+            ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model)
+        ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
+        ctx.synced_version = ctx.weights_version
+    if ctx.train_state is not None:
+        ctx.train_state.offload_parameters()
+    ctx.engine.resume_memory(["kv_cache", "cuda_graph"])
+    return dict(ctx.engine.last_sync) if stale else {}
+
+
+def training_turn(ctx: RLContext) -> None:
+    """Take the GPUs back from a colocated engine: it releases everything, the trainer reloads."""
+    if ctx.train_state is None:
+        return
+    ctx.engine.release_memory()
+    ctx.train_state.reload()
 
 
 class TrainState:

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict
 
 import torch
-from megatron.core import parallel_state as ps
 
+from r1mega.platform.distributed import dp_share, dp_sum
 from r1mega.rollout.types import SamplingParams
-from r1mega.trainer import rl_phases as phases
-from r1mega.trainer.rl_context import RLContext
+from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.offload import rollout_turn, training_turn
+from r1mega.trainer.rl.step import score
 
 
-def _shard(records: list) -> List:
-    """This data-parallel rank's prompts; shards padded to one size (padding rows are not counted)."""
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mine = records[rank::dp]
-    size = -(-len(records) // dp)
-    return [(r, True) for r in mine] + [(records[0], False)] * (size - len(mine))
-
-
-def _accuracy(ctx: RLContext, rows: list, params: SamplingParams, n: int) -> torch.Tensor:
+def _accuracy(ctx: RLContext, prompts: list, params: SamplingParams, n: int) -> torch.Tensor:
     """Accuracy [prompts, n] of n responses per prompt."""
-    prompts = [r for r, _ in rows]
-    rollouts = ctx.engine.generate([ctx.prompt_ids(r) for r in prompts], params, n=n)
+    rollouts = ctx.engine.generate([r.token_ids for r in prompts], params, n=n)
     records = [prompts[g] for g in rollouts.group_index]
-    scores = phases.score(ctx, records, rollouts)
+    scores = score(ctx, records, rollouts)
     lengths = torch.tensor(rollouts.response_lengths, dtype=torch.float32)
     shape = (len(prompts), n)
     return scores.components["accuracy"].view(shape), scores.total.view(shape), lengths.view(shape)
@@ -36,16 +28,16 @@ def evaluate(ctx: RLContext, seed: int = 0) -> Dict[str, float]:
     """eval/greedy_accuracy, eval/pass_at_k, eval/mean_at_k, eval/reward, eval/length_mean (all ranks)."""
     if not ctx.test_records:
         return {}
-    phases.rollout_turn(ctx)  # an engine with its own weights gets the current ones (and the GPUs)
+    rollout_turn(ctx)  # an engine with its own weights gets the current ones (and the GPUs)
     try:
         return _evaluate(ctx, seed)
     finally:
-        phases.training_turn(ctx)
+        training_turn(ctx)
 
 
 def _evaluate(ctx: RLContext, seed: int) -> Dict[str, float]:
-    rows = _shard(ctx.test_records)
-    real = torch.tensor([float(keep) for _, keep in rows])
+    rows, count = dp_share(ctx.test_records, ctx.test_records[0])  # padding rows are not counted
+    real = torch.tensor([float(i < count) for i in range(len(rows))])
     r = ctx.cfg.rollout
     greedy = replace(ctx.sampling, temperature=r.eval_temperature, seed=seed)  # top-k/p unused when greedy
     acc, reward, length = _accuracy(ctx, rows, greedy, 1)
@@ -57,7 +49,7 @@ def _evaluate(ctx: RLContext, seed: int) -> Dict[str, float]:
         acc_k, _, _ = _accuracy(ctx, rows, sampled, k)
         values += [float(((acc_k.max(dim=1).values >= 1.0).float() * real).sum()),
                    float((acc_k.mean(dim=1) * real).sum())]
-    sums = phases.dp_sum(values)
+    sums = dp_sum(values)
     n = max(sums[3], 1.0)
     out = {"eval/greedy_accuracy": sums[0] / n, "eval/reward": sums[1] / n, "eval/length_mean": sums[2] / n,
            "eval/prompts": sums[3]}

@@ -1,0 +1,60 @@
+"""Micro-batches through megatron's pipeline schedules (`get_forward_backward_func`), and the
+optimizer step after them.
+
+Shared by the RL, SFT and pre-training steps. A micro-batch knows its model inputs
+(`model_inputs()`, and optionally `logits_from`, the first position any loss reads); a loss
+function turns (micro-batch, this rank's vocab slice of the logits) into (loss, report).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from r1mega.models.logits_window import logits_from
+
+
+def _forward_step(data_iterator, model, loss_fn):
+    micro = next(data_iterator).to(next(model.parameters()).device)
+    with logits_from(model, getattr(micro, "logits_from", 0)):
+        logits = model(**micro.model_inputs())
+    return logits, partial(loss_fn, micro)
+
+
+def run_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list, loss_fn: Optional[Callable],
+                 forward_only: bool, forward_step: Optional[Callable] = None,
+                 shape: Optional[Tuple[int, int]] = None) -> List[dict]:
+    """Every micro-batch through the model chunks; the reports of the last pipeline stage.
+
+    `forward_step(data_iterator, model)` replaces the default one (model inputs, then loss_fn);
+    `shape` = (seq_length, micro_batch_size) when every micro-batch has it, else the largest.
+    """
+    iterators = [iter(micro_batches) for _ in chunks]  # interleaved pipelining pulls per chunk
+    if shape is None:  # shapes are exchanged per micro-batch (variable_seq_lengths)
+        shape = (max(m.tokens.size(1) for m in micro_batches), max(m.tokens.size(0) for m in micro_batches))
+    return get_forward_backward_func()(
+        forward_step_func=forward_step or partial(_forward_step, loss_fn=loss_fn),
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=list(chunks),
+        num_microbatches=len(micro_batches),
+        seq_length=shape[0],
+        micro_batch_size=shape[1],
+        forward_only=forward_only,
+    )
+
+
+def train_step(ddp_chunks: Sequence[torch.nn.Module], optimizer, scheduler, micro_batches: list,
+               loss_fn: Optional[Callable], **schedule) -> Tuple[List[dict], float, bool]:
+    """Forward/backward over this rank's micro-batches, reduce grads, one optimizer step:
+    (the last stage's reports, grad norm before clipping, whether the update was applied)."""
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(ddp_chunks, micro_batches, loss_fn, forward_only=False, **schedule)
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:  # fp16 loss-scale overflow skips the step and keeps the schedule
+        scheduler.step(increment=1)
+    return outputs, float(grad_norm) if grad_norm is not None else float("nan"), bool(update_ok)

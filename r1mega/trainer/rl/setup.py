@@ -1,0 +1,122 @@
+"""Set-up of an RL run: prompts tokenized once, the policy and its KL reference, the rollout
+engine, the reward stack, the prompt sampler; all of it in one RLContext."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import List, Optional, Tuple
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.config.schema import R1Config
+from r1mega.data.prompts import load_prompts
+from r1mega.data.sampler import PromptSampler
+from r1mega.data.tasks import make_task
+from r1mega.data.templates import render_prompt
+from r1mega.platform.distributed import Runtime, rank
+from r1mega.platform.fp8 import token_multiple
+from r1mega.rewards.stack import RewardStack
+from r1mega.rollout.native import NativeEngine
+from r1mega.rollout.sglang.launch import build_sglang_engine, memory_saver
+from r1mega.rollout.types import SamplingParams
+from r1mega.trainer.model_setup import build_kl_reference, build_policy, initial_weights, run_tokenizer
+from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.offload import TrainState
+
+log = logging.getLogger(__name__)
+
+def load_records(cfg: R1Config) -> Tuple[list, list]:
+    """(train, held-out) prompt records of the configured data."""
+    d = cfg.data
+    if d.name == "files":
+        train = load_prompts(d.train_path, on_bad_row=d.on_bad_row)
+        test = load_prompts(d.test_path, on_bad_row=d.on_bad_row) if d.test_path else []
+        return train, test
+    knobs = dict(d.difficulty)
+    return (make_task(d.name, "train", d.train_size, d.seed, **knobs),
+            make_task(d.name, "test", d.test_size, d.seed, **knobs))
+
+
+def prompts(cfg: R1Config, tokenizer) -> Tuple[list, list]:
+    """(train, held-out) prompt records of the configured data, tokenized."""
+    train, test = load_records(cfg)
+    return tokenize_prompts(cfg, tokenizer, train, "train"), tokenize_prompts(cfg, tokenizer, test, "test")
+
+
+def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> list:
+    """The records with their rendered prompt's token_ids; those over data.max_prompt_tokens are
+    dropped with a warning."""
+    texts = [render_prompt(r, tokenizer, cfg.data.template) for r in records]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # no held-out file: none
+    keep = [replace(r, token_ids=list(seq)) for r, seq in zip(records, ids)
+            if 0 < len(seq) <= cfg.data.max_prompt_tokens]
+    if len(keep) < len(records) and rank() == 0:
+        log.warning("%s split: %d of %d prompts are empty or longer than data.max_prompt_tokens=%d and are skipped",
+                    split, len(records) - len(keep), len(records), cfg.data.max_prompt_tokens)
+    if split == "train" and not keep:
+        raise ValueError(f"no train prompt fits data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    return keep
+
+
+def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
+    """The reward stack on the first rank of each model-parallel group; component names everywhere.
+
+    'accuracy' is always scored (weight 0 if not configured) so evaluation can report it.
+    """
+    r = cfg.reward
+    components = dict(r.components)
+    components.setdefault("accuracy", 0.0)
+    names = list(components) + list(r.custom)
+    stack = None
+    if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0):
+        stack = RewardStack(components=components, custom=dict(r.custom), timeout_s=r.timeout_s,
+                            num_workers=r.num_workers, language=r.language,
+                            overlong_max_tokens=r.overlong_max_tokens or cfg.rollout.max_new_tokens,
+                            overlong_cache_tokens=r.overlong_cache_tokens)
+    return stack, names
+
+
+def sampling_params(cfg: R1Config, tokenizer) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                          stop=tuple(r.stop))
+
+
+def build_engine(cfg: R1Config, chunks, tokenizer):
+    if cfg.rollout.engine == "sglang":
+        return build_sglang_engine(cfg, tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    return NativeEngine(chunks, eos, pad, detokenize=tokenizer.decode, max_batch_size=cfg.rollout.max_batch_size,
+                        seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank(),
+                        row_multiple=token_multiple(cfg.model.fp8))
+
+
+def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
+    tokenizer = run_tokenizer(cfg)
+    train, test = prompts(cfg, tokenizer)
+    source = initial_weights(cfg, runtime, tokenizer)
+    separate = cfg.rollout.engine != "native"  # the engine keeps its own copy of the weights
+    # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
+    engine = build_engine(cfg, None, tokenizer) if separate else None
+    chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
+    engine = engine or build_engine(cfg, chunks, tokenizer)
+    rewards, names = build_rewards(cfg)
+    sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
+                            ps.get_data_parallel_world_size())
+    return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
+                     scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
+                     engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
+                     test_records=test, sampling=sampling_params(cfg, tokenizer),
+                     train_state=train_state(cfg, ddp, optimizer))
+
+
+def train_state(cfg: R1Config, ddp, optimizer) -> Optional[TrainState]:
+    """Offload and reload of the trainer's memory, when it takes turns with a colocated engine."""
+    if cfg.rollout.engine == "native":
+        return None
+    g = cfg.rollout.sglang
+    return TrainState(ddp, optimizer, g.offload_optimizer, g.offload_params) if memory_saver(cfg) else None
+
