@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -37,6 +39,12 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
         start(cfg, rank_main, check)
     except ConfigError as e:
         fail(str(e))
+
+
+def job_main(job: Callable[[R1Config, object], object], check: Optional[Callable[[R1Config, Optional[int]], None]],
+             stoppable: bool = False) -> None:
+    """An entry point's main(): its command line, then job(cfg, runtime) on every rank (run_job)."""
+    launch(sys.argv[1:], partial(run_job, job=job, stoppable=stoppable), check)
 
 
 def start(cfg: R1Config, rank_main: Callable[[R1Config], None],

@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-from r1mega.cli.common import launch, run_job
+from r1mega.cli.common import job_main
 from r1mega.config.schema import R1Config
 from r1mega.config.stage_rules import check_no_cp
 from r1mega.recipe.inference import inference_context
@@ -31,12 +30,8 @@ def evaluate_model(cfg: R1Config, runtime) -> None:
         logging.getLogger("r1mega").info("eval: %s", {k: round(v, 4) for k, v in metrics.items()})
 
 
-def rank_main(cfg: R1Config) -> None:
-    run_job(cfg, evaluate_model)
-
-
 def main() -> None:
-    launch(sys.argv[1:], rank_main, check_no_cp)
+    job_main(evaluate_model, check_no_cp)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,14 @@
 
 from __future__ import annotations
 
-import sys
 
-from r1mega.cli.common import launch, run_job
-from r1mega.config.schema import R1Config
+from r1mega.cli.common import job_main
 from r1mega.config.stage_rules import check_sft_run
 from r1mega.trainer.sft import train
 
 
-def rank_main(cfg: R1Config) -> None:
-    run_job(cfg, train, stoppable=True)
-
-
 def main() -> None:
-    launch(sys.argv[1:], rank_main, check_sft_run)
+    job_main(train, check_sft_run, stoppable=True)
 
 
 if __name__ == "__main__":
