@@ -27,8 +27,10 @@ def sweep(argv: Sequence[str], rank_main: Callable[[R1Config], None],
     import hydra
 
     from r1mega.config.errors import ConfigError
+    from r1mega.slurm.submitit import register_resolver
 
     register()
+    register_resolver()  # conf/hydra/launcher/slurm.yaml maps `cluster` through it
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def point(composed: DictConfig) -> None:
