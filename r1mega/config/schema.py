@@ -17,9 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
-from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
-                                   DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator,
-                                   Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
+from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus, DataName,
+                                   DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator, Launcher,
+                                   OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
                                    SFTTemplate, StageKind, StdConvention, TokenDispatcher, WarningSignal)
 from r1mega.config.sglang_schema import SGLangConfig
 
@@ -38,7 +38,7 @@ class MoEConfig:
     num_groups: Optional[int] = None  # node-limited routing (DeepSeek-V3)
     group_topk: Optional[int] = None
     aux_loss_coeff: float = 0.0
-    load_balancing_type: str = "aux_loss"  # megatron's moe_router_load_balancing_type (seq_aux_loss, none, ...)
+    load_balancing_type: str = "aux_loss"  # megatron's moe_router_load_balancing_type, e.g. seq_aux_loss
     z_loss_coeff: Optional[float] = None
     first_k_dense: int = 0  # leading dense layers before MoE layers start
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of those dense layers
@@ -319,7 +319,7 @@ class ClusterConfig:
     env: Dict[str, str] = field(default_factory=dict)  # the site's own variables; win over `network`
     setup: List[str] = field(default_factory=list)  # shell lines before launch (module load, venv)
     python: Optional[str] = None  # interpreter on the compute nodes; default: the one r1mega-submit runs
-    signal: Annotated[str, WarningSignal] = "USR1"  # asked for before the time limit: checkpoint, then requeue
+    signal: Annotated[str, WarningSignal] = "USR1"  # sent before the time limit: checkpoint, then requeue
     signal_lead_s: int = 300  # how long before the limit (allow one step and a checkpoint)
     requeue: bool = True  # requeue after the time-limit checkpoint
     max_requeues: int = 20  # stop requeueing after this many restarts (SLURM_RESTART_COUNT)
@@ -331,7 +331,7 @@ class ClusterConfig:
 class R1Config:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=5))  # the policy's
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=5))  # RL policy
     data: DataConfig = field(default_factory=DataConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
