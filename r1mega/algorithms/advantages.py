@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 
-AdvantageMode = Literal["grpo", "drgrpo", "rloo", "batch_std"]
-StdConvention = Literal["sample", "population"]
+from r1mega.config.choices import AdvantageMode, StdConvention
 
 
 def _float(rewards: torch.Tensor) -> torch.Tensor:
@@ -30,8 +29,8 @@ def group_moments(rewards: torch.Tensor, group_index: torch.Tensor,
 
 def _std(sq_dev: torch.Tensor, count: torch.Tensor, std: StdConvention) -> torch.Tensor:
     """Standard deviation from moments; 0 where it is undefined (n - ddof <= 0)."""
-    if std not in ("sample", "population"):
-        raise ValueError(f"std must be 'sample' or 'population', got {std!r}")
+    if std not in get_args(StdConvention):
+        raise ValueError(f"std must be one of {get_args(StdConvention)}, got {std!r}")
     dof = count - 1 if std == "sample" else count
     return torch.where(dof > 0, sq_dev / dof.clamp(min=1), torch.zeros_like(sq_dev)).sqrt()
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+from r1mega.config.choices import AggregationMode
+
 Count = int | float | torch.Tensor | None
 
 

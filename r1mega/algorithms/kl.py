@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from r1mega.algorithms.policy_loss import LOG_RATIO_BOUND
-
-KLEstimator = Literal["k1", "k2", "k3"]
+from r1mega.config.choices import KLEstimator
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3",

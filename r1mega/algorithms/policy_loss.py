@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from r1mega.algorithms.advantages import broadcast_to_tokens
-
-RatioLevel = Literal["token", "sequence"]
+from r1mega.config.choices import RatioLevel
 
 # exp(20) ~ 5e8: keeps ratios (and the KL estimators' exp) finite in fp32, so a zero gradient times
 # an inf ratio never makes NaN. Any ratio this far from 1 is clipped (or dual-clipped) anyway, and

@@ -23,7 +23,7 @@ PHASES = ("sync", "generate", "score", "release", "advantages", "logprobs", "upd
 
 def run(cfg: R1Config) -> Dict:
     cfg = copy.deepcopy(cfg)
-    cfg.warmup.enabled = False  # random weights unless model.hf_path / mcore_path name a model
+    cfg.pretrain.enabled = False  # random weights unless model.hf_path / mcore_path name a model
     world = cfg.parallel.nproc or 1
     steps = spawn(world, _rank, cfg, timeout=3600.0)[0]
     return summarize(cfg, steps, world)

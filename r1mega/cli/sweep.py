@@ -29,6 +29,7 @@ from r1mega.config.schema import R1Config, register
 from r1mega.config.validate import check_installed, validate
 from r1mega.platform.signals import STOP
 from r1mega.slurm.partitions import check_fits, query_partitions
+from r1mega.slurm.submitit import register_resolver
 
 
 def sweep(argv: Sequence[str], start: Callable[[R1Config], None],
@@ -36,6 +37,7 @@ def sweep(argv: Sequence[str], start: Callable[[R1Config], None],
     """Hand the command line to Hydra, which composes each point and runs it through its launcher:
     start(point's config) runs it; check is the entry point's own rules, run on every point first."""
     register()
+    register_resolver()  # conf/hydra/launcher/slurm.yaml maps `cluster` through it
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def point(composed: DictConfig) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Annotated, List, Optional, get_args
+
+from r1mega.config.choices import BenchSuite, Dtype, Engine
 
 
 @dataclass
@@ -24,12 +26,13 @@ class TrainBenchConfig:
     seq_length: int = 256
     micro_batch_size: int = 4  # rows per micro-batch, per data-parallel rank
     micro_batches: int = 2  # per optimizer step, per data-parallel rank (weak scaling over dp)
-    dtype: Optional[str] = None  # fp32 | bf16 | fp16 for these models; None: model.dtype
+    dtype: Optional[Annotated[str, Dtype]] = None  # None (model.dtype) | fp32 | bf16 | fp16 for these models
 
 
 @dataclass
 class RolloutBenchConfig:
-    engines: List[str] = field(default_factory=lambda: ["native", "sglang"])  # engines not installed: skipped
+    # every engine; those not installed here are skipped
+    engines: List[Annotated[str, Engine]] = field(default_factory=lambda: list(get_args(Engine)))
     batch_sizes: List[int] = field(default_factory=lambda: [1, 4, 16, 64])
     new_tokens: int = 64  # every row decodes exactly this many (EOS ignored)
 
@@ -52,7 +55,7 @@ class PeerBenchConfig:
 class BenchConfig:
     """`r1mega-bench`: which suites to run, how long, where results go."""
 
-    suites: List[str] = field(default_factory=lambda: ["step", "train", "rollout", "peer"])
+    suites: List[Annotated[str, BenchSuite]] = field(default_factory=lambda: list(get_args(BenchSuite)))
     output_dir: str = "benchmarks/results"
     warmup: int = 1  # untimed repetitions first (allocator, caches, first-call compilation)
     repeats: int = 3  # timed repetitions; medians are reported

@@ -5,11 +5,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from r1mega.config.errors import ConfigError, one_of, require
+from r1mega.config.choices import check_choices
+from r1mega.config.errors import ConfigError, require
 from r1mega.config.schema import ClusterConfig
-
-LAUNCHERS = {"torchrun", "srun"}
-SIGNALS = {"USR1", "USR2"}  # what r1mega's trainers take as the time-limit warning
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
@@ -50,6 +48,7 @@ def world_size(c: ClusterConfig) -> int:
 
 def check_cluster(c: ClusterConfig) -> None:
     """Raise ConfigError on the first rule the cluster config breaks."""
+    check_choices(c, "cluster.")  # launcher, signal
     require(c.nodes >= 1, f"cluster.nodes must be >= 1, got {c.nodes}")
     require(c.gpus_per_node >= 0, f"cluster.gpus_per_node must be >= 0, got {c.gpus_per_node}")
     require(c.ranks_per_node is None or c.ranks_per_node >= 1,
@@ -60,8 +59,6 @@ def check_cluster(c: ClusterConfig) -> None:
                 "r1mega runs one rank per GPU; leave ranks_per_node unset")
     require(c.cpus_per_rank is None or c.cpus_per_rank >= 1,
             f"cluster.cpus_per_rank must be >= 1, got {c.cpus_per_rank}")
-    one_of(c.launcher, LAUNCHERS, "cluster.launcher")
-    one_of(c.signal, SIGNALS, "cluster.signal")
     limit = time_minutes(c.time) * 60
     require(0 < c.signal_lead_s < limit,
             f"cluster.signal_lead_s={c.signal_lead_s} must be between 0 and cluster.time={c.time} ({limit} s)")

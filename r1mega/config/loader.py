@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1mega.config.choices import check_choices
 from r1mega.config.schema import R1Config, register
 from r1mega.config.validate import ConfigError, validate
 
@@ -41,12 +42,15 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
 
 
 def to_config(cfg: DictConfig) -> R1Config:
-    """Typed R1Config from a composed DictConfig; missing or mistyped values raise ConfigError."""
+    """Typed R1Config from a composed DictConfig; missing or mistyped values, and values outside a
+    key's choices (its Literal in r1mega.config.choices), raise ConfigError."""
     try:
-        return OmegaConf.to_object(cfg)
+        typed = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{key}: {_one_line(e)}" if key else _one_line(e)) from None
+    check_choices(typed)
+    return typed
 
 
 def load_config(overrides: Sequence[str] = (), world_size: Optional[int] = None,

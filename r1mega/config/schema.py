@@ -1,19 +1,26 @@
 """Structured config: one dataclass per Hydra group, registered in the ConfigStore.
 
-Hydra merges conf/ YAML presets onto these schemas, so a misspelled key or a value of the
-wrong type is refused while the config is composed, before any process group starts.
-Cross-field rules live in r1mega.config.validate.
+Every default is declared here, once: the conf/ presets hold only what differs from it, and
+the default run's own settings are in conf/config.yaml. Hydra merges the presets onto these
+schemas, so a misspelled key or a value of the wrong type is refused while the config is
+composed, before any process group starts; a key that takes one of a fixed set is
+`Annotated[str, <Literal>]` (the sets are in r1mega.config.choices) and a value outside it is
+refused as the config is loaded. Cross-field rules live in r1mega.config.validate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
+from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus, DataName,
+                                   DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator, Launcher,
+                                   OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
+                                   SFTTemplate, StageKind, StdConvention, TokenDispatcher, WarningSignal)
 from r1mega.config.sglang_schema import SGLangConfig
 
 
@@ -24,19 +31,19 @@ class MoEConfig:
     router_topk: int = 2
     shared_expert_ffn_hidden_size: Optional[int] = None  # summed over shared experts
     shared_expert_gate: bool = False
-    score_function: str = "softmax"  # softmax | sigmoid
+    score_function: Annotated[str, ScoreFunction] = "softmax"  # softmax | sigmoid
     pre_softmax: bool = False  # softmax over all experts before top-k (else over the top-k)
     expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3)
     topk_scaling_factor: Optional[float] = None
     num_groups: Optional[int] = None  # node-limited routing (DeepSeek-V3)
     group_topk: Optional[int] = None
     aux_loss_coeff: float = 0.0
-    load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none
+    load_balancing_type: str = "aux_loss"  # megatron's moe_router_load_balancing_type, e.g. seq_aux_loss
     z_loss_coeff: Optional[float] = None
     first_k_dense: int = 0  # leading dense layers before MoE layers start
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of those dense layers
     grouped_gemm: bool = True  # used where the backend has it (TE); local spec loops
-    token_dispatcher: str = "alltoall"  # allgather | alltoall
+    token_dispatcher: Annotated[str, TokenDispatcher] = "alltoall"  # allgather | alltoall
     router_dtype: Optional[str] = "fp32"
 
 
@@ -51,8 +58,8 @@ class MLAConfig:
 
 @dataclass
 class FP8Config:
-    format: Optional[str] = None  # None (off) | hybrid | e4m3
-    recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
+    format: Optional[Annotated[str, FP8Format]] = None  # None (off) | hybrid | e4m3
+    recipe: Annotated[str, FP8Recipe] = "delayed"  # delayed | tensorwise | blockwise | mxfp8
     param: bool = False  # keep parameters in fp8
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"
@@ -61,7 +68,7 @@ class FP8Config:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    arch: str = "qwen2"  # qwen2 | qwen3 | llama | qwen3_moe | deepseek_v3 (HF family)
+    arch: Annotated[str, Arch] = "qwen2"  # qwen2 | qwen3 | llama | qwen3_moe | deepseek_v3 (HF family)
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
@@ -77,8 +84,8 @@ class ModelConfig:
     add_qkv_bias: bool = False  # Qwen2
     tie_word_embeddings: bool = False
     init_method_std: float = 0.02
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
-    attention_backend: str = "auto"  # auto | te | flash | sdpa
+    dtype: Annotated[str, Dtype] = "fp32"  # fp32 | bf16 | fp16
+    attention_backend: Annotated[str, AttentionBackend] = "auto"  # auto | te | flash | sdpa
     moe: Optional[MoEConfig] = None
     mla: Optional[MLAConfig] = None
     fp8: FP8Config = field(default_factory=FP8Config)
@@ -102,16 +109,19 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | sgd
-    lr: float = 1e-5
+    """An optimizer and its learning-rate schedule. The RL policy's (`optimizer`) is these defaults with
+    a 5-step warm-up (R1Config); the built-in base model's (`pretrain.optimizer`) is set in PretrainConfig."""
+
+    name: Annotated[str, OptimizerName] = "adam"  # adam | sgd
+    lr: float = 5e-5  # the tiny built-in model's; R1-Zero uses 3e-6 for large models
     min_lr: float = 0.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta2: float = 0.98
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    decay_style: str = "constant"  # constant | linear | cosine
+    decay_style: Annotated[str, DecayStyle] = "constant"  # constant | linear | cosine
     decay_steps: Optional[int] = None  # default trainer.steps
     distributed: bool = True  # shard optimizer states over data-parallel ranks
 
@@ -120,12 +130,13 @@ class OptimizerConfig:
 class DataConfig:
     """Prompts for RL: a built-in generated task or JSONL/Parquet files."""
 
-    name: str = "arithmetic"  # arithmetic | countdown (built in, generated) | files
+    name: Annotated[str, DataName] = "arithmetic"  # arithmetic | countdown (built in, generated) | files
     train_path: Optional[str] = None  # JSONL/Parquet for name=files
     test_path: Optional[str] = None  # held-out prompts for evaluation (optional for files)
-    template: str = "r1_zero"  # r1_zero | chat (the tokenizer's chat template) | plain
+    # r1_zero | chat (the tokenizer's chat template) | plain
+    template: Annotated[str, PromptTemplate] = "r1_zero"
     tokenizer: Optional[str] = None  # local HF tokenizer folder; default model.hf_path, else built-in
-    on_bad_row: str = "skip"  # skip (warn, with file and line) | error
+    on_bad_row: Annotated[str, OnBadRow] = "skip"  # skip (warn, with file and line) | error
     train_size: int = 20000  # generated tasks: problems in the train split
     test_size: int = 200  # generated tasks: problems in the held-out split
     difficulty: Dict[str, Any] = field(default_factory=dict)  # task knobs, e.g. {digits: 3}
@@ -135,11 +146,12 @@ class DataConfig:
 
 
 @dataclass
-class WarmupConfig:
+class PretrainConfig:
     """Language-model pre-training: the built-in base model for the default run, or the LM loop."""
 
     enabled: bool = True  # build the base model when neither model.hf_path nor model.mcore_path is set
-    corpus: str = "task"  # task (documents of the built-in task) | synthetic (rule sequences)
+    # task (documents of the built-in task) | synthetic (rule sequences)
+    corpus: Annotated[str, Corpus] = "task"
     correct_fraction: float = 0.3  # task corpus: share of worked answers that are right
     documents: int = 20000  # task corpus size
     steps: int = 600
@@ -149,27 +161,28 @@ class WarmupConfig:
     seed: int = 1234
     cache_dir: str = "outputs/base-models"  # built base models, one folder per config hash
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
-        lr=3e-3, min_lr=3e-4, weight_decay=0.01, warmup_steps=20, decay_style="cosine", adam_beta2=0.98))
+        lr=3e-3, min_lr=3e-4, weight_decay=0.01, warmup_steps=20, decay_style="cosine"))
 
 
 @dataclass
 class AlgorithmConfig:
     """GRPO and its refinements; see r1mega/algorithms for the formulas."""
 
-    name: str = "grpo"  # a label for the preset (grpo | dapo | drgrpo | gspo | rloo)
+    name: str = "grpo"  # a label: the preset's name (conf/algorithm)
     group_size: int = 8  # responses per prompt
-    advantage: str = "grpo"  # grpo | drgrpo | rloo | batch_std
-    std: str = "sample"  # sample (n-1) | population (n)
+    advantage: Annotated[str, AdvantageMode] = "grpo"  # grpo | drgrpo | rloo | batch_std
+    std: Annotated[str, StdConvention] = "sample"  # sample (n-1) | population (n)
     adv_eps: float = 1e-6
     eps_low: float = 0.2
     eps_high: float = 0.2  # > eps_low: DAPO clip-higher
     dual_clip: Optional[float] = None  # c > 1 caps the loss of negative advantages at -c*A
-    ratio_level: str = "token"  # token | sequence (GSPO)
+    ratio_level: Annotated[str, RatioLevel] = "token"  # token | sequence (GSPO)
     kl_beta: float = 0.001  # 0 loads no reference model
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_estimator: Annotated[str, KLEstimator] = "k3"  # k1 | k2 | k3
     ref_reset_every: int = 0  # reset the reference to the policy every N steps (R1: 400); 0 = never
     entropy_coeff: float = 0.0  # entropy bonus weight
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: Annotated[str, AggregationMode] = "seq-mean-token-mean"
     norm_length: Optional[int] = None  # seq-mean-token-sum-norm constant; default rollout.max_new_tokens
     ppo_epochs: int = 1
     minibatches: int = 1  # optimizer steps per RL step, each over a share of the rollouts
@@ -181,7 +194,7 @@ class AlgorithmConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "native"  # native (the trainer's megatron model) | sglang
+    engine: Annotated[str, Engine] = "native"  # native (the trainer's megatron model) | sglang
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -195,7 +208,7 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # name -> weight
+    components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # RewardName -> weight
     custom: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: fn, weight: w, ...}
     timeout_s: float = 5.0  # per sample
     num_workers: int = 2  # scoring processes; 0 scores in-process (no hard deadline)
@@ -208,7 +221,7 @@ class RewardConfig:
 class TrainerConfig:
     steps: int = 20
     seed: int = 1234
-    output_dir: str = MISSING
+    output_dir: str = "outputs/${model.name}-${now:%Y%m%d-%H%M%S}"
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
     save_at_end: bool = True
@@ -227,8 +240,9 @@ class SFTConfig:
 
     train_files: List[str] = field(default_factory=list)  # JSONL/Parquet rows with `messages`; mixed
     valid_files: List[str] = field(default_factory=list)  # held-out conversations for the eval loss
-    template: str = "chat"  # chat (the tokenizer's chat template) | r1_zero (user turn in R1-Zero's template)
-    on_bad_row: str = "skip"  # skip (warn, with file and line) | error
+    # chat (the tokenizer's chat template) | r1_zero (the user turn in R1-Zero's template)
+    template: Annotated[str, SFTTemplate] = "chat"
+    on_bad_row: Annotated[str, OnBadRow] = "skip"  # skip (warn, with file and line) | error
     max_seq_length: int = 1024  # longer conversations are skipped with a warning
     samples_per_step: int = 32  # conversations per optimizer step, over all data-parallel ranks
     pack: bool = True  # THD packing: whole samples back to back, attention kept inside each
@@ -268,7 +282,7 @@ class ColdStartConfig:
 @dataclass
 class StageConfig:
     name: str = MISSING  # also the stage's folder under pipeline.output_dir
-    kind: str = MISSING  # cold_start_data | eval | sft | rl | sample
+    kind: Annotated[str, StageKind] = MISSING  # cold_start_data | eval | sft | rl | sample
     overrides: List[str] = field(default_factory=list)  # `{stage}`: that stage's folder; `{var}`: pipeline.vars
     evaluate: bool = False  # held-out accuracy of the stage's model once it finishes
 
@@ -297,14 +311,15 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     exclusive: bool = False
-    launcher: str = "torchrun"  # torchrun (one per node, c10d rendezvous) | srun (one task per rank)
+    # torchrun (one per node, c10d rendezvous) | srun (one task per rank)
+    launcher: Annotated[str, Launcher] = "torchrun"
     container_image: Optional[str] = None  # pyxis/enroot sites: srun --container-image
     container_mounts: List[str] = field(default_factory=list)  # "src:dst" pairs
     network: Dict[str, str] = field(default_factory=dict)  # NCCL/fabric variables (cluster/network presets)
     env: Dict[str, str] = field(default_factory=dict)  # the site's own variables; win over `network`
     setup: List[str] = field(default_factory=list)  # shell lines before launch (module load, venv)
     python: Optional[str] = None  # interpreter on the compute nodes; default: the one r1mega-submit runs
-    signal: str = "USR1"  # asked for before the time limit: checkpoint, then requeue
+    signal: Annotated[str, WarningSignal] = "USR1"  # sent before the time limit: checkpoint, then requeue
     signal_lead_s: int = 300  # how long before the limit (allow one step and a checkpoint)
     requeue: bool = True  # requeue after the time-limit checkpoint
     max_requeues: int = 20  # stop requeueing after this many restarts (SLURM_RESTART_COUNT)
@@ -316,9 +331,9 @@ class ClusterConfig:
 class R1Config:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(warmup_steps=5))  # RL policy
     data: DataConfig = field(default_factory=DataConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -336,7 +351,7 @@ _GROUPS = {
     "parallel": ParallelConfig,
     "optimizer": OptimizerConfig,
     "data": DataConfig,
-    "warmup": WarmupConfig,
+    "pretrain": PretrainConfig,
     "algorithm": AlgorithmConfig,
     "rollout": RolloutConfig,
     "reward": RewardConfig,
@@ -350,13 +365,8 @@ _GROUPS = {
 
 
 def register() -> None:
-    """Register the root schema, one schema per group (used as `- schema@_here_`) and the resolver
-    that maps `cluster` onto Hydra's submitit launcher."""
-    from omegaconf import OmegaConf
-
-    from r1mega.slurm.submitit import resolve
-
-    OmegaConf.register_new_resolver("r1mega_submitit", resolve, replace=True)
+    """Register the root schema and one schema per group (used as `- schema@_here_`). The resolver of
+    conf/hydra/launcher/slurm.yaml is registered where Hydra's launcher runs (r1mega.slurm.submitit)."""
     cs = ConfigStore.instance()
     cs.store(name="r1mega_schema", node=R1Config)
     for group, node in _GROUPS.items():

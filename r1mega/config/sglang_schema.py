@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Annotated, Any, Dict, Optional
+
+from r1mega.config.choices import SGLangMode
 
 
 @dataclass
 class SGLangConfig:
-    mode: str = "colocated"  # colocated: engines on the trainer's GPUs | disaggregated: on GPUs of their own
+    # colocated (engines on the trainer's GPUs) | disaggregated (on GPUs of their own)
+    mode: Annotated[str, SGLangMode] = "colocated"
     tp: int = 1  # GPUs per engine (rollout tensor parallelism; may differ from parallel.tp)
     base_gpu_id: int = 0  # first GPU of this node's engines (disaggregated: usually after the trainer's)
     num_gpus: Optional[int] = None  # disaggregated: rollout GPUs on the first node (engines = num_gpus / tp)

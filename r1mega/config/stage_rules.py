@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from r1mega.config.errors import one_of, require
+from r1mega.config.errors import require
 from r1mega.config.schema import R1Config
-
-STAGE_KINDS = {"cold_start_data", "eval", "sft", "rl", "sample"}
 
 
 def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
-    """Rules that hold whichever entry point runs (dp None: world size unknown)."""
+    """Rules that hold whichever entry point runs (dp None: world size unknown); sft.template,
+    sft.on_bad_row and each stage's kind were checked against their choices as the config was loaded."""
     s = cfg.sft
-    one_of(s.template, {"chat", "r1_zero"}, "sft.template")
-    one_of(s.on_bad_row, {"skip", "error"}, "sft.on_bad_row")
     for key in ("max_seq_length", "samples_per_step", "micro_batch_tokens", "epochs"):
         require(getattr(s, key) >= 1, f"sft.{key} must be >= 1, got {getattr(s, key)}")
     require(s.steps >= 0 and s.eval_every >= 0, "sft.steps and sft.eval_every must be >= 0")
@@ -29,7 +26,6 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
             f"sample.max_response_tokens must be >= 1, got {r.max_response_tokens}")
     names = [st.name for st in cfg.pipeline.stages]
     for i, st in enumerate(cfg.pipeline.stages):
-        one_of(st.kind, STAGE_KINDS, f"pipeline.stages[{i}].kind")
         require(bool(st.name) and "/" not in st.name and st.name not in names[:i],
                 f"pipeline.stages[{i}].name={st.name!r} must be a unique folder name")
         require(st.name not in cfg.pipeline.vars,

@@ -7,25 +7,25 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from r1mega.config.choices import check_choices
 from r1mega.config.cluster_rules import check_cluster
-from r1mega.config.errors import ConfigError, one_of as _one_of, require as _check  # noqa: F401
+from r1mega.config.errors import ConfigError, require as _check  # noqa: F401
 from r1mega.config.rl_rules import check_rl
 from r1mega.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, R1Config
 from r1mega.config.stage_rules import check_stages
-from r1mega.platform import installed
-from r1mega.platform.fp8 import feature_multiples, sequence_multiple
 
 
 def validate(cfg: R1Config, world_size: Optional[int] = None,
              entry_rules: Optional[Callable[[R1Config, Optional[int]], None]] = None) -> None:
     """Raise ConfigError on the first rule the config breaks; `entry_rules` are what one entry
     point needs besides the general rules (e.g. check_sft_run)."""
+    check_choices(cfg)  # every key with a fixed set of values (a loaded config has passed this already)
     check_cluster(cfg.cluster)  # first: a submitted job's world size comes from it
     check_model(cfg.model)
     check_layout(cfg.model, cfg.parallel, world_size)
     check_fp8_shapes(cfg)
     check_optimizer(cfg.optimizer, "optimizer")
-    check_optimizer(cfg.warmup.optimizer, "warmup.optimizer")
+    check_optimizer(cfg.pretrain.optimizer, "pretrain.optimizer")
     check_rl(cfg, _data_parallel_size(cfg.parallel, world_size))
     check_stages(cfg, _data_parallel_size(cfg.parallel, world_size))
     if entry_rules is not None:
@@ -36,6 +36,8 @@ def check_installed(m: ModelConfig) -> None:
     """What the model config needs of this machine's packages. Run where the job runs, after
     `validate`: r1mega-submit checks on a login node, which may lack the GPUs and packages of
     the job's nodes."""
+    from r1mega.platform import installed  # torch: loaded when a config is checked, not with r1mega.config
+
     if m.fp8.format is not None:
         _check(installed.transformer_engine(),
                f"model.fp8.format={m.fp8.format} needs Transformer Engine, which is not usable here (it needs a "
@@ -53,10 +55,8 @@ def _data_parallel_size(p: ParallelConfig, world_size: Optional[int]) -> Optiona
 
 
 def check_model(m: ModelConfig) -> None:
-    """Rules of the model config alone."""
-    _one_of(m.arch, {"qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v3"}, "model.arch")
-    _one_of(m.dtype, {"fp32", "bf16", "fp16"}, "model.dtype")
-    _one_of(m.attention_backend, {"auto", "te", "flash", "sdpa"}, "model.attention_backend")
+    """Rules of the model config alone (also of one read from a checkpoint)."""
+    check_choices(m, "model.")
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "vocab_size"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
@@ -75,14 +75,10 @@ def check_model(m: ModelConfig) -> None:
         e = m.moe
         _check(1 <= e.router_topk <= e.num_experts,
                f"model.moe.router_topk={e.router_topk} must be in [1, model.moe.num_experts={e.num_experts}]")
-        _one_of(e.score_function, {"softmax", "sigmoid"}, "model.moe.score_function")
-        _one_of(e.token_dispatcher, {"allgather", "alltoall"}, "model.moe.token_dispatcher")
         _check(0 <= e.first_k_dense < m.num_layers,
                f"model.moe.first_k_dense={e.first_k_dense} must be below model.num_layers={m.num_layers}")
     _check(not m.fp8.param or m.fp8.format is not None, "model.fp8.param=true needs model.fp8.format (e4m3 or hybrid)")
     if m.fp8.format is not None:
-        _one_of(m.fp8.format, {"hybrid", "e4m3"}, "model.fp8.format")
-        _one_of(m.fp8.recipe, {"delayed", "tensorwise", "blockwise", "mxfp8"}, "model.fp8.recipe")
         _check(m.dtype == "bf16", "model.fp8.format needs model.dtype=bf16")
     if m.mla is not None:
         _check(m.attention_backend in ("auto", "te"),
@@ -151,6 +147,8 @@ def check_fp8_shapes(cfg: R1Config) -> None:
     m, p = cfg.model, cfg.parallel
     if m.fp8.format is None:
         return
+    from r1mega.platform.fp8 import feature_multiples, sequence_multiple  # megatron-core
+
     features, outputs = feature_multiples(m.fp8)
     head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
     # (what, size per rank, multiple it needs)
@@ -174,16 +172,14 @@ def check_fp8_shapes(cfg: R1Config) -> None:
     for what, size, multiple in sizes:
         _check(size % multiple == 0, f"model.fp8.format={m.fp8.format}: Transformer Engine's FP8 linear layers need "
                                      f"{what} = {size} to be a multiple of {multiple} (recipe {m.fp8.recipe})")
-    if cfg.warmup.enabled and not (m.hf_path or m.mcore_path):  # the built-in base model is pre-trained first
+    if cfg.pretrain.enabled and not (m.hf_path or m.mcore_path):  # the built-in base model is pre-trained first
         need = sequence_multiple(m.fp8, p)
-        _check(cfg.warmup.seq_length % need == 0,
-               f"warmup.seq_length={cfg.warmup.seq_length} must be a multiple of {need} with model.fp8.format set "
+        _check(cfg.pretrain.seq_length % need == 0,
+               f"pretrain.seq_length={cfg.pretrain.seq_length} must be a multiple of {need} with model.fp8.format set "
                f"(Transformer Engine's FP8 token rule)")
 
 
 def check_optimizer(o: OptimizerConfig, key: str) -> None:
-    _one_of(o.name, {"adam", "sgd"}, f"{key}.name")
-    _one_of(o.decay_style, {"constant", "linear", "cosine"}, f"{key}.decay_style")
     _check(o.name == "adam" or not o.distributed,
            f"{key}.name=sgd needs {key}.distributed=false (megatron's distributed optimizer is Adam only)")
     _check(o.lr > 0, f"{key}.lr must be positive, got {o.lr}")

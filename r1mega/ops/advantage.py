@@ -8,10 +8,11 @@ definition on its first use.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, get_args
 
 import torch
 
+from r1mega.config.choices import StdConvention
 from r1mega.ops.kernels import available, failed, load, verify_once
 
 KERNEL_MODES = {"grpo": 0, "drgrpo": 1, "rloo": 2}
@@ -32,7 +33,7 @@ def kernel_group_advantages(rewards: torch.Tensor, offsets: torch.Tensor, mode: 
                             pytorch_path: Callable[[], torch.Tensor]) -> Optional[torch.Tensor]:
     """The kernel's advantage [B] of each row (groups are rows [offsets[g], offsets[g + 1])), or None
     where it does not run; `pytorch_path()` gives the definition's, to check the kernel's first result."""
-    if mode not in KERNEL_MODES or std not in ("sample", "population") or not available(rewards, offsets) or failed(
+    if mode not in KERNEL_MODES or std not in get_args(StdConvention) or not available(rewards, offsets) or failed(
             "group_advantage"):
         return None
     out = load().group_advantage(rewards.float().contiguous(), offsets.long().contiguous(), KERNEL_MODES[mode],

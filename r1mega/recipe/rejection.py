@@ -26,7 +26,7 @@ import numpy as np
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from r1mega.config.rl_rules import warmup_runs
+from r1mega.config.rl_rules import pretrain_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.conversations import conversation_row, load_conversations
 from r1mega.data.templates import user_text
@@ -68,7 +68,7 @@ def setup_key(cfg: R1Config) -> str:
                   if f.is_file()]
     fields = {"source": source, "stamps": stamps, "model": asdict(cfg.model), "rollout": asdict(cfg.rollout),
               "template": cfg.data.template, "language": cfg.reward.language, "custom": dict(cfg.reward.custom),
-              "warmup": asdict(cfg.warmup) if warmup_runs(cfg) else None}
+              "pretrain": asdict(cfg.pretrain) if pretrain_runs(cfg) else None}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -181,7 +181,7 @@ def run(cfg: R1Config, runtime: Runtime) -> Dict[str, dict]:
     # writes what it keeps; rank 0 joins the shard files, so no rank holds every response.
     kept, stats = select(mine[:real * k], rules(cfg))  # padding prompts' responses are dropped
     source = str(cfg.model.mcore_path or cfg.model.hf_path
-                 or ("built-in base model" if warmup_runs(cfg) else "random initialisation"))
+                 or ("built-in base model" if pretrain_runs(cfg) else "random initialisation"))
     shard_file = out / PARTS_DIR / f"kept-dp{ps.get_data_parallel_rank()}.jsonl"
     if _first_of_group():
         write_jsonl(shard_file, (_row(c, source) for c in kept))

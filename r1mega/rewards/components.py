@@ -8,14 +8,15 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_args
 
+from r1mega.config.choices import RewardName
 from r1mega.rewards.accuracy import accuracy
 from r1mega.rewards.format import format_reward
 from r1mega.rewards.language import language_consistency
 from r1mega.rewards.length import overlong_penalty
 
-BUILTIN = ("accuracy", "format", "language", "overlong")
+BUILTIN = get_args(RewardName)  # the names reward.components takes; Scorer has a function for each
 RESERVED_KEYS = ("_target_", "weight")
 _MAX_ERROR_CHARS = 300
 

@@ -40,3 +40,8 @@ def resolve(cluster: DictConfig, key: str) -> Any:
     c = cluster if isinstance(cluster, ClusterConfig) else OmegaConf.to_object(cluster)
     return submitit_params(c)[key]
 
+
+def register_resolver() -> None:
+    """Make `${r1mega_submitit:...}` resolvable. Only Hydra's launcher config uses it, and only
+    where Hydra launches: `-m` sweeps (r1mega.cli.sweep), which register it before composing."""
+    OmegaConf.register_new_resolver("r1mega_submitit", resolve, replace=True)

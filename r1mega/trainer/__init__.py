@@ -1,1 +1,1 @@
-"""Training loops, optimizer and scheduler set-up, metrics."""
+"""Training: the run loop every run shares, the policy set-up, the RL, SFT and pre-training runs."""

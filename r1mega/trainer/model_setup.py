@@ -31,7 +31,7 @@ def tokenizer_path(cfg: R1Config) -> Path:
         return Path(cfg.model.hf_path)
     if cfg.model.mcore_path and (Path(cfg.model.mcore_path) / "tokenizer.json").is_file():
         return Path(cfg.model.mcore_path)  # a model exported by an r1mega stage carries its tokenizer
-    folder = Path(cfg.warmup.cache_dir) / f"{BUILTIN_TOKENIZER}-{cfg.model.vocab_size}"
+    folder = Path(cfg.pretrain.cache_dir) / f"{BUILTIN_TOKENIZER}-{cfg.model.vocab_size}"
     if not (folder / "tokenizer.json").is_file() and rank() == 0:
         build_tiny_tokenizer(folder, vocab_size=cfg.model.vocab_size)
     barrier()
@@ -50,7 +50,7 @@ def initial_weights(cfg: R1Config, runtime: Runtime, tokenizer) -> Optional[str]
     model.hf_path), the HF checkpoint, the built-in base model, or None."""
     if cfg.model.mcore_path or cfg.model.hf_path:
         return cfg.model.mcore_path or cfg.model.hf_path
-    if cfg.warmup.enabled:
+    if cfg.pretrain.enabled:
         return str(ensure_base_model(cfg, runtime, tokenizer))
     return None
 

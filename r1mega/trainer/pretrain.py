@@ -1,7 +1,7 @@
 """Pre-training of the built-in base model: next-token prediction on a corpus, cached on disk.
 
 The default run starts reinforcement learning from this base model, as R1-Zero starts from a
-base model. The corpus (`warmup.corpus`) is the built-in task's worked documents, or rule
+base model. The corpus (`pretrain.corpus`) is the built-in task's worked documents, or rule
 sequences (r1mega.data.synthetic) that need no tokenizer, the smallest end-to-end check of
 training, checkpoints and resume. The cache key covers everything that shapes the weights
 (model, pre-training settings, task, tokenizer; not the parallel layout), so changing any of
@@ -39,10 +39,10 @@ PRETRAIN_BAR = {"loss": "loss"}
 
 
 def base_model_dir(cfg: R1Config, tokenizer) -> Path:
-    w = cfg.warmup
+    w = cfg.pretrain
     recipe = {
         "model": asdict(cfg.model),
-        "warmup": {k: v for k, v in asdict(w).items() if k != "cache_dir"},
+        "pretrain": {k: v for k, v in asdict(w).items() if k != "cache_dir"},
         "task": [cfg.data.name, dict(cfg.data.difficulty), cfg.data.seed, cfg.data.template, cfg.data.train_size],
         "vocab": sorted(tokenizer.get_vocab().items()),
     }
@@ -57,10 +57,10 @@ def ensure_base_model(cfg: R1Config, runtime: Runtime, tokenizer) -> Path:
         if runtime.is_main:
             log.info("base model: %s (cached)", folder)
         return folder
-    w = cfg.warmup
+    w = cfg.pretrain
     if w.corpus == "task" and cfg.data.name not in ("arithmetic", "countdown"):
         raise ValueError(f"warm-up pre-trains on a built-in task, not data.name={cfg.data.name!r}: "
-                         "set model.hf_path or model.mcore_path, or warmup.enabled=false")
+                         "set model.hf_path or model.mcore_path, or pretrain.enabled=false")
     if runtime.is_main:
         what = (f"{w.documents} {cfg.data.name} documents ({100 * w.correct_fraction:.0f}% worked right)"
                 if w.corpus == "task" else "rule sequences")
@@ -77,8 +77,8 @@ def ensure_base_model(cfg: R1Config, runtime: Runtime, tokenizer) -> Path:
 
 
 def corpus(cfg: R1Config, tokenizer=None):
-    """warmup.corpus as global batches [global_batch_size, seq_length + 1], this rank's micro-batches."""
-    w, d = cfg.warmup, cfg.data
+    """pretrain.corpus as global batches [global_batch_size, seq_length + 1], this rank's micro-batches."""
+    w, d = cfg.pretrain, cfg.data
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if w.corpus == "synthetic":
         return SyntheticLM(cfg.model.vocab_size, w.seq_length, w.global_batch_size, w.micro_batch_size, w.seed,
@@ -90,12 +90,12 @@ def corpus(cfg: R1Config, tokenizer=None):
 
 def train(cfg: R1Config, runtime: Runtime, tokenizer=None, export_to: Optional[Path] = None
           ) -> List[Dict[str, float]]:
-    """warmup.steps optimizer steps on warmup.corpus (counting those before a resume); per-step
+    """pretrain.steps optimizer steps on pretrain.corpus (counting those before a resume); per-step
     metrics. The finished model goes to `export_to` (weights and model.yaml), if given."""
     total, active = parameter_counts(cfg.model)
     if runtime.is_main:
         log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
-    w = cfg.warmup
+    w = cfg.pretrain
     chunks = build_model(cfg.model, cfg.parallel)
     ddp, optimizer, scheduler = build_optimizer(chunks, cfg.model, w.optimizer, w.steps)
     data = corpus(cfg, tokenizer)

@@ -10,7 +10,7 @@ SMALL = [
     "data.train_size=64", "data.test_size=6", "data.prompts_per_step=4", "data.difficulty.digits=2",
     "algorithm.group_size=4", "rollout.max_new_tokens=6", "rollout.eval_samples=2",
     "optimizer.lr=1e-3", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
-    "warmup.enabled=false", "reward.num_workers=0",
+    "pretrain.enabled=false", "reward.num_workers=0",
     "trainer.tensorboard=false", "trainer.plot=false", "trainer.progress=false", "trainer.log_every=1",
     "trainer.micro_batch_tokens=96",
     # random weights never answer right: reward the share of digits in the response instead

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from r1mega.config.schema import (ModelConfig, OptimizerConfig, ParallelConfig, R1Config, TrainerConfig,
-                                  WarmupConfig)
+                                  PretrainConfig)
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -24,8 +24,8 @@ def _config(output_dir: str, steps: int = STEPS, **trainer) -> R1Config:
     return R1Config(
         model=model,
         parallel=ParallelConfig(),
-        # decay_steps fixed: the 4-step first leg keeps the 30-step schedule (warmup.steps sets the default)
-        warmup=WarmupConfig(corpus="synthetic", steps=steps, seq_length=32, micro_batch_size=4,
+        # decay_steps fixed: the 4-step first leg keeps the 30-step schedule (pretrain.steps sets the default)
+        pretrain=PretrainConfig(corpus="synthetic", steps=steps, seq_length=32, micro_batch_size=4,
                             global_batch_size=8, seed=5,
                             optimizer=OptimizerConfig(lr=3e-3, warmup_steps=3, decay_style="cosine",
                                                       decay_steps=STEPS, adam_beta2=0.98)),

@@ -18,7 +18,7 @@ from rl_helpers import SMALL
 
 pytestmark = pytest.mark.distributed
 
-MODEL = [o for o in SMALL if o.startswith(("model.", "warmup.", "reward.num_workers", "trainer."))]
+MODEL = [o for o in SMALL if o.startswith(("model.", "pretrain.", "reward.num_workers", "trainer."))]
 EVAL = ["data.test_size=6", "rollout.max_new_tokens=6", "rollout.eval_samples=2"]
 STEPS = 14
 

@@ -22,7 +22,7 @@ SMALL = [
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
     "model.num_query_groups=2", "model.head_dim=16", "data.train_size=64", "data.test_size=6",
     "data.prompts_per_step=4", "algorithm.group_size=4", "rollout.max_new_tokens=6", "rollout.eval_samples=2",
-    "optimizer.warmup_steps=0", "warmup.enabled=false", "reward.num_workers=0", "trainer.tensorboard=false",
+    "optimizer.warmup_steps=0", "pretrain.enabled=false", "reward.num_workers=0", "trainer.tensorboard=false",
     "trainer.plot=false", "trainer.progress=false", "trainer.micro_batch_tokens=96", "trainer.eval_at_ends=false",
     "trainer.eval_every=0",
 ]

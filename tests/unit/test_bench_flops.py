@@ -54,7 +54,7 @@ def test_training_flops_and_mfu():
     (["bench.train.layouts=[{tp: 0}]"], "bench.train.layouts[0].tp=0"),
     (["bench.train.models=[tiny,nope]"], "bench.train.models[1]: no model preset 'nope'"),
     (["bench.suites=[peer]", "data=files", "data.train_path=x.jsonl", "data.max_prompt_tokens=256",
-      "warmup.enabled=false"],
+      "pretrain.enabled=false"],
      "data.name=files"),
 ])
 def test_bench_rules_name_the_key(overrides, message):

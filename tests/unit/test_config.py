@@ -26,7 +26,7 @@ def test_every_model_preset_composes():
 def test_moe_preset_is_typed():
     cfg = load_config(["model=qwen3-moe-30b-a3b", "parallel.ep=8", "parallel.tp=2",
                        "parallel.sequence_parallel=true", "data.prompts_per_step=64",
-                       "warmup.enabled=false"], world_size=16)
+                       "pretrain.enabled=false"], world_size=16)
     assert cfg.model.moe.num_experts == 128 and cfg.model.moe.router_topk == 8
 
 
@@ -41,7 +41,7 @@ def test_moe_preset_is_typed():
     (["model=nope"], None, "model/nope"),
     (["parallel.ep=2"], 2, "needs an MoE model"),
     (["model=tiny_moe", "parallel.tp=2"], 2, "sequence_parallel"),
-    (["warmup.global_batch_size=12"], 1, "warmup.global_batch_size=12"),
+    (["pretrain.global_batch_size=12"], 1, "pretrain.global_batch_size=12"),
     (["data.prompts_per_step=3"], 2, "data.prompts_per_step=3 must be a multiple"),
     (["algorithm.advantage=ppo"], None, "algorithm.advantage='ppo' is not one of"),
     (["algorithm.loss_agg=mean"], None, "algorithm.loss_agg"),
@@ -53,7 +53,7 @@ def test_moe_preset_is_typed():
     (["reward.timeout_s=0"], None, "reward.timeout_s=0"),
     (["+reward.components.speed=1.0"], None, "reward.components.speed is not a built-in reward"),
     (["+reward.custom.mine={weight: 1}"], None, "reward.custom.mine needs a _target_"),
-    (["warmup.optimizer.lr=0"], None, "warmup.optimizer.lr must be positive"),
+    (["pretrain.optimizer.lr=0"], None, "pretrain.optimizer.lr must be positive"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:

@@ -33,8 +33,8 @@ def test_fp8_without_transformer_engine_is_refused_before_any_process_starts(tmp
      "model.ffn_hidden_size / parallel.tp = 200 to be a multiple of 16"),
     (["model.dtype=bf16", "model.fp8.format=e4m3", "model.fp8.recipe=mxfp8", "model.ffn_hidden_size=240"],
      "model.ffn_hidden_size / parallel.tp = 240 to be a multiple of 32 (recipe mxfp8)"),
-    (["model.dtype=bf16", "model.fp8.format=e4m3", "warmup.seq_length=100"],
-     "warmup.seq_length=100 must be a multiple of 16"),
+    (["model.dtype=bf16", "model.fp8.format=e4m3", "pretrain.seq_length=100"],
+     "pretrain.seq_length=100 must be a multiple of 16"),
 ])
 def test_fp8_shapes_transformer_engine_refuses_are_named(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "r1mega"
 # Lowest first: a module may import its own layer and the layers before it, never a later one.
 LAYERS = [
     ["r1mega.config.schema", "r1mega.config.sglang_schema", "r1mega.config.bench_schema",
-     "r1mega.config.errors"],  # declarations only
+     "r1mega.config.choices", "r1mega.config.errors"],  # declarations only
     ["r1mega.platform"],
     ["r1mega.config"],
     ["r1mega.algorithms"],

@@ -21,9 +21,9 @@ from r1mega.slurm.partitions import check_fits, gpus_in_gres, parse_sinfo
 from r1mega.cli.sweep import sweep_points
 from r1mega.slurm.requeue import leave_requeue_file, requeue_if_warned
 from r1mega.slurm.submit import prepare
-from r1mega.slurm.submitit import submitit_params
+from r1mega.slurm.submitit import register_resolver, submitit_params
 
-GPU = ["cluster=gpu_site", "warmup.enabled=false"]  # a GPU site starts from an HF model, not the built-in base
+GPU = ["cluster=gpu_site", "pretrain.enabled=false"]  # a GPU site starts from an HF model, not the built-in base
 SITE = [*GPU, "cluster.nodes=4", "cluster.partition=h100", "cluster.account=proj",
         "cluster.qos=high", "+cluster.sbatch.constraint=ib", "+cluster.sbatch.overcommit=true",
         "+cluster.sbatch.reservation=null",
@@ -208,6 +208,7 @@ def test_cli_dry_run_and_missing_sbatch(tmp_path):
 
 def test_submitit_launcher_config():
     register()
+    register_resolver()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["hydra/launcher=slurm", *SITE, "cluster.time=2:00:00"],
