@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from r1mega.platform.torch_compat import clamp
+
 KLEstimator = Literal["k1", "k2", "k3"]
 
 # exp(20) ~ 5e8 keeps k3 finite in fp32 (exp overflows past ~88) while leaving every log-ratio
@@ -29,6 +31,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimato
     if estimator == "k2":
         return 0.5 * diff.square()
     if estimator == "k3":
-        log_rho = (-diff).clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+        log_rho = clamp(-diff, -K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
         return log_rho.exp() - log_rho - 1.0
     raise ValueError(f"unknown KL estimator {estimator!r}")

@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from r1mega.platform.torch_compat import clamp
+
 RatioLevel = Literal["token", "sequence"]
 
 # exp(20) ~ 5e8: keeps ratios finite in fp32 so a zero gradient times an inf ratio never makes NaN.
@@ -51,7 +53,7 @@ def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
     """
     token = _zeros_off(mask, logp - old_logp)
     if ratio_level == "token":
-        return token.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return clamp(token, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if ratio_level != "sequence":
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     seq = token.sum(-1) / mask.sum(-1).clamp(min=1).to(token.dtype)
@@ -74,7 +76,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     m = mask.bool()
     adv = token_advantages(advantages, m, logp)
     ratio = log_ratio(logp, old_logp, m, ratio_level).exp()
-    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    clipped = clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(-adv * ratio, -adv * clipped)
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
