@@ -3,7 +3,8 @@
 # dependencies and run their tests: the whole suite on the current stack, then the tests that
 # tests/newest-stack.txt lists on the newest one. The newest stack installs (downloads and
 # unpacking) while the current stack's tests run; its log is shown if it fails. Both stacks'
-# tests run whatever the other's verdict; the exit status is non-zero if either failed.
+# tests run whatever the other's verdict; the exit status is non-zero if either failed. Without a
+# Python 3.12 the newest stack is skipped with a notice, except under CI (CI set), where it fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -13,6 +14,11 @@ bash scripts/setup.sh dev || exit
 echo "== stack current set up after $(elapsed)"
 newest_log=$(mktemp)
 trap 'rm -f "$newest_log" "${current_out:-}" "${newest_out:-}"' EXIT
+if [ -z "${CI:-}" ] && ! (. scripts/stack.sh && python312 >/dev/null 2>&1); then
+    echo "== stack newest: skipped: no Python 3.12 here (python3.12 on PATH, or pyenv install 3.12)"
+    bash scripts/test.sh
+    exit
+fi
 ( s=$SECONDS; R1MEGA_STACK=newest bash scripts/setup.sh dev && echo "setup took $(( SECONDS - s )) s" ) \
     >"$newest_log" 2>&1 &
 newest_setup=$!
