@@ -5,6 +5,5 @@ train:  ## set up, then run the default job (tiny model, built-in task, CPU or G
 	bash scripts/setup.sh
 	.venv/bin/r1mega-train $(ARGS)
 
-test:   ## set up with test dependencies, then run the test suite
-	bash scripts/setup.sh dev
-	bash scripts/test.sh
+test:   ## set up both tested stacks with test dependencies, then run their tests (README: Tested matrix)
+	bash scripts/test_stacks.sh

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install r1mega into it. Usage: scripts/setup.sh [extra,...]  (e.g. dev)
+# Create a stack's virtual environment and install r1mega into it. Usage: scripts/setup.sh [extra,...]
+# (e.g. dev). R1MEGA_STACK=current (default: .venv) or newest (.venv-py312): see scripts/stack.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
+. scripts/stack.sh
+if [ ! -x "$VENV/bin/python" ]; then
+    if [ "$STACK" = newest ]; then PY=${PYTHON:-$(python312)}; else PY=${PYTHON:-python3}; fi
+    "$PY" -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 # torch first: a bare `torch` requirement with no torch installed resolves to a multi-GB
 # build of the newest release; pin the tested one (CUDA build on GPU hosts, CPU elsewhere).
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==$TORCH"
 extras=${1:-}
 # With CUDA torch, a CUDA toolkit and a GPU (or TORCH_CUDA_ARCH_LIST), setup.py builds r1mega's
 # kernels now, against this torch (no isolated build environment); elsewhere they are left to a
@@ -20,3 +24,4 @@ sys.exit(not runpy.run_path('r1mega/ops/kernel_sources.py')['ahead_of_time']())"
 else
     python -m pip install -q -e ".${extras:+[$extras]}"
 fi
+echo "setup: stack $STACK in $VENV: $(stack_versions)"

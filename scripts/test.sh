@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Run the test suite (extra arguments go to pytest). As root, it first starts the one-node
-# Slurm cluster of slurm/local-cluster.sh for the `slurm` tests and stops it afterwards;
-# elsewhere (or with R1MEGA_SLURM=off, or SLURM_CONF already set) those tests use the
-# cluster SLURM_CONF names or are skipped.
+# Run one stack's tests (extra arguments go to pytest). R1MEGA_STACK=current (default) runs the
+# whole suite in .venv; R1MEGA_STACK=newest runs, in .venv-py312, the tests that
+# tests/newest-stack.txt lists (extra arguments follow the list). See scripts/stack.sh.
+# For the current stack, as root, it first starts the one-node Slurm cluster of
+# slurm/local-cluster.sh for the `slurm` tests and stops it afterwards; elsewhere (or with
+# R1MEGA_SLURM=off, or SLURM_CONF already set) those tests use the cluster SLURM_CONF names or
+# are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/stack.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-if [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [ "${R1MEGA_SLURM:-on}" != off ]; then
+selection=()
+what="the whole suite"
+if [ "$STACK" = newest ]; then
+    mapfile -t selection < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' tests/newest-stack.txt | grep -v '^$')
+    what="the ${#selection[@]} paths of tests/newest-stack.txt"
+fi
+what+=${*:+ (pytest $*)}
+echo "== stack $STACK ($VENV: $(stack_versions)): $what"
+if [ "$STACK" = current ] && [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [ "${R1MEGA_SLURM:-on}" != off ]; then
     export R1MEGA_SLURM_DIR=${R1MEGA_SLURM_DIR:-/tmp/r1mega-slurm-test-$$}
     trap 'slurm/local-cluster.sh stop' EXIT
     slurm/local-cluster.sh start
     eval "$(slurm/local-cluster.sh env)"
 fi
-bash scripts/compile_kernels.sh
-.venv/bin/python -m pytest -q "$@"
+# the CUDA sources once (current stack); the bindings against each stack's torch headers
+if [ "$STACK" = current ]; then VENV=$VENV bash scripts/compile_kernels.sh; else VENV=$VENV bash scripts/compile_kernels.sh --bindings-only; fi
+"$VENV/bin/python" -m pytest -q "${selection[@]}" "$@"

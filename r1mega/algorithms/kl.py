@@ -6,6 +6,7 @@ import torch
 
 from r1mega.algorithms.policy_loss import LOG_RATIO_BOUND
 from r1mega.config.choices import KLEstimator
+from r1mega.platform.torch_compat import clamp
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator = "k3",
@@ -24,6 +25,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimato
     if estimator == "k2":
         return 0.5 * diff.square()
     if estimator == "k3":
-        log_rho = (-diff).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # past it, k3's gradient is cut to 0
+        log_rho = clamp(-diff, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # past it, k3's gradient is cut to 0
         return log_rho.exp() - log_rho - 1.0
     raise ValueError(f"unknown KL estimator {estimator!r}")

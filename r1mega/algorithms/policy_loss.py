@@ -6,6 +6,7 @@ import torch
 
 from r1mega.algorithms.advantages import broadcast_to_tokens
 from r1mega.config.choices import RatioLevel
+from r1mega.platform.torch_compat import clamp
 
 # exp(20) ~ 5e8: keeps ratios (and the KL estimators' exp) finite in fp32, so a zero gradient times
 # an inf ratio never makes NaN. Any ratio this far from 1 is clipped (or dual-clipped) anyway, and
@@ -51,7 +52,7 @@ def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
     """
     token = _zeros_off(mask, logp - old_logp)
     if ratio_level == "token":
-        return token.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        return clamp(token, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     if ratio_level != "sequence":
         raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     seq = token.sum(-1) / mask.sum(-1).clamp(min=1).to(token.dtype)
@@ -84,7 +85,7 @@ def surrogate_and_ratio(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     m = mask.bool()
     adv = token_advantages(advantages, m, logp)
     ratio = log_ratio(logp, old_logp, m, ratio_level).exp()
-    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    clipped = clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(-adv * ratio, -adv * clipped)
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
