@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from r1mega.config.schema import ModelConfig
 from r1mega.models.builder import attention_weights
 
@@ -60,8 +62,6 @@ def device_peak_tflops(configured: Optional[float], dtype: str) -> Optional[floa
     """The configured peak, else a known GPU's bf16/fp16 peak; None on CPU (no MFU there)."""
     if configured is not None:
         return configured
-    import torch
-
     if not torch.cuda.is_available() or dtype not in ("bf16", "fp16"):
         return None
     name = torch.cuda.get_device_name()

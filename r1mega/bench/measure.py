@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
+import megatron.core
 import torch
 import torch.distributed as dist
 
@@ -70,8 +71,6 @@ def device_name() -> str:
 
 def environment() -> Dict[str, Optional[str]]:
     """Where and on what the figures were measured."""
-    import megatron.core
-
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(),

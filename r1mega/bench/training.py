@@ -9,6 +9,7 @@ import dataclasses
 from typing import Dict, List
 
 import torch
+from megatron.core import parallel_state as ps
 
 from r1mega.bench.flops import device_peak_tflops, mfu, training_flops_per_token
 from r1mega.bench.measure import max_over_ranks, median, peak_memory_mb, timed
@@ -54,9 +55,6 @@ def run(cfg: R1Config) -> Dict:
 
 
 def _rank(cfg: R1Config) -> Dict[str, float]:
-    from megatron.core import parallel_state as ps
-
-
     b = cfg.bench
     with running(cfg.parallel, cfg.trainer.seed) as runtime:
         _, ddp, optimizer, scheduler = build_policy(cfg, None, steps=b.warmup + b.repeats)

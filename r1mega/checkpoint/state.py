@@ -24,15 +24,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer import distrib_optimizer as dopt
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch.distributed.checkpoint.api import CheckpointException
 
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.mcore import model_keys, model_sharded_state_dict
 from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
-from r1mega.platform.atomic import publish
+from r1mega.platform.atomic import publish, write_text_atomic
 from r1mega.platform.distributed import barrier, rank
-from r1mega.platform.atomic import write_text_atomic
 
 MARKER = "r1mega_state.json"  # written last, inside the .tmp folder: its presence means complete
 LATEST = "latest"
@@ -165,8 +165,6 @@ def _patch_torch_adam_step_on_load() -> None:
     destination state: KeyError 'step' (optimizer/distrib_optimizer.py, megatron-core 0.16.1).
     Hide 'step' from that copy; megatron sets it itself in load_state_dict.
     """
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
     cls = dopt.DistributedOptimizer
     if dopt.HAVE_APEX_OR_TE or getattr(cls, "_r1mega_step_patch", False):
         return

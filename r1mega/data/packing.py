@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from r1mega.data.conversations import SFTSample
 
@@ -34,8 +35,6 @@ class SFTMicroBatch:
         """Keyword arguments of GPTModel.forward for this micro-batch."""
         packed = None
         if self.cu_seqlens is not None:
-            from megatron.core.packed_seq_params import PackedSeqParams
-
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
                                      max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
         return {"input_ids": self.tokens, "position_ids": self.positions, "attention_mask": None,

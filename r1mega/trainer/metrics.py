@@ -11,6 +11,9 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,14 +36,10 @@ class MetricsLog:
         self.file = self.folder / METRICS_FILE
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
         self.bar_keys = dict(bar_keys)
         self.bar = None
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def write(self, step: int, metrics: Dict[str, float], console: bool = True) -> None:
