@@ -41,8 +41,8 @@ def launch(argv: Sequence[str], rank_main: Callable[[R1Config], None],
         fail(str(e))
 
 
-def job_main(job: Callable[[R1Config, object], object], check: Optional[Callable[[R1Config, Optional[int]], None]],
-             stoppable: bool = False) -> None:
+def job_main(job: Callable[[R1Config, object], object],
+             check: Optional[Callable[[R1Config, Optional[int]], None]], stoppable: bool = False) -> None:
     """An entry point's main(): its command line, then job(cfg, runtime) on every rank (run_job)."""
     launch(sys.argv[1:], partial(run_job, job=job, stoppable=stoppable), check)
 
@@ -59,6 +59,8 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
     validate(cfg, nproc or env.world_size, check)
     check_installed(cfg.model)
     if nproc and nproc > 1:
+        if STOP.received is not None:  # caught while loading (cli/train, cli/sft): no rank would hear it
+            fail("stop signal received during start-up: nothing ran", code=1)
         spawn(nproc, rank_main, cfg, timeout=7 * 24 * 3600.0)
         return
     try:

@@ -5,10 +5,16 @@
 
 from __future__ import annotations
 
+from r1mega.platform.signals import STOP
 
-from r1mega.cli.common import job_main
-from r1mega.config.stage_rules import check_sft_run
-from r1mega.trainer.sft import train
+# Catch stop signals before the slow imports below: Slurm's time-limit warning (or a SIGTERM) that
+# lands while the trainer's modules load must be recorded, not end the process (run_job installs
+# the same handlers again, a no-op).
+STOP.install()
+
+from r1mega.cli.common import job_main  # noqa: E402
+from r1mega.config.stage_rules import check_sft_run  # noqa: E402
+from r1mega.trainer.sft import train  # noqa: E402
 
 
 def main() -> None:
