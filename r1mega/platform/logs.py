@@ -15,8 +15,6 @@ import re
 import warnings
 from typing import Dict, List, Tuple
 
-log = logging.getLogger("r1mega")
-
 # (pattern of the message, what it tells about the backends in use; None: a deprecation inside a library)
 KNOWN_HARMLESS: List[Tuple[re.Pattern, str | None]] = [
     (re.compile(r"Transformer Engine and Apex are not installed\. Falling back to Torch optimizers"),

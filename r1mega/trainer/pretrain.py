@@ -27,7 +27,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.corpus import TaskCorpus, corpus_tokens
 from r1mega.data.synthetic import SyntheticLM
 from r1mega.data.tasks import make_task
-from r1mega.models.builder import build_model, parameter_counts
+from r1mega.models.builder import build_model
 from r1mega.platform.distributed import Runtime, current_device, reduce_last_stage, seed_everything
 from r1mega.trainer.forward_backward import train_step as forward_backward_step
 from r1mega.trainer.optimizer import build_optimizer, current_lr
@@ -92,9 +92,6 @@ def train(cfg: R1Config, runtime: Runtime, tokenizer=None, export_to: Optional[P
           ) -> List[Dict[str, float]]:
     """pretrain.steps optimizer steps on pretrain.corpus (counting those before a resume); per-step
     metrics. The finished model goes to `export_to` (weights and model.yaml), if given."""
-    total, active = parameter_counts(cfg.model)
-    if runtime.is_main:
-        log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
     w = cfg.pretrain
     chunks = build_model(cfg.model, cfg.parallel)
     ddp, optimizer, scheduler = build_optimizer(chunks, cfg.model, w.optimizer, w.steps)

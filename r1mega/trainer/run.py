@@ -20,6 +20,7 @@ from r1mega.checkpoint.mcore import save_model
 from r1mega.checkpoint.staging import unwrap
 from r1mega.checkpoint.state import MARKER, latest_checkpoint, load_checkpoint, save_checkpoint
 from r1mega.config.schema import R1Config
+from r1mega.models.builder import parameter_counts
 from r1mega.platform.distributed import Runtime, barrier
 from r1mega.platform.signals import STOP, Stopped
 from r1mega.trainer.metrics import MetricsLog
@@ -82,6 +83,9 @@ def resume_path(cfg: R1Config) -> Optional[Path]:
 def run(cfg: R1Config, runtime: Runtime, job: Job) -> List[Metrics]:
     """job.steps steps (counting those before a resume); per-step metrics of this process's steps."""
     t = cfg.trainer
+    if runtime.is_main:
+        total, active = parameter_counts(cfg.model)
+        log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
     step = _resume(cfg, runtime, job)
     out: Optional[MetricsLog] = None
     if runtime.is_main:

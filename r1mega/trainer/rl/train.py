@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Dict, List
 
 from r1mega.config.schema import R1Config
-from r1mega.models.builder import parameter_counts
 from r1mega.platform.distributed import Runtime
 from r1mega.trainer.metrics import METRICS_FILE, PLOT_FILE, RL_BAR, plot_curves, read_rows
 from r1mega.trainer.rl.context import RLContext
@@ -24,9 +23,6 @@ log = logging.getLogger(__name__)
 def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
     """Run GRPO for cfg.trainer.steps steps (counting those before a resume); return per-step metrics."""
     start = time.perf_counter()
-    total, active = parameter_counts(cfg.model)
-    if runtime.is_main:
-        log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
     ctx = setup(cfg, runtime)
     try:
         history = run(cfg, runtime, job(ctx))
