@@ -6,17 +6,21 @@
 # slurm/local-cluster.sh for the `slurm` tests and stops it afterwards; elsewhere (or with
 # R1MEGA_SLURM=off, or SLURM_CONF already set) those tests use the cluster SLURM_CONF names or
 # are skipped.
+# Tests run on R1MEGA_TEST_WORKERS pytest-xdist workers (default: the CPU count, at least 2 and at
+# most 8): most of a test's time is spent starting processes and waiting on gloo and Slurm, so two
+# workers on two cores finish the suite in about two thirds of one worker's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/stack.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+workers=${R1MEGA_TEST_WORKERS:-$(cpus=$(nproc); echo $(( cpus < 2 ? 2 : cpus > 8 ? 8 : cpus )))}
 selection=()
 what="the whole suite"
 if [ "$STACK" = newest ]; then
     mapfile -t selection < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' tests/newest-stack.txt | grep -v '^$')
     what="the ${#selection[@]} paths of tests/newest-stack.txt"
 fi
-what+=${*:+ (pytest $*)}
+what+=" on $workers workers${*:+ (pytest $*)}"
 echo "== stack $STACK ($VENV: $(stack_versions)): $what"
 if [ "$STACK" = current ] && [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [ "${R1MEGA_SLURM:-on}" != off ]; then
     export R1MEGA_SLURM_DIR=${R1MEGA_SLURM_DIR:-/tmp/r1mega-slurm-test-$$}
@@ -26,4 +30,4 @@ if [ "$STACK" = current ] && [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [
 fi
 # the CUDA sources once (current stack); the bindings against each stack's torch headers
 if [ "$STACK" = current ]; then VENV=$VENV bash scripts/compile_kernels.sh; else VENV=$VENV bash scripts/compile_kernels.sh --bindings-only; fi
-"$VENV/bin/python" -m pytest -q "${selection[@]}" "$@"
+"$VENV/bin/python" -m pytest -q -n "$workers" --dist worksteal "${selection[@]}" "$@"
