@@ -6,14 +6,15 @@
 # slurm/local-cluster.sh for the `slurm` tests and stops it afterwards; elsewhere (or with
 # R1MEGA_SLURM=off, or SLURM_CONF already set) those tests use the cluster SLURM_CONF names or
 # are skipped.
-# Tests run on R1MEGA_TEST_WORKERS pytest-xdist workers (default: the CPU count, at least 2 and at
-# most 8): most of a test's time is spent starting processes and waiting on gloo and Slurm, so two
-# workers on two cores finish the suite in about two thirds of one worker's time.
+# Tests run on R1MEGA_TEST_WORKERS pytest-xdist workers (default: half the CPU count, 2 to 8; 0
+# runs them in this process). Most of a test's time is spent starting processes and waiting on
+# gloo and Slurm, so two workers on two cores finish the suite in about two thirds of one worker's
+# time; a third worker there, its tests' ranks oversubscribing the cores, took twice as long.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/stack.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-workers=${R1MEGA_TEST_WORKERS:-$(cpus=$(nproc); echo $(( cpus < 2 ? 2 : cpus > 8 ? 8 : cpus )))}
+workers=${R1MEGA_TEST_WORKERS:-$(half=$(( $(nproc) / 2 )); echo $(( half < 2 ? 2 : half > 8 ? 8 : half )))}
 selection=()
 what="the whole suite"
 if [ "$STACK" = newest ]; then
