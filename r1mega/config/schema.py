@@ -228,7 +228,8 @@ class TrainerConfig:
     load: Optional[str] = None  # checkpoint dir to resume from; "auto" = latest in output_dir
     eval_every: int = 0  # evaluate on the held-out split every N steps (and before/after); 0 = ends only
     eval_at_ends: bool = True  # evaluate before the first and after the last step
-    micro_batch_tokens: int = 8192  # token budget of one training micro-batch (padded rows x length)
+    micro_batch_tokens: int = 8192  # tokens of one training micro-batch (a pack, or padded rows x length)
+    pack: bool = True  # THD packs of RL rows, balanced in tokens over micro-batches and data-parallel ranks
     tensorboard: bool = True
     plot: bool = True  # PNG of reward, accuracy and length curves at the end
     progress: bool = True  # progress bar on rank 0

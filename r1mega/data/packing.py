@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from r1mega.data.balance import token_bins
 from r1mega.data.conversations import SFTSample
 
 
@@ -33,12 +34,16 @@ class SFTMicroBatch:
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of GPTModel.forward for this micro-batch."""
-        packed = None
-        if self.cu_seqlens is not None:
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                                     max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
         return {"input_ids": self.tokens, "position_ids": self.positions, "attention_mask": None,
-                "packed_seq_params": packed}
+                "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen)}
+
+
+def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: int) -> Optional[PackedSeqParams]:
+    """megatron's packed-sequence parameters of a THD pack (None: not a pack)."""
+    if cu_seqlens is None:
+        return None
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
 def split_rows(lengths: Sequence[int], rows: Sequence[int], token_budget: int, min_parts: int = 1) -> List[List[int]]:
@@ -61,33 +66,12 @@ def split_rows(lengths: Sequence[int], rows: Sequence[int], token_budget: int, m
     return groups
 
 
-def _bins(lengths: Sequence[int], budget: int, min_parts: int) -> List[List[int]]:
-    """First-fit decreasing: sample indices per micro-batch, each at most `budget` tokens (a longer
-    sample alone); split further until there are min_parts bins (when there are that many samples)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: List[List[int]] = []
-    room: List[int] = []
-    for i in order:
-        for b in range(len(bins)):
-            if lengths[i] <= room[b]:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(budget - lengths[i])
-    while len(bins) < min(min_parts, len(order)):
-        big = max(range(len(bins)), key=lambda b: len(bins[b]))
-        half = len(bins[big]) // 2
-        bins[big:big + 1] = [bins[big][:half], bins[big][half:]]
-    return [sorted(b) for b in bins]
-
-
 def pack(samples: Sequence[SFTSample], budget: int, multiple: int = 1, min_parts: int = 1) -> List[SFTMicroBatch]:
-    """THD packs of whole samples, about `budget` tokens each; the pack length is rounded up to
-    `multiple` (sequence parallelism) with a padding segment that carries no loss."""
+    """THD packs of whole samples, at most `budget` tokens each (a longer sample alone) and balanced
+    in tokens; the pack length is rounded up to `multiple` (sequence parallelism) with a padding
+    segment that carries no loss."""
     out = []
-    for members in _bins([len(s) - 1 for s in samples], budget, min_parts):
+    for members in token_bins([len(s) - 1 for s in samples], budget, min_parts):
         tokens, targets, mask, positions, cu = [], [], [], [], [0]
         for i in members:
             s = samples[i]

@@ -63,8 +63,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, h, d] -> [1, h, t, d]; one block-diagonal causal mask over the pack
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
-            mask = packed_causal_mask(packed_seq_params, q.size(2), k.size(2), q.device)
-            out = self._sdpa(q, k, v, mask, False, dropout)
+            out = self._packed(q, k, v, packed_seq_params, dropout)
             return out.transpose(1, 2).reshape(query.size(0), -1)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
@@ -81,6 +80,36 @@ class SDPAttention(MegatronModule):
                 mask = _causal(sq, sk, q.device)
         out = self._sdpa(q, k, v, mask, causal, dropout)
         return out.permute(2, 0, 1, 3).reshape(sq, out.size(0), -1)
+
+    def _packed(self, q, k, v, params: PackedSeqParams, dropout: float) -> torch.Tensor:
+        """Causal attention inside each segment of a pack ([1, h, t, d]).
+
+        When queries and keys share the boundaries (training packs), segments of similar length
+        are gathered into a right-padded batch and go through one causal SDPA call each: a mask
+        over the whole pack would cost t^2 scores, the buckets about the sum of the segments'
+        squares, in a few calls rather than one per segment. Padding sits after each segment's
+        tokens, so causality keeps every real query off it; padded queries are dropped.
+        """
+        cu_q, cu_k = _bounds(params, "q"), _bounds(params, "kv")
+        t = q.size(2)
+        if k.size(2) != t or not torch.equal(cu_q.cpu(), cu_k.cpu()):
+            return self._sdpa(q, k, v, packed_causal_mask(params, t, k.size(2), q.device), False, dropout)
+        bounds = [b for b in cu_q.tolist() if b < t] + [t]
+        segments = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+        pieces, order = [], []
+        for bucket in _length_buckets(segments):
+            width = bucket[0][1]
+            starts, lengths = (torch.tensor(c, device=q.device) for c in zip(*bucket))
+            steps = torch.arange(width, device=q.device)
+            index = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)  # [n, width]
+            rows = [x[0][:, index].transpose(0, 1) for x in (q, k, v)]  # [n, h, width, d]
+            o = self._sdpa(*rows, None, True, dropout).transpose(0, 1).flatten(1, 2)  # [h, n * width, d]
+            real = (steps[None, :] < lengths[:, None]).flatten().nonzero().squeeze(1)
+            pieces.append(o.index_select(1, real))
+            order.append(index.flatten()[real])
+        inverse = torch.empty(t, dtype=torch.long, device=q.device)
+        inverse[torch.cat(order)] = torch.arange(t, device=q.device)
+        return torch.cat(pieces, dim=1).index_select(1, inverse).unsqueeze(0)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
         return F.scaled_dot_product_attention(
@@ -100,10 +129,30 @@ def _causal(sq: int, sk: int, device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
 
 
+def _length_buckets(segments, slack: float = 1.25):
+    """(start, length) segments grouped longest first: a bucket's padded cost (count x longest^2)
+    stays within `slack` times the sum of its segments' squares."""
+    buckets = []
+    for seg in sorted(segments, key=lambda s: -s[1]):
+        if buckets:
+            b = buckets[-1]
+            width = b[0][1]
+            if (len(b) + 1) * width * width <= slack * (sum(n * n for _, n in b) + seg[1] ** 2):
+                b.append(seg)
+                continue
+        buckets.append([seg])
+    return buckets
+
+
+def _bounds(params: PackedSeqParams, side: str) -> torch.Tensor:
+    """A pack's segment boundaries for queries ("q") or keys ("kv"), padded ones where given."""
+    padded = getattr(params, f"cu_seqlens_{side}_padded")
+    return padded if padded is not None else getattr(params, f"cu_seqlens_{side}")
+
+
 def packed_causal_mask(params: PackedSeqParams, sq: int, sk: int, device) -> torch.Tensor:
     """Block-diagonal causal mask for a THD pack: no token attends across samples."""
-    cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
-    cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+    cu_q, cu_k = _bounds(params, "q"), _bounds(params, "kv")
     seg_q = _segment_ids(cu_q, sq, device)
     seg_k = _segment_ids(cu_k, sk, device)
     same = seg_q[:, None] == seg_k[None, :]

@@ -172,6 +172,14 @@ def dp_max(values: Sequence[float]) -> List[float]:
     return dp_all_reduce(values, dist.ReduceOp.MAX)
 
 
+def dp_all_gather(obj: T) -> List[T]:
+    """Every data-parallel rank's `obj` (picklable), in rank order."""
+    group = ps.get_data_parallel_group()
+    out: List[T] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def reduce_last_stage(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """Values held by the last pipeline stages (ignored elsewhere), reduced over data-parallel ranks
     and shared with every stage: the same result on every rank."""

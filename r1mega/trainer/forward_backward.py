@@ -2,8 +2,9 @@
 optimizer step after them.
 
 Shared by the RL, SFT and pre-training steps. A micro-batch knows its model inputs
-(`model_inputs()`, and optionally `logits_from`, the first position any loss reads); a loss
-function turns (micro-batch, this rank's vocab slice of the logits) into (loss, report).
+(`model_inputs()`, and optionally `logits_window`: the first position any loss reads, or the
+positions it reads); a loss function turns (micro-batch, this rank's vocab slice of the logits)
+into (loss, report).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from r1mega.models.logits_window import logits_from
 
 def _forward_step(data_iterator, model, loss_fn):
     micro = next(data_iterator).to(next(model.parameters()).device)
-    with logits_from(model, getattr(micro, "logits_from", 0)):
+    with logits_from(model, getattr(micro, "logits_window", 0)):
         logits = model(**micro.model_inputs())
     return logits, partial(loss_fn, micro)
 

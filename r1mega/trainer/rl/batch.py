@@ -1,22 +1,32 @@
-"""Rollouts as training tensors: right-padded rows, micro-batched by a token budget.
+"""Rollouts as training tensors: THD packs (or right-padded rows), micro-batched by tokens.
 
 A row is prompt + response. The model reads tokens[:-1] and predicts tokens[1:]; the
-response tokens are predicted at positions prompt_len - 1 ... len - 2, which the mask marks.
-Right padding needs no attention mask: under causal attention no real token sees a pad.
-Logits are only computed from the earliest response position of a micro-batch on
-(`logits_from`), so per-token fields cover positions logits_from ... L - 1.
+response tokens are predicted at positions prompt_len - 1 ... len - 2.
+
+Packed (trainer.pack, the default): rows lie back to back in one sequence, with megatron's
+packed-sequence parameters keeping attention and rotary positions inside each row, so no
+position is spent on padding. Logits are computed at the response positions only
+(`logits_at`), and the loss reads them in the per-row layout [b, R] (R: the longest
+response), where the mask marks each row's first R_i columns.
+
+Padded (trainer.pack=false): rows right-padded to the longest; under causal attention no real
+token sees a pad, so no attention mask is needed. Logits are computed from the earliest
+response position of the micro-batch on (`logits_from`), and per-token fields cover positions
+logits_from ... L - 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+from megatron.core import parallel_state as ps
 
 from r1mega.config.schema import R1Config
-from r1mega.data.packing import split_rows
-from r1mega.platform.distributed import dp_max
+from r1mega.data.balance import balanced_parts, token_bins
+from r1mega.data.packing import split_rows, thd_params
+from r1mega.platform.distributed import dp_all_gather, dp_max
 from r1mega.platform.fp8 import sequence_multiple
 from r1mega.rollout.types import Rollouts
 
@@ -31,7 +41,6 @@ class StepBatch:
     rollout_logp: List[torch.Tensor]  # [R_i] the engine's log-probs of the response tokens
     old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
     ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
-    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def from_rollouts(rollouts: Rollouts, advantages: torch.Tensor) -> "StepBatch":
@@ -45,31 +54,89 @@ class StepBatch:
     def response_tokens(self, rows: Sequence[int]) -> int:
         return sum(len(self.tokens[i]) - self.prompt_lens[i] for i in rows)
 
+    def model_lengths(self) -> List[int]:
+        """Positions each row takes in a forward (its tokens but the last)."""
+        return [len(t) - 1 for t in self.tokens]
+
+
+def balance_over_dp(batch: StepBatch) -> StepBatch:
+    """The rows of all data-parallel ranks, re-dealt so that each rank's share of tokens is as equal
+    as possible (a balanced partition of every row's length; rank r takes part r).
+
+    Before the log-prob passes: only the rollouts' fields travel. Rows of a group may land on
+    different ranks; their advantages are already computed, and every loss denominator is a sum
+    over all ranks, so the optimizer step does not depend on who holds which row.
+    """
+    mine = (batch.tokens, batch.prompt_lens, batch.advantages, batch.rollout_logp)
+    everyone = dp_all_gather(mine)
+    if len(everyone) == 1:
+        return batch
+    tokens = [t for r in everyone for t in r[0]]
+    parts = balanced_parts([len(t) - 1 for t in tokens], len(everyone))
+    if any(not p for p in parts):  # fewer rows than ranks: every rank keeps its own
+        return batch
+    prompt_lens = [n for r in everyone for n in r[1]]
+    advantages = torch.cat([r[2] for r in everyone])
+    rollout_logp = [lp for r in everyone for lp in r[3]]
+    take = parts[ps.get_data_parallel_rank()]
+    return StepBatch([tokens[i] for i in take], [prompt_lens[i] for i in take], advantages[take],
+                     [rollout_logp[i] for i in take])
+
 
 @dataclass
 class MicroBatch:
-    """Padded tensors of some rows; per-token fields are [b, W] aligned with the model's output,
-    the logits of positions logits_from ... L - 1 (W = L - logits_from)."""
+    """The tensors of some rows. Per-token fields (mask, log-probs) are [b, W] in the loss's layout:
+    aligned with the model's output positions logits_from ... L - 1 for padded rows, each row's
+    response from column 0 for a pack. `targets` is aligned with the model's output: [b, W]
+    padded, [1, K] for a pack (K response positions, `logits_at`)."""
 
     rows: List[int]
-    tokens: torch.Tensor  # [b, L] model input
-    targets: torch.Tensor  # [b, W] next tokens
+    tokens: torch.Tensor  # [b, L] model input ([1, T] for a pack)
+    targets: torch.Tensor  # next tokens at the positions whose logits are computed
     mask: torch.Tensor  # [b, W] bool, True where the target is a response token
     advantages: torch.Tensor  # [b]
     rollout_logp: torch.Tensor  # [b, W]
     old_logp: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None
-    logits_from: int = 0  # first position whose logits a loss reads
+    logits_from: int = 0  # padded rows: first position whose logits a loss reads
+    # a THD pack: row boundaries, restarting positions, the response positions whose logits are
+    # computed, and where each of them lands in the [b, W] layout (row, column)
+    cu_seqlens: Optional[torch.Tensor] = None  # [b + 1] int32 (+ 1 with a padding segment)
+    max_seqlen: int = 0
+    positions: Optional[torch.Tensor] = None  # [1, T]
+    logits_at: Optional[torch.Tensor] = None  # [K]
+    row_of: Optional[torch.Tensor] = None  # [K]
+    col_of: Optional[torch.Tensor] = None  # [K]
+
+    @property
+    def logits_window(self) -> Union[int, torch.Tensor]:
+        """What the output layer projects (models.logits_window): a first position, or positions."""
+        return self.logits_at if self.logits_at is not None else self.logits_from
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of GPTModel.forward (right padding needs no attention mask)."""
-        positions = torch.arange(self.tokens.size(1), device=self.tokens.device).expand_as(self.tokens)
-        return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None}
+        positions = self.positions
+        if positions is None:
+            positions = torch.arange(self.tokens.size(1), device=self.tokens.device).expand_as(self.tokens)
+        return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None,
+                "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen)}
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values aligned with `targets` in the [b, W] layout of the mask (differentiable)."""
+        if self.logits_at is None:
+            return values
+        out = values.new_zeros(self.mask.shape)
+        return out.index_put((self.row_of, self.col_of), values.reshape(-1))
 
     def to(self, device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(self.rows, move(self.tokens), move(self.targets), move(self.mask), move(self.advantages),
-                          move(self.rollout_logp), move(self.old_logp), move(self.ref_logp), self.logits_from)
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device, non_blocking=True) for k, v in moved.items()
+                                if isinstance(v, torch.Tensor)})
+
+
+def _per_token_fields(batch: StepBatch) -> Dict[str, List[torch.Tensor]]:
+    fields_ = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp}
+    return {k: v for k, v in fields_.items() if v is not None}
 
 
 def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
@@ -80,35 +147,87 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     tokens = torch.zeros(b, width, dtype=torch.long)
     targets = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.bool)
-    per_token = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp}
-    padded = {k: torch.zeros(b, width) for k, v in per_token.items() if v is not None}
+    per_token = _per_token_fields(batch)
+    padded = {k: torch.zeros(b, width) for k in per_token}
     for j, i in enumerate(rows):
         seq, start = batch.tokens[i], batch.prompt_lens[i] - 1
         n = len(seq) - 1
         tokens[j, :n], targets[j, :n] = seq[:-1], seq[1:]
         mask[j, start:n] = True
         for key, values in per_token.items():
-            if values is not None:
-                padded[key][j, start:n] = values[i]
+            padded[key][j, start:n] = values[i]
     start = min(min(batch.prompt_lens[i] for i in rows) - 1, width - 1)
     window = {k: v[:, start:] for k, v in padded.items()}
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
                       window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start)
 
 
+def pack(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
+    """A THD pack of `rows`, its length rounded up to `multiple` (sequence parallelism, FP8) with a
+    padding segment of its own that no loss reads."""
+    responses = [len(batch.tokens[i]) - batch.prompt_lens[i] for i in rows]
+    width = max(responses)
+    per_token = _per_token_fields(batch)
+    layout = {k: torch.zeros(len(rows), width) for k in per_token}
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    tokens, positions, targets, logits_at, row_of, cu = [], [], [], [], [], [0]
+    for j, (i, r) in enumerate(zip(rows, responses)):
+        seq, start, n = batch.tokens[i], cu[-1], len(batch.tokens[i]) - 1
+        tokens.append(seq[:-1])
+        positions.append(torch.arange(n))
+        targets.append(seq[-r:])
+        logits_at.append(torch.arange(start + n - r, start + n))
+        row_of.append(torch.full((r,), j))
+        mask[j, :r] = True
+        for key, values in per_token.items():
+            layout[key][j, :r] = values[i]
+        cu.append(start + n)
+    pad = -cu[-1] % multiple
+    if pad:
+        tokens.append(torch.zeros(pad, dtype=torch.long))
+        positions.append(torch.arange(pad))
+        cu.append(cu[-1] + pad)
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    return MicroBatch(
+        rows, torch.cat(tokens).unsqueeze(0), torch.cat(targets).unsqueeze(0), mask, batch.advantages[rows],
+        layout["rollout_logp"], layout.get("old_logp"), layout.get("ref_logp"),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths),
+        positions=torch.cat(positions).unsqueeze(0), logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
+        col_of=torch.cat([torch.arange(r) for r in responses]))
+
+
 def response_values(micro: MicroBatch, values: torch.Tensor) -> List[torch.Tensor]:
-    """Per-row response slices of a [b, L] tensor (the inverse of collate's placement)."""
+    """Per-row response slices of per-token values aligned with `targets` (the inverse of the
+    placement by collate or pack)."""
+    values = micro.per_row(values)
     return [values[j][micro.mask[j]].detach().float().cpu() for j in range(len(micro.rows))]
 
 
 def micro_batches(cfg: R1Config, batch: StepBatch, rows: List[int]) -> List[MicroBatch]:
     """Micro-batches of `rows` under trainer.micro_batch_tokens; as many on every data-parallel rank
-    (ranks run the pipeline schedule and the gradient reduction in lock-step)."""
-    lengths = [len(t) - 1 for t in batch.tokens]
+    (ranks run the pipeline schedule and the gradient reduction in lock-step). Packs are balanced
+    in tokens; padded rows are grouped longest first, each group costing rows x its longest."""
+    lengths = batch.model_lengths()
     budget = cfg.trainer.micro_batch_tokens
-    parts = split_rows(lengths, rows, budget)
-    count = int(dp_max([len(parts)])[0])
-    if count != len(parts):
-        parts = split_rows(lengths, rows, budget, min_parts=count)
     multiple = sequence_multiple(cfg.model.fp8, cfg.parallel)  # sequence parallelism, FP8 shapes
-    return [collate(batch, p, multiple) for p in parts]
+
+    def parts(min_parts: int) -> List[List[int]]:
+        if cfg.trainer.pack:
+            return [[rows[k] for k in part] for part in token_bins([lengths[i] for i in rows], budget, min_parts)]
+        return split_rows(lengths, rows, budget, min_parts=min_parts)
+
+    groups = parts(1)
+    count = int(dp_max([len(groups)])[0])
+    if count != len(groups):
+        groups = parts(count)
+    build = pack if cfg.trainer.pack else collate
+    return [build(batch, g, multiple) for g in groups]
+
+
+def layout_stats(batch: StepBatch, micro: Sequence[MicroBatch]) -> Dict[str, float]:
+    """This rank's model positions, the real tokens among them (the rest is padding), and the
+    fewest and most real tokens of one micro-batch."""
+    lengths = batch.model_lengths()
+    real = [sum(lengths[i] for i in m.rows) for m in micro]
+    return {"positions": float(sum(m.tokens.numel() for m in micro)), "real": float(sum(real)),
+            "min": float(min(real, default=0)), "max": float(max(real, default=0))}

@@ -69,6 +69,7 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     """(loss times `scale`, report) of one micro-batch: the loss function of megatron's schedule."""
     a = s.algo
     logp, entropy = target_logprobs(logits, micro.targets, s.temperature, with_entropy=True)
+    logp, entropy = micro.per_row(logp), micro.per_row(entropy)  # a pack's response tokens, per row
     mask = micro.mask
     old = micro.old_logp if micro.old_logp is not None else logp.detach()
     tis = truncated_is_weights(old, micro.rollout_logp, mask, a.tis_cap) if a.tis_cap is not None else None

@@ -25,7 +25,8 @@ from r1mega.rollout.types import Rollouts
 from r1mega.trainer.forward_backward import run_schedule, train_step
 from r1mega.trainer.model_setup import copy_weights
 from r1mega.trainer.optimizer import current_lr
-from r1mega.trainer.rl.batch import MicroBatch, StepBatch, micro_batches, response_values
+from r1mega.trainer.rl.batch import (MicroBatch, StepBatch, balance_over_dp, layout_stats, micro_batches,
+                                     response_values)
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.loss import LossSettings, policy_loss, reduce_stats
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
@@ -65,6 +66,8 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     with timer("advantages"):
         adv = advantages(ctx, gen)
         batch = StepBatch.from_rollouts(gen.rollouts, adv)
+        if ctx.cfg.trainer.pack:
+            batch = balance_over_dp(batch)
     with timer("logprobs"):
         logprobs(ctx, batch)
     with timer("update"):
@@ -203,6 +206,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     """ppo_epochs passes over the rows, each in `minibatches` optimizer steps; mean statistics."""
     a, r = ctx.cfg.algorithm, ctx.cfg.rollout
     stats: Dict[str, float] = {}
+    layout = {"positions": 0.0, "real": 0.0, "min": float("inf"), "max": 0.0}
     updates = 0
     for epoch in range(a.ppo_epochs):
         seed = ctx.cfg.trainer.seed * 7919 + step * 31 + epoch
@@ -211,12 +215,25 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
             rows = order[part::a.minibatches]
             tokens, seqs = dp_sum([batch.response_tokens(rows), len(rows)])
             settings = LossSettings(a, a.norm_length or r.max_new_tokens, ctx.temperature, tokens, seqs)
-            out = train_minibatch(ctx, micro_batches(ctx.cfg, batch, rows), settings)
+            micro = micro_batches(ctx.cfg, batch, rows)
+            out = train_minibatch(ctx, micro, settings)
             ctx.weights_version += 1
             updates += 1
             for k, v in out.items():
                 stats[k] = stats.get(k, 0.0) + v
-    return {k: v / updates for k, v in stats.items()}
+            mine = layout_stats(batch, micro)
+            layout = {"positions": layout["positions"] + mine["positions"], "real": layout["real"] + mine["real"],
+                      "min": min(layout["min"], mine["min"]), "max": max(layout["max"], mine["max"])}
+    return {**{k: v / updates for k, v in stats.items()}, **batch_metrics(layout)}
+
+
+def batch_metrics(layout: Dict[str, float]) -> Dict[str, float]:
+    """The update's micro-batch layout over all data-parallel ranks: the share of model positions
+    spent on padding, and the fewest and most real tokens in one micro-batch."""
+    positions, real = dp_sum([layout["positions"], layout["real"]])
+    fewest, most = dp_max([-layout["min"], layout["max"]])
+    return {"batch/padding_share": 1.0 - real / max(positions, 1.0), "batch/tokens_per_microbatch_min": -fewest,
+            "batch/tokens_per_microbatch_max": most}
 
 
 def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
