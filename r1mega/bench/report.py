@@ -79,10 +79,26 @@ def _peer_md(p: Dict) -> str:
     return head + _table(["", "step s", "tokens/s", "final reward", "mean reward"], rows) + tail
 
 
+def _packing_md(p: Dict) -> str:
+    head = (f"{p['model']}; one optimizer step over the same rows, as THD packs and as right-padded rows, "
+            f"micro-batches of {p['micro_batch_tokens']} tokens, timed alternately; tokens/s counts real "
+            f"tokens. Long-tailed: lognormal responses, median {p['median_response']}, p99 {p['p99_response']}; "
+            f"task: the built-in task's prompts with worked solutions.\n\n")
+    rows = []
+    for name, s in p["sets"].items():
+        for layout in ("packed", "padded"):
+            x = s[layout]
+            rows.append([name, layout, s["rows"], x["micro_batches"], x["padding_share"], x["tokens_per_s"],
+                         x["update_s"], f"{s['speedup']:.2f}x" if layout == "packed" else ""])
+    return head + _table(["set", "layout", "rows", "micro-batches", "padding share", "tokens/s", "update s",
+                          "packed / padded"], rows)
+
+
 SECTIONS: Dict[str, tuple] = {
     "step": ("End-to-end GRPO step", _step_md),
     "train": ("Training", _train_md),
     "rollout": ("Rollout", _rollout_md),
+    "packing": ("RL update: packed against padded", _packing_md),
     "peer": ("Peer comparison: TRL", _peer_md),
 }
 
@@ -159,7 +175,20 @@ def _plot_peer(ax, p: Dict) -> None:
     ax.set_title(f"GRPO step on the same CPU work: {p['step_time_ratio_trl_over_r1mega']:.2f}x")
 
 
-PLOTS = {"step": _plot_step, "train": _plot_train, "rollout": _plot_rollout, "peer": _plot_peer}
+def _plot_packing(ax, p: Dict) -> None:
+    names = list(p["sets"])
+    x = range(len(names))
+    for k, (layout, color) in enumerate((("packed", "tab:blue"), ("padded", "tab:gray"))):
+        ax.bar([i + 0.4 * k for i in x], [p["sets"][n][layout]["tokens_per_s"] for n in names], 0.4,
+               label=layout, color=color)
+    ax.set_xticks([i + 0.2 for i in x], names)
+    ax.set_ylabel("update tokens/s (real tokens)")
+    ax.legend()
+    ax.set_title("RL update: " + ", ".join(f"{n} {p['sets'][n]['speedup']:.2f}x" for n in names))
+
+
+PLOTS = {"step": _plot_step, "train": _plot_train, "rollout": _plot_rollout, "packing": _plot_packing,
+         "peer": _plot_peer}
 
 
 def plots(suites: Dict, out: Path) -> List[Path]:

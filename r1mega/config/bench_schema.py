@@ -38,6 +38,17 @@ class RolloutBenchConfig:
 
 
 @dataclass
+class PackingBenchConfig:
+    """The update phase over THD packs against right-padded rows (trainer.micro_batch_tokens each)."""
+
+    rows: int = 64  # rows of each set
+    prompt_tokens: int = 32  # long-tailed set: every prompt this long
+    median_response: int = 64  # long-tailed set: lognormal response lengths
+    p99_response: int = 2000
+    longest_response: int = 4096
+
+
+@dataclass
 class PeerBenchConfig:
     """r1mega and TRL's GRPOTrainer on the same model, prompts and settings, run interleaved."""
 
@@ -62,4 +73,5 @@ class BenchConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs by name, none on CPU
     train: TrainBenchConfig = field(default_factory=TrainBenchConfig)
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
+    packing: PackingBenchConfig = field(default_factory=PackingBenchConfig)
     peer: PeerBenchConfig = field(default_factory=PeerBenchConfig)

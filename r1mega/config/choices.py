@@ -53,7 +53,7 @@ RewardName = Literal["accuracy", "format", "language", "overlong"]  # the built-
 StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]
 Launcher = Literal["torchrun", "srun"]
 WarningSignal = Literal["USR1", "USR2"]  # what r1mega's trainers take as the time-limit warning
-BenchSuite = Literal["step", "train", "rollout", "peer"]
+BenchSuite = Literal["step", "train", "rollout", "packing", "peer"]
 
 
 def literal_of(hint: Any) -> Optional[Tuple[Tuple[str, ...], bool, bool]]:

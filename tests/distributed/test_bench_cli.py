@@ -20,6 +20,8 @@ TINY = [
     "bench.train.models=[tiny_moe]", "bench.train.layouts=[{dp: 1},{dp: 2, ep: 2}]", "bench.train.seq_length=16",
     "bench.train.micro_batch_size=2", "bench.train.micro_batches=1",
     "bench.rollout.batch_sizes=[1,2]", "bench.rollout.new_tokens=3",
+    "bench.packing.rows=6", "bench.packing.prompt_tokens=4", "bench.packing.median_response=6",
+    "bench.packing.p99_response=40", "bench.packing.longest_response=48", "trainer.micro_batch_tokens=64",
     "bench.peer.prompts_per_step=2", "bench.peer.group_size=2", "bench.peer.max_new_tokens=4", "bench.peer.steps=2",
     "bench.peer.rounds=1",
 ]
@@ -35,7 +37,7 @@ def test_every_suite_writes_results(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert list(results["suites"]) == ["step", "train", "rollout", "peer"]
+    assert list(results["suites"]) == ["step", "train", "rollout", "packing", "peer"]
     assert results["environment"]["device"] and results["command"].startswith("r1mega-bench ")
 
     step = results["suites"]["step"]
@@ -56,6 +58,15 @@ def test_every_suite_writes_results(tmp_path):
     assert [r["generated_tokens"] for r in native] == [3, 6] and all(_positive(r["tokens_per_s"]) for r in native)
     assert [r["skipped"] for r in rollout if r["engine"] == "sglang"]
 
+    packing = results["suites"]["packing"]
+    assert set(packing["sets"]) == {"long_tailed", "task"}
+    for s in packing["sets"].values():
+        assert s["rows"] == 6 and _positive(s["tokens"]) and _positive(s["speedup"])
+        assert all(_positive(s[layout][k]) for layout in ("packed", "padded") for k in ("tokens_per_s", "update_s"))
+        assert s["packed"]["padding_share"] == 0.0  # no sequence parallelism here: nothing to round up to
+        assert s["packed"]["micro_batches"] <= s["padded"]["micro_batches"]
+    assert packing["sets"]["long_tailed"]["padded"]["padding_share"] > 0  # rows of 2 to 48 tokens
+
     peer = results["suites"]["peer"]
     for side in ("r1mega", "trl"):
         assert _positive(peer[side]["step_s"]) and _positive(peer[side]["tokens_per_s"])
@@ -64,9 +75,10 @@ def test_every_suite_writes_results(tmp_path):
     assert _positive(peer["step_time_ratio_trl_over_r1mega"]) and peer["trl_version"]
 
     md = (out / "results.md").read_text()
-    for title in ("End-to-end GRPO step", "Training", "Rollout", "Peer comparison: TRL"):
+    for title in ("End-to-end GRPO step", "Training", "Rollout", "RL update: packed against padded",
+                  "Peer comparison: TRL"):
         assert f"## {title}" in md
-    for name in ("step", "train", "rollout", "peer"):
+    for name in ("step", "train", "rollout", "packing", "peer"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
