@@ -82,6 +82,15 @@ def test_pack_lays_rows_back_to_back_and_reads_their_response_positions():
     assert m.model_inputs()["packed_seq_params"].cu_seqlens_q is m.cu_seqlens
 
 
+def test_pack_of_an_empty_response_reads_no_position_of_its_row():
+    rollouts = Rollouts(prompt_ids=[[1, 2], [3, 4, 5]], response_ids=[[], [6, 7]], logprobs=[[], [-0.1, -0.2]],
+                        finish_reasons=["stop"] * 2, group_index=[0, 0])
+    m = pack(StepBatch.from_rollouts(rollouts, torch.tensor([1.0, -1.0])), [0, 1])
+    assert m.tokens.tolist() == [[1, 3, 4, 5, 6]] and m.cu_seqlens.tolist() == [0, 1, 5]
+    assert m.logits_at.tolist() == [3, 4] and m.targets.tolist() == [[6, 7]]
+    assert m.mask.tolist() == [[False, False], [True, True]]
+
+
 def test_per_row_carries_gradients_to_the_packed_positions():
     m = pack(_batch(), [2, 0])
     values = torch.arange(3.0).reshape(1, 3).requires_grad_(True)

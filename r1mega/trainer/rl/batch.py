@@ -175,7 +175,7 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
         seq, start, n = batch.tokens[i], cu[-1], len(batch.tokens[i]) - 1
         tokens.append(seq[:-1])
         positions.append(torch.arange(n))
-        targets.append(seq[-r:])
+        targets.append(seq[n + 1 - r:])  # the response (seq[-r:] would be all of it when r = 0)
         logits_at.append(torch.arange(start + n - r, start + n))
         row_of.append(torch.full((r,), j))
         mask[j, :r] = True
