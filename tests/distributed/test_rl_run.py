@@ -50,8 +50,11 @@ def runs(tmp_path_factory):
     return out
 
 
-def _close(a: float, b: float, tol: float) -> bool:
-    return abs(a - b) <= tol * max(abs(b), 1e-3)
+def _close(a: float, b: float, tol: float, key: str = "") -> bool:
+    # logprob_gap is |engine log-prob - trainer log-prob|: the same numbers computed twice in float32,
+    # so its value (~1e-7) is rounding, and rounding differs with the layout and the packing
+    floor = 1e-6 if key == "logprob_gap" else 0.0
+    return abs(a - b) <= max(tol * max(abs(b), 1e-3), floor)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -60,7 +63,7 @@ def test_model_parallel_steps_match_single_rank(runs, layout):
     assert [m["step"] for m in got] == [1, 2]
     for a, b in zip(got, ref):
         for key in COMPARED:
-            assert _close(a[key], b[key], 1e-4), f"{layout} step {a['step']} {key}: {a[key]} vs {b[key]}"
+            assert _close(a[key], b[key], 1e-4, key), f"{layout} step {a['step']} {key}: {a[key]} vs {b[key]}"
     assert ref[1]["clip_fraction"] >= 0 and ref[0]["kl"] >= 0
     assert any(m["grad_norm"] > 0 for m in ref) and any(m["advantage/abs_mean"] > 0 for m in ref)
 
