@@ -122,7 +122,7 @@ def _step_on_balanced_rows(root: str, loss_agg: str, reference: bool):
     from r1mega.platform.distributed import destroy, dp_sum, initialize
     from r1mega.trainer.forward_backward import train_step
     from r1mega.trainer.optimizer import build_optimizer
-    from r1mega.trainer.rl.batch import StepBatch, balance_over_dp, micro_batches
+    from r1mega.trainer.rl.batch import balance_over_dp, micro_batches
     from r1mega.trainer.rl.loss import LossSettings, policy_loss, reduce_stats
 
     parallel = ParallelConfig()
@@ -138,8 +138,7 @@ def _step_on_balanced_rows(root: str, loss_agg: str, reference: bool):
         dp, me = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         longest_first = sorted(range(len(whole)), key=lambda i: -len(whole.tokens[i]))
         rows = [longest_first[:4], longest_first[4:]][me] if dp == 2 else list(range(len(whole)))
-        batch = StepBatch([whole.tokens[i] for i in rows], [whole.prompt_lens[i] for i in rows],
-                          whole.advantages[rows], [whole.rollout_logp[i] for i in rows])
+        batch = whole.select(rows)
         before = sum(batch.model_lengths())
         batch = balance_over_dp(batch)
         after = sum(batch.model_lengths())

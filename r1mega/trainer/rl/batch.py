@@ -54,6 +54,12 @@ class StepBatch:
     def response_tokens(self, rows: Sequence[int]) -> int:
         return sum(len(self.tokens[i]) - self.prompt_lens[i] for i in rows)
 
+    def select(self, rows: Sequence[int]) -> "StepBatch":
+        """The rollouts' fields of `rows` (before the log-prob passes fill the others)."""
+        rows = list(rows)
+        return StepBatch([self.tokens[i] for i in rows], [self.prompt_lens[i] for i in rows], self.advantages[rows],
+                         [self.rollout_logp[i] for i in rows])
+
     def model_lengths(self) -> List[int]:
         """Positions each row takes in a forward (its tokens but the last)."""
         return [len(t) - 1 for t in self.tokens]
@@ -71,16 +77,12 @@ def balance_over_dp(batch: StepBatch) -> StepBatch:
     everyone = dp_all_gather(mine)
     if len(everyone) == 1:
         return batch
-    tokens = [t for r in everyone for t in r[0]]
-    parts = balanced_parts([len(t) - 1 for t in tokens], len(everyone))
+    whole = StepBatch([t for r in everyone for t in r[0]], [n for r in everyone for n in r[1]],
+                      torch.cat([r[2] for r in everyone]), [lp for r in everyone for lp in r[3]])
+    parts = balanced_parts(whole.model_lengths(), len(everyone))
     if any(not p for p in parts):  # fewer rows than ranks: every rank keeps its own
         return batch
-    prompt_lens = [n for r in everyone for n in r[1]]
-    advantages = torch.cat([r[2] for r in everyone])
-    rollout_logp = [lp for r in everyone for lp in r[3]]
-    take = parts[ps.get_data_parallel_rank()]
-    return StepBatch([tokens[i] for i in take], [prompt_lens[i] for i in take], advantages[take],
-                     [rollout_logp[i] for i in take])
+    return whole.select(parts[ps.get_data_parallel_rank()])
 
 
 @dataclass
