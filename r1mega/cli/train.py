@@ -13,12 +13,11 @@ from r1mega.platform.signals import STOP
 STOP.install()
 
 from r1mega.cli.common import job_main  # noqa: E402
-from r1mega.config.stage_rules import check_no_cp  # noqa: E402
 from r1mega.trainer.rl.train import train  # noqa: E402
 
 
 def main() -> None:
-    job_main(train, check_no_cp, stoppable=True)
+    job_main(train, None, stoppable=True)
 
 
 if __name__ == "__main__":

@@ -127,4 +127,6 @@ def _check_trainer(cfg: R1Config) -> None:
     t = cfg.trainer
     require(t.steps >= 0, "trainer.steps must be >= 0")
     require(t.micro_batch_tokens >= 1, "trainer.micro_batch_tokens must be >= 1")
+    require(t.pack or cfg.parallel.cp == 1, "parallel.cp > 1 splits THD packs over context-parallel ranks; "
+            "it needs trainer.pack=true")
     require(t.eval_every >= 0 and t.save_every >= 0, "trainer.eval_every and trainer.save_every must be >= 0")

@@ -98,7 +98,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    cp: int = 1
+    cp: int = 1  # context parallel: the RL trainer's packs split over cp ranks (megatron's two-chunk layout)
     etp: Optional[int] = None  # expert tensor parallel; default = tp
     vpp: Optional[int] = None
     sequence_parallel: bool = False
@@ -228,7 +228,7 @@ class TrainerConfig:
     load: Optional[str] = None  # checkpoint dir to resume from; "auto" = latest in output_dir
     eval_every: int = 0  # evaluate on the held-out split every N steps (and before/after); 0 = ends only
     eval_at_ends: bool = True  # evaluate before the first and after the last step
-    micro_batch_tokens: int = 8192  # tokens of one training micro-batch (a pack, or padded rows x length)
+    micro_batch_tokens: int = 8192  # tokens of one training micro-batch (a pack, or padded rows x length) per CP rank
     pack: bool = True  # THD packs of RL rows, balanced in tokens over micro-batches and data-parallel ranks
     tensorboard: bool = True
     plot: bool = True  # PNG of reward, accuracy and length curves at the end

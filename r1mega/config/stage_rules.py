@@ -33,9 +33,10 @@ def check_stages(cfg: R1Config, dp: Optional[int]) -> None:
 
 
 def check_no_cp(cfg: R1Config, world_size: Optional[int] = None) -> None:
-    """What the trainers and the native engine need: sequences are not split over context-parallel ranks."""
-    require(cfg.parallel.cp == 1, "parallel.cp > 1: the RL and SFT trainers and the native engine do not split "
-            "sequences over context-parallel ranks yet; use parallel.cp=1")
+    """What SFT, rejection sampling and evaluation need: they do not split sequences over
+    context-parallel ranks (RL training does)."""
+    require(cfg.parallel.cp == 1, "parallel.cp > 1: SFT, rejection sampling and evaluation do not split "
+            "sequences over context-parallel ranks (RL training does); use parallel.cp=1")
 
 
 def check_sft_run(cfg: R1Config, world_size: Optional[int] = None) -> None:

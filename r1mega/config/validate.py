@@ -124,7 +124,8 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
         )
     _check(p.sequence_parallel is False or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
     if p.cp > 1:
-        _check(m.attention_backend in ("auto", "te"), "parallel.cp > 1 needs Transformer Engine attention")
+        _check(m.attention_backend in ("auto", "te", "sdpa"),
+               "parallel.cp > 1 runs on the te or sdpa attention backend, not flash")
     model_parallel = p.tp * p.pp * p.cp
     if world_size is not None:
         _check(

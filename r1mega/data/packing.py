@@ -38,11 +38,15 @@ class SFTMicroBatch:
                 "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen)}
 
 
-def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: int) -> Optional[PackedSeqParams]:
-    """megatron's packed-sequence parameters of a THD pack (None: not a pack)."""
+def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+               cu_seqlens_padded: Optional[torch.Tensor] = None) -> Optional[PackedSeqParams]:
+    """megatron's packed-sequence parameters of a THD pack (None: not a pack). With
+    `cu_seqlens_padded` (context parallelism), `cu_seqlens` counts each sequence's real tokens and
+    `cu_seqlens_padded` marks where each sequence starts in the pack, as Transformer Engine reads them."""
     if cu_seqlens is None:
         return None
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           cu_seqlens_q_padded=cu_seqlens_padded, cu_seqlens_kv_padded=cu_seqlens_padded,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 

@@ -3,7 +3,16 @@
 Used where neither Transformer Engine nor flash-attn is installed (CPU, or a bare CUDA
 torch). megatron-core's own DotProductAttention rejects packed sequences and allocates
 its score buffer through a CUDA global memory buffer; this module handles padded,
-causal, packed (THD, block-diagonal causal) and KV-cache (query shorter than key) layouts.
+causal, packed (THD, block-diagonal causal) and KV-cache (query shorter than key) layouts,
+and context parallelism over THD packs.
+
+Context parallelism here is the all-gather-KV form of Llama 3's training: each rank gathers
+the keys and values of the whole pack (a few heads of [tokens, head_dim], small next to the
+activations) and attends with its own query chunks under their causal offsets; the gather's
+backward reduce-scatters the key and value gradients to their owners. Transformer Engine's
+attention runs megatron's ring exchange instead; both read the same two-chunk layout
+(r1mega.models.context_parallel). Inputs that are not THD packs (the native engine's prefill
+and decode) are whole sequences on every rank and attend as without context parallelism.
 """
 
 from __future__ import annotations
@@ -15,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from r1mega.models.context_parallel import chunk_spans, local_positions
 
 
 class SDPAttention(MegatronModule):
@@ -36,9 +48,8 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs Transformer Engine attention")
         tp = pg_collection.tp.size() if pg_collection is not None else _tp_world_size()
+        self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_groups = divide(config.num_query_groups, tp)
         self.attn_mask_type = attn_mask_type
@@ -63,7 +74,8 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, h, d] -> [1, h, t, d]; one block-diagonal causal mask over the pack
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
-            out = self._packed(q, k, v, packed_seq_params, dropout)
+            split = self.cp_group is not None and self.cp_group.size() > 1
+            out = (self._packed_cp if split else self._packed)(q, k, v, packed_seq_params, dropout)
             return out.transpose(1, 2).reshape(query.size(0), -1)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
@@ -82,31 +94,68 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, out.size(0), -1)
 
     def _packed(self, q, k, v, params: PackedSeqParams, dropout: float) -> torch.Tensor:
-        """Causal attention inside each segment of a pack ([1, h, t, d]).
-
-        When queries and keys share the boundaries (training packs), segments of similar length
-        are gathered into a right-padded batch and go through one causal SDPA call each: a mask
-        over the whole pack would cost t^2 scores, the buckets about the sum of the segments'
-        squares, in a few calls rather than one per segment. Padding sits after each segment's
-        tokens, so causality keeps every real query off it; padded queries are dropped.
-        """
+        """Causal attention inside each segment of a pack ([1, h, t, d])."""
         cu_q, cu_k = _bounds(params, "q"), _bounds(params, "kv")
         t = q.size(2)
         if k.size(2) != t or not torch.equal(cu_q.cpu(), cu_k.cpu()):
             return self._sdpa(q, k, v, packed_causal_mask(params, t, k.size(2), q.device), False, dropout)
         bounds = [b for b in cu_q.tolist() if b < t] + [t]
-        segments = [(a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return self._spans(q, k, v, [(a, b - a, a, b - a) for a, b in zip(bounds, bounds[1:]) if b > a], dropout)
+
+    def _packed_cp(self, q, k, v, params: PackedSeqParams, dropout: float) -> torch.Tensor:
+        """This rank's chunks of every segment ([1, h, t / cp, d]) against the whole pack's keys.
+
+        A chunk at pack positions [s, s + n) of a segment starting at a attends to keys [a, s + n):
+        bottom-right aligned causal, the keys before the chunk all visible."""
+        cu = _bounds(params, "q")
+        if not torch.equal(cu.cpu(), _bounds(params, "kv").cpu()):
+            raise ValueError("context-parallel SDPA attention needs queries and keys of the same pack")
+        size, rank = self.cp_group.size(), self.cp_group.rank()
+        heads = k.size(1)
+        # one gather of keys and values: [t / cp, 2 g, d] per rank -> [t, 2 g, d] in rank order
+        mine = torch.cat([k, v], dim=1)[0].transpose(0, 1).contiguous()
+        gathered = gather_from_sequence_parallel_region(mine, tensor_parallel_output_grad=True, group=self.cp_group)
+        held = torch.cat([local_positions(cu, r, size) for r in range(size)]).to(q.device)
+        whole = torch.empty_like(held)
+        whole[held] = torch.arange(held.numel(), device=q.device)  # pack position -> gathered row
+        kv = gathered.index_select(0, whole).transpose(0, 1).unsqueeze(0)  # [1, 2 g, t, d] in pack order
+        k_all, v_all = kv[:, :heads], kv[:, heads:]
+        spans, local = [], 0
+        for segment, s, n in chunk_spans(cu, rank, size):
+            spans.append((local, n, segment, s + n - segment))
+            local += n
+        return self._spans(q, k_all, v_all, [x for x in spans if x[1] > 0], dropout)
+
+    def _spans(self, q, k, v, spans, dropout: float) -> torch.Tensor:
+        """Queries [q0, q0 + nq) of `q` ([1, h, t, d]) against keys [k0, k0 + nk) of `k` and `v`,
+        bottom-right aligned causal (nk >= nq), for every (q0, nq, k0, nk) in `spans`; the spans'
+        queries cover `q` once.
+
+        Spans of similar shape are gathered into a right-padded batch and go through one SDPA call
+        each: a mask over the whole pack would cost t^2 scores, the buckets about the sum of the
+        spans' nq x nk, in a few calls rather than one per span. Padded keys lie past every real
+        query's causal limit; padded queries are dropped.
+        """
+        t = q.size(2)
         pieces, order = [], []
-        for bucket in _length_buckets(segments):
-            width = bucket[0][1]
-            starts, lengths = (torch.tensor(c, device=q.device) for c in zip(*bucket))
-            steps = torch.arange(width, device=q.device)
-            index = starts[:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)  # [n, width]
-            rows = [x[0][:, index].transpose(0, 1) for x in (q, k, v)]  # [n, h, width, d]
-            o = self._sdpa(*rows, None, True, dropout).transpose(0, 1).flatten(1, 2)  # [h, n * width, d]
-            real = (steps[None, :] < lengths[:, None]).flatten().nonzero().squeeze(1)
+        for bucket in _span_buckets(spans):
+            q0, nq, k0, nk = (torch.tensor(c, device=q.device) for c in zip(*bucket))
+            wq, wk = int(nq.max()), int(nk.max())
+            sq, sk = torch.arange(wq, device=q.device), torch.arange(wk, device=q.device)
+            qi = q0[:, None] + torch.minimum(sq[None, :], nq[:, None] - 1)  # [n, wq]
+            ki = k0[:, None] + torch.minimum(sk[None, :], nk[:, None] - 1)  # [n, wk]
+            rows_q = q[0][:, qi].transpose(0, 1)  # [n, h, wq, d]
+            rows_k, rows_v = (x[0][:, ki].transpose(0, 1) for x in (k, v))
+            offset = nk - nq
+            if bool((offset == 0).all()):  # training packs without context parallelism
+                o = self._sdpa(rows_q, rows_k, rows_v, None, True, dropout)
+            else:
+                mask = sk[None, None, :] <= sq[None, :, None] + offset[:, None, None]  # [n, wq, wk]
+                o = self._sdpa(rows_q, rows_k, rows_v, mask.unsqueeze(1), False, dropout)
+            o = o.transpose(0, 1).flatten(1, 2)  # [h, n * wq, d]
+            real = (sq[None, :] < nq[:, None]).flatten().nonzero().squeeze(1)
             pieces.append(o.index_select(1, real))
-            order.append(index.flatten()[real])
+            order.append(qi.flatten()[real])
         inverse = torch.empty(t, dtype=torch.long, device=q.device)
         inverse[torch.cat(order)] = torch.arange(t, device=q.device)
         return torch.cat(pieces, dim=1).index_select(1, inverse).unsqueeze(0)
@@ -129,18 +178,18 @@ def _causal(sq: int, sk: int, device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
 
 
-def _length_buckets(segments, slack: float = 1.25):
-    """(start, length) segments grouped longest first: a bucket's padded cost (count x longest^2)
-    stays within `slack` times the sum of its segments' squares."""
+def _span_buckets(spans, slack: float = 1.25):
+    """(q0, nq, k0, nk) spans grouped, largest first: a bucket's padded cost (count x widest
+    queries x widest keys) stays within `slack` times the sum of its spans' nq x nk."""
     buckets = []
-    for seg in sorted(segments, key=lambda s: -s[1]):
+    for span in sorted(spans, key=lambda s: (-s[3], -s[1])):
         if buckets:
             b = buckets[-1]
-            width = b[0][1]
-            if (len(b) + 1) * width * width <= slack * (sum(n * n for _, n in b) + seg[1] ** 2):
-                b.append(seg)
+            wq, wk = max(max(x[1] for x in b), span[1]), b[0][3]
+            if (len(b) + 1) * wq * wk <= slack * (sum(x[1] * x[3] for x in b) + span[1] * span[3]):
+                b.append(span)
                 continue
-        buckets.append([seg])
+        buckets.append([span])
     return buckets
 
 

@@ -138,6 +138,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
         # megatron-core's MLASelfAttention tests its projections against TELinear.
         raise RuntimeError(f"model {model.name}: multi-latent attention needs Transformer Engine "
                            f"(not importable here)")
+    if parallel.cp > 1 and backend == "flash":
+        raise RuntimeError("parallel.cp > 1 runs on the te or sdpa attention backend; "
+                           "set model.attention_backend=te or sdpa")
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     vpp = parallel.vpp or 1
     chunks = []
@@ -157,6 +160,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
             rope_scaling_factor=model.rope_scaling_factor or 8.0,
             vp_stage=vp,
         )
+        if parallel.cp > 1 and getattr(chunk, "rotary_pos_emb", None) is not None:
+            # megatron slices the rotary table to this rank's chunks for every input that is not a THD
+            # pack; under r1mega's context parallelism only packs are split (packs slice by their
+            # cu_seqlens instead), and other inputs (the native engine's) are whole sequences
+            chunk.rotary_pos_emb.cp_group = None
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

@@ -78,9 +78,36 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
         expert_tensor_parallel_size=parallel.etp,
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
+    _start_replica_group(parallel.cp)
     seed_everything(seed)
     dp = ps.get_data_parallel_world_size()
     return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
+
+
+_REPLICA_GROUP = None
+
+
+def _start_replica_group(cp: int) -> None:
+    """megatron's model-parallel group (TP x PP) leaves out context-parallel ranks, which hold the
+    same rows too; with cp > 1 the replica group is made of every rank of one data-parallel rank."""
+    global _REPLICA_GROUP
+    if cp == 1:
+        _REPLICA_GROUP = ps.get_model_parallel_group()
+        return
+    dp_rank_of: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dp_rank_of, ps.get_data_parallel_rank())
+    for d in sorted(set(dp_rank_of)):  # every rank makes every group, in the same order
+        group = dist.new_group([r for r, x in enumerate(dp_rank_of) if x == d])
+        if d == ps.get_data_parallel_rank():
+            _REPLICA_GROUP = group
+
+
+def replica_group():
+    """The ranks that hold one data-parallel rank's prompts and rollouts: its tensor-, pipeline- and
+    context-parallel ranks."""
+    if _REPLICA_GROUP is None:
+        raise RuntimeError("replica_group() before platform.distributed.initialize")
+    return _REPLICA_GROUP
 
 
 def current_device() -> torch.device:
@@ -102,6 +129,8 @@ def seed_everything(seed: int) -> None:
 
 def destroy() -> None:
     """Tear down parallel_state and the process group (tests start several in one process)."""
+    global _REPLICA_GROUP
+    _REPLICA_GROUP = None
     ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -191,9 +220,9 @@ def reduce_last_stage(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tenso
     return out.cpu()
 
 
-def mp_broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Broadcast from the first rank of this model-parallel group to the rest of it."""
-    group = ps.get_model_parallel_group()
+def replica_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Broadcast from the first rank of this replica group (`replica_group`) to the rest of it."""
+    group = replica_group()
     if dist.get_world_size(group) == 1:
         return t
     out = t.to(current_device())

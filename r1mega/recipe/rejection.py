@@ -30,7 +30,7 @@ from r1mega.config.rl_rules import pretrain_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.conversations import conversation_row, load_conversations
 from r1mega.data.templates import user_text
-from r1mega.platform.distributed import Runtime, dp_all_reduce, dp_share
+from r1mega.platform.distributed import Runtime, dp_all_reduce, dp_share, replica_group
 from r1mega.recipe.filters import Candidate, FilterRules, merge_stats, select
 from r1mega.recipe.inference import inference_context
 from r1mega.recipe.jsonl import write_json, write_jsonl
@@ -98,7 +98,7 @@ def _candidates(ctx: RLContext, prompts: list, k: int, seed: int, parts: Path, p
 
 
 def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
-    """A finished call's candidates, if saved for the same key (the model-parallel group agrees)."""
+    """A finished call's candidates, if saved for the same key (the replica group agrees)."""
     found = [None]
     if _first_of_group() and part.is_file():
         try:
@@ -107,7 +107,7 @@ def _read_part(part: Path, key: dict) -> Optional[List[Candidate]]:
                 found = [[Candidate(**c) for c in saved["candidates"]]]
         except (ValueError, TypeError, KeyError):  # a damaged part is generated again
             found = [None]
-    group = ps.get_model_parallel_group()
+    group = replica_group()
     if dist.get_world_size(group) > 1:
         dist.broadcast_object_list(found, src=dist.get_global_rank(group, 0), group=group)
     return found[0]
@@ -129,7 +129,7 @@ def _generate(ctx: RLContext, batch: list, k: int, seed: int) -> List[Candidate]
 
 
 def _first_of_group() -> bool:
-    return dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0)
+    return dist.get_rank() == dist.get_global_rank(replica_group(), 0)
 
 
 def _shard_stats(stats: Dict[str, dict]) -> List[Dict[str, dict]]:

@@ -1,10 +1,12 @@
 """The native rollout engine: batched KV-cache decoding with the trainer's own megatron model.
 
 Runs in the trainer's processes on the trainer's parameters (no copy, nothing to sync).
-Every rank of a model-parallel group (TP x PP) generates the same rows: pipeline stages pass
+Every rank of a replica group (TP x PP x CP) generates the same rows: pipeline stages pass
 activations forward, the last stage samples, and the chosen tokens are broadcast back so
-the first stage can embed them. Prompts are left-padded; rotary embeddings are relative, so
-the shifted positions give the same log-probs as the trainer's unpadded forward.
+the first stage can embed them. Context-parallel ranks each run the whole sequences (the
+model splits only THD packs) and take the first one's tokens, so they stay identical.
+Prompts are left-padded; rotary embeddings are relative, so the shifted positions give the
+same log-probs as the trainer's unpadded forward.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ class NativeEngine:
         return None
 
     def _choose(self, logits, params, generator, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample on the last stage, then share (ids, log-probs) with all of the model-parallel group."""
+        """Sample on the last stage, then share (ids, log-probs) with all of the replica group."""
         packed = torch.empty(2, b, dtype=torch.float64, device=self._device())
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
             ids, lp = sample_next(logits, params, generator)
@@ -218,6 +220,9 @@ class NativeEngine:
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
+        if ps.get_context_parallel_world_size() > 1:
+            group = ps.get_context_parallel_group()
+            dist.broadcast(packed, src=dist.get_global_rank(group, 0), group=group)
         return packed[0].long(), packed[1].float()
 
     def _device(self) -> torch.device:

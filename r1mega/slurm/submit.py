@@ -14,13 +14,13 @@ from r1mega.config.cluster_rules import check_resumes_itself, plain, world_size
 from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import compose_config, to_config, to_yaml
 from r1mega.config.schema import R1Config
-from r1mega.config.stage_rules import check_no_cp, check_sft_run
+from r1mega.config.stage_rules import check_sft_run
 from r1mega.config.validate import validate
 from r1mega.platform.atomic import write_text_atomic
 from r1mega.slurm.partitions import check_fits, query_partitions
 from r1mega.slurm.script import ENTRIES, render
 
-ENTRY_CHECKS = {"train": check_no_cp, "sft": check_sft_run}
+ENTRY_CHECKS = {"train": None, "sft": check_sft_run}
 RUN_KEYS = ("trainer.output_dir=", "trainer.load=")  # the job's own: its run folder, resumed from
 
 

@@ -1,4 +1,4 @@
-"""GRPO end to end on gloo ranks: TP=2 and PP=2 take the single-rank steps; resume is exact.
+"""GRPO end to end on gloo ranks: TP=2, PP=2 and CP=2 take the single-rank steps; resume is exact.
 
 All runs start from one set of weights (saved once, resharded on load). Two steps each:
 generation, rewards, advantages, log-probs, reference KL, a clipped update with two
@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     out = {"ref": spawn(1, run, common, str(root / "ref"), 1)[0]}
     out["tp2"] = spawn(2, run, [*common, "parallel.tp=2"], str(root / "tp2"), 2)[0]
     out["pp2"] = spawn(2, run, [*common, "parallel.pp=2"], str(root / "pp2"), 2)[0]
+    out["cp2"] = spawn(2, run, [*common, "parallel.cp=2"], str(root / "cp2"), 2)[0]
     out["dp2"] = spawn(2, run, common, str(root / "dp2"), 2)[0]
     # resume: 4 steps straight vs 2 steps, a checkpoint, and 2 more from it
     four = [*ALGO, f"model.mcore_path={init}", "trainer.steps=4"]
@@ -57,7 +58,7 @@ def _close(a: float, b: float, tol: float, key: str = "") -> bool:
     return abs(a - b) <= max(tol * max(abs(b), 1e-3), floor)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2"])
 def test_model_parallel_steps_match_single_rank(runs, layout):
     ref, got = runs["ref"], runs[layout]
     assert [m["step"] for m in got] == [1, 2]

@@ -21,6 +21,7 @@ def _module():
     module.config = config
     module.num_heads, module.num_groups = HEADS, GROUPS
     module.attn_mask_type, module.softmax_scale, module.dropout_p = AttnMaskType.causal, 1 / math.sqrt(DIM), 0.0
+    module.cp_group = None
     return module
 
 
@@ -87,3 +88,18 @@ def test_packed_equals_each_sample_alone(lengths):
         sl = slice(start, start + n)
         ref = _naive(q[sl], k[sl], v[sl], torch.ones(n, n, dtype=torch.bool).tril())
         assert _rel(out[sl], ref) < 1e-6
+
+
+def test_spans_with_causal_offsets_see_every_earlier_key():
+    # what a context-parallel rank computes: chunks of queries against all keys of their sequence up
+    # to the chunk's end (bottom-right causal), in buckets of several shapes
+    gen = torch.Generator().manual_seed(4)
+    spans = [(0, 2, 0, 2), (2, 2, 0, 8), (4, 3, 8, 3), (7, 3, 8, 12), (10, 1, 20, 5)]  # (q0, nq, k0, nk)
+    q = torch.randn(11, HEADS, DIM, generator=gen)
+    k, v = torch.randn(25, GROUPS, DIM, generator=gen), torch.randn(25, GROUPS, DIM, generator=gen)
+    as_bhtd = lambda x: x.unsqueeze(0).transpose(1, 2)  # noqa: E731
+    out = _module()._spans(as_bhtd(q), as_bhtd(k), as_bhtd(v), spans, 0.0).transpose(1, 2)[0].reshape(11, -1)
+    for q0, nq, k0, nk in spans:
+        allowed = torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+        ref = _naive(q[q0:q0 + nq], k[k0:k0 + nk], v[k0:k0 + nk], allowed)
+        assert _rel(out[q0:q0 + nq], ref) < 1e-6

@@ -113,8 +113,15 @@ def test_full_scale_experiment_needs_its_paths_and_then_validates():
     assert student.sft.train_files == [f"{dirs['distill_data']}/data.jsonl"]
 
 
-def test_training_entry_points_refuse_context_parallelism(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "r1mega.cli.train", "parallel.cp=2", "parallel.nproc=2",
-                             "model.attention_backend=te", f"trainer.output_dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "parallel.cp > 1: the RL and SFT trainers" in result.stderr
+def test_context_parallelism_is_refused_where_sequences_are_not_split(tmp_path):
+    def run(entry, *overrides):
+        return subprocess.run([sys.executable, "-m", f"r1mega.cli.{entry}", "parallel.cp=2", "parallel.nproc=2",
+                               f"trainer.output_dir={tmp_path}", *overrides], capture_output=True, text=True,
+                              timeout=120)
+
+    rl = run("train", "trainer.pack=false")  # RL splits THD packs only
+    assert rl.returncode == 2 and "parallel.cp > 1 splits THD packs" in rl.stderr
+    sft = run("sft", "sft.train_files=[a.jsonl]")
+    assert sft.returncode == 2 and "parallel.cp > 1: SFT, rejection sampling and evaluation" in sft.stderr
+    flash = run("train", "model.attention_backend=flash")
+    assert flash.returncode == 2 and "te or sdpa attention backend, not flash" in flash.stderr

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from r1mega.platform.distributed import collectively
+from r1mega.platform.distributed import collectively, replica_group
 from r1mega.rollout.sglang.buckets import buckets
 from r1mega.rollout.sglang.client import ALL_TAGS, SGLangClient, SGLangError
 from r1mega.rollout.sglang.topology import Topology, engines_for, split_even
@@ -106,7 +106,7 @@ class SGLangEngine:
         Collective over the world: a failed request raises on every rank."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        group = ps.get_model_parallel_group()
+        group = replica_group()
         # seeded calls (evaluation) are reproducible and leave the training stream alone
         key = (1, params.seed) if params.seed is not None else (0, self.seed, self._calls)
         self._calls += params.seed is None

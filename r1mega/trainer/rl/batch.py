@@ -9,6 +9,11 @@ position is spent on padding. Logits are computed at the response positions only
 (`logits_at`), and the loss reads them in the per-row layout [b, R] (R: the longest
 response), where the mask marks each row's first R_i columns.
 
+Context parallelism (parallel.cp > 1, packs only): each row is padded to a multiple of 2 x cp and
+every rank holds its two chunks of each (r1mega.models.context_parallel), so the positions whose
+logits this rank computes are some of each response's. The per-row layout and the mask stay whole:
+`per_row` sums the ranks' parts, so every context-parallel rank computes the loss of whole rows.
+
 Padded (trainer.pack=false): rows right-padded to the longest; under causal attention no real
 token sees a pad, so no attention mask is needed. Logits are computed from the earliest
 response position of the micro-batch on (`logits_from`), and per-token fields cover positions
@@ -17,15 +22,18 @@ logits_from ... L - 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 from r1mega.config.schema import R1Config
 from r1mega.data.balance import balanced_parts, token_bins
 from r1mega.data.packing import split_rows, thd_params
+from r1mega.models.context_parallel import local_positions
 from r1mega.platform.distributed import dp_all_gather, dp_max
 from r1mega.platform.fp8 import sequence_multiple
 from r1mega.rollout.types import Rollouts
@@ -105,6 +113,10 @@ class MicroBatch:
     # computed, and where each of them lands in the [b, W] layout (row, column)
     cu_seqlens: Optional[torch.Tensor] = None  # [b + 1] int32 (+ 1 with a padding segment)
     max_seqlen: int = 0
+    # context parallelism: cu_seqlens are the rows' padded bounds in the whole pack, these their real
+    # tokens; this rank holds 1 / cp_size of the pack's positions
+    cu_seqlens_unpadded: Optional[torch.Tensor] = None
+    cp_size: int = 1
     positions: Optional[torch.Tensor] = None  # [1, T]
     logits_at: Optional[torch.Tensor] = None  # [K]
     row_of: Optional[torch.Tensor] = None  # [K]
@@ -120,15 +132,23 @@ class MicroBatch:
         positions = self.positions
         if positions is None:
             positions = torch.arange(self.tokens.size(1), device=self.tokens.device).expand_as(self.tokens)
+        if self.cu_seqlens_unpadded is not None:
+            params = thd_params(self.cu_seqlens_unpadded, self.max_seqlen, self.cu_seqlens)
+        else:
+            params = thd_params(self.cu_seqlens, self.max_seqlen)
         return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None,
-                "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen)}
+                "packed_seq_params": params}
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-token values aligned with `targets` in the [b, W] layout of the mask (differentiable)."""
+        """Per-token values aligned with `targets` in the [b, W] layout of the mask (differentiable).
+        Under context parallelism the ranks' parts are summed (all-reduce forward, identity backward:
+        each rank's values reach every rank's loss, and each rank's gradient is its own part's)."""
         if self.logits_at is None:
             return values
-        out = values.new_zeros(self.mask.shape)
-        return out.index_put((self.row_of, self.col_of), values.reshape(-1))
+        out = values.new_zeros(self.mask.shape).index_put((self.row_of, self.col_of), values.reshape(-1))
+        if self.cp_size > 1:
+            out = reduce_from_tensor_model_parallel_region(out, group=ps.get_context_parallel_group())
+        return out
 
     def to(self, device) -> "MicroBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -164,45 +184,68 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
                       window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start)
 
 
-def pack(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
+def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
     """A THD pack of `rows`, its length rounded up to `multiple` (sequence parallelism, FP8) with a
-    padding segment of its own that no loss reads."""
+    padding segment of its own that no loss reads. With cp_size > 1: every row padded to a multiple
+    of 2 x cp_size, each rank's part of the pack a multiple of `multiple`, and rank cp_rank's chunks."""
     responses = [len(batch.tokens[i]) - batch.prompt_lens[i] for i in rows]
     width = max(responses)
     per_token = _per_token_fields(batch)
     layout = {k: torch.zeros(len(rows), width) for k in per_token}
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    tokens, positions, targets, logits_at, row_of, cu = [], [], [], [], [], [0]
+    tokens, positions, targets, logits_at, row_of, cu, real = [], [], [], [], [], [0], [0]
+    row_multiple = 2 * cp_size if cp_size > 1 else 1
     for j, (i, r) in enumerate(zip(rows, responses)):
         seq, start, n = batch.tokens[i], cu[-1], len(batch.tokens[i]) - 1
-        tokens.append(seq[:-1])
-        positions.append(torch.arange(n))
+        span = n + (-n % row_multiple)
+        tokens += [seq[:-1], torch.zeros(span - n, dtype=torch.long)]
+        positions.append(torch.arange(span))
         targets.append(seq[n + 1 - r:])  # the response (seq[-r:] would be all of it when r = 0)
         logits_at.append(torch.arange(start + n - r, start + n))
         row_of.append(torch.full((r,), j))
         mask[j, :r] = True
         for key, values in per_token.items():
             layout[key][j, :r] = values[i]
-        cu.append(start + n)
-    pad = -cu[-1] % multiple
+        cu.append(start + span)
+        real.append(real[-1] + n)
+    whole = math.lcm(row_multiple, cp_size * multiple)
+    pad = -cu[-1] % whole
     if pad:
         tokens.append(torch.zeros(pad, dtype=torch.long))
         positions.append(torch.arange(pad))
         cu.append(cu[-1] + pad)
+        real.append(real[-1] + pad)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    return MicroBatch(
+    micro = MicroBatch(
         rows, torch.cat(tokens).unsqueeze(0), torch.cat(targets).unsqueeze(0), mask, batch.advantages[rows],
         layout["rollout_logp"], layout.get("old_logp"), layout.get("ref_logp"),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths),
         positions=torch.cat(positions).unsqueeze(0), logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
         col_of=torch.cat([torch.arange(r) for r in responses]))
+    return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
+
+
+def _cp_part(micro: MicroBatch, cu_real: torch.Tensor, size: int, rank: int) -> MicroBatch:
+    """Rank `rank`'s chunks of a whole pack: its positions, and the response positions among them."""
+    held = local_positions(micro.cu_seqlens, rank, size)
+    local = torch.full((micro.tokens.size(1),), -1, dtype=torch.long)
+    local[held] = torch.arange(held.numel())
+    at = local[micro.logits_at]
+    kept = at >= 0
+    return replace(micro, tokens=micro.tokens[:, held], positions=micro.positions[:, held],
+                   targets=micro.targets[:, kept], logits_at=at[kept], row_of=micro.row_of[kept],
+                   col_of=micro.col_of[kept], cu_seqlens_unpadded=cu_real, cp_size=size)
 
 
 def response_values(micro: MicroBatch, values: torch.Tensor) -> List[torch.Tensor]:
     """Per-row response slices of per-token values aligned with `targets` (the inverse of the
     placement by collate or pack)."""
-    values = micro.per_row(values)
-    return [values[j][micro.mask[j]].detach().float().cpu() for j in range(len(micro.rows))]
+    return row_slices(micro, micro.per_row(values))
+
+
+def row_slices(micro: MicroBatch, per_row: torch.Tensor) -> List[torch.Tensor]:
+    """Per-row response slices of values in the [b, W] layout of the mask."""
+    return [per_row[j][micro.mask[j]].detach().float().cpu() for j in range(len(micro.rows))]
 
 
 def micro_batches(cfg: R1Config, batch: StepBatch, rows: List[int]) -> List[MicroBatch]:
@@ -210,7 +253,8 @@ def micro_batches(cfg: R1Config, batch: StepBatch, rows: List[int]) -> List[Micr
     (ranks run the pipeline schedule and the gradient reduction in lock-step). Packs are balanced
     in tokens; padded rows are grouped longest first, each group costing rows x its longest."""
     lengths = batch.model_lengths()
-    budget = cfg.trainer.micro_batch_tokens
+    cp = ps.get_context_parallel_world_size()
+    budget = cfg.trainer.micro_batch_tokens * cp  # a pack is split over the context-parallel ranks
     multiple = sequence_multiple(cfg.model.fp8, cfg.parallel)  # sequence parallelism, FP8 shapes
 
     def parts(min_parts: int) -> List[List[int]]:
@@ -222,14 +266,15 @@ def micro_batches(cfg: R1Config, batch: StepBatch, rows: List[int]) -> List[Micr
     count = int(dp_max([len(groups)])[0])
     if count != len(groups):
         groups = parts(count)
-    build = pack if cfg.trainer.pack else collate
-    return [build(batch, g, multiple) for g in groups]
+    if not cfg.trainer.pack:
+        return [collate(batch, g, multiple) for g in groups]
+    return [pack(batch, g, multiple, cp, ps.get_context_parallel_rank()) for g in groups]
 
 
 def layout_stats(batch: StepBatch, micro: Sequence[MicroBatch]) -> Dict[str, float]:
-    """This rank's model positions, the real tokens among them (the rest is padding), and the
-    fewest and most real tokens of one micro-batch."""
+    """This rank's model positions (its context-parallel group's), the real tokens among them (the
+    rest is padding), and the fewest and most real tokens of one micro-batch."""
     lengths = batch.model_lengths()
     real = [sum(lengths[i] for i in m.rows) for m in micro]
-    return {"positions": float(sum(m.tokens.numel() for m in micro)), "real": float(sum(real)),
+    return {"positions": float(sum(m.tokens.numel() * m.cp_size for m in micro)), "real": float(sum(real)),
             "min": float(min(real, default=0)), "max": float(max(real, default=0))}

@@ -22,7 +22,7 @@ class RLContext:
     ref_chunks: Optional[List[torch.nn.Module]]  # frozen reference; None when kl_beta = 0
     engine: RolloutEngine
     engine_shares_weights: bool  # the native engine decodes with the policy's own parameters
-    rewards: Any  # RewardStack on the first rank of each model-parallel group, else None
+    rewards: Any  # RewardStack on the first rank of each replica group, else None
     reward_names: List[str]  # component names, in a fixed order on every rank
     sampler: Any  # PromptSampler over the train split, this data-parallel rank's share
     test_records: list

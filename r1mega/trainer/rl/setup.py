@@ -10,12 +10,14 @@ from typing import List, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from r1mega.config.rl_rules import pretrain_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
 from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
-from r1mega.platform.distributed import Runtime, rank
+from r1mega.platform.distributed import Runtime, rank, replica_group
+from r1mega.models.specs import resolve_backend
 from r1mega.platform.fp8 import token_multiple
 from r1mega.rewards.stack import RewardStack
 from r1mega.rollout.native import NativeEngine
@@ -61,7 +63,8 @@ def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> lis
 
 
 def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
-    """The reward stack on the first rank of each model-parallel group; component names everywhere.
+    """The reward stack on the first rank of each replica group (the ranks holding one data-parallel
+    rank's rows); component names everywhere.
 
     'accuracy' is always scored (weight 0 if not configured) so evaluation can report it.
     """
@@ -70,7 +73,7 @@ def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
     components.setdefault("accuracy", 0.0)
     names = list(components) + list(r.custom)
     stack = None
-    if dist.get_rank() == dist.get_global_rank(ps.get_model_parallel_group(), 0):
+    if dist.get_rank() == dist.get_global_rank(replica_group(), 0):
         stack = RewardStack(components=components, custom=dict(r.custom), timeout_s=r.timeout_s,
                             num_workers=r.num_workers, language=r.language,
                             overlong_max_tokens=r.overlong_max_tokens or cfg.rollout.max_new_tokens,
@@ -94,7 +97,22 @@ def build_engine(cfg: R1Config, chunks, tokenizer):
                         row_multiple=token_multiple(cfg.model.fp8))
 
 
+def check_whole_sequences(cfg: R1Config) -> None:
+    """Under context parallelism only the trainer's THD packs are split. Transformer Engine's attention
+    splits every input over the context-parallel group, so what runs whole sequences through the
+    policy (the native engine, the base model's pre-training) cannot run on it."""
+    if cfg.parallel.cp == 1 or resolve_backend(cfg.model.attention_backend) != "te":
+        return
+    users = [what for what, on in (("rollout.engine=native", cfg.rollout.engine == "native"),
+                                   ("the base model's pre-training", pretrain_runs(cfg))) if on]
+    if users:
+        raise ValueError(f"parallel.cp > 1 with Transformer Engine attention: {' and '.join(users)} run whole "
+                         f"sequences, which TE splits over the context-parallel ranks; use rollout.engine=sglang "
+                         f"and a model.mcore_path or model.hf_path, or model.attention_backend=sdpa")
+
+
 def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
+    check_whole_sequences(cfg)
     tokenizer = run_tokenizer(cfg)
     train, test = prompts(cfg, tokenizer)
     source = initial_weights(cfg, runtime, tokenizer)

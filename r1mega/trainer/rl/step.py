@@ -1,8 +1,8 @@
 """One RL step, read top to bottom as its phases, and the metrics it reports.
 
-Every rank of a model-parallel group (TP x PP) holds the same prompts and rollouts; ranks of
-different data-parallel groups hold different ones. Rewards are computed once per
-model-parallel group and broadcast, so all its ranks train on identical numbers.
+Every rank of a replica group (the TP x PP x CP ranks of one data-parallel rank) holds the same
+prompts and rollouts; ranks of different data-parallel groups hold different ones. Rewards are
+computed once per replica group and broadcast, so all its ranks train on identical numbers.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
-from r1mega.platform.distributed import current_device, dp_max, dp_sum, mp_broadcast
+from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
 from r1mega.rewards.stack import RewardInput
 from r1mega.rollout.types import Rollouts
 from r1mega.trainer.forward_backward import run_schedule, train_step
 from r1mega.trainer.model_setup import copy_weights
 from r1mega.trainer.optimizer import current_lr
 from r1mega.trainer.rl.batch import (MicroBatch, StepBatch, balance_over_dp, layout_stats, micro_batches,
-                                     response_values)
+                                     row_slices)
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.loss import LossSettings, policy_loss, reduce_stats
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
@@ -95,7 +95,7 @@ def score(ctx: RLContext, records: list, rollouts: Rollouts) -> Scores:
         for i, name in enumerate(names):
             packed[i + 1, :-1] = torch.tensor(result.components[name], dtype=torch.float64)
         packed[0, -1], packed[1, -1] = result.failures, result.timeouts
-    packed = mp_broadcast(packed)
+    packed = replica_broadcast(packed)
     comps = {name: packed[i + 1, :-1] for i, name in enumerate(names)}
     return Scores(packed[0, :-1], comps, int(packed[0, -1]), int(packed[1, -1]))
 
@@ -197,7 +197,7 @@ def _per_row(n: int, micro, values) -> Optional[List[torch.Tensor]]:
         return None
     out: List[Optional[torch.Tensor]] = [None] * n
     for m, v in zip(micro, values):
-        for row, vals in zip(m.rows, response_values(m, v)):
+        for row, vals in zip(m.rows, row_slices(m, v)):
             out[row] = vals
     return out
 
@@ -237,11 +237,12 @@ def batch_metrics(layout: Dict[str, float]) -> Dict[str, float]:
 
 
 def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
-    """Log-probs [b, L] per micro-batch without gradients, on the last pipeline stage; None on others."""
+    """Log-probs per micro-batch in the [b, W] layout of its mask, without gradients, on the last
+    pipeline stage; None on others."""
 
     def collect(m, logits):
         logp, _ = target_logprobs(logits, m.targets, temperature, with_entropy=False)
-        return logits.new_zeros(()), {"logp": logp.detach().float().cpu()}
+        return logits.new_zeros(()), {"logp": m.per_row(logp).detach().float().cpu()}
 
     with torch.no_grad():
         out = run_schedule(chunks, micro, collect, forward_only=True)
@@ -251,7 +252,9 @@ def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Opt
 def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSettings) -> Dict[str, float]:
     """Forward/backward with the policy loss over this rank's micro-batches, one optimizer step."""
     # megatron divides each micro-batch loss by the local micro-batch count and averages gradients
-    # over data-parallel ranks; the loss carries global denominators, so `scale` undoes both
+    # over data-parallel ranks; the loss carries global denominators, so `scale` undoes both. (Over
+    # context-parallel ranks, which each compute the loss of whole rows from their part of the
+    # tokens, megatron's schedule multiplies the loss by cp, and the average divides it again.)
     scale = float(len(micro) * ps.get_data_parallel_world_size())
     out, grad_norm, update_ok = train_step(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, micro,
                                            partial(policy_loss, s=settings, scale=scale))
