@@ -1,10 +1,13 @@
-"""Peer comparison: r1mega and TRL's GRPOTrainer on the same work, interleaved in one run.
+"""Time to accuracy against TRL's GRPOTrainer: how fast each reaches a held-out greedy accuracy.
 
-One random Qwen2 (a model preset, saved in HF format with the built-in tokenizer), one prompt
-file of the built-in task in R1-Zero's template, and the same GRPO settings: group size,
-prompts per step, response length, steps, learning rate, clipping, KL, loss aggregation,
-rule-based rewards. Each side runs as its own process, alternating r1mega, TRL, r1mega, ...;
-the first bench.warmup steps of every run are left out of the timings.
+Both sides start from one checkpoint: the run's base model (the built-in task's, pre-trained as
+the default run builds it, cached) exported to HF format with its tokenizer, which TRL loads and
+r1mega loads back through its HF reader. Both train on one prompt file (the built-in task's train
+split, rendered in the run's template), with the run's group size, prompts per step, response
+length, learning rate (constant: TRL's scheduler and megatron's warm-up differ), clipping, KL,
+loss aggregation and rule-based rewards, and evaluate greedy on one held-out file before the first
+step and every bench.peer.eval_every steps. Evaluation is left out of the training times on both
+sides (each uses its own generation loop); each side runs in its own process, one after the other.
 """
 
 from __future__ import annotations
@@ -14,60 +17,62 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Tuple
-
-import torch
+from typing import Dict, List, Optional, Tuple
 
 from r1mega.bench.measure import median
-from r1mega.checkpoint.hf_config import transformers_config
-from r1mega.config.loader import compose_config, to_config
-from r1mega.config.schema import ModelConfig, R1Config
+from r1mega.config.schema import ParallelConfig, R1Config
 from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
-from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from r1mega.platform.launch import spawn
 
 TRL_ADV_EPS = 1e-4  # TRL divides advantages by (std + 1e-4); r1mega's side uses the same
+PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync", "release")
 
 
 def run(cfg: R1Config) -> Dict:
-    p = cfg.bench.peer
     with tempfile.TemporaryDirectory(prefix="r1mega-peer-") as tmp:
         work = Path(tmp)
-        model = to_config(compose_config([f"model={p.model}"])).model
-        model_dir = save_random_hf_model(model, work / "model", cfg.trainer.seed)
-        prompts, prompt_tokens = write_prompts(cfg, work / "prompts.jsonl", model_dir)
-        runs: Dict[str, List[Dict]] = {"r1mega": [], "trl": []}
-        for i in range(p.rounds):
-            runs["r1mega"].append(_r1mega(cfg, model_dir, prompts, prompt_tokens, work / f"r1mega-{i}"))
-            runs["trl"].append(_trl(cfg, model_dir, prompts, work / f"trl-{i}"))
-    return summarize(cfg, runs)
+        base = spawn(1, export_base_model, cfg, str(work / "base"))[0]
+        train, test = write_prompts(cfg, work)
+        r1mega = _r1mega(cfg, work / "base", train, test, work / "r1mega")
+        trl = _trl(cfg, work / "base", train, test, work / "trl")
+    return summarize(cfg, base, r1mega, trl)
 
 
-def save_random_hf_model(model: ModelConfig, folder: Path, seed: int) -> Path:
-    """The preset as an HF checkpoint with random weights (transformers' own init) and r1mega's tokenizer."""
-    from transformers import AutoModelForCausalLM
+def export_base_model(cfg: R1Config, folder: str) -> str:
+    """The run's cached base model (built first if missing) as an HF folder with its tokenizer."""
+    from r1mega.checkpoint.hf_convert import save_hf
+    from r1mega.checkpoint.mcore import load_model
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import running
+    from r1mega.trainer.model_setup import run_tokenizer
+    from r1mega.trainer.pretrain import ensure_base_model
+
+    single = replace(cfg, parallel=ParallelConfig())
+    with running(single.parallel, cfg.trainer.seed) as runtime:
+        tokenizer = run_tokenizer(single)
+        base = ensure_base_model(single, runtime, tokenizer)
+        chunks = build_model(cfg.model, single.parallel)
+        load_model(chunks, str(base))
+        save_hf(chunks, cfg.model, folder)
+        tokenizer.save_pretrained(folder)
+    return str(base)
 
 
-    tokenizer = load_tokenizer(build_tiny_tokenizer(folder, vocab_size=model.vocab_size))
-    config = transformers_config(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
-
-
-def write_prompts(cfg: R1Config, path: Path, tokenizer_dir: Path) -> Tuple[Path, int]:
-    """Exactly the prompts both sides train on (one pass of prompts_per_step x steps, rendered),
-    and the longest one's length in tokens."""
-    p = cfg.bench.peer
+def write_prompts(cfg: R1Config, work: Path) -> Tuple[Path, Path]:
+    """The train and held-out splits of the run's task, rendered: what both sides read."""
     d = cfg.data
-    records = make_task(d.name, "train", p.prompts_per_step * p.steps, d.seed, **dict(d.difficulty))
-    rows = [{"prompt": render_prompt(r, None, "r1_zero"), "answer": r.answer, "data_source": r.data_source}
-            for r in records]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ids = load_tokenizer(tokenizer_dir)([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    return path, max(len(x) for x in ids)
+    paths = []
+    for split, size in (("train", d.train_size), ("test", d.test_size)):
+        records = make_task(d.name, split, size, d.seed, **dict(d.difficulty))
+        rows = [{"prompt": render_prompt(r, None, d.template), "answer": r.answer, "data_source": r.data_source}
+                for r in records]
+        path = work / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def _threads() -> int:
@@ -75,96 +80,95 @@ def _threads() -> int:
     return os.cpu_count() or 1
 
 
-def _env() -> Dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(_threads()), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _run(argv: List[str], what: str) -> None:
-    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def _value(v) -> str:
-    """A Hydra override value."""
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _shared_overrides(cfg: R1Config) -> List[str]:
-    """The algorithm, optimizer and reward of this config, as overrides of r1mega-train."""
-    a, p = cfg.algorithm, cfg.bench.peer
-    out = [f"algorithm={a.name}"]
-    out += [f"algorithm.{f.name}={_value(getattr(a, f.name))}" for f in fields(a)
-            if f.name not in ("name", "group_size", "kl_beta", "adv_eps")]
-    out += [f"algorithm.group_size={p.group_size}", f"algorithm.kl_beta={p.kl_beta}",
-            f"algorithm.adv_eps={TRL_ADV_EPS}"]
-    o = cfg.optimizer
-    out += [f"optimizer.{k}={_value(getattr(o, k))}"
-            for k in ("name", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "weight_decay")]
-    out += [f"optimizer.lr={p.lr}", "optimizer.warmup_steps=0", "optimizer.decay_style=constant"]
-    preset = to_config(compose_config([])).reward.components
-    weights = {**{k: 0.0 for k in preset}, **cfg.reward.components}
-    return out + [f"reward.components.{k}={w}" for k, w in weights.items()]
-
-
-def _r1mega(cfg: R1Config, model_dir: Path, prompts: Path, prompt_tokens: int, out: Path) -> Dict:
+def race_config(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) -> R1Config:
+    """The run's config as r1mega's side of the race trains it."""
     p = cfg.bench.peer
-    overrides = [
-        f"model={p.model}", f"model.hf_path={model_dir}", "data=files", f"data.train_path={prompts}",
-        "data.template=plain", f"data.max_prompt_tokens={prompt_tokens}",
-        f"data.prompts_per_step={p.prompts_per_step}", *_shared_overrides(cfg),
-        f"rollout.max_new_tokens={p.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-        "rollout.top_k=-1", "rollout.stop=[]", f"rollout.max_batch_size={p.prompts_per_step * p.group_size}",
-        f"trainer.steps={p.steps}", f"trainer.output_dir={out}", f"trainer.seed={cfg.trainer.seed}",
-        "trainer.eval_at_ends=false", "trainer.eval_every=0", "trainer.save_at_end=false",
-        "trainer.tensorboard=false", "trainer.plot=false", "trainer.progress=false", "reward.num_workers=0",
-        # one micro-batch per pass, as TRL's single per-device batch
-        f"trainer.micro_batch_tokens={p.prompts_per_step * p.group_size * (prompt_tokens + p.max_new_tokens)}",
-    ]
-    _run([sys.executable, "-m", "r1mega.cli.train", *overrides], "r1mega's run")
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": [s["time/step"] for s in steps],
-            "tokens": [s["perf/tokens_per_s"] * s["time/step"] for s in steps],
-            "reward": [s["reward/mean"] for s in steps]}
+    return replace(
+        cfg,
+        model=replace(cfg.model, hf_path=str(model_dir), mcore_path=None),
+        data=replace(cfg.data, name="files", train_path=str(train), test_path=str(test), template="plain"),
+        algorithm=replace(cfg.algorithm, adv_eps=TRL_ADV_EPS),
+        optimizer=replace(cfg.optimizer, warmup_steps=0, decay_style="constant"),
+        rollout=replace(cfg.rollout, temperature=1.0, top_p=1.0, top_k=-1, stop=[], eval_samples=0,
+                        eval_temperature=0.0),
+        trainer=replace(cfg.trainer, steps=p.steps, eval_every=p.eval_every, eval_at_ends=True, output_dir=str(out),
+                        save_every=0, save_at_end=False, load=None, tensorboard=False, plot=False, progress=False),
+        reward=replace(cfg.reward, num_workers=0),
+    )
 
 
-def _trl(cfg: R1Config, model_dir: Path, prompts: Path, out: Path) -> Dict:
-    p, a, o = cfg.bench.peer, cfg.algorithm, cfg.optimizer
+def train_r1mega(cfg: R1Config) -> None:
+    from r1mega.cli.common import run_job
+    from r1mega.trainer.rl.train import train
+
+    run_job(cfg, job=train)
+
+
+def _r1mega(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) -> Dict:
+    from r1mega.config.validate import validate
+
+    race = race_config(cfg, model_dir, train, test, out)
+    validate(race, 1)
+    spawn(1, train_r1mega, race)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] >= 1]
+    elapsed, curve = 0.0, []
+    for r in rows:
+        elapsed += r.get("time/step", 0.0)
+        if "eval/greedy_accuracy" in r:
+            curve.append([r["step"], elapsed, r["eval/greedy_accuracy"]])
+    phases = {k: sum(s.get(f"time/{k}", 0.0) for s in steps) for k in PHASES}
+    return {"step_s": [s["time/step"] for s in steps], "curve": curve,
+            "phase_share": {k: v / max(elapsed, 1e-9) for k, v in phases.items() if v > 0}}
+
+
+def _trl(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) -> Dict:
+    a, o, p = cfg.algorithm, cfg.optimizer, cfg.bench.peer
     out.mkdir(parents=True)
     spec = {
-        "model": str(model_dir), "prompts": str(prompts), "work_dir": str(out), "result": str(out / "result.json"),
-        "threads": _threads(), "seed": cfg.trainer.seed, "prompts_per_step": p.prompts_per_step,
-        "group_size": p.group_size, "max_new_tokens": p.max_new_tokens, "steps": p.steps, "lr": p.lr,
-        "kl_beta": p.kl_beta, "eps_low": a.eps_low, "eps_high": a.eps_high, "loss_agg": a.loss_agg,
+        "model": str(model_dir), "prompts": str(train), "test_prompts": str(test), "work_dir": str(out),
+        "result": str(out / "result.json"), "threads": _threads(), "seed": cfg.trainer.seed,
+        "prompts_per_step": cfg.data.prompts_per_step, "group_size": a.group_size,
+        "max_new_tokens": cfg.rollout.max_new_tokens, "steps": p.steps, "eval_every": p.eval_every, "lr": o.lr,
+        "kl_beta": a.kl_beta, "eps_low": a.eps_low, "eps_high": a.eps_high, "loss_agg": a.loss_agg,
         "std_scaled": a.advantage == "grpo", "clip_grad": o.clip_grad, "adam_beta1": o.adam_beta1,
         "adam_beta2": o.adam_beta2, "adam_eps": o.adam_eps, "weight_decay": o.weight_decay,
-        "rewards": dict(cfg.reward.components),
-        "reward_timeout_s": cfg.reward.timeout_s,
+        "rewards": dict(cfg.reward.components), "reward_timeout_s": cfg.reward.timeout_s,
     }
     (out / "spec.json").write_text(json.dumps(spec))
-    _run([sys.executable, "-m", "r1mega.bench.trl_peer", str(out / "spec.json")], "TRL's run")
+    env = {**os.environ, "OMP_NUM_THREADS": str(_threads()), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "r1mega.bench.trl_peer", str(out / "spec.json")], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL's run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads((out / "result.json").read_text())
 
 
-def _side(runs: List[Dict], skip: int) -> Dict:
-    """Medians over each run's timed steps, then over runs; rewards of the last step and the run."""
-    step_s = median([median(r["step_s"][skip:]) for r in runs])
-    tokens_per_s = median([median([t / s for t, s in zip(r["tokens"][skip:], r["step_s"][skip:])]) for r in runs])
-    return {"step_s": step_s, "tokens_per_s": tokens_per_s,
-            "final_reward": median([r["reward"][-1] for r in runs]),
-            "mean_reward": median([sum(r["reward"]) / len(r["reward"]) for r in runs]),
-            "runs": runs}
+def reached(curve: List[List[float]], target: float) -> Optional[Dict[str, float]]:
+    """The first evaluation at or above `target`: its step and training seconds (None: never)."""
+    for step, seconds, accuracy in curve:
+        if accuracy >= target:
+            return {"step": step, "seconds": seconds}
+    return None
 
 
-def summarize(cfg: R1Config, runs: Dict[str, List[Dict]]) -> Dict:
-    p = cfg.bench.peer
-    skip = cfg.bench.warmup  # check_peer: fewer than the steps
-    r1, trl = _side(runs["r1mega"], skip), _side(runs["trl"], skip)
+def summarize(cfg: R1Config, base: str, r1mega: Dict, trl: Dict) -> Dict:
     import trl as trl_package
 
-    return {"model": p.model, "algorithm": cfg.algorithm.name, "prompts_per_step": p.prompts_per_step,
-            "group_size": p.group_size, "max_new_tokens": p.max_new_tokens, "steps": p.steps, "rounds": p.rounds,
-            "timed_steps_per_run": p.steps - skip, "threads": _threads(), "trl_version": trl_package.__version__,
-            "r1mega": r1, "trl": trl,
-            "step_time_ratio_trl_over_r1mega": trl["step_s"] / r1["step_s"],
-            "tokens_per_s_ratio_r1mega_over_trl": r1["tokens_per_s"] / trl["tokens_per_s"]}
+    p = cfg.bench.peer
+    sides = {"r1mega": r1mega, "trl": trl}
+    targets = {}
+    for target in p.targets:
+        got = {name: reached(side["curve"], target) for name, side in sides.items()}
+        both = got["r1mega"] and got["trl"]
+        targets[f"{target:g}"] = {**got, "time_ratio_trl_over_r1mega":
+                                  got["trl"]["seconds"] / got["r1mega"]["seconds"] if both else None}
+    for side in sides.values():
+        side["step_s_median"] = median(side["step_s"])
+        side["final_accuracy"] = side["curve"][-1][2]
+        side["train_s"] = side["curve"][-1][1]
+    return {"model": cfg.model.name, "base_model": base, "algorithm": cfg.algorithm.name,
+            "prompts_per_step": cfg.data.prompts_per_step, "group_size": cfg.algorithm.group_size,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "lr": cfg.optimizer.lr, "steps": p.steps,
+            "eval_every": p.eval_every, "held_out": cfg.data.test_size, "threads": _threads(),
+            "trl_version": trl_package.__version__, "r1mega": r1mega, "trl": trl, "targets": targets}

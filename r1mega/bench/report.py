@@ -69,14 +69,27 @@ def _rollout_md(r: Dict) -> str:
 
 
 def _peer_md(p: Dict) -> str:
-    head = (f"{p['model']} (random Qwen2), {p['algorithm']}, {p['prompts_per_step']} prompts x {p['group_size']}, "
-            f"{p['max_new_tokens']} new tokens, {p['steps']} steps; {p['rounds']} interleaved run(s) each, medians "
-            f"of {p['timed_steps_per_run']} timed steps per run. TRL {p['trl_version']}.\n\n")
-    rows = [[name, p[key]["step_s"], p[key]["tokens_per_s"], p[key]["final_reward"], p[key]["mean_reward"]]
-            for name, key in (("r1mega", "r1mega"), ("TRL GRPOTrainer", "trl"))]
-    tail = (f"\nTRL's step time / r1mega's: **{p['step_time_ratio_trl_over_r1mega']:.2f}x**; "
-            f"r1mega's tokens/s / TRL's: **{p['tokens_per_s_ratio_r1mega_over_trl']:.2f}x**.\n")
-    return head + _table(["", "step s", "tokens/s", "final reward", "mean reward"], rows) + tail
+    head = (f"{p['model']} from its pre-trained base checkpoint (HF export), {p['algorithm']}, "
+            f"{p['prompts_per_step']} prompts x {p['group_size']}, {p['max_new_tokens']} new tokens, lr {p['lr']:g}, "
+            f"{p['steps']} steps; greedy on {p['held_out']} held-out prompts every {p['eval_every']} steps; "
+            f"training seconds exclude evaluation. TRL {p['trl_version']}.\n\n")
+
+    def at(side: Dict, key: str) -> str:
+        x = side.get(key)
+        return "not reached" if x is None else f"{x['seconds']:.0f} s (step {x['step']})"
+
+    rows = []
+    for name, key in (("r1mega", "r1mega"), ("TRL GRPOTrainer", "trl")):
+        s = p[key]
+        rows.append([name, *[at(p["targets"][t], key) for t in p["targets"]], s["final_accuracy"], s["train_s"],
+                     s["step_s_median"]])
+    ratios = ", ".join(f"{float(t):.0%}: **{r:.2f}x**" for t, x in p["targets"].items()
+                       if (r := x["time_ratio_trl_over_r1mega"]) is not None)
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["r1mega"]["phase_share"].items(), key=lambda kv: -kv[1]))
+    tail = (f"\nTRL's time to each target / r1mega's: {ratios or 'a target neither side reached'}. "
+            f"r1mega's training time by phase: {shares}.\n")
+    header = ["", *[f"to {float(t):.0%}" for t in p["targets"]], "final accuracy", "training s", "step s"]
+    return head + _table(header, rows) + tail
 
 
 def _packing_md(p: Dict) -> str:
@@ -99,7 +112,7 @@ SECTIONS: Dict[str, tuple] = {
     "train": ("Training", _train_md),
     "rollout": ("Rollout", _rollout_md),
     "packing": ("RL update: packed against padded", _packing_md),
-    "peer": ("Peer comparison: TRL", _peer_md),
+    "peer": ("Time to accuracy against TRL", _peer_md),
 }
 
 
@@ -170,9 +183,15 @@ def _plot_rollout(ax, r: Dict) -> None:
 
 
 def _plot_peer(ax, p: Dict) -> None:
-    ax.bar(["r1mega", "TRL"], [p["r1mega"]["tokens_per_s"], p["trl"]["tokens_per_s"]], color=["tab:blue", "tab:orange"])
-    ax.set_ylabel("tokens/s (prompt + response)")
-    ax.set_title(f"GRPO step on the same CPU work: {p['step_time_ratio_trl_over_r1mega']:.2f}x")
+    for key, name, color in (("r1mega", "r1mega", "tab:blue"), ("trl", "TRL GRPOTrainer", "tab:orange")):
+        _, seconds, accuracy = zip(*p[key]["curve"])
+        ax.plot(seconds, [100 * a for a in accuracy], marker="o", label=name, color=color)
+    for t in p["targets"]:
+        ax.axhline(100 * float(t), color="gray", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("held-out greedy accuracy (%)")
+    ax.legend()
+    ax.set_title(f"{p['model']}: time to accuracy")
 
 
 def _plot_packing(ax, p: Dict) -> None:

@@ -1,6 +1,7 @@
-"""The TRL side of the peer benchmark: TRL's GRPOTrainer on the shared model, prompts and
-settings, with r1mega's rule-based rewards. Run as `python -m r1mega.bench.trl_peer SPEC.json`;
-writes per-step wall times, tokens and rewards to the spec's `result` path."""
+"""The TRL side of the time-to-accuracy race: TRL's GRPOTrainer on the shared base model, prompts
+and settings, with r1mega's rule-based rewards, evaluated greedy on the held-out prompts before the
+first step and every `eval_every` steps. Run as `python -m r1mega.bench.trl_peer SPEC.json`; writes
+per-step wall times, rewards and the accuracy curve to the spec's `result` path."""
 
 from __future__ import annotations
 
@@ -20,26 +21,64 @@ from r1mega.rewards.stack import RewardInput, RewardStack
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 
 
-class StepClock(TrainerCallback):
-    """Wall time of every optimizer step (generation, rewards, log-probs and update inside it)."""
+class RaceClock(TrainerCallback):
+    """Wall time of every optimizer step (generation, rewards, log-probs and update inside it), and
+    held-out greedy accuracy at step 0 and every `every` steps, outside the timed steps."""
 
-    def __init__(self):
+    def __init__(self, evaluate, every: int, steps: int):
+        self.evaluate, self.every, self.steps = evaluate, every, steps
         self.seconds: List[float] = []
+        self.curve: List[List[float]] = []
         self.logs: List[Dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.curve.append([0, 0.0, self.evaluate(model)])
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._start = time.perf_counter()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._start)
+        step = state.global_step
+        if step % self.every == 0 or step == self.steps:
+            self.curve.append([step, sum(self.seconds), self.evaluate(model)])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:
             self.logs.append({"step": state.global_step, **logs})
+
+
+def greedy_accuracy(tokenizer, rows: List[dict], max_new_tokens: int, batch: int = 64):
+    """model -> mean accuracy of greedy answers to `rows` (r1mega's accuracy reward)."""
+    stack = RewardStack(components={"accuracy": 1.0}, num_workers=0)
+
+    def evaluate(model) -> float:
+        training = model.training
+        model.eval()
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        correct = 0.0
+        try:
+            with torch.no_grad():
+                for i in range(0, len(rows), batch):
+                    part = rows[i:i + batch]
+                    enc = tokenizer([r["prompt"] for r in part], return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(model.device)
+                    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                    texts = tokenizer.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
+                    scores = stack.score([RewardInput(response=t, answer=r["answer"], data_source=r["data_source"])
+                                          for t, r in zip(texts, part)])
+                    correct += sum(scores.components["accuracy"])
+        finally:
+            tokenizer.padding_side = side
+            model.train(training)
+        return correct / max(len(rows), 1)
+
+    return evaluate
 
 
 def reward_function(stack: RewardStack):
@@ -61,6 +100,7 @@ def main(spec_path: str) -> None:
     data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "data_source": r["data_source"]}
                               for r in rows])
     stack = RewardStack(components=spec["rewards"], num_workers=0, timeout_s=spec["reward_timeout_s"])
+    test = [json.loads(line) for line in Path(spec["test_prompts"]).read_text().splitlines()]
     batch = spec["prompts_per_step"] * spec["group_size"]
     args = GRPOConfig(
         output_dir=spec["work_dir"], per_device_train_batch_size=batch, gradient_accumulation_steps=1,
@@ -73,14 +113,12 @@ def main(spec_path: str) -> None:
         use_cpu=not torch.cuda.is_available(), bf16=False, logging_steps=1, save_strategy="no", report_to="none",
         seed=spec["seed"], dataloader_pin_memory=False, disable_dropout=True,
     )
-    clock = StepClock()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    clock = RaceClock(greedy_accuracy(tokenizer, test, spec["max_new_tokens"]), spec["eval_every"], spec["steps"])
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=[reward_function(stack)], args=args,
-                          train_dataset=data, processing_class=AutoTokenizer.from_pretrained(spec["model"]),
-                          callbacks=[clock])
+                          train_dataset=data, processing_class=tokenizer, callbacks=[clock])
     trainer.train()
-    tokens = [log["num_tokens"] for log in clock.logs]
-    result = {"step_s": clock.seconds, "tokens": [b - a for a, b in zip([0.0] + tokens, tokens)],
-              "reward": [log["reward"] for log in clock.logs]}
+    result = {"step_s": clock.seconds, "curve": clock.curve, "reward": [log["reward"] for log in clock.logs]}
     write_text_atomic(spec["result"], json.dumps(result))
 
 

@@ -49,18 +49,18 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
 def check_peer(cfg: R1Config) -> None:
     """The peer run is the same algorithm on both sides: only settings TRL's GRPOTrainer has."""
     p, a = cfg.bench.peer, cfg.algorithm
-    _model_preset(p.model, "bench.peer.model")
-    for key in ("prompts_per_step", "max_new_tokens", "steps", "rounds"):
+    for key in ("steps", "eval_every"):
         _positive(getattr(p, key), f"bench.peer.{key}")
-    require(p.group_size >= 2, f"bench.peer.group_size={p.group_size}: GRPO needs groups of 2 or more")
-    require(p.steps > cfg.bench.warmup, f"bench.peer.steps={p.steps} must exceed bench.warmup={cfg.bench.warmup}")
-    require(cfg.data.name != "files", "bench peer: data.name=files; the peer run writes its prompts from a "
-                                      "built-in task (arithmetic or countdown)")
+    require(all(0.0 < t <= 1.0 for t in p.targets), f"bench.peer.targets={p.targets}: accuracies in (0, 1]")
+    require(a.group_size >= 2, f"bench peer: algorithm.group_size={a.group_size}: GRPO needs groups of 2 or more")
+    require(cfg.data.name in ("arithmetic", "countdown"), f"bench peer: data.name={cfg.data.name!r}; the race "
+            "starts from the built-in task's base model (arithmetic or countdown)")
+    require(cfg.data.template != "chat", "bench peer: data.template=chat; both sides read prompts rendered as text")
     require(not cfg.reward.custom, f"bench peer: reward.custom={sorted(cfg.reward.custom)}; TRL's side scores "
                                    "with the built-in components only")
     one_of(cfg.optimizer.name, {"adam"}, "optimizer.name (bench peer: TRL's side runs AdamW)")
     one_of(a.advantage, {"grpo", "drgrpo"}, "algorithm.advantage (bench peer: TRL has these two)")
-    require(a.kl_estimator == "k3" or p.kl_beta == 0,
+    require(a.kl_estimator == "k3" or a.kl_beta == 0,
             f"bench peer: algorithm.kl_estimator={a.kl_estimator!r}; TRL's KL term is k3")
     require(a.std == "sample", f"bench peer: algorithm.std={a.std!r}; TRL scales advantages by the sample std")
     for key, value in TRL_FIXED.items():

@@ -50,16 +50,13 @@ class PackingBenchConfig:
 
 @dataclass
 class PeerBenchConfig:
-    """r1mega and TRL's GRPOTrainer on the same model, prompts and settings, run interleaved."""
+    """Time to accuracy against TRL's GRPOTrainer: both train the run's model from its pre-trained base
+    checkpoint (exported to HF with the tokenizer) with the run's data, algorithm, optimizer, response
+    length and rewards, and evaluate greedy on the held-out split every eval_every steps."""
 
-    model: str = "tiny_qwen2"  # model preset, saved once with random weights in HF format
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 32
-    steps: int = 6
-    rounds: int = 2  # runs of each side, alternating r1mega, TRL, r1mega, ...
-    lr: float = 1e-5
-    kl_beta: float = 0.001
+    steps: int = 40
+    eval_every: int = 5
+    targets: List[float] = field(default_factory=lambda: [0.85, 0.9])  # held-out greedy accuracies to time
 
 
 @dataclass
