@@ -52,7 +52,6 @@ def check_peer(cfg: R1Config) -> None:
     for key in ("steps", "eval_every"):
         _positive(getattr(p, key), f"bench.peer.{key}")
     require(all(0.0 < t <= 1.0 for t in p.targets), f"bench.peer.targets={p.targets}: accuracies in (0, 1]")
-    require(a.group_size >= 2, f"bench peer: algorithm.group_size={a.group_size}: GRPO needs groups of 2 or more")
     require(cfg.data.name in ("arithmetic", "countdown"), f"bench peer: data.name={cfg.data.name!r}; the race "
             "starts from the built-in task's base model (arithmetic or countdown)")
     require(cfg.data.template != "chat", "bench peer: data.template=chat; both sides read prompts rendered as text")

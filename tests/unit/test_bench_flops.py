@@ -50,14 +50,13 @@ def test_training_flops_and_mfu():
     (["bench.repeats=0"], "bench.repeats=0"),
     (["bench.suites=[peer]", "algorithm.ratio_level=sequence"], "algorithm.ratio_level='sequence' has no TRL"),
     (["bench.suites=[peer]", "algorithm=rloo"], "algorithm.advantage"),
-    (["bench.suites=[peer]", "algorithm.group_size=1"], "bench peer: algorithm.group_size=1"),
     (["bench.suites=[peer]", "bench.peer.targets=[0.9,1.5]"], "bench.peer.targets=[0.9, 1.5]"),
     (["bench.suites=[peer]", "bench.peer.eval_every=0"], "bench.peer.eval_every"),
     (["bench.train.layouts=[{tp: 0}]"], "bench.train.layouts[0].tp=0"),
     (["bench.train.models=[tiny,nope]"], "bench.train.models[1]: no model preset 'nope'"),
     (["bench.suites=[peer]", "data=files", "data.train_path=x.jsonl", "data.max_prompt_tokens=256",
       "pretrain.enabled=false"],
-     "data.name=files"),
+     "bench peer: data.name='files'"),
 ])
 def test_bench_rules_name_the_key(overrides, message):
     from r1mega.config.bench_rules import check_bench
