@@ -7,7 +7,9 @@ split, rendered in the run's template), with the run's group size, prompts per s
 length, learning rate (constant: TRL's scheduler and megatron's warm-up differ), clipping, KL,
 loss aggregation and rule-based rewards, and evaluate greedy on one held-out file before the first
 step and every bench.peer.eval_every steps. Evaluation is left out of the training times on both
-sides (each uses its own generation loop); each side runs in its own process, one after the other.
+sides (each uses its own generation loop); each side runs in its own process, one after the other,
+bench.peer.runs times with seeds trainer.seed + 0, 1, ... (r1mega, TRL, r1mega, TRL, ...): when a
+run crosses a target depends on its draws, so medians over runs are what compare.
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ def run(cfg: R1Config) -> Dict:
         work = Path(tmp)
         base = spawn(1, export_base_model, cfg, str(work / "base"))[0]
         train, test = write_prompts(cfg, work)
-        r1mega = _r1mega(cfg, work / "base", train, test, work / "r1mega")
-        trl = _trl(cfg, work / "base", train, test, work / "trl")
-    return summarize(cfg, base, r1mega, trl)
+        runs: Dict[str, List[Dict]] = {"r1mega": [], "trl": []}
+        for i in range(cfg.bench.peer.runs):
+            seeded = replace(cfg, trainer=replace(cfg.trainer, seed=cfg.trainer.seed + i))
+            runs["r1mega"].append(_r1mega(seeded, work / "base", train, test, work / f"r1mega-{i}"))
+            runs["trl"].append(_trl(seeded, work / "base", train, test, work / f"trl-{i}"))
+    return summarize(cfg, base, runs)
 
 
 def export_base_model(cfg: R1Config, folder: str) -> str:
@@ -152,23 +157,41 @@ def reached(curve: List[List[float]], target: float) -> Optional[Dict[str, float
     return None
 
 
-def summarize(cfg: R1Config, base: str, r1mega: Dict, trl: Dict) -> Dict:
+def _median_time(hits: List[Optional[Dict[str, float]]]) -> Optional[Dict[str, float]]:
+    """Median seconds and steps to a target over runs, a run that never got there counting as
+    slowest; None when the median run did not get there."""
+    inf = float("inf")
+    seconds = median([h["seconds"] if h else inf for h in hits])
+    steps = median([h["step"] if h else inf for h in hits])
+    if seconds == inf:
+        return None
+    return {"seconds": seconds, "step": steps, "reached": sum(h is not None for h in hits)}
+
+
+def _side(runs: List[Dict]) -> Dict:
+    phases: Dict[str, float] = {}
+    for r in runs:
+        for k, v in r.get("phase_share", {}).items():  # r1mega's runs report their phases
+            phases[k] = phases.get(k, 0.0) + v / len(runs)
+    return {"runs": runs, "step_s_median": median([s for r in runs for s in r["step_s"]]),
+            "final_accuracy": median([r["curve"][-1][2] for r in runs]),
+            "train_s": median([r["curve"][-1][1] for r in runs]), **({"phase_share": phases} if phases else {})}
+
+
+def summarize(cfg: R1Config, base: str, runs: Dict[str, List[Dict]]) -> Dict:
     import trl as trl_package
 
     p = cfg.bench.peer
-    sides = {"r1mega": r1mega, "trl": trl}
     targets = {}
     for target in p.targets:
-        got = {name: reached(side["curve"], target) for name, side in sides.items()}
+        hits = {name: [reached(r["curve"], target) for r in side] for name, side in runs.items()}
+        got = {name: _median_time(h) for name, h in hits.items()}
         both = got["r1mega"] and got["trl"]
-        targets[f"{target:g}"] = {**got, "time_ratio_trl_over_r1mega":
+        targets[f"{target:g}"] = {**got, "per_run": hits, "time_ratio_trl_over_r1mega":
                                   got["trl"]["seconds"] / got["r1mega"]["seconds"] if both else None}
-    for side in sides.values():
-        side["step_s_median"] = median(side["step_s"])
-        side["final_accuracy"] = side["curve"][-1][2]
-        side["train_s"] = side["curve"][-1][1]
     return {"model": cfg.model.name, "base_model": base, "algorithm": cfg.algorithm.name,
             "prompts_per_step": cfg.data.prompts_per_step, "group_size": cfg.algorithm.group_size,
             "max_new_tokens": cfg.rollout.max_new_tokens, "lr": cfg.optimizer.lr, "steps": p.steps,
-            "eval_every": p.eval_every, "held_out": cfg.data.test_size, "threads": _threads(),
-            "trl_version": trl_package.__version__, "r1mega": r1mega, "trl": trl, "targets": targets}
+            "eval_every": p.eval_every, "held_out": cfg.data.test_size, "runs": p.runs, "threads": _threads(),
+            "trl_version": trl_package.__version__, "r1mega": _side(runs["r1mega"]), "trl": _side(runs["trl"]),
+            "targets": targets}

@@ -72,11 +72,14 @@ def _peer_md(p: Dict) -> str:
     head = (f"{p['model']} from its pre-trained base checkpoint (HF export), {p['algorithm']}, "
             f"{p['prompts_per_step']} prompts x {p['group_size']}, {p['max_new_tokens']} new tokens, lr {p['lr']:g}, "
             f"{p['steps']} steps; greedy on {p['held_out']} held-out prompts every {p['eval_every']} steps; "
-            f"training seconds exclude evaluation. TRL {p['trl_version']}.\n\n")
+            f"training seconds exclude evaluation; medians of {p['runs']} run(s) per side (seeds differ). "
+            f"TRL {p['trl_version']}.\n\n")
 
     def at(side: Dict, key: str) -> str:
         x = side.get(key)
-        return "not reached" if x is None else f"{x['seconds']:.0f} s (step {x['step']})"
+        if x is None:
+            return "not reached"
+        return f"{x['seconds']:.0f} s (step {x['step']:g}; {x['reached']}/{p['runs']} runs)"
 
     rows = []
     for name, key in (("r1mega", "r1mega"), ("TRL GRPOTrainer", "trl")):
@@ -184,8 +187,10 @@ def _plot_rollout(ax, r: Dict) -> None:
 
 def _plot_peer(ax, p: Dict) -> None:
     for key, name, color in (("r1mega", "r1mega", "tab:blue"), ("trl", "TRL GRPOTrainer", "tab:orange")):
-        _, seconds, accuracy = zip(*p[key]["curve"])
-        ax.plot(seconds, [100 * a for a in accuracy], marker="o", label=name, color=color)
+        for i, run in enumerate(p[key]["runs"]):
+            _, seconds, accuracy = zip(*run["curve"])
+            ax.plot(seconds, [100 * a for a in accuracy], marker="o", markersize=3, label=None if i else name,
+                    color=color, alpha=0.8)
     for t in p["targets"]:
         ax.axhline(100 * float(t), color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("training seconds (evaluation excluded)")

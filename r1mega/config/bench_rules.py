@@ -49,7 +49,7 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
 def check_peer(cfg: R1Config) -> None:
     """The peer run is the same algorithm on both sides: only settings TRL's GRPOTrainer has."""
     p, a = cfg.bench.peer, cfg.algorithm
-    for key in ("steps", "eval_every"):
+    for key in ("steps", "eval_every", "runs"):
         _positive(getattr(p, key), f"bench.peer.{key}")
     require(all(0.0 < t <= 1.0 for t in p.targets), f"bench.peer.targets={p.targets}: accuracies in (0, 1]")
     require(cfg.data.name in ("arithmetic", "countdown"), f"bench peer: data.name={cfg.data.name!r}; the race "

@@ -57,6 +57,7 @@ class PeerBenchConfig:
     steps: int = 40
     eval_every: int = 5
     targets: List[float] = field(default_factory=lambda: [0.85, 0.9])  # held-out greedy accuracies to time
+    runs: int = 3  # per side, seeds trainer.seed + 0, 1, ...: one run's time to a target is mostly its luck
 
 
 @dataclass

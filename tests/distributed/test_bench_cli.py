@@ -22,7 +22,7 @@ TINY = [
     "bench.rollout.batch_sizes=[1,2]", "bench.rollout.new_tokens=3",
     "bench.packing.rows=6", "bench.packing.prompt_tokens=4", "bench.packing.median_response=6",
     "bench.packing.p99_response=40", "bench.packing.longest_response=48", "trainer.micro_batch_tokens=64",
-    "bench.peer.steps=2", "bench.peer.eval_every=1", "pretrain.steps=2", "pretrain.documents=64",
+    "bench.peer.steps=2", "bench.peer.eval_every=1", "bench.peer.runs=1", "pretrain.steps=2", "pretrain.documents=64",
     "pretrain.seq_length=32",
 ]
 
@@ -69,9 +69,10 @@ def test_every_suite_writes_results(tmp_path):
 
     peer = results["suites"]["peer"]
     for side in ("r1mega", "trl"):
-        curve = peer[side]["curve"]  # (step, training seconds, held-out greedy accuracy): steps 0, 1, 2
+        (run,) = peer[side]["runs"]
+        curve = run["curve"]  # (step, training seconds, held-out greedy accuracy): steps 0, 1, 2
         assert [c[0] for c in curve] == [0, 1, 2] and curve[0][1] == 0.0 and _positive(curve[-1][1])
-        assert all(0.0 <= c[2] <= 1.0 for c in curve) and len(peer[side]["step_s"]) == 2
+        assert all(0.0 <= c[2] <= 1.0 for c in curve) and len(run["step_s"]) == 2
         assert peer[side]["final_accuracy"] == curve[-1][2]
     assert set(peer["targets"]) == {"0.85", "0.9"} and peer["trl_version"] and peer["held_out"] == 4
     assert set(peer["r1mega"]["phase_share"]) >= {"generate", "update"}
