@@ -49,6 +49,10 @@ def _check_pretrain(cfg: R1Config, dp: Optional[int]) -> None:
             "data=files with no model.hf_path or model.mcore_path: the built-in base model is pre-trained on a "
             "built-in task's documents; set model.hf_path to your base model (or pretrain.enabled=false to start "
             "from random weights)")
+    require(not (pretrain_runs(cfg) and cfg.parallel.cp > 1),
+            "parallel.cp > 1: the built-in base model's pre-training does not split its sequences over "
+            "context-parallel ranks; build it with parallel.cp=1 first (it is cached under pretrain.cache_dir), "
+            "or give model.mcore_path or model.hf_path")
     if dp is not None and pretrain_runs(cfg):
         unit = w.micro_batch_size * dp
         require(w.global_batch_size % unit == 0,

@@ -17,6 +17,7 @@ and decode) are whole sequences on every rank and attend as without context para
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -107,24 +108,17 @@ class SDPAttention(MegatronModule):
 
         A chunk at pack positions [s, s + n) of a segment starting at a attends to keys [a, s + n):
         bottom-right aligned causal, the keys before the chunk all visible."""
-        cu = _bounds(params, "q")
-        if not torch.equal(cu.cpu(), _bounds(params, "kv").cpu()):
+        bounds = tuple(_bounds(params, "q").tolist())
+        if bounds != tuple(_bounds(params, "kv").tolist()):
             raise ValueError("context-parallel SDPA attention needs queries and keys of the same pack")
-        size, rank = self.cp_group.size(), self.cp_group.rank()
+        whole, spans = _cp_layout(bounds, self.cp_group.rank(), self.cp_group.size())
         heads = k.size(1)
         # one gather of keys and values: [t / cp, 2 g, d] per rank -> [t, 2 g, d] in rank order
         mine = torch.cat([k, v], dim=1)[0].transpose(0, 1).contiguous()
         gathered = gather_from_sequence_parallel_region(mine, tensor_parallel_output_grad=True, group=self.cp_group)
-        held = torch.cat([local_positions(cu, r, size) for r in range(size)]).to(q.device)
-        whole = torch.empty_like(held)
-        whole[held] = torch.arange(held.numel(), device=q.device)  # pack position -> gathered row
-        kv = gathered.index_select(0, whole).transpose(0, 1).unsqueeze(0)  # [1, 2 g, t, d] in pack order
+        kv = gathered.index_select(0, whole.to(q.device)).transpose(0, 1).unsqueeze(0)  # [1, 2 g, t, d], pack order
         k_all, v_all = kv[:, :heads], kv[:, heads:]
-        spans, local = [], 0
-        for segment, s, n in chunk_spans(cu, rank, size):
-            spans.append((local, n, segment, s + n - segment))
-            local += n
-        return self._spans(q, k_all, v_all, [x for x in spans if x[1] > 0], dropout)
+        return self._spans(q, k_all, v_all, list(spans), dropout)
 
     def _spans(self, q, k, v, spans, dropout: float) -> torch.Tensor:
         """Queries [q0, q0 + nq) of `q` ([1, h, t, d]) against keys [k0, k0 + nk) of `k` and `v`,
@@ -176,6 +170,22 @@ class SDPAttention(MegatronModule):
 def _causal(sq: int, sk: int, device) -> torch.Tensor:
     """Bottom-right aligned causal mask [sq, sk], True = attend."""
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
+
+
+@functools.lru_cache(maxsize=64)
+def _cp_layout(bounds: tuple, rank: int, size: int):
+    """For a pack's padded bounds (the same in every layer of a forward): the gathered row of each pack
+    position, and this rank's spans (local query start, length, sequence start, keys up to the chunk's end)."""
+    cu = torch.tensor(bounds)
+    held = torch.cat([local_positions(cu, r, size) for r in range(size)])
+    whole = torch.empty_like(held)
+    whole[held] = torch.arange(held.numel())  # pack position -> gathered row
+    spans, local = [], 0
+    for segment, s, n in chunk_spans(cu, rank, size):
+        if n:
+            spans.append((local, n, segment, s + n - segment))
+        local += n
+    return whole, tuple(spans)
 
 
 def _span_buckets(spans, slack: float = 1.25):

@@ -119,9 +119,11 @@ def test_context_parallelism_is_refused_where_sequences_are_not_split(tmp_path):
                                f"trainer.output_dir={tmp_path}", *overrides], capture_output=True, text=True,
                               timeout=120)
 
-    rl = run("train", "trainer.pack=false")  # RL splits THD packs only
+    rl = run("train", "trainer.pack=false", "model.mcore_path=/m")  # RL splits THD packs only
     assert rl.returncode == 2 and "parallel.cp > 1 splits THD packs" in rl.stderr
-    sft = run("sft", "sft.train_files=[a.jsonl]")
+    sft = run("sft", "sft.train_files=[a.jsonl]", "model.mcore_path=/m")
     assert sft.returncode == 2 and "parallel.cp > 1: SFT, rejection sampling and evaluation" in sft.stderr
-    flash = run("train", "model.attention_backend=flash")
+    base = run("train")  # the built-in base model's pre-training runs whole sequences
+    assert base.returncode == 2 and "pre-training does not split its sequences" in base.stderr
+    flash = run("train", "model.attention_backend=flash", "model.mcore_path=/m")
     assert flash.returncode == 2 and "te or sdpa attention backend, not flash" in flash.stderr

@@ -10,7 +10,6 @@ from typing import List, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from r1mega.config.rl_rules import pretrain_runs
 from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
 from r1mega.data.sampler import PromptSampler
@@ -99,16 +98,12 @@ def build_engine(cfg: R1Config, chunks, tokenizer):
 
 def check_whole_sequences(cfg: R1Config) -> None:
     """Under context parallelism only the trainer's THD packs are split. Transformer Engine's attention
-    splits every input over the context-parallel group, so what runs whole sequences through the
-    policy (the native engine, the base model's pre-training) cannot run on it."""
-    if cfg.parallel.cp == 1 or resolve_backend(cfg.model.attention_backend) != "te":
-        return
-    users = [what for what, on in (("rollout.engine=native", cfg.rollout.engine == "native"),
-                                   ("the base model's pre-training", pretrain_runs(cfg))) if on]
-    if users:
-        raise ValueError(f"parallel.cp > 1 with Transformer Engine attention: {' and '.join(users)} run whole "
-                         f"sequences, which TE splits over the context-parallel ranks; use rollout.engine=sglang "
-                         f"and a model.mcore_path or model.hf_path, or model.attention_backend=sdpa")
+    splits every input over the context-parallel group, so the native engine, which runs whole
+    sequences through the policy, cannot run on it."""
+    if cfg.parallel.cp > 1 and cfg.rollout.engine == "native" and resolve_backend(cfg.model.attention_backend) == "te":
+        raise ValueError("parallel.cp > 1 with Transformer Engine attention: rollout.engine=native runs whole "
+                         "sequences, which TE splits over the context-parallel ranks; use rollout.engine=sglang, "
+                         "or model.attention_backend=sdpa")
 
 
 def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
