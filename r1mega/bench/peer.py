@@ -103,10 +103,13 @@ def race_config(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Pa
 
 
 def train_r1mega(cfg: R1Config) -> None:
-    from r1mega.cli.common import run_job
+    """r1mega's side on one rank (spawned: a process of its own, as TRL's)."""
+    from r1mega.platform.distributed import running
     from r1mega.trainer.rl.train import train
 
-    run_job(cfg, job=train)
+    Path(cfg.trainer.output_dir).mkdir(parents=True, exist_ok=True)
+    with running(cfg.parallel, cfg.trainer.seed) as runtime:
+        train(cfg, runtime)
 
 
 def _r1mega(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) -> Dict:
