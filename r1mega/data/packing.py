@@ -26,16 +26,17 @@ class SFTMicroBatch:
     positions: torch.Tensor  # [b, L]
     cu_seqlens: Optional[torch.Tensor] = None  # [n + 1] int32 sample boundaries of a pack (b = 1)
     max_seqlen: int = 0
+    pad: Optional[torch.Tensor] = None  # [b, L] bool: padding, which MoE routers leave out of their losses
 
     def to(self, device) -> "SFTMicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SFTMicroBatch(move(self.tokens), move(self.targets), move(self.mask), move(self.positions),
-                             move(self.cu_seqlens), self.max_seqlen)
+                             move(self.cu_seqlens), self.max_seqlen, move(self.pad))
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of GPTModel.forward for this micro-batch."""
         return {"input_ids": self.tokens, "position_ids": self.positions, "attention_mask": None,
-                "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen)}
+                "packed_seq_params": thd_params(self.cu_seqlens, self.max_seqlen), "padding_mask": self.pad}
 
 
 def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
@@ -94,8 +95,10 @@ def pack(samples: Sequence[SFTSample], budget: int, multiple: int = 1, min_parts
             cu.append(cu[-1] + pad)
         lengths = [b - a for a, b in zip(cu, cu[1:])]
         row = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).unsqueeze(0)  # noqa: E731
+        is_pad = torch.zeros(1, len(tokens), dtype=torch.bool)
+        is_pad[0, len(tokens) - pad:] = True
         out.append(SFTMicroBatch(row(tokens), row(targets), row(mask, torch.bool), row(positions),
-                                 torch.tensor(cu, dtype=torch.int32), max(lengths)))
+                                 torch.tensor(cu, dtype=torch.int32), max(lengths), is_pad))
     return out
 
 
@@ -109,11 +112,13 @@ def pad_rows(samples: Sequence[SFTSample], budget: int, multiple: int = 1, min_p
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.zeros_like(tokens)
         mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        is_pad = torch.ones(len(rows), width, dtype=torch.bool)
         for j, i in enumerate(sorted(rows)):
             s, n = samples[i], lengths[i]
+            is_pad[j, :n] = False
             tokens[j, :n] = torch.tensor(s.tokens[:-1])
             targets[j, :n] = torch.tensor(s.tokens[1:])
             mask[j, :n] = torch.tensor(s.assistant[1:])
         positions = torch.arange(width).expand(len(rows), width).contiguous()
-        out.append(SFTMicroBatch(tokens, targets, mask, positions))
+        out.append(SFTMicroBatch(tokens, targets, mask, positions, pad=is_pad))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import List
 
 import torch
@@ -13,6 +14,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models.specs import decoder_block_spec, resolve_backend
+from r1mega.platform import installed
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     if parallel.cp > 1 and backend == "flash":
         raise RuntimeError("parallel.cp > 1 runs on the te or sdpa attention backend; "
                            "set model.attention_backend=te or sdpa")
+    if parallel.cp > 1 and model.mla is not None:
+        check_mla_context_parallel(model.name, installed.version("transformer-engine"), model.fp8.format is not None)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     vpp = parallel.vpp or 1
     chunks = []
@@ -169,6 +173,24 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def check_mla_context_parallel(name: str, te_version: str | None, fp8: bool) -> None:
+    """MLA under context parallelism needs Transformer Engine's fused attention: flash attention has no
+    unequal query/value head dims, and no padding between sequences of a THD pack. Fused attention
+    serves MLA under CP from Transformer Engine 2.5; 2.5 still turns it off under any FP8 autocast
+    (2.6 only for FP8 attention itself). Without a backend TE would fail at the first forward."""
+    if te_version is None:
+        return  # build_model has refused MLA without Transformer Engine already
+    release = tuple(int(part) for part in re.findall(r"\d+", te_version)[:2])
+    if release < (2, 5):
+        raise RuntimeError(f"model {name}: multi-latent attention with parallel.cp > 1 needs Transformer Engine "
+                           f">= 2.5 (installed: {te_version}; before 2.5 no attention backend takes MLA under "
+                           f"context parallelism)")
+    if fp8 and release < (2, 6):
+        raise RuntimeError(f"model {name}: multi-latent attention with parallel.cp > 1 and model.fp8 needs "
+                           f"Transformer Engine >= 2.6 (installed: {te_version}; 2.5 turns its fused attention "
+                           f"off for MLA under context parallelism whenever FP8 is on)")
 
 
 def attention_weights(model: ModelConfig) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 from typing import Optional
@@ -38,6 +39,14 @@ def transformer_engine() -> bool:
 def flash_attn() -> bool:
     """Whether flash-attn imports here (on a CUDA machine)."""
     return torch.cuda.is_available() and _usable("flash_attn", "flash_attn", "SDPA attention")
+
+
+def version(package: str) -> Optional[str]:
+    """The installed distribution's version string, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _usable(package: str, module: str, fallback: str) -> bool:

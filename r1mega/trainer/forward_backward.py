@@ -14,6 +14,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+from megatron.core.utils import get_model_config, unwrap_model
 
 from r1mega.models.logits_window import logits_from
 
@@ -21,8 +23,22 @@ from r1mega.models.logits_window import logits_from
 def _forward_step(data_iterator, model, loss_fn):
     micro = next(data_iterator).to(next(model.parameters()).device)
     with logits_from(model, getattr(micro, "logits_window", 0)):
-        logits = model(**micro.model_inputs())
+        logits = model(**_model_inputs(model, micro))
     return logits, partial(loss_fn, micro)
+
+
+def _model_inputs(model: torch.nn.Module, micro) -> dict:
+    """The micro-batch's model inputs; its MoE padding mask only where routers read it, in their layout."""
+    inputs = micro.model_inputs()
+    config = get_model_config(model)
+    if config.num_moe_experts is None or inputs.get("padding_mask") is None:
+        inputs.pop("padding_mask", None)  # dense layers never read it
+    elif config.sequence_parallel and not unwrap_model(model).pre_process:
+        # megatron scatters the mask to the sequence-parallel layout only on the embedding's stage;
+        # later stages' routers see this rank's slice of the sequence as well
+        mask = inputs["padding_mask"].transpose(0, 1).contiguous()
+        inputs["padding_mask"] = scatter_to_sequence_parallel_region(mask).transpose(0, 1).contiguous()
+    return inputs
 
 
 def run_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list, loss_fn: Optional[Callable],

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.distributed
 MODEL = ModelConfig(name="t", arch="qwen3", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, head_dim=16, vocab_size=128, qk_layernorm=True, init_method_std=0.05)
 MOE = ModelConfig(**{**MODEL.__dict__, "name": "moe", "moe": MoEConfig(num_experts=4, ffn_hidden_size=32,
-                                                                        router_topk=2, token_dispatcher="alltoall")})
+                                                                        router_topk=2, token_dispatcher="alltoall",
+                                                                        aux_loss_coeff=0.05)})
 GROUPS = ([0, 1, 2], [3, 4])  # two micro-batches; lengths differ within and between them
 
 
@@ -85,10 +86,11 @@ def _loss_and_grads(parallel: ParallelConfig, model: ModelConfig, loss_agg: str)
 
 
 CASES = [(ParallelConfig(), 1, MODEL), (ParallelConfig(tp=2, sequence_parallel=True), 2, MODEL),
-         (ParallelConfig(pp=2), 2, MODEL), (ParallelConfig(ep=2), 2, MOE)]
+         (ParallelConfig(pp=2), 2, MODEL), (ParallelConfig(ep=2), 2, MOE),
+         (ParallelConfig(tp=2, pp=2, sequence_parallel=True), 4, MOE)]
 
 
-@pytest.mark.parametrize("parallel,nproc,model", CASES, ids=["single", "tp2_sp", "pp2", "ep2"])
+@pytest.mark.parametrize("parallel,nproc,model", CASES, ids=["single", "tp2_sp", "pp2", "ep2", "moe_tp2_sp_pp2"])
 def test_packed_equals_padded_loss_and_gradients(parallel, nproc, model):
     for r in spawn(nproc, _loss_and_grads, parallel, model, "seq-mean-token-mean"):
         if parallel.sequence_parallel:

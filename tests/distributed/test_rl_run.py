@@ -1,4 +1,5 @@
-"""GRPO end to end on gloo ranks: TP=2, PP=2 and CP=2 take the single-rank steps; resume is exact.
+"""GRPO end to end on gloo ranks: TP=2, PP=2, CP=2, PP=2 x CP=2 and (MoE) EP=2 x CP=2 take the
+single-rank steps; resume is exact.
 
 All runs start from one set of weights (saved once, resharded on load). Two steps each:
 generation, rewards, advantages, log-probs, reference KL, a clipped update with two
@@ -19,12 +20,12 @@ COMPARED = ("loss", "pg_loss", "kl", "entropy", "grad_norm", "reward/mean", "rew
             "response/length_mean", "logprob_gap")
 
 
-def _save_init(folder: str) -> None:
+def _save_init(folder: str, extra=()) -> None:
     from r1mega.checkpoint.mcore import save_model
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
 
-    cfg = config(folder + ".unused")
+    cfg = config(folder + ".unused", extra)
     initialize(cfg.parallel, seed=11)
     try:
         save_model(build_model(cfg.model, cfg.parallel), cfg.model, folder)
@@ -42,6 +43,15 @@ def runs(tmp_path_factory):
     out["tp2"] = spawn(2, run, [*common, "parallel.tp=2"], str(root / "tp2"), 2)[0]
     out["pp2"] = spawn(2, run, [*common, "parallel.pp=2"], str(root / "pp2"), 2)[0]
     out["cp2"] = spawn(2, run, [*common, "parallel.cp=2"], str(root / "cp2"), 2)[0]
+    out["pp2cp2"] = spawn(4, run, [*common, "parallel.pp=2", "parallel.cp=2"], str(root / "pp2cp2"), 4)[0]
+    # MoE with its load-balancing loss, experts split over the context-parallel pair. That loss is
+    # a micro-batch's (megatron's), and a CP pair's micro-batch holds twice the tokens, so the
+    # single rank's micro-batches are made as large
+    moe = ["model=tiny_moe", "model.moe.aux_loss_coeff=0.05"]
+    spawn(1, _save_init, str(root / "moe_init"), moe)
+    moe += [*ALGO, f"model.mcore_path={root / 'moe_init'}", "trainer.steps=2"]
+    out["moe_ref"] = spawn(1, run, [*moe, "trainer.micro_batch_tokens=192"], str(root / "moe_ref"), 1)[0]
+    out["moe_ep2cp2"] = spawn(2, run, [*moe, "parallel.ep=2", "parallel.cp=2"], str(root / "moe_ep2cp2"), 2)[0]
     out["dp2"] = spawn(2, run, common, str(root / "dp2"), 2)[0]
     # resume: 4 steps straight vs 2 steps, a checkpoint, and 2 more from it
     four = [*ALGO, f"model.mcore_path={init}", "trainer.steps=4"]
@@ -58,9 +68,9 @@ def _close(a: float, b: float, tol: float, key: str = "") -> bool:
     return abs(a - b) <= max(tol * max(abs(b), 1e-3), floor)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "cp2", "pp2cp2", "moe_ep2cp2"])
 def test_model_parallel_steps_match_single_rank(runs, layout):
-    ref, got = runs["ref"], runs[layout]
+    ref, got = runs["moe_ref" if layout.startswith("moe") else "ref"], runs[layout]
     assert [m["step"] for m in got] == [1, 2]
     for a, b in zip(got, ref):
         for key in COMPARED:

@@ -51,3 +51,10 @@ def test_pack_pads_rows_for_context_parallelism_and_keeps_whole_rows_in_its_layo
     assert targets == sorted((int(r), int(c), int(t)) for r, c, t in zip(whole.row_of, whole.col_of, whole.targets[0]))
     params = parts[0].model_inputs()["packed_seq_params"]
     assert params.cu_seqlens_q_padded.tolist() == [0, 4, 12, 16] and params.cu_seqlens_q.tolist() == [0, 4, 9, 13]
+    # the MoE padding mask marks exactly the positions that hold no row's token, on each rank's part
+    pad = torch.zeros(16, dtype=torch.bool)
+    pad[[9, 10, 11, 12, 13, 14, 15]] = True  # row 1's padding 9..11, then the padding segment
+    for r, m in enumerate(parts):
+        assert torch.equal(m.pad[0], pad[local_positions(m.cu_seqlens, r, 2)])
+        assert m.model_inputs()["padding_mask"] is m.pad
+    assert not whole.pad.any() and whole.pad.shape == whole.tokens.shape

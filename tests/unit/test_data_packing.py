@@ -61,6 +61,7 @@ def test_pack_pads_to_a_multiple_with_a_lossless_segment():
     (micro,) = pack(data, budget=64, multiple=4)
     assert micro.tokens.size(1) == 12 and micro.cu_seqlens.tolist() == [0, 5, 9, 12]
     assert not micro.mask[0, 9:].any() and micro.positions[0, 9:].tolist() == [0, 1, 2]
+    assert micro.pad[0].tolist() == [False] * 9 + [True] * 3  # the MoE padding mask
 
 
 def test_padded_rows_carry_the_same_targets_as_the_pack():
@@ -73,3 +74,7 @@ def test_padded_rows_carry_the_same_targets_as_the_pack():
     assert sorted(tuple(t for t, k in zip(target, mask) if k) for target, mask in packed) == sorted(padded)
     assert sum(int(m.mask.sum()) for m in pad_rows(data, budget=30)) == sum(s.target_tokens for s in data)
     assert torch.equal(pad_rows(data, budget=1000)[0].positions[0], torch.arange(13))
+    for m in pad_rows(data, budget=1000):  # padding: each row's tail past its sample
+        lengths = (~m.pad).sum(1).tolist()
+        assert sorted(lengths) == sorted(len(s) - 1 for s in data)
+        assert all(not m.pad[j, :n].any() and m.pad[j, n:].all() for j, n in enumerate(lengths))

@@ -6,6 +6,7 @@ warning line, while SDPA takes over."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 
@@ -91,3 +92,21 @@ def test_flash_attn_that_does_not_import_falls_back_to_sdpa(broken_flash_attn, m
         from r1mega.config.validate import check_installed
 
         check_installed(load_config(["model.attention_backend=flash"]).model)
+
+
+@pytest.mark.parametrize("te_version, fp8, refused", [
+    ("2.4.0", False, ">= 2.5"),
+    ("2.4.0+cu12", True, ">= 2.5"),
+    ("2.5.0", True, ">= 2.6"),
+    ("2.5.0", False, None),
+    ("2.6.0.post1", True, None),
+    ("2.10.0", True, None),
+])
+def test_mla_under_context_parallelism_needs_a_transformer_engine_that_serves_it(te_version, fp8, refused):
+    from r1mega.models.builder import check_mla_context_parallel
+
+    if refused is None:
+        check_mla_context_parallel("deepseek-v3", te_version, fp8)
+        return
+    with pytest.raises(RuntimeError, match=f"deepseek-v3.*{re.escape(refused)}.*installed: {re.escape(te_version)}"):
+        check_mla_context_parallel("deepseek-v3", te_version, fp8)

@@ -18,6 +18,9 @@ Padded (trainer.pack=false): rows right-padded to the longest; under causal atte
 token sees a pad, so no attention mask is needed. Logits are computed from the earliest
 response position of the micro-batch on (`logits_from`), and per-token fields cover positions
 logits_from ... L - 1.
+
+Either way the padding positions are marked (`pad`, megatron's MoE padding mask): routers leave them
+out of their load-balancing losses and expert-bias counts, which then do not depend on the layout.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class MicroBatch:
     cu_seqlens_unpadded: Optional[torch.Tensor] = None
     cp_size: int = 1
     positions: Optional[torch.Tensor] = None  # [1, T]
+    pad: Optional[torch.Tensor] = None  # like tokens, bool: True at padding (no row's token)
     logits_at: Optional[torch.Tensor] = None  # [K]
     row_of: Optional[torch.Tensor] = None  # [K]
     col_of: Optional[torch.Tensor] = None  # [K]
@@ -137,7 +141,7 @@ class MicroBatch:
         else:
             params = thd_params(self.cu_seqlens, self.max_seqlen)
         return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None,
-                "packed_seq_params": params}
+                "packed_seq_params": params, "padding_mask": self.pad}
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token values aligned with `targets` in the [b, W] layout of the mask (differentiable).
@@ -169,19 +173,21 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     tokens = torch.zeros(b, width, dtype=torch.long)
     targets = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.bool)
+    pad = torch.ones(b, width, dtype=torch.bool)
     per_token = _per_token_fields(batch)
     padded = {k: torch.zeros(b, width) for k in per_token}
     for j, i in enumerate(rows):
         seq, start = batch.tokens[i], batch.prompt_lens[i] - 1
         n = len(seq) - 1
         tokens[j, :n], targets[j, :n] = seq[:-1], seq[1:]
+        pad[j, :n] = False
         mask[j, start:n] = True
         for key, values in per_token.items():
             padded[key][j, start:n] = values[i]
     start = min(min(batch.prompt_lens[i] for i in rows) - 1, width - 1)
     window = {k: v[:, start:] for k, v in padded.items()}
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
-                      window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start)
+                      window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad)
 
 
 def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
@@ -194,11 +200,13 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
     layout = {k: torch.zeros(len(rows), width) for k in per_token}
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     tokens, positions, targets, logits_at, row_of, cu, real = [], [], [], [], [], [0], [0]
+    pads = []
     row_multiple = 2 * cp_size if cp_size > 1 else 1
     for j, (i, r) in enumerate(zip(rows, responses)):
         seq, start, n = batch.tokens[i], cu[-1], len(batch.tokens[i]) - 1
         span = n + (-n % row_multiple)
         tokens += [seq[:-1], torch.zeros(span - n, dtype=torch.long)]
+        pads += [torch.zeros(n, dtype=torch.bool), torch.ones(span - n, dtype=torch.bool)]
         positions.append(torch.arange(span))
         targets.append(seq[n + 1 - r:])  # the response (seq[-r:] would be all of it when r = 0)
         logits_at.append(torch.arange(start + n - r, start + n))
@@ -212,6 +220,7 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
     pad = -cu[-1] % whole
     if pad:
         tokens.append(torch.zeros(pad, dtype=torch.long))
+        pads.append(torch.ones(pad, dtype=torch.bool))
         positions.append(torch.arange(pad))
         cu.append(cu[-1] + pad)
         real.append(real[-1] + pad)
@@ -220,7 +229,8 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         rows, torch.cat(tokens).unsqueeze(0), torch.cat(targets).unsqueeze(0), mask, batch.advantages[rows],
         layout["rollout_logp"], layout.get("old_logp"), layout.get("ref_logp"),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths),
-        positions=torch.cat(positions).unsqueeze(0), logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
+        positions=torch.cat(positions).unsqueeze(0), pad=torch.cat(pads).unsqueeze(0),
+        logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
         col_of=torch.cat([torch.arange(r) for r in responses]))
     return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
 
@@ -233,6 +243,7 @@ def _cp_part(micro: MicroBatch, cu_real: torch.Tensor, size: int, rank: int) -> 
     at = local[micro.logits_at]
     kept = at >= 0
     return replace(micro, tokens=micro.tokens[:, held], positions=micro.positions[:, held],
+                   pad=micro.pad[:, held],
                    targets=micro.targets[:, kept], logits_at=at[kept], row_of=micro.row_of[kept],
                    col_of=micro.col_of[kept], cu_seqlens_unpadded=cu_real, cp_size=size)
 
