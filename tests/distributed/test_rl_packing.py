@@ -85,12 +85,17 @@ def _loss_and_grads(parallel: ParallelConfig, model: ModelConfig, loss_agg: str)
         destroy()
 
 
+# DeepSeek-V3's router: sigmoid scores, expert bias (counted in training steps), no padding mask
+BIASED = ModelConfig(**{**MOE.__dict__, "name": "biased", "moe": MoEConfig(
+    num_experts=4, ffn_hidden_size=32, router_topk=2, token_dispatcher="alltoall", score_function="sigmoid",
+    expert_bias=True)})
 CASES = [(ParallelConfig(), 1, MODEL), (ParallelConfig(tp=2, sequence_parallel=True), 2, MODEL),
          (ParallelConfig(pp=2), 2, MODEL), (ParallelConfig(ep=2), 2, MOE),
-         (ParallelConfig(tp=2, pp=2, sequence_parallel=True), 4, MOE)]
+         (ParallelConfig(tp=2, pp=2, sequence_parallel=True), 4, MOE), (ParallelConfig(), 1, BIASED)]
 
 
-@pytest.mark.parametrize("parallel,nproc,model", CASES, ids=["single", "tp2_sp", "pp2", "ep2", "moe_tp2_sp_pp2"])
+@pytest.mark.parametrize("parallel,nproc,model", CASES,
+                         ids=["single", "tp2_sp", "pp2", "ep2", "moe_tp2_sp_pp2", "expert_bias"])
 def test_packed_equals_padded_loss_and_gradients(parallel, nproc, model):
     for r in spawn(nproc, _loss_and_grads, parallel, model, "seq-mean-token-mean"):
         if parallel.sequence_parallel:

@@ -20,7 +20,7 @@ response position of the micro-batch on (`logits_from`), and per-token fields co
 logits_from ... L - 1.
 
 Either way the padding positions are marked (`pad`, megatron's MoE padding mask): routers leave them
-out of their load-balancing losses and expert-bias counts, which then do not depend on the layout.
+out of their load-balancing losses, which then do not depend on the layout.
 """
 
 from __future__ import annotations
