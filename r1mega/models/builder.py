@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import List
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+from packaging.version import Version
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models.specs import decoder_block_spec, resolve_backend
@@ -182,7 +182,7 @@ def check_mla_context_parallel(name: str, te_version: str | None, fp8: bool) -> 
     (2.6 only for FP8 attention itself). Without a backend TE would fail at the first forward."""
     if te_version is None:
         return  # build_model has refused MLA without Transformer Engine already
-    release = tuple(int(part) for part in re.findall(r"\d+", te_version)[:2])
+    release = Version(te_version).release[:2]
     if release < (2, 5):
         raise RuntimeError(f"model {name}: multi-latent attention with parallel.cp > 1 needs Transformer Engine "
                            f">= 2.5 (installed: {te_version}; before 2.5 no attention backend takes MLA under "
