@@ -38,6 +38,14 @@ def _table(header: List[str], rows: List[List]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _share(v: Optional[float]) -> Optional[str]:
+    return None if v is None else f"{v:.1%}"
+
+
+def _ratio(v: Optional[float]) -> Optional[str]:
+    return None if v is None else f"{v:.2f}x"
+
+
 def _memory(row: Dict) -> Optional[float]:
     return row.get("peak_gpu_mb", row.get("peak_rss_mb"))
 
@@ -62,10 +70,17 @@ def _train_md(t: Dict) -> str:
 
 
 def _rollout_md(r: Dict) -> str:
-    head = f"{r['model']}, {r['new_tokens']} new tokens per row.\n\n"
-    rows = [[x["engine"], x.get("batch_size"), x.get("tokens_per_s"), x.get("seconds"), _memory(x),
+    head = (f"{r['model']}, {r['new_tokens']} new tokens per row. Prefill share: of the generate call's time; "
+            f"prefill padding: of the positions the prefill computes. The native engine prefills in buckets of "
+            f"similar prompt length (its default) and, timed alternately, in one left-padded forward.\n\n")
+    rows = [[x["engine"], x.get("prompts"), x.get("batch_size"), x.get("prompt_tokens"), x.get("tokens_per_s"),
+             x.get("seconds"), _share(x.get("prefill_share")), _share(x.get("prefill_padding_share")),
+             x.get("unbucketed_tokens_per_s"), _share(x.get("unbucketed_prefill_share")),
+             _share(x.get("unbucketed_prefill_padding_share")), _ratio(x.get("bucketed_prefill_speedup")), _memory(x),
              x.get("skipped") or x.get("note", "")] for x in r["rows"]]
-    return head + _table(["engine", "batch", "generated tokens/s", "seconds", "peak MB", "note"], rows)
+    return head + _table(["engine", "prompts", "batch", "prompt tokens", "generated tokens/s", "seconds",
+                          "prefill share", "prefill padding", "one prefill: tokens/s", "prefill share",
+                          "prefill padding", "buckets' speed-up", "peak MB", "note"], rows)
 
 
 def _peer_md(p: Dict) -> str:
@@ -175,9 +190,9 @@ def _plot_train(ax, t: Dict) -> None:
 
 def _plot_rollout(ax, r: Dict) -> None:
     rows = _measured(r["rows"])
-    for engine in dict.fromkeys(x["engine"] for x in rows):
-        ax.plot(*zip(*[(x["batch_size"], x["tokens_per_s"]) for x in rows if x["engine"] == engine]), marker="o",
-                label=engine)
+    for line in dict.fromkeys((x["engine"], x.get("prompts", "task")) for x in rows):
+        ax.plot(*zip(*[(x["batch_size"], x["tokens_per_s"]) for x in rows
+                       if (x["engine"], x.get("prompts", "task")) == line]), marker="o", label=" ".join(line))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (rows)")
     ax.set_ylabel("generated tokens/s")

@@ -1,6 +1,10 @@
-"""Rollout alone: generated tokens/s against batch size, per engine. Every row decodes exactly
-bench.rollout.new_tokens tokens (EOS is not a stop here), from the task's prompts, random weights.
-SGLang (where installed, on a GPU) also reports its weight sync: GB sent and GB/s."""
+"""Rollout alone: generated tokens/s against batch size, per engine and prompt set. Every row decodes
+exactly bench.rollout.new_tokens tokens (EOS is not a stop here), random weights. Two prompt sets:
+the task's prompts, and long-tailed lengths (lognormal, random tokens), where left padding to the
+longest prompt would fill most of the prefill. The native engine reports the prefill's share of
+generation time and the share of prefill positions that were padding, with its prefill in length
+buckets (its default) and as one left-padded forward, timed alternately: the ratio is what the
+buckets save. SGLang (where installed, on a GPU) also reports its weight sync: GB sent and GB/s."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Dict, List
 import torch
 
 from r1mega.bench.measure import median, peak_memory_mb, timed
+from r1mega.bench.packing import long_tailed_lengths
 from r1mega.bench.training import with_layout
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.bench_schema import LayoutConfig
@@ -56,28 +61,69 @@ def _rank(cfg: R1Config, kind: str) -> List[Dict[str, float]]:
     b = cfg.bench
     with running(cfg.parallel, cfg.trainer.seed):
         tokenizer = run_tokenizer(cfg)
-        prompts = [r.token_ids for r in tokenize_prompts(cfg, tokenizer, load_records(cfg)[0], "train")]
         chunks = build_model(cfg.model, cfg.parallel)
         engine, note = (_native(cfg, chunks, tokenizer), "") if kind == "native" else _sglang(cfg, chunks, tokenizer)
         params = SamplingParams(temperature=1.0, max_new_tokens=b.rollout.new_tokens)
         rows = []
         try:
-            for size in b.rollout.batch_sizes:
-                batch = [prompts[i % len(prompts)] for i in range(size)]
-                runs = timed(lambda _: engine.generate(batch, params), b.warmup, b.repeats)
-                generated = sum(len(r) for r in runs[-1][1].response_ids)
-                seconds = median([s for s, _ in runs])
-                rows.append({"batch_size": size, "generated_tokens": generated, "seconds": seconds,
-                             "tokens_per_s": generated / seconds, **peak_memory_mb(), "note": note})
+            for name in b.rollout.prompt_sets:
+                prompts = _prompts(cfg, tokenizer, name, max(b.rollout.batch_sizes))
+                for size in b.rollout.batch_sizes:
+                    rows.append({"prompts": name, "batch_size": size, **_measure(cfg, engine, prompts[:size], params),
+                                 **peak_memory_mb(), "note": note})
         finally:
             engine.shutdown()
         return rows
 
 
+def _prompts(cfg: R1Config, tokenizer, name: str, count: int) -> List[List[int]]:
+    if name == "task":
+        task = [r.token_ids for r in tokenize_prompts(cfg, tokenizer, load_records(cfg)[0], "train")]
+        return [task[i % len(task)] for i in range(count)]
+    r = cfg.bench.rollout
+    lengths = long_tailed_lengths(count, r.prompt_median, r.prompt_p99, cfg.model.max_position_embeddings
+                                  - r.new_tokens, cfg.trainer.seed)
+    g = torch.Generator().manual_seed(cfg.trainer.seed)
+    return [torch.randint(1, cfg.model.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _measure(cfg: R1Config, engine, batch: List[List[int]], params: SamplingParams) -> Dict[str, float]:
+    """Median of the timed calls. The native engine alternates its length-bucketed prefill with one
+    left-padded prefill (a forward costing more than any padding) and reports both, side by side."""
+    native = isinstance(engine, NativeEngine)
+    bucketed = engine.prefill_call_positions if native else 0
+    stats = []
+
+    def call(i: int):
+        if native:
+            engine.prefill_call_positions = bucketed if i % 2 else 1 << 62
+        out = engine.generate(batch, params)
+        stats.append(dict(getattr(engine, "last_stats", {})))
+        return out
+
+    every = 2 if native else 1
+    runs = timed(call, every * cfg.bench.warmup, every * cfg.bench.repeats)
+    stats = stats[every * cfg.bench.warmup:]
+    generated = sum(len(r) for r in runs[-1][1].response_ids)
+    row = {"prompt_tokens": sum(len(p) for p in batch), "generated_tokens": generated}
+    for k, key in enumerate(("", "unbucketed_")[:every]):
+        seconds = median([s for s, _ in runs[k::every]])
+        row |= {f"{key}seconds": seconds, f"{key}tokens_per_s": generated / seconds}
+        if native:
+            row[f"{key}prefill_share"] = median([s["prefill_s"] / s["generate_s"] for s in stats[k::every]])
+            row[f"{key}prefill_padding_share"] = 1.0 - stats[k]["prefill_tokens"] / stats[k]["prefill_positions"]
+    if native:
+        engine.prefill_call_positions = bucketed
+        row["bucketed_prefill_speedup"] = row["tokens_per_s"] / row["unbucketed_tokens_per_s"]
+    return row
+
+
 def _native(cfg: R1Config, chunks, tokenizer):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(cfg.bench.rollout.batch_sizes),
-                        seed=cfg.trainer.seed, row_multiple=token_multiple(cfg.model.fp8))
+    engine = NativeEngine(chunks, eos_token_ids=[], pad_token_id=pad, max_batch_size=max(cfg.bench.rollout.batch_sizes),
+                          seed=cfg.trainer.seed, row_multiple=token_multiple(cfg.model.fp8))
+    engine.timed = True
+    return engine
 
 
 def _sglang(cfg: R1Config, chunks, tokenizer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, List, Optional, get_args
 
-from r1mega.config.choices import BenchSuite, Dtype, Engine
+from r1mega.config.choices import BenchSuite, Dtype, Engine, RolloutPromptSet
 
 
 @dataclass
@@ -35,6 +35,10 @@ class RolloutBenchConfig:
     engines: List[Annotated[str, Engine]] = field(default_factory=lambda: list(get_args(Engine)))
     batch_sizes: List[int] = field(default_factory=lambda: [1, 4, 16, 64])
     new_tokens: int = 64  # every row decodes exactly this many (EOS ignored)
+    prompt_sets: List[Annotated[str, RolloutPromptSet]] = field(
+        default_factory=lambda: list(get_args(RolloutPromptSet)))
+    prompt_median: int = 64  # long-tailed set: lognormal prompt lengths
+    prompt_p99: int = 512
 
 
 @dataclass

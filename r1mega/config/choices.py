@@ -54,6 +54,7 @@ StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]
 Launcher = Literal["torchrun", "srun"]
 WarningSignal = Literal["USR1", "USR2"]  # what r1mega's trainers take as the time-limit warning
 BenchSuite = Literal["step", "train", "rollout", "packing", "peer"]
+RolloutPromptSet = Literal["task", "long_tailed"]  # the run's task prompts; lognormal lengths, random tokens
 
 
 def literal_of(hint: Any) -> Optional[Tuple[Tuple[str, ...], bool, bool]]:

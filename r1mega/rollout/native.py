@@ -6,14 +6,17 @@ activations forward, the last stage samples, and the chosen tokens are broadcast
 the first stage can embed them. Context-parallel ranks each run the whole sequences (the
 model splits only THD packs) and take the first one's tokens, so they stay identical.
 Prompts are left-padded; rotary embeddings are relative, so the shifted positions give the
-same log-probs as the trainer's unpadded forward.
+same log-probs as the trainer's unpadded forward. Long-tailed prompt lengths would make that
+padding most of the prefill, so prompts are prefilled in buckets of similar length, each
+right-aligned in the one cache (`_prefill_buckets`).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
+from r1mega.models.attention import SDPAttention
 from r1mega.rollout.sampling import sample_next
 from r1mega.rollout.types import Rollouts, SamplingParams
 
@@ -54,10 +58,22 @@ class NativeEngine:
         # with copies of the first prompt, or finished rows, filling up
         self.row_multiple = row_multiple
         self._calls = 0
+        # per generate() call: prefill positions read and how many were prompt tokens; with `timed`
+        # set, also seconds in prefill and in the whole call (timing synchronizes the device, so the
+        # trainer leaves it off and the rollout benchmark turns it on)
+        self.timed = False
+        self.last_stats: Dict[str, float] = {}
+        # what one more prefill forward costs, in prompt positions (kernel launches and per-layer
+        # overheads against the arithmetic of a position): a bucket of shorter prompts is split off
+        # when it saves more padding than this
+        self.prefill_call_positions = 256
         config = self.chunks[0].config
         self._hidden = config.hidden_size
         self._dtype = config.params_dtype
         self._lockstep = config.num_moe_experts is not None and ps.get_expert_model_parallel_world_size() > 1
+        attention = [m for c in self.chunks for m in c.modules() if hasattr(m, "core_attention")]
+        self._bucketed_prefill = not self._lockstep and all(isinstance(m.core_attention, SDPAttention)
+                                                            for m in attention)
 
     def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
         """n samples of each prompt; reproducible for a given params.seed (else engine seed + call)."""
@@ -71,6 +87,8 @@ class NativeEngine:
         self._calls += params.seed is None
         generator = torch.Generator(device=self._device()).manual_seed(seed)
         responses, logprobs, reasons = [], [], []
+        self.last_stats = {"prefill_positions": 0, "prefill_tokens": 0, "prefill_s": 0.0}
+        start_time = self._clock()
         per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
         multiple = self._prompt_multiple(n)
         if per_call >= multiple:  # padding a batch to the row multiple then stays within the budget
@@ -81,6 +99,7 @@ class NativeEngine:
                 responses += r
                 logprobs += lp
                 reasons += fr
+        self.last_stats["generate_s"] = self._clock() - start_time
         return Rollouts(rows, responses, logprobs, reasons, group_index)
 
     def state_dict(self) -> dict:
@@ -120,33 +139,30 @@ class NativeEngine:
         """n samples of each prompt. The prompts are prefilled once; their KV cache and last logits
         are then copied to each prompt's n rows (prefix sharing, as serving engines do)."""
         device = self._device()
-        real = len(prompts) * n  # rows past these fill the batch up to row_multiple and are dropped
+        real = len(prompts)  # prompts past these fill the batch up to row_multiple and are dropped
         prompts = list(prompts) + [prompts[0]] * (-len(prompts) % self._prompt_multiple(n))
-        b = len(prompts) * n
-        width = max(len(r) for r in prompts)
-        # the prefill reads prompts x width tokens: more left padding makes that a multiple too
-        width += -width % (self.row_multiple // math.gcd(self.row_multiple, len(prompts)))
+        # longest first: the prefill runs in buckets of similar length, and the widest allocates the cache
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        prompts = [prompts[i] for i in order]
+        self.last_stats["prefill_tokens"] += sum(len(p) for i, p in zip(order, prompts) if i < real)
+        buckets = self._prefill_buckets([len(p) for p in prompts])
+        width = buckets[0][1]
         pad = torch.tensor([width - len(r) for r in prompts], device=device)
-        tokens = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
-        for i, r in enumerate(prompts):
-            tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         ctx = StaticInferenceContext(len(prompts), width + params.max_new_tokens)
+        logits = self._prefill(prompts, buckets, pad, ctx)
+        b = len(prompts) * n
         alive = torch.arange(b, device=device)  # original row of each cache row
         out_ids = [[] for _ in range(b)]
         out_lp = [[] for _ in range(b)]
         reasons = ["length"] * b
-        done = [row >= real for row in range(b)]
-        positions = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
-        mask = _prefill_mask(pad, width)
+        done = [order[row // n] >= real for row in range(b)]
+        if n > 1:
+            copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
+            logits = logits[copies] if logits is not None else None
+            pad = pad[copies]
+            _select_cache_rows(ctx, copies)
         for step in range(params.max_new_tokens):
-            logits = self._forward(tokens, positions, mask, ctx)
-            if step == 0 and n > 1:
-                copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
-                logits = logits[copies] if logits is not None else None
-                pad = pad[copies]
-                _select_cache_rows(ctx, copies)
             next_ids, next_lp = self._choose(logits, params, generator, len(alive))
-            ctx.sequence_len_offset += tokens.size(1)
             rows = alive.tolist()
             for row, token, lp in zip(rows, next_ids.tolist(), next_lp.tolist()):
                 if done[row]:
@@ -156,7 +172,7 @@ class NativeEngine:
                 if self._stops(out_ids[row], params):
                     done[row] = True
                     reasons[row] = "stop"
-            if not self._any_active(done):
+            if step == params.max_new_tokens - 1 or not self._any_active(done):
                 break
             keep = _keep_multiple([not done[row] for row in rows], self.row_multiple)
             if keep.sum() < _COMPACT_BELOW * len(rows):
@@ -164,10 +180,61 @@ class NativeEngine:
                 alive, next_ids, pad = alive[keep], next_ids[keep], pad[keep]
                 _select_cache_rows(ctx, keep.nonzero().squeeze(1))
             offset = ctx.sequence_len_offset
-            tokens = next_ids[:, None]
             positions = (offset - pad)[:, None]
             mask = (torch.arange(offset + 1, device=device)[None] < pad[:, None])[:, None, None, :]
-        return out_ids[:real], out_lp[:real], reasons[:real]
+            logits = self._forward(next_ids[:, None], positions, mask, ctx)
+            ctx.sequence_len_offset += 1
+        # back to the caller's prompt order
+        rank = {i: k for k, i in enumerate(order)}
+        rows = [rank[i] * n + j for i in range(real) for j in range(n)]
+        return [out_ids[r] for r in rows], [out_lp[r] for r in rows], [reasons[r] for r in rows]
+
+    def _prefill_buckets(self, lengths: List[int]) -> List[Tuple[int, int]]:
+        """(rows, width) of each prefill forward over prompts sorted longest first, right-aligned in
+        one cache of the first bucket's width. Left padding to the longest prompt can fill most of a
+        prefill when prompt lengths are long-tailed; one forward per group of similar lengths removes
+        it, at the price of a forward's fixed cost (`prefill_call_positions`). The groups minimise
+        padded positions + that cost per forward (dynamic programming over the distinct lengths).
+
+        A bucket starts at cache position width - its width, so its queries attend to keys before
+        them: r1mega's SDPA and flash-attn modules mask that shape (bottom-right causal); other core
+        attention modules, and expert-parallel MoE (whose all-to-alls need the same number of
+        forwards on every rank), prefill in one bucket."""
+        m = self.row_multiple  # FP8: every forward's rows x width must be a multiple of m
+        whole = [(len(lengths), lengths[0] + -lengths[0] % (m // math.gcd(m, len(lengths))))]
+        if not self._bucketed_prefill:
+            return whole
+        widths = [w + -w % m for w in lengths]  # any number of rows may share a bucket
+        starts = [i for i in range(len(widths)) if i == 0 or widths[i] != widths[i - 1]] + [len(widths)]
+        best = {len(widths): (0, [])}
+        for a in reversed(starts[:-1]):
+            best[a] = min(((t - a) * widths[a] + self.prefill_call_positions + best[t][0], [(t - a, widths[a])]
+                           + best[t][1]) for t in starts if t > a)
+        return best[0][1] if len(best[0][1]) > 1 else whole
+
+    def _prefill(self, prompts: List[List[int]], buckets, pad: torch.Tensor, ctx) -> Optional[torch.Tensor]:
+        """Last-position logits of every prompt (last stage; None elsewhere), filling the KV cache."""
+        device, width = pad.device, buckets[0][1]
+        started, outs, row = self._clock(), [], 0
+        for rows, w in buckets:
+            tokens = torch.full((rows, w), self.pad_token_id, dtype=torch.long, device=device)
+            for i, r in enumerate(prompts[row:row + rows]):
+                tokens[i, w - len(r):] = torch.tensor(r, dtype=torch.long)
+            cache_pos = torch.arange(width - w, width, device=device)
+            positions = (cache_pos[None] - pad[row:row + rows, None]).clamp(min=0)
+            ctx.batch_size_offset, ctx.sequence_len_offset = row, width - w
+            outs.append(self._forward(tokens, positions, _prefill_mask(pad[row:row + rows], cache_pos, width), ctx))
+            if row == 0 and len(buckets) > 1:
+                # the cache is allocated uninitialised; the later buckets leave their rows' leading
+                # positions unwritten, masked but multiplied by zero attention weights (0 x NaN = NaN)
+                for k, v in ctx.key_value_memory_dict.values():
+                    k[:, rows:].zero_()
+                    v[:, rows:].zero_()
+            self.last_stats["prefill_positions"] += rows * w
+            row += rows
+        ctx.batch_size_offset, ctx.sequence_len_offset = 0, width
+        self.last_stats["prefill_s"] += self._clock() - started
+        return torch.cat(outs) if outs[0] is not None else None
 
     def _prompt_multiple(self, n: int) -> int:
         """Prompts per decoding batch must be a multiple of this for its rows (x n) to be one of row_multiple."""
@@ -228,6 +295,13 @@ class NativeEngine:
     def _device(self) -> torch.device:
         return next(self.chunks[0].parameters()).device
 
+    def _clock(self) -> float:
+        if not self.timed:
+            return 0.0
+        if self._device().type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     @contextmanager
     def _inference_mode(self):
         """Eval mode, no grad, and sequence parallelism off (a decode step has one token)."""
@@ -249,11 +323,11 @@ class NativeEngine:
                 c.set_input_tensor(None)
 
 
-def _prefill_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
-    """[b, 1, s, s], True = masked: padding keys, except a pad query's own key (no empty rows)."""
-    key_is_pad = torch.arange(width, device=pad.device)[None] < pad[:, None]
-    masked = key_is_pad[:, None, :].expand(-1, width, -1)
-    masked = masked & ~torch.eye(width, dtype=torch.bool, device=pad.device)[None]
+def _prefill_mask(pad: torch.Tensor, cache_pos: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, 1, q, k] for queries at cache positions `cache_pos` against keys [0, width) (the attention
+    adds causality), True = masked: padding keys, except a pad query's own key (no empty rows)."""
+    keys = torch.arange(width, device=pad.device)
+    masked = (keys[None, None, :] < pad[:, None, None]) & (keys[None, None, :] != cache_pos[None, :, None])
     return masked[:, None]
 
 

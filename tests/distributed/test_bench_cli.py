@@ -19,7 +19,8 @@ TINY = [
     "bench.warmup=1", "bench.repeats=1",
     "bench.train.models=[tiny_moe]", "bench.train.layouts=[{dp: 1},{dp: 2, ep: 2}]", "bench.train.seq_length=16",
     "bench.train.micro_batch_size=2", "bench.train.micro_batches=1",
-    "bench.rollout.batch_sizes=[1,2]", "bench.rollout.new_tokens=3",
+    "bench.rollout.batch_sizes=[1,2]", "bench.rollout.new_tokens=3", "bench.rollout.prompt_median=4",
+    "bench.rollout.prompt_p99=40",
     "bench.packing.rows=6", "bench.packing.prompt_tokens=4", "bench.packing.median_response=6",
     "bench.packing.p99_response=40", "bench.packing.longest_response=48", "trainer.micro_batch_tokens=64",
     "bench.peer.steps=2", "bench.peer.eval_every=1", "bench.peer.runs=1", "pretrain.steps=2", "pretrain.documents=64",
@@ -54,8 +55,13 @@ def test_every_suite_writes_results(tmp_path):
 
     rollout = results["suites"]["rollout"]["rows"]
     native = [r for r in rollout if r["engine"] == "native"]
-    assert [r["batch_size"] for r in native] == [1, 2]
-    assert [r["generated_tokens"] for r in native] == [3, 6] and all(_positive(r["tokens_per_s"]) for r in native)
+    assert [(r["prompts"], r["batch_size"]) for r in native] == [("task", 1), ("task", 2), ("long_tailed", 1),
+                                                                  ("long_tailed", 2)]
+    assert [r["generated_tokens"] for r in native] == [3, 6] * 2 and all(_positive(r["tokens_per_s"]) for r in native)
+    assert all(0.0 < r["prefill_share"] < 1.0 for r in native)
+    assert [r["prefill_padding_share"] for r in native if r["batch_size"] == 1] == [0.0, 0.0]  # one prompt: no padding
+    assert all(0.0 <= r["prefill_padding_share"] <= r["unbucketed_prefill_padding_share"] < 1.0 for r in native)
+    assert all(_positive(r["unbucketed_tokens_per_s"]) and _positive(r["bucketed_prefill_speedup"]) for r in native)
     assert [r["skipped"] for r in rollout if r["engine"] == "sglang"]
 
     packing = results["suites"]["packing"]

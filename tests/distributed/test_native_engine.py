@@ -59,11 +59,20 @@ def _generate(layouts, root: str, moe: bool = False):
             forward = [logits(chunks, torch.tensor([p + r])) for p, r in
                        zip(greedy.prompt_ids + other.prompt_ids, greedy.response_ids + other.response_ids)]
             out[name] = (greedy, sampled, other, forward)
+            stats = dict(engine.last_stats)
+            engine.prefill_call_positions = 0  # a prefill forward per prompt length: 7, 4, 2, 1
+            out[f"{name}_buckets"] = (
+                engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12), n=1),
+                engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, seed=8, stop_token_ids=STOPS), n=3),
+                dict(engine.last_stats))
             if name == "ref":  # FP8's shape rule: batches padded to 16 rows (spare prompts, finished rows)
+                out["stats"] = [stats]
                 padded = NativeEngine(chunks, eos_token_ids=[EOS], pad_token_id=PAD, max_batch_size=5,
                                       row_multiple=16)
+                padded.timed = True
                 out["padded"] = [padded.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12), n=n)
                                  for n in (1, 3)]
+                out["stats"].append(dict(padded.last_stats))
     finally:
         destroy()
     return out
@@ -76,7 +85,9 @@ def runs(tmp_path_factory):
     tp = spawn(2, _generate, [("tp2", ParallelConfig(tp=2))], root)
     pp = spawn(2, _generate, [("pp2", ParallelConfig(pp=2))], root)
     return {"ref": ref["ref"], "tp2": tp[0]["tp2"], "pp2": pp[1]["pp2"], "pp2_first": pp[0]["pp2"],
-            "padded": ref["padded"]}
+            "padded": ref["padded"], "stats": ref["stats"],
+            "buckets": {"ref": ref["ref_buckets"], "tp2": tp[0]["tp2_buckets"], "pp2": pp[1]["pp2_buckets"],
+                        "pp2_first": pp[0]["pp2_buckets"]}}
 
 
 def _check_logprobs(rollouts, forward) -> None:
@@ -143,3 +154,29 @@ def test_batches_padded_to_a_row_multiple_generate_the_same(runs):
     assert torch.allclose(torch.tensor(sum(one.logprobs, [])), torch.tensor(sum(greedy.logprobs, [])), atol=1e-5)
     assert three.response_ids == [r for r in greedy.response_ids for _ in range(3)]
     assert three.group_index == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_prefill_statistics(runs):
+    """Positions the prefill computes against the prompt tokens among them; the fill-up copies of a
+    prompt count as padding. Timing only when asked for (it synchronizes the device)."""
+    together, padded = runs["stats"]
+    # four prompts (7, 2, 4, 1 tokens) prefilled together, left-padded to 7
+    assert (together["prefill_positions"], together["prefill_tokens"]) == (28, 14)
+    assert together["prefill_s"] == 0.0 and together["generate_s"] == 0.0
+    # n=3 under a 16-row multiple with 5 rows per batch: one prompt per batch, 15 copies of it beside
+    assert (padded["prefill_positions"], padded["prefill_tokens"]) == (16 * (7 + 2 + 4 + 1), 14)
+    assert 0.0 < padded["prefill_s"] < padded["generate_s"]
+
+
+def test_prefill_in_length_buckets_generates_the_same(runs):
+    """Prompts prefilled a bucket per length (each right-aligned in the cache, attending to keys
+    before it) decode as one left-padded prefill does, on every layout; no position is padding."""
+    greedy, _, other, _ = runs["ref"]
+    for name, (one, three, stats) in runs["buckets"].items():
+        assert one.response_ids == greedy.response_ids and one.finish_reasons == greedy.finish_reasons, name
+        assert torch.allclose(torch.tensor(sum(one.logprobs, [])), torch.tensor(sum(greedy.logprobs, [])),
+                              atol=1e-5), name
+        assert three.response_ids == other.response_ids and three.group_index == other.group_index, name
+        assert torch.allclose(torch.tensor(sum(three.logprobs, [])), torch.tensor(sum(other.logprobs, [])),
+                              atol=1e-5), name
+        assert stats["prefill_positions"] == stats["prefill_tokens"] == 14, name
