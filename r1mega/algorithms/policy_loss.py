@@ -1,4 +1,4 @@
-"""PPO/GRPO clipped surrogate (clip-higher, dual clip, GSPO sequence ratios) and rollout-mismatch weights."""
+"""PPO/GRPO clipped surrogate (clip-higher, dual clip, GSPO sequence ratios) and the rollout log-prob gap."""
 
 from __future__ import annotations
 
@@ -112,18 +112,6 @@ def surrogate_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.T
         "ratio_max": ratio_stats["max"],
         "ratio_min": ratio_stats["min"],
     }
-
-
-def truncated_is_weights(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
-                         cap: float = 2.0) -> torch.Tensor:
-    """Detached TIS weights min(pi_trainer / pi_rollout, cap) [B, T]; 0 off the mask.
-
-    The caller multiplies the per-token policy loss by them to correct for the rollout engine
-    sampling from a slightly different distribution than the trainer computes.
-    """
-    m = mask.bool()
-    diff = _zeros_off(m, (trainer_logp - rollout_logp).detach()).clamp(max=LOG_RATIO_BOUND)
-    return _zeros_off(m, diff.exp().clamp(max=cap))
 
 
 def logprob_gap_stats(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor,

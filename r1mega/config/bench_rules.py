@@ -7,11 +7,11 @@ from typing import Optional, get_args
 from r1mega.config.choices import BenchSuite
 from r1mega.config.errors import one_of, require
 from r1mega.config.loader import CONF_DIR
-from r1mega.config.schema import R1Config
+from r1mega.config.schema import CorrectionConfig, R1Config
 
 SUITES = get_args(BenchSuite)
 # algorithm fields TRL's GRPOTrainer has no counterpart for, with the value it implies
-TRL_FIXED = {"ppo_epochs": 1, "minibatches": 1, "dynamic_sampling": False, "tis_cap": None, "dual_clip": None,
+TRL_FIXED = {"ppo_epochs": 1, "minibatches": 1, "dynamic_sampling": False, "dual_clip": None,
              "entropy_coeff": 0.0, "use_rollout_logprobs": False, "ratio_level": "token"}
 
 
@@ -70,3 +70,5 @@ def check_peer(cfg: R1Config) -> None:
     for key, value in TRL_FIXED.items():
         require(getattr(a, key) == value, f"bench peer: algorithm.{key}={getattr(a, key)!r} has no TRL "
                                           f"counterpart; run it with {value!r}")
+    require(a.correction == CorrectionConfig(), "bench peer: algorithm.correction has no TRL counterpart; run "
+                                                "without it")

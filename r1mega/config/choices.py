@@ -43,6 +43,7 @@ Corpus = Literal["task", "synthetic"]
 AdvantageMode = Literal["grpo", "drgrpo", "rloo", "batch_std"]
 StdConvention = Literal["sample", "population"]
 RatioLevel = Literal["token", "sequence"]
+CorrectionLevel = Literal["token", "sequence", "geometric"]  # of pi_prox / pi_rollout (algorithms.off_policy)
 KLEstimator = Literal["k1", "k2", "k3"]
 AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 # rollout, reward

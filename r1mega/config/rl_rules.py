@@ -6,7 +6,7 @@ from typing import Optional, get_args
 
 from r1mega.config.choices import RewardName
 from r1mega.config.errors import require
-from r1mega.config.schema import R1Config
+from r1mega.config.schema import CorrectionConfig, R1Config
 
 # Keys with a fixed set of values (data.name, algorithm.advantage, ...) were checked against it as the
 # config was loaded (r1mega.config.choices); the rules below hold between keys.
@@ -68,13 +68,27 @@ def _check_algorithm(cfg: R1Config) -> None:
     require(a.dual_clip is None or a.dual_clip > 1.0, f"algorithm.dual_clip={a.dual_clip} must be > 1")
     require(a.kl_beta >= 0, f"algorithm.kl_beta={a.kl_beta} must be >= 0")
     require(a.ppo_epochs >= 1 and a.minibatches >= 1, "algorithm.ppo_epochs and minibatches must be >= 1")
-    require(a.tis_cap is None or a.tis_cap >= 1.0, f"algorithm.tis_cap={a.tis_cap} must be >= 1")
+    _check_correction(a)
     require(a.max_extra_rounds >= 0, "algorithm.max_extra_rounds must be >= 0")
     rows = cfg.data.prompts_per_step * a.group_size
     require(rows >= a.minibatches, f"algorithm.minibatches={a.minibatches} exceeds the {rows} responses per step")
-    if a.use_rollout_logprobs:
-        require(cfg.rollout.engine == "native" or a.tis_cap is None,
-                "algorithm.use_rollout_logprobs with tis_cap has no trainer log-probs to correct against")
+    require(not a.use_rollout_logprobs or a.correction == CorrectionConfig(),
+            "algorithm.use_rollout_logprobs takes the engine's log-probs as the old policy, so "
+            "algorithm.correction has no trainer log-probs to correct them with (every ratio would be 1)")
+
+
+def _check_correction(a) -> None:
+    c, key = a.correction, "algorithm.correction"
+    require(c.weight_cap is None or c.weight is not None, f"{key}.weight_cap is set but {key}.weight is not")
+    require(c.weight_cap is None or c.weight_cap >= 1.0, f"{key}.weight_cap={c.weight_cap} must be >= 1")
+    bounds = (c.reject_low, c.reject_high)
+    require(c.reject is None or bounds != (None, None),
+            f"{key}.reject={c.reject} needs reject_low, reject_high or both")
+    require(c.reject is not None or bounds == (None, None), f"{key}.reject_low/high are set but {key}.reject is not")
+    require(c.reject_low is None or c.reject_low > 0, f"{key}.reject_low={c.reject_low} must be > 0")
+    require(c.reject_low is None or c.reject_high is None or c.reject_low < c.reject_high,
+            f"{key}.reject_low={c.reject_low} must be below reject_high={c.reject_high}")
+    require(c.veto is None or 0 < c.veto < 1, f"{key}.veto={c.veto} must be in (0, 1)")
 
 
 def _check_rollout(cfg: R1Config, dp: Optional[int]) -> None:

@@ -17,9 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
-from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus, DataName,
-                                   DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator, Launcher,
-                                   OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
+from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
+                                   CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
+                                   KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
                                    SFTTemplate, StageKind, StdConvention, TokenDispatcher, WarningSignal)
 from r1mega.config.sglang_schema import SGLangConfig
 
@@ -165,6 +165,21 @@ class PretrainConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """Off-policy corrections of the policy-gradient term from rho = pi_prox / pi_rollout, the trainer's
+    log-probs before the update over the engine's (r1mega.algorithms.off_policy; presets in conf/correction).
+    `weight`: the importance weight's level, truncated at weight_cap (TIS: token, 2). `reject`: weight 0
+    where rho at that level leaves [reject_low, reject_high] (MIS, IcePop)."""
+
+    weight: Optional[Annotated[str, CorrectionLevel]] = None  # None | token | sequence | geometric
+    weight_cap: Optional[float] = None
+    reject: Optional[Annotated[str, CorrectionLevel]] = None  # None | token | sequence | geometric
+    reject_low: Optional[float] = None
+    reject_high: Optional[float] = None
+    veto: Optional[float] = None  # a response with a token of rho below this is rejected whole
+
+
+@dataclass
 class AlgorithmConfig:
     """GRPO and its refinements; see r1mega/algorithms for the formulas."""
 
@@ -188,7 +203,7 @@ class AlgorithmConfig:
     minibatches: int = 1  # optimizer steps per RL step, each over a share of the rollouts
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, generate more
     max_extra_rounds: int = 3  # cap on dynamic-sampling generation rounds per step
-    tis_cap: Optional[float] = None  # truncated importance sampling weight cap (e.g. 2.0); None = off
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # off by default
     use_rollout_logprobs: bool = False  # take the engine's log-probs as the old policy (no recompute)
 
 

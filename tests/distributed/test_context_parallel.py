@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from layout_utils import rel
-from r1mega.config.schema import AlgorithmConfig, ModelConfig, ParallelConfig
+from r1mega.config.schema import AlgorithmConfig, CorrectionConfig, ModelConfig, ParallelConfig
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -67,7 +67,10 @@ def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
                 bounds = m.cu_seqlens.tolist()
                 out["logits"].append({"values": logits, "held": held, "starts": bounds,
                                       "lengths": [len(batch.tokens[i]) - 1 for i in m.rows]})
-        algo = AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01, loss_agg=loss_agg, tis_cap=2.0,
+        algo = AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01, loss_agg=loss_agg,
+                               # old / rollout in [0.905, 1]: some tokens rejected, whole-row weights
+                               correction=CorrectionConfig(weight="sequence", weight_cap=2.0, reject="token",
+                                                           reject_low=0.93),
                                ratio_level=ratio_level)
         settings = LossSettings(algo, 16, 0.9, float(batch.response_tokens(range(len(batch)))), float(len(batch)))
         reports = run_schedule(chunks, micro, partial(policy_loss, s=settings, scale=2.0), forward_only=False)
@@ -135,6 +138,10 @@ def test_context_parallel_with_tensor_and_sequence_parallelism():
 
 def _check(ref: list, results: list, tp: int, check_logits: bool) -> None:
     """Global ranks run TP fastest, then CP: rank i is TP rank i % tp."""
+    from r1mega.trainer.rl.loss import STAT_SUMS
+
+    rejected = float(ref[0]["stats"][STAT_SUMS.index("off_policy/rejected_share")])
+    assert 0 < rejected < float(ref[0]["stats"][-1])  # the correction bites, not everywhere
     if check_logits:
         want, got = _row_logits(ref[:1]), _row_logits(results[::tp])  # the CP ranks of TP rank 0
         assert len(got) == len(want) == len(ROWS)

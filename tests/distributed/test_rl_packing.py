@@ -11,8 +11,8 @@ import torch
 from types import SimpleNamespace
 
 from layout_utils import full_params, load_model, rel, save_model
-from r1mega.config.schema import (AlgorithmConfig, FP8Config, ModelConfig, MoEConfig, OptimizerConfig,
-                                  ParallelConfig, TrainerConfig)
+from r1mega.config.schema import (AlgorithmConfig, CorrectionConfig, FP8Config, ModelConfig, MoEConfig,
+                                  OptimizerConfig, ParallelConfig, TrainerConfig)
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -64,7 +64,10 @@ def _loss_and_grads(parallel: ParallelConfig, model: ModelConfig, loss_agg: str)
         multiple = parallel.tp if parallel.sequence_parallel else 1
         layouts = {"padded": [collate(batch, rows, multiple) for rows in GROUPS],
                    "packed": [pack(batch, rows, multiple) for rows in GROUPS]}
-        algo = AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01, loss_agg=loss_agg, tis_cap=2.0)
+        algo = AlgorithmConfig(kl_beta=0.1, entropy_coeff=0.01, loss_agg=loss_agg,
+                               # old / rollout in [0.905, 1]: token weights, rows of low geometric mean rejected whole
+                               correction=CorrectionConfig(weight="token", weight_cap=2.0, reject="geometric",
+                                                           reject_low=0.955))  # rows 0 and 1 (0.954, 0.951)
         settings = LossSettings(algo, 16, 0.9, float(batch.response_tokens(range(len(batch)))), float(len(batch)))
         out = {"packed_lengths": [m.tokens.shape for m in layouts["packed"]]}
         for name, micro in layouts.items():
@@ -97,6 +100,8 @@ CASES = [(ParallelConfig(), 1, MODEL), (ParallelConfig(tp=2, sequence_parallel=T
 @pytest.mark.parametrize("parallel,nproc,model", CASES,
                          ids=["single", "tp2_sp", "pp2", "ep2", "moe_tp2_sp_pp2", "expert_bias"])
 def test_packed_equals_padded_loss_and_gradients(parallel, nproc, model):
+    from r1mega.trainer.rl.loss import STAT_SUMS
+
     for r in spawn(nproc, _loss_and_grads, parallel, model, "seq-mean-token-mean"):
         if parallel.sequence_parallel:
             assert all(shape[1] % parallel.tp == 0 for shape in r["packed_lengths"])
@@ -104,6 +109,8 @@ def test_packed_equals_padded_loss_and_gradients(parallel, nproc, model):
             assert r["packed"]["loss"] == pytest.approx(r["padded"]["loss"], rel=1e-6)
             # every reported sum (pg loss, KL, entropy, clip fraction, ratio, log-prob gap, tokens)
             assert torch.allclose(r["packed"]["stats"], r["padded"]["stats"], rtol=1e-6, atol=1e-9)
+            rejected = float(r["padded"]["stats"][STAT_SUMS.index("off_policy/rejected_share")])
+            assert 0 < rejected < float(r["padded"]["stats"][-1])  # the correction bites, not everywhere
         grads = r["padded"]["grads"]
         assert grads.keys() == r["packed"]["grads"].keys() and len(grads) > 4
         for name, g in grads.items():

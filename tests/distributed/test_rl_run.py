@@ -98,8 +98,11 @@ def test_metrics_cover_the_step(runs):
     first = runs["ref"][0]
     for key in ("reward/mean", "reward/accuracy", "response/length_mean", "response/length_max",
                 "response/truncated_share", "kl", "clip_fraction", "entropy", "grad_norm", "logprob_gap",
-                "perf/tokens_per_s", "time/generate", "time/score", "time/update", "lr", "reward/failures"):
+                "perf/tokens_per_s", "time/generate", "time/score", "time/update", "lr", "reward/failures",
+                "off_policy/ratio_p01", "off_policy/ratio_p50", "off_policy/ratio_p99", "off_policy/rejected_share"):
         assert key in first, key
+    # the native engine samples with the trainer's own weights: rho = pi_prox / pi_rollout is 1 within a bin
+    assert abs(first["off_policy/ratio_p01"] - 1) < 0.003 and abs(first["off_policy/ratio_p99"] - 1) < 0.003
     last = runs["ref"][-1]
     assert {"eval/greedy_accuracy", "eval/pass_at_k"} <= set(last)
 
@@ -108,11 +111,11 @@ VARIANTS = {
     # DAPO with nothing to learn from (accuracy only, random weights): every group is equal, so
     # dynamic sampling draws the maximum extra rounds and then fills up with equal groups
     "dapo": ["algorithm=dapo", "algorithm.max_extra_rounds=2", "reward.custom.digits.weight=0.0"],
-    "gspo_tis": ["algorithm=gspo", "algorithm.tis_cap=2.0", "algorithm.ppo_epochs=2"],
+    "gspo_tis": ["algorithm=gspo", "correction=tis", "algorithm.ppo_epochs=2"],
     "drgrpo_dual": ["algorithm=drgrpo", "algorithm.dual_clip=3.0", "algorithm.minibatches=2",
                     "algorithm.use_rollout_logprobs=true"],
-    "rloo_entropy": ["algorithm=rloo", "algorithm.entropy_coeff=0.01", "algorithm.kl_beta=0.01",
-                     "algorithm.kl_estimator=k2", "algorithm.ref_reset_every=1"],
+    "rloo_entropy_icepop": ["algorithm=rloo", "algorithm.entropy_coeff=0.01", "algorithm.kl_beta=0.01",
+                            "algorithm.kl_estimator=k2", "algorithm.ref_reset_every=1", "correction=icepop"],
 }
 
 
@@ -139,7 +142,7 @@ def test_algorithm_variants_run(variants, name):
         assert any(m["grad_norm"] > 0 for m in steps)
     if name == "gspo_tis":
         assert steps[1]["ratio_max"] > 1.0  # the second epoch moved the sequence ratios
-    if name == "rloo_entropy":
+    if name == "rloo_entropy_icepop":
         # the reference was reset to the policy after step 1: step 2's KL starts from zero
         # (without the reset it would measure step 1's update, as grad_norm > 0 shows)
         assert steps[0]["grad_norm"] > 0 and steps[1]["kl"] == pytest.approx(0.0, abs=1e-7)

@@ -16,7 +16,7 @@ from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
-COMMON = ["rollout=sglang", "trainer.steps=2", "algorithm.minibatches=2", "algorithm.tis_cap=2.0",
+COMMON = ["rollout=sglang", "trainer.steps=2", "algorithm.minibatches=2", "correction=tis",
           "rollout.sglang.bucket_mb=0.05", "trainer.eval_at_ends=true"]
 
 

@@ -27,7 +27,7 @@ def test_two_grpo_steps_on_sglang(tmp_path):
     weights = [f"model.hf_path={MODEL}"] if MODEL else []
     cmd = [sys.executable, "-m", "r1mega.cli.train", "model=qwen2.5-0.5b", *weights, "rollout=sglang",
            "rollout.max_new_tokens=64", "rollout.sglang.mem_fraction_static=0.3",
-           "data.prompts_per_step=8", "algorithm.group_size=4", "algorithm.tis_cap=2.0", "pretrain.enabled=false",
+           "data.prompts_per_step=8", "algorithm.group_size=4", "correction=tis", "pretrain.enabled=false",
            "trainer.steps=2", "trainer.eval_at_ends=true", "rollout.eval_samples=2", "data.test_size=8",
            "trainer.save_at_end=false", "trainer.plot=false",
            "trainer.tensorboard=false", f"trainer.output_dir={out}"]

@@ -9,7 +9,8 @@ import torch
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
 from r1mega.algorithms.kl import kl_penalty
-from r1mega.algorithms.policy_loss import clipped_surrogate, logprob_gap_stats, truncated_is_weights
+from r1mega.algorithms.off_policy import correction_weights
+from r1mega.algorithms.policy_loss import clipped_surrogate, logprob_gap_stats
 
 RATIOS = torch.tensor([0.5, 0.9, 1.0, 1.1, 1.5, 5.0], dtype=torch.float64)
 
@@ -100,7 +101,7 @@ def test_truncated_is_weights_and_gap_stats():
     trainer = torch.tensor([[math.log(0.5), math.log(1.5), math.log(3.0), float("nan")]], requires_grad=True)
     rollout = torch.zeros(1, 4)
     mask = torch.tensor([[1, 1, 1, 0]])
-    w = truncated_is_weights(trainer, rollout, mask, cap=2.0)
+    w, _ = correction_weights(trainer, rollout, mask, weight="token", weight_cap=2.0)  # TIS
     torch.testing.assert_close(w, torch.tensor([[0.5, 1.5, 2.0, 0.0]]))
     assert not w.requires_grad
     stats = logprob_gap_stats(trainer, rollout, mask)

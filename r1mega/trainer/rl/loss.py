@@ -18,16 +18,18 @@ import torch.distributed as dist
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
 from r1mega.algorithms.kl import kl_penalty
-from r1mega.algorithms.policy_loss import (logprob_gap_stats, surrogate_and_ratio, surrogate_stats,
-                                           token_advantages, truncated_is_weights)
-from r1mega.config.schema import AlgorithmConfig
+from r1mega.algorithms.off_policy import (QUANTILES, correction_weights, histogram_quantiles, log_rho,
+                                          ratio_histogram)
+from r1mega.algorithms.policy_loss import logprob_gap_stats, surrogate_and_ratio, surrogate_stats, token_advantages
+from r1mega.config.schema import AlgorithmConfig, CorrectionConfig
 from r1mega.ops import grpo_loss as kernel
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import reduce_last_stage
 from r1mega.trainer.rl.batch import MicroBatch
 
 # Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
-STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "tokens")
+STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "off_policy/rejected_share",
+             "off_policy/truncated_share", "off_policy/weight_mean", "tokens")
 STAT_MAXES = ("logprob_gap_max", "ratio_max")
 
 
@@ -71,10 +73,10 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     logp, entropy = target_logprobs(logits, micro.targets, s.temperature, with_entropy=True)
     logp, entropy = micro.per_row(logp), micro.per_row(entropy)  # a pack's response tokens, per row
     mask = micro.mask
-    old = micro.old_logp if micro.old_logp is not None else logp.detach()
-    tis = truncated_is_weights(old, micro.rollout_logp, mask, a.tis_cap) if a.tis_cap is not None else None
+    old = micro.old_logp if micro.old_logp is not None else logp.detach()  # the proximal policy
+    weights, corrected = off_policy_weights(old, micro.rollout_logp, mask, a.correction)
     counts = dict(mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs, norm_length=s.norm_length)
-    terms = policy_terms(logp, old, micro.ref_logp, micro.advantages, mask, tis, Surrogate.of(a), **counts)
+    terms = policy_terms(logp, old, micro.ref_logp, micro.advantages, mask, weights, Surrogate.of(a), **counts)
     loss = terms.loss
     if a.entropy_coeff:
         loss = loss - a.entropy_coeff * aggregate(entropy, mask, **counts)
@@ -84,41 +86,52 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     masked_sum = lambda x: torch.where(mask, x.detach(), 0.0).sum()  # noqa: E731
     sums = torch.stack([loss.detach(), aggregate(terms.pg, mask, **counts), masked_sum(terms.kl),
                         masked_sum(entropy), clip["clip_fraction"] * n, clip["ratio_mean"] * n,
-                        gap["logprob_gap_mean"] * n, n])
+                        gap["logprob_gap_mean"] * n, corrected["rejected"], corrected["truncated"],
+                        corrected["weight"], n])
     maxes = torch.stack([gap["logprob_gap_max"], clip["ratio_max"]])
+    rows = torch.stack([corrected["rejected_rows"], mask.any(-1).sum().double()])
+    hist = ratio_histogram(log_rho(old, micro.rollout_logp, mask), mask)
     # megatron divides each micro-batch loss by the local micro-batch count and averages
     # gradients over data-parallel ranks; the loss already carries global denominators.
-    return loss * scale, {"sums": sums.double().cpu(), "maxes": maxes.double().cpu()}
+    return loss * scale, {"sums": sums.double().cpu(), "maxes": maxes.double().cpu(), "rows": rows.cpu(),
+                          "ratio_hist": hist.cpu()}
+
+
+def off_policy_weights(prox_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       c: CorrectionConfig):
+    """The configured corrections' weights of the policy-gradient term (None: none set) and counts."""
+    return correction_weights(prox_logp, rollout_logp, mask, weight=c.weight, weight_cap=c.weight_cap,
+                              reject=c.reject, reject_low=c.reject_low, reject_high=c.reject_high, veto=c.veto)
 
 
 def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-                 advantages: torch.Tensor, mask: torch.Tensor, tis: Optional[torch.Tensor], s: Surrogate,
+                 advantages: torch.Tensor, mask: torch.Tensor, weights: Optional[torch.Tensor], s: Surrogate,
                  **counts) -> PolicyTerms:
-    """The policy terms of [B, T] log-probs; advantages [B] or [B, T]; tis the detached TIS weights
-    (None: off); counts are aggregate()'s (mode, num_tokens, num_seqs, norm_length).
+    """The policy terms of [B, T] log-probs; advantages [B] or [B, T]; weights the detached off-policy
+    weights of the surrogate (None: off); counts are aggregate()'s (mode, num_tokens, num_seqs, norm_length).
 
     The fused kernel computes token-level ratios only (GSPO's sequence ratio needs a reduction over
     each response first)."""
     mode = counts.get("mode", "token-mean")
     if s.ratio_level == "token" and kernel.runs_on(logp) and _kernel_trusted(s, mode, logp.device):
-        return _fused_terms(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)
-    return pytorch_terms(logp, old_logp, ref_logp, advantages, mask, tis, s, counts)
+        return _fused_terms(logp, old_logp, ref_logp, advantages, mask, weights, s, counts)
+    return pytorch_terms(logp, old_logp, ref_logp, advantages, mask, weights, s, counts)
 
 
-def pytorch_terms(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict) -> PolicyTerms:
+def pytorch_terms(logp, old_logp, ref_logp, advantages, mask, weights, s: Surrogate, counts: dict) -> PolicyTerms:
     """The PyTorch definitions, differentiable through autograd: the kernel's oracle."""
     pg, ratio = surrogate_and_ratio(logp, old_logp, advantages, mask, s.eps_low, s.eps_high, s.dual_clip,
                                     s.ratio_level)
-    if tis is not None:
-        pg = pg * tis
+    if weights is not None:
+        pg = pg * weights
     kl = kl_penalty(logp, ref_logp, s.kl_estimator, mask) if s.kl_beta > 0 else torch.zeros_like(logp)
     loss = aggregate(pg + s.kl_beta * kl, mask, **counts)
     return PolicyTerms(loss, pg.detach(), kl.detach(), ratio)
 
 
-def _fused_terms(logp, old_logp, ref_logp, advantages, mask, tis, s: Surrogate, counts: dict) -> PolicyTerms:
+def _fused_terms(logp, old_logp, ref_logp, advantages, mask, weights, s: Surrogate, counts: dict) -> PolicyTerms:
     m = mask.bool()
-    out = kernel.fused_token_loss(logp, old_logp, ref_logp, token_advantages(advantages, m, logp), m, tis,
+    out = kernel.fused_token_loss(logp, old_logp, ref_logp, token_advantages(advantages, m, logp), m, weights,
                                   token_weights(m, **counts), s.eps_low, s.eps_high, s.dual_clip, s.kl_beta,
                                   s.kl_estimator)
     return PolicyTerms(*out[:4])
@@ -148,14 +161,23 @@ def reduce_stats(outputs: List[dict]) -> Dict[str, float]:
     its response tokens, and maxima."""
     sums = torch.zeros(len(STAT_SUMS), dtype=torch.float64)
     maxes = torch.zeros(len(STAT_MAXES), dtype=torch.float64)
+    rows, hist = torch.zeros(2, dtype=torch.float64), 0.0
     for o in outputs or []:
         sums += o["sums"]
         maxes = torch.maximum(maxes, o["maxes"])
-    sums, maxes = reduce_last_stage(sums), reduce_last_stage(maxes, op=dist.ReduceOp.MAX)
+        rows, hist = rows + o["rows"], hist + o["ratio_hist"]
+    if not isinstance(hist, torch.Tensor):  # not the last stage: zeros of the right size
+        hist = ratio_histogram(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    sums, rows, hist = (reduce_last_stage(x) for x in (sums, rows, hist))
+    maxes = reduce_last_stage(maxes, op=dist.ReduceOp.MAX)
     tokens = max(float(sums[-1]), 1.0)
     stats = {name: float(v) / tokens for name, v in zip(STAT_SUMS[2:-1], sums[2:-1])}
     # loss and pg_loss carry global denominators already: summing over micro-batches and ranks
     # gives the minibatch value
     stats.update(loss=float(sums[0]), pg_loss=float(sums[1]))
     stats.update({name: float(v) for name, v in zip(STAT_MAXES, maxes)})
+    stats["off_policy/rejected_row_share"] = float(rows[0]) / max(float(rows[1]), 1.0)
+    # quantiles of rho = pi_prox / pi_rollout over the minibatch's response tokens
+    quantiles = histogram_quantiles(hist, QUANTILES)
+    stats.update({f"off_policy/ratio_p{round(100 * q):02d}": v for q, v in quantiles.items()})
     return stats
