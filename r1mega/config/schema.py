@@ -19,8 +19,9 @@ from omegaconf import MISSING
 from r1mega.config.bench_schema import BenchConfig
 from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
                                    CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
-                                   KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel, ScoreFunction,
-                                   SFTTemplate, StageKind, StdConvention, TokenDispatcher, WarningSignal)
+                                   KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel,
+                                   ScoreFunction, SFTTemplate, StageKind, StdConvention, TokenDispatcher,
+                                   WarningSignal)
 from r1mega.config.sglang_schema import SGLangConfig
 
 
