@@ -62,7 +62,8 @@ def test_torchrun_script(tmp_path):
     assert not any(o.startswith("--reservation") for o in d)  # null: left out
     s = job.script
     assert "export NCCL_SOCKET_IFNAME='^lo,docker'" in s and "export OMP_NUM_THREADS=8" in s
-    assert "-m torch.distributed.run" in s and "--nproc-per-node=8" in s and "--rdzv-backend=c10d" in s
+    assert "-m r1mega.slurm.torchrun --stop-signal=SIGUSR1 " in s and "--nproc-per-node=8" in s
+    assert "--rdzv-backend=c10d" in s
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=600" in s
     assert "-m r1mega.cli.train cluster=gpu_site " in s
     assert f"optimizer.lr=1e-6 trainer.output_dir={run} trainer.load=auto || rc=$?" in s
@@ -84,7 +85,7 @@ def test_srun_script_with_container(tmp_path):
     assert "srun --kill-on-bad-exit=1 --label --ntasks-per-node=8 --cpus-per-task=8" in s
     assert "'--container-image=nvcr.io#nvidia/pytorch:25.10-py3' --container-mounts=/lustre:/lustre,/home:/home" in s
     assert "\n    python -m r1mega.cli.train " in s  # inside a container: its own interpreter
-    assert "torch.distributed.run" not in s
+    assert "torchrun" not in s
     assert "export FI_PROVIDER=verbs" in s and "FI_EFA_USE_DEVICE_RDMA=1" in s  # site env wins over the preset
     assert "\nmodule load cuda\n" in s
     _bash_syntax_ok(s, tmp_path)
@@ -330,3 +331,30 @@ def test_sweep_refuses_a_bad_point_before_launching(tmp_path):
                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "r1mega: error: sweep point parallel.tp=3: parallel.tp=3 must divide" in proc.stderr
     assert not (tmp_path / "sweep").exists()  # not even the valid point ran
+
+
+def test_torchrun_wrapper_exits_0_on_the_warning_only(monkeypatch):
+    """torchrun raises SignalException after stopping its ranks on any signal it handles; the
+    wrapper turns the time-limit warning's into exit 0 and lets every other one through."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from r1mega.slurm import torchrun
+
+    seen = []
+
+    def fake(sig):
+        def run(argv):
+            seen.append(argv)
+            raise SignalException(f"Process 1 got signal: {int(sig)}", sigval=sig)
+        return run
+
+    monkeypatch.setattr(torchrun, "torchrun_main", fake(signal.SIGUSR1))
+    assert torchrun.main(["--stop-signal=SIGUSR1", "--nnodes=2", "-m", "r1mega.cli.train"]) == 0
+    assert seen == [["--nnodes=2", "-m", "r1mega.cli.train"]]
+    monkeypatch.setattr(torchrun, "torchrun_main", fake(signal.SIGTERM))
+    with pytest.raises(SignalException):
+        torchrun.main(["--stop-signal=SIGUSR1", "-m", "r1mega.cli.train"])
+    with pytest.raises(SystemExit, match="--stop-signal="):
+        torchrun.main(["-m", "r1mega.cli.train"])
