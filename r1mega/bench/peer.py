@@ -28,6 +28,7 @@ from r1mega.config.schema import ParallelConfig, R1Config
 from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
 from r1mega.platform.launch import spawn
+from r1mega.trainer.metrics import METRICS_FILE, read_rows
 
 TRL_ADV_EPS = 1e-4  # TRL divides advantages by (std + 1e-4); r1mega's side uses the same
 PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync", "release")
@@ -61,8 +62,7 @@ def export_base_model(cfg: R1Config, folder: str) -> str:
         base = ensure_base_model(single, runtime, tokenizer)
         chunks = build_model(cfg.model, single.parallel)
         load_model(chunks, str(base))
-        save_hf(chunks, cfg.model, folder)
-        tokenizer.save_pretrained(folder)
+        save_hf(chunks, cfg.model, folder, tokenizer=tokenizer)
     return str(base)
 
 
@@ -118,7 +118,7 @@ def _r1mega(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) 
     race = race_config(cfg, model_dir, train, test, out)
     validate(race, 1)
     spawn(1, train_r1mega, race)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(out / METRICS_FILE)
     steps = [r for r in rows if r["step"] >= 1]
     elapsed, curve = 0.0, []
     for r in rows:

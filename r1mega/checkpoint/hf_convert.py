@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
+from r1mega.checkpoint.hf_files import carry, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
 from r1mega.checkpoint.staging import staging_dir, unwrap
 from r1mega.platform.atomic import publish
 from r1mega.platform.distributed import barrier, rank
 from r1mega.config.schema import ModelConfig
+from r1mega.data.tokenizer import load_tokenizer
 
 
 def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
@@ -162,9 +164,11 @@ def _split_hf(full: torch.Tensor, rule: Rule, model: ModelConfig, tp_size: int) 
     return [x.reshape(-1, *tail) for x in (q, k, v)]
 
 
-def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Path,
-            max_shard_bytes: int = 2 << 30) -> None:
-    """Write the model as an HF checkpoint folder (safetensors shards + index + config.json).
+def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Path, tokenizer=None,
+            carry_from: Sequence[Optional[str | Path]] = (), max_shard_bytes: int = 2 << 30) -> None:
+    """Write the model as a complete HF folder: safetensors shards, their index, config.json, the
+    carried files of the `carry_from` folders (tokenizer, chat template, licence, ...: hf_files),
+    `tokenizer` where none of them holds one, and generation_config.json where none came along.
 
     Every rank calls this. Files go to `<out_dir>.tmp` and the folder is renamed once complete.
     """
@@ -185,5 +189,10 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
         weight_map = {k: v for m, _ in maps for k, v in m.items()}
         write_index(tmp, weight_map, sum(t for _, t in maps))
         (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model), indent=2))
+        carry(carry_from, tmp)
+        if tokenizer is not None and not has_tokenizer(tmp):
+            tokenizer.save_pretrained(str(tmp))
+        if has_tokenizer(tmp):
+            write_generation_config(tmp, load_tokenizer(tmp))
         publish(tmp, out)
     barrier()

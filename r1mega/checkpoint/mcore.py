@@ -7,13 +7,14 @@ checkpoint can be loaded or exported without knowing how it was made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
+from r1mega.checkpoint.hf_files import carry, has_tokenizer
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
 from r1mega.platform.atomic import publish
@@ -32,15 +33,20 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module], metadata: Optional[d
     return {k: unwrap(c).sharded_state_dict(metadata=metadata) for k, c in zip(model_keys(len(chunks)), chunks)}
 
 
-def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path, tokenizer=None) -> None:
-    """Every rank calls this; the folder (with the tokenizer, if given) appears only once complete."""
+def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | Path, tokenizer=None,
+               carry_from: Sequence[Optional[str | Path]] = ()) -> None:
+    """Every rank calls this; the folder appears only once complete. The carried files of the
+    `carry_from` folders (tokenizer, chat template, generation config, licence: hf_files) come
+    along unchanged; `tokenizer` is saved only where none of them holds one (the next stage, SFT,
+    RL or sampling, reads text with it)."""
     final = Path(folder)
     tmp = staging_dir(final)
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
     barrier()
     if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
-        if tokenizer is not None:  # the next stage (SFT, RL, sampling) reads text with it
+        carry(carry_from, tmp)
+        if tokenizer is not None and not has_tokenizer(tmp):
             tokenizer.save_pretrained(str(tmp))
         publish(tmp, final)
     barrier()

@@ -48,10 +48,10 @@ def convert(direction: str, cfg: ConvertConfig, model: ModelConfig) -> None:
         chunks = build_model(model, cfg.parallel)
         if direction == "hf-to-mcore":
             load_hf_weights(chunks, model, cfg.src)
-            save_model(chunks, model, cfg.dst)
+            save_model(chunks, model, cfg.dst, carry_from=[cfg.src])  # tokenizer, generation config, ...
         else:
             load_model(chunks, cfg.src)
-            save_hf(chunks, model, cfg.dst)
+            save_hf(chunks, model, cfg.dst, carry_from=[cfg.src])
 
 
 def main(argv: list[str] | None = None) -> None:

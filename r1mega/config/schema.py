@@ -241,6 +241,7 @@ class TrainerConfig:
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
     save_at_end: bool = True
+    export_hf: bool = False  # a finished run also writes <output_dir>/hf: a complete HF folder
     load: Optional[str] = None  # checkpoint dir to resume from; "auto" = latest in output_dir
     eval_every: int = 0  # evaluate on the held-out split every N steps (and before/after); 0 = ends only
     eval_at_ends: bool = True  # evaluate before the first and after the last step

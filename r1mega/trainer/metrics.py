@@ -14,6 +14,8 @@ from typing import Dict, List, Mapping, Optional
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from r1mega.platform.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,13 +32,15 @@ PANELS = (
 class MetricsLog:
     def __init__(self, folder: str | Path, total_steps: int, tensorboard: bool, progress: bool, start_step: int = 0,
                  desc: str = "rl", bar_keys: Mapping[str, str] = RL_BAR):
-        """bar_keys: progress-bar label -> metric key; a row with none of them is logged instead."""
+        """start_step: the step the run continues from (its checkpoint's; 0 for a fresh start).
+        bar_keys: progress-bar label -> metric key; a row with none of them is logged instead."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.file = self.folder / METRICS_FILE
+        keep_through(self.file, start_step)
         self.writer = None
-        if tensorboard:
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"))
+        if tensorboard:  # the purge step hides the events the run will write again
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=_first_new(start_step))
         self.bar_keys = dict(bar_keys)
         self.bar = None
         if progress:
@@ -64,6 +68,27 @@ class MetricsLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _first_new(start_step: int) -> int:
+    """The first step a run continuing from `start_step` writes: the next one, or step 0 (the
+    evaluation before training) for a fresh start."""
+    return start_step + 1 if start_step > 0 else 0
+
+
+def keep_through(file: str | Path, start_step: int) -> None:
+    """Drop the rows a run continuing from `start_step` writes again: those a killed run wrote after
+    its last checkpoint (all of them for a fresh start), so every step appears once. Rewritten
+    whole, through a temporary file and a rename: a crash leaves the old file or the new one."""
+    file = Path(file)
+    if not file.is_file():
+        return
+    text = file.read_text()
+    rows = read_rows(file)
+    kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] < _first_new(start_step)]
+    torn = bool(text) and not text.endswith("\n")  # a killed run's half-written last row
+    if len(kept) != len(rows) or torn:
+        write_text_atomic(file, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_rows(file: str | Path) -> List[dict]:

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from r1mega.checkpoint.hf_convert import save_hf
 from r1mega.checkpoint.mcore import save_model
 from r1mega.checkpoint.staging import unwrap
 from r1mega.checkpoint.state import MARKER, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -59,9 +60,19 @@ def final_model_dir(cfg: R1Config) -> Path:
     return Path(cfg.trainer.output_dir) / "model"
 
 
+def hf_model_dir(cfg: R1Config) -> Path:
+    """Where a finished run writes its model as an HF folder (trainer.export_hf)."""
+    return Path(cfg.trainer.output_dir) / "hf"
+
+
 def export_model(cfg: R1Config, chunks: Sequence[torch.nn.Module], tokenizer) -> Path:
-    folder = final_model_dir(cfg)
-    save_model([unwrap(c) for c in chunks], cfg.model, folder, tokenizer)
+    """The finished model for the next stage, with the files of the checkpoint it started from and of
+    its tokenizer's folder (hf_files); with trainer.export_hf, also as an HF folder beside it."""
+    folder, chunks = final_model_dir(cfg), [unwrap(c) for c in chunks]
+    sources = [cfg.model.mcore_path or cfg.model.hf_path, getattr(tokenizer, "name_or_path", None)]
+    save_model(chunks, cfg.model, folder, tokenizer, carry_from=sources)
+    if cfg.trainer.export_hf:
+        save_hf(chunks, cfg.model, hf_model_dir(cfg), carry_from=[folder])
     return folder
 
 

@@ -1,5 +1,8 @@
-"""`r1mega-convert` round trips Qwen3 and Qwen3-MoE through megatron checkpoints under TP=2."""
+"""`r1mega-convert` round trips Qwen3 and Qwen3-MoE through megatron checkpoints under TP=2: the same
+tensors, and every other file of the HF folder (tokenizer, chat template, generation config, licence,
+custom code) byte for byte."""
 
+import json
 import subprocess
 import sys
 
@@ -24,10 +27,17 @@ def _tensors(folder):
     return out
 
 
-def _save_tiny(kind, folder):
+# files of an HF folder besides weights and config that a round trip keeps as they are
+EXTRA = {"LICENSE": "Apache-2.0 (test)\n", "README.md": "# tiny\n", "tokenization_custom.py": "# custom code\n"}
+
+
+def _save_tiny(kind, folder, with_files=False):
+    """A random tiny HF model; with_files adds the built-in tokenizer and EXTRA."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    from r1mega.data.tokenizer import build_tiny_tokenizer
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8)
     torch.manual_seed(0)
     if kind == "qwen3":
@@ -36,12 +46,18 @@ def _save_tiny(kind, folder):
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
                                                    moe_intermediate_size=16, norm_topk_prob=True))
     model.to(torch.bfloat16).save_pretrained(folder)
+    if with_files:
+        tokenizer = build_tiny_tokenizer(folder.parent / "tokenizer", vocab_size=128)
+        for f in tokenizer.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        for name, text in EXTRA.items():
+            (folder / name).write_text(text)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
 def test_roundtrip_under_tp2(tmp_path, kind):
     hf, mcore, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
-    _save_tiny(kind, hf)
+    _save_tiny(kind, hf, with_files=True)
     extra = ["parallel.sequence_parallel=true"] if kind == "qwen3_moe" else []
     code, errors, log = _convert("hf-to-mcore", f"src={hf}", f"dst={mcore}", "parallel.tp=2", "parallel.nproc=2",
                                  *extra)
@@ -52,6 +68,18 @@ def test_roundtrip_under_tp2(tmp_path, kind):
     assert original.keys() == exported.keys()
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    # every file comes back; all but the weights, their index and config.json byte for byte
+    regenerated = {"config.json", "model.safetensors", "model.safetensors.index.json"}
+    files = {f.name for f in hf.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", *EXTRA} <= files
+    assert files - {"model.safetensors"} <= {f.name for f in back.iterdir()}
+    for name in files - regenerated:
+        assert (back / name).read_bytes() == (hf / name).read_bytes(), name
+    config, source = (json.loads((d / "config.json").read_text()) for d in (back, hf))
+    for key in ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings"):
+        assert config[key] == source[key], key
+    assert config["torch_dtype"] == "bfloat16"
 
 
 def test_bad_inputs_get_one_line(tmp_path):

@@ -15,7 +15,7 @@ from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.evaluate import evaluate
 from r1mega.trainer.rl.setup import setup
 from r1mega.trainer.rl.step import rl_step
-from r1mega.trainer.run import Job, export_model, final_model_dir, run
+from r1mega.trainer.run import Job, export_model, final_model_dir, hf_model_dir, run
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def summary(cfg: R1Config, rows: List[dict], seconds: float) -> str:
         lines.append(f"curves: {out / PLOT_FILE}")
     if final_model_dir(cfg).is_dir():
         lines.append(f"model:  {final_model_dir(cfg)}")
+    if hf_model_dir(cfg).is_dir():
+        lines.append(f"hf:     {hf_model_dir(cfg)}")
     return "\n".join(lines)
 
 
