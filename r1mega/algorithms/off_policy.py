@@ -16,9 +16,11 @@ each token's term is then weighted by a function of rho = pi_prox / mu (AReaL's 
 - veto: a response holding a token with rho_t < veto is rejected whole (a token the engine found
   far likelier than the trainer does: a numerical failure rather than a policy difference).
 
-Rejected tokens keep their place in the loss's denominators, so each aggregation mode keeps its
-definition whatever is masked (as AReaL and slime do). Everything here is detached: the weights
-multiply the per-token policy-gradient term and carry no gradient.
+Rejected tokens keep their place in the loss's denominators, as in AReaL: each aggregation mode
+keeps its definition whatever is masked, and the step shrinks with the rejected share (verl and
+slime instead take rejected tokens out of the denominators). Everything here is detached: the
+weights multiply the per-token policy-gradient term and carry no gradient. A non-finite ratio on
+the mask (a NaN log-prob) counts as the largest there is, so a rejection band drops it.
 """
 
 from __future__ import annotations
@@ -32,16 +34,18 @@ from r1mega.algorithms.policy_loss import LOG_RATIO_BOUND, _zeros_off
 from r1mega.config.choices import CorrectionLevel
 
 # Histogram of log rho for the ratio quantiles: bins of 0.002 in log space over [-2, 2] (0.2% in
-# the ratio near 1, where a healthy run's ratios lie), and one bin each for everything beyond.
+# the ratio near 1, where a healthy run's ratios lie), one centred on rho = 1 exactly, and one bin
+# each for everything beyond.
 HIST_BOUND = 2.0
-HIST_BINS = 2000
+HIST_BINS = 2001
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 
 def log_rho(prox_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log pi_prox / mu per token [B, T] (detached, bounded), 0 off the mask."""
     m = mask.bool()
-    return _zeros_off(m, (prox_logp - behav_logp).detach()).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+    diff = torch.nan_to_num((prox_logp - behav_logp).detach(), nan=LOG_RATIO_BOUND)
+    return _zeros_off(m, diff).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
 
 def at_level(log_ratio: torch.Tensor, mask: torch.Tensor, level: CorrectionLevel) -> torch.Tensor:

@@ -81,14 +81,18 @@ def _check_correction(a) -> None:
     c, key = a.correction, "algorithm.correction"
     require(c.weight_cap is None or c.weight is not None, f"{key}.weight_cap is set but {key}.weight is not")
     require(c.weight_cap is None or c.weight_cap >= 1.0, f"{key}.weight_cap={c.weight_cap} must be >= 1")
+    require(c.weight != "sequence" or c.weight_cap is not None,
+            f"{key}.weight=sequence needs a weight_cap: a product of ratios over a long response reaches any size")
     bounds = (c.reject_low, c.reject_high)
     require(c.reject is None or bounds != (None, None),
             f"{key}.reject={c.reject} needs reject_low, reject_high or both")
     require(c.reject is not None or bounds == (None, None), f"{key}.reject_low/high are set but {key}.reject is not")
-    require(c.reject_low is None or c.reject_low > 0, f"{key}.reject_low={c.reject_low} must be > 0")
+    for name in ("reject_low", "reject_high"):  # ratios are bounded by e^+-20 (LOG_RATIO_BOUND)
+        value = getattr(c, name)
+        require(value is None or 3e-9 < value < 4e8, f"{key}.{name}={value} must be in (3e-9, 4e8)")
     require(c.reject_low is None or c.reject_high is None or c.reject_low < c.reject_high,
             f"{key}.reject_low={c.reject_low} must be below reject_high={c.reject_high}")
-    require(c.veto is None or 0 < c.veto < 1, f"{key}.veto={c.veto} must be in (0, 1)")
+    require(c.veto is None or 3e-9 < c.veto < 1, f"{key}.veto={c.veto} must be in (3e-9, 1)")
 
 
 def _check_rollout(cfg: R1Config, dp: Optional[int]) -> None:

@@ -168,7 +168,7 @@ def _step_on_balanced_rows(root: str, loss_agg: str, reference: bool):
         settings = LossSettings(algo, 16, 1.0, tokens, seqs)
         out, grad_norm, _ = train_step(ddp, optimizer, scheduler, micro,
                                        partial(policy_loss, s=settings, scale=float(len(micro) * dp)))
-        metrics = {**reduce_stats(out), "grad_norm": grad_norm}
+        metrics = {**reduce_stats(out)[0], "grad_norm": grad_norm}
         return metrics, full_params(ddp, f"{root}/{loss_agg}_{dp}_after"), (before, after)
     finally:
         destroy()

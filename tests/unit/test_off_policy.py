@@ -98,6 +98,21 @@ def test_off_mask_values_never_leak():
     assert all(math.isfinite(float(v)) for v in counts.values())
 
 
+def test_a_nan_on_the_mask_counts_as_the_largest_ratio():
+    prox, behav, mask = _batch()
+    prox[0, 0] = float("nan")  # a trainer log-prob gone NaN
+    weights, counts = correction_weights(prox, behav, mask, weight="token", reject="token", reject_high=5.0)
+    assert weights[0, 0] == 0 and float(counts["rejected"]) == 2  # it and rho = 6
+    hist = ratio_histogram(log_rho(prox, behav, mask), mask)
+    assert float(hist[-1]) == 1 and float(hist.sum()) == 5  # the top bin, not a crash
+
+
+def test_an_on_policy_batch_reports_a_ratio_of_exactly_1():
+    lr = torch.zeros(2, 3, dtype=torch.float64)
+    got = histogram_quantiles(ratio_histogram(lr, torch.ones(2, 3, dtype=torch.bool)))
+    assert all(v == 1.0 for v in got.values())
+
+
 def test_ratio_quantiles_from_the_histogram():
     g = torch.Generator().manual_seed(0)
     lr = torch.randn(4, 500, generator=g, dtype=torch.float64) * 0.3

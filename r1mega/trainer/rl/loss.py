@@ -11,7 +11,7 @@ elsewhere; either way the ratio comes out once and the clip statistics are read 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -156,9 +156,9 @@ def _kernel_trusted(s: Surrogate, mode: str, device: torch.device) -> bool:
     return kernel.trusted(f"grpo_token_loss[{s}, {mode}]", device, run(_fused_terms), run(pytorch_terms))
 
 
-def reduce_stats(outputs: List[dict]) -> Dict[str, float]:
+def reduce_stats(outputs: List[dict]) -> Tuple[Dict[str, float], torch.Tensor]:
     """The minibatch's statistics from the last stage's reports, the same on every rank: means over
-    its response tokens, and maxima."""
+    its response tokens, and maxima; and its histogram of rho (ratio_quantiles reads it)."""
     sums = torch.zeros(len(STAT_SUMS), dtype=torch.float64)
     maxes = torch.zeros(len(STAT_MAXES), dtype=torch.float64)
     rows, hist = torch.zeros(2, dtype=torch.float64), 0.0
@@ -177,7 +177,9 @@ def reduce_stats(outputs: List[dict]) -> Dict[str, float]:
     stats.update(loss=float(sums[0]), pg_loss=float(sums[1]))
     stats.update({name: float(v) for name, v in zip(STAT_MAXES, maxes)})
     stats["off_policy/rejected_row_share"] = float(rows[0]) / max(float(rows[1]), 1.0)
-    # quantiles of rho = pi_prox / pi_rollout over the minibatch's response tokens
-    quantiles = histogram_quantiles(hist, QUANTILES)
-    stats.update({f"off_policy/ratio_p{round(100 * q):02d}": v for q, v in quantiles.items()})
-    return stats
+    return stats, hist
+
+
+def ratio_quantiles(hist: torch.Tensor) -> Dict[str, float]:
+    """Quantiles of rho = pi_prox / pi_rollout over the tokens of a summed ratio_histogram."""
+    return {f"off_policy/ratio_p{round(100 * q):02d}": v for q, v in histogram_quantiles(hist, QUANTILES).items()}

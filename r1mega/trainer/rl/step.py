@@ -28,7 +28,7 @@ from r1mega.trainer.optimizer import current_lr
 from r1mega.trainer.rl.batch import (MicroBatch, StepBatch, balance_over_dp, layout_stats, micro_batches,
                                      row_slices)
 from r1mega.trainer.rl.context import RLContext
-from r1mega.trainer.rl.loss import LossSettings, policy_loss, reduce_stats
+from r1mega.trainer.rl.loss import LossSettings, policy_loss, ratio_quantiles, reduce_stats
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
 from r1mega.trainer.timing import PhaseTimer
 
@@ -207,7 +207,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     a, r = ctx.cfg.algorithm, ctx.cfg.rollout
     stats: Dict[str, float] = {}
     layout = {"positions": 0.0, "real": 0.0, "min": float("inf"), "max": 0.0}
-    updates = 0
+    updates, hist = 0, 0.0
     for epoch in range(a.ppo_epochs):
         seed = ctx.cfg.trainer.seed * 7919 + step * 31 + epoch
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -216,7 +216,8 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
             tokens, seqs = dp_sum([batch.response_tokens(rows), len(rows)])
             settings = LossSettings(a, a.norm_length or r.max_new_tokens, ctx.temperature, tokens, seqs)
             micro = micro_batches(ctx.cfg, batch, rows)
-            out = train_minibatch(ctx, micro, settings)
+            out, minibatch_hist = train_minibatch(ctx, micro, settings)
+            hist = hist + minibatch_hist  # quantiles over the step's tokens, not a mean of minibatches'
             ctx.weights_version += 1
             updates += 1
             for k, v in out.items():
@@ -224,7 +225,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
             mine = layout_stats(batch, micro)
             layout = {"positions": layout["positions"] + mine["positions"], "real": layout["real"] + mine["real"],
                       "min": min(layout["min"], mine["min"]), "max": max(layout["max"], mine["max"])}
-    return {**{k: v / updates for k, v in stats.items()}, **batch_metrics(layout)}
+    return {**{k: v / updates for k, v in stats.items()}, **ratio_quantiles(hist), **batch_metrics(layout)}
 
 
 def batch_metrics(layout: Dict[str, float]) -> Dict[str, float]:
@@ -249,8 +250,9 @@ def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Opt
     return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
 
 
-def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSettings) -> Dict[str, float]:
-    """Forward/backward with the policy loss over this rank's micro-batches, one optimizer step."""
+def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSettings):
+    """Forward/backward with the policy loss over this rank's micro-batches, one optimizer step: its
+    statistics, and its histogram of the off-policy ratio."""
     # megatron divides each micro-batch loss by the local micro-batch count and averages gradients
     # over data-parallel ranks; the loss carries global denominators, so `scale` undoes both. (Over
     # context-parallel ranks, which each compute the loss of whole rows from their part of the
@@ -258,7 +260,8 @@ def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSetti
     scale = float(len(micro) * ps.get_data_parallel_world_size())
     out, grad_norm, update_ok = train_step(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, micro,
                                            partial(policy_loss, s=settings, scale=scale))
-    return {**reduce_stats(out), "grad_norm": grad_norm, "update_skipped": float(not update_ok)}
+    stats, hist = reduce_stats(out)
+    return {**stats, "grad_norm": grad_norm, "update_skipped": float(not update_ok)}, hist
 
 
 # -- metrics ------------------------------------------------------------------------------------
