@@ -77,7 +77,9 @@ def _rollout_md(r: Dict) -> str:
              x.get("seconds"), _share(x.get("prefill_share")), _share(x.get("prefill_padding_share")),
              x.get("unbucketed_tokens_per_s"), _share(x.get("unbucketed_prefill_share")),
              _share(x.get("unbucketed_prefill_padding_share")), _ratio(x.get("bucketed_prefill_speedup")), _memory(x),
-             x.get("skipped") or x.get("note", "")] for x in r["rows"]]
+             x.get("skipped") or x.get("note", "") or ("" if x.get("bucketed_prefill", True) else
+                                                      "no length buckets here (one prefill both ways)")]
+            for x in r["rows"]]
     return head + _table(["engine", "prompts", "batch", "prompt tokens", "generated tokens/s", "seconds",
                           "prefill share", "prefill padding", "one prefill: tokens/s", "prefill share",
                           "prefill padding", "buckets' speed-up", "peak MB", "note"], rows)

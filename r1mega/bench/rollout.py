@@ -112,8 +112,9 @@ def _measure(cfg: R1Config, engine, batch: List[List[int]], params: SamplingPara
         if native:
             row[f"{key}prefill_share"] = median([s["prefill_s"] / s["generate_s"] for s in stats[k::every]])
             row[f"{key}prefill_padding_share"] = 1.0 - stats[k]["prefill_tokens"] / stats[k]["prefill_positions"]
-    if native:
+    if native:  # without bucketing (TE's attention, expert parallelism) both runs prefill alike
         engine.prefill_call_positions = bucketed
+        row["bucketed_prefill"] = engine.bucketed_prefill
         row["bucketed_prefill_speedup"] = row["tokens_per_s"] / row["unbucketed_tokens_per_s"]
     return row
 

@@ -8,6 +8,7 @@ per replica write it. The HF family comes from r1mega.checkpoint.hf_mapping.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,8 @@ from r1mega.platform.atomic import publish
 from r1mega.platform.distributed import barrier, rank
 from r1mega.config.schema import ModelConfig
 from r1mega.data.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
@@ -164,6 +167,18 @@ def _split_hf(full: torch.Tensor, rule: Rule, model: ModelConfig, tp_size: int) 
     return [x.reshape(-1, *tail) for x in (q, k, v)]
 
 
+def _folder_tokenizer(folder: Path):
+    """The folder's tokenizer, for its special ids; None (with a warning) where transformers cannot
+    load it here (e.g. one that needs trust_remote_code)."""
+    if not has_tokenizer(folder):
+        return None
+    try:
+        return load_tokenizer(folder)
+    except Exception as e:  # transformers raises many types for a tokenizer it cannot build
+        log.warning("%s: tokenizer not loadable here (%s); no generation_config.json written", folder, e)
+        return None
+
+
 def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Path, tokenizer=None,
             carry_from: Sequence[Optional[str | Path]] = (), max_shard_bytes: int = 2 << 30) -> None:
     """Write the model as a complete HF folder: safetensors shards, their index, config.json, the
@@ -192,7 +207,6 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
         carry(carry_from, tmp)
         if tokenizer is not None and not has_tokenizer(tmp):
             tokenizer.save_pretrained(str(tmp))
-        if has_tokenizer(tmp):
-            write_generation_config(tmp, load_tokenizer(tmp))
+        write_generation_config(tmp, tokenizer if tokenizer is not None else _folder_tokenizer(tmp))
         publish(tmp, out)
     barrier()

@@ -42,6 +42,9 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
     for i, size in enumerate(b.rollout.batch_sizes):
         _positive(size, f"bench.rollout.batch_sizes[{i}]")
     _positive(b.rollout.new_tokens, "bench.rollout.new_tokens")
+    require(b.rollout.new_tokens < cfg.model.max_position_embeddings,
+            f"bench.rollout.new_tokens={b.rollout.new_tokens} leaves no room for a prompt within "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
     require(bool(b.rollout.prompt_sets), "bench.rollout.prompt_sets is empty")
     _positive(b.rollout.prompt_median, "bench.rollout.prompt_median")
     require(b.rollout.prompt_p99 >= b.rollout.prompt_median,

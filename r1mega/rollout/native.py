@@ -72,7 +72,8 @@ class NativeEngine:
         self._dtype = config.params_dtype
         self._lockstep = config.num_moe_experts is not None and ps.get_expert_model_parallel_world_size() > 1
         attention = [m for c in self.chunks for m in c.modules() if hasattr(m, "core_attention")]
-        self._bucketed_prefill = not self._lockstep and all(isinstance(m.core_attention, SDPAttention)
+        # prefill in length buckets (see _prefill_buckets); False: one left-padded prefill
+        self.bucketed_prefill = not self._lockstep and all(isinstance(m.core_attention, SDPAttention)
                                                             for m in attention)
 
     def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
@@ -202,7 +203,7 @@ class NativeEngine:
         forwards on every rank), prefill in one bucket."""
         m = self.row_multiple  # FP8: every forward's rows x width must be a multiple of m
         whole = [(len(lengths), lengths[0] + -lengths[0] % (m // math.gcd(m, len(lengths))))]
-        if not self._bucketed_prefill:
+        if not self.bucketed_prefill:
             return whole
         widths = [w + -w % m for w in lengths]  # any number of rows may share a bucket
         starts = [i for i in range(len(widths)) if i == 0 or widths[i] != widths[i - 1]] + [len(widths)]

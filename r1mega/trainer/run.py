@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_convert import save_hf
 from r1mega.checkpoint.mcore import save_model
 from r1mega.checkpoint.staging import unwrap
@@ -97,6 +98,8 @@ def run(cfg: R1Config, runtime: Runtime, job: Job) -> List[Metrics]:
     if runtime.is_main:
         total, active = parameter_counts(cfg.model)
         log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
+    if job.export is not None and cfg.trainer.export_hf:
+        hf_config_from_model(cfg.model)  # no HF export for this architecture: say so before training
     step = _resume(cfg, runtime, job)
     out: Optional[MetricsLog] = None
     if runtime.is_main:
