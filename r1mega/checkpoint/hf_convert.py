@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_files import carry, has_tokenizer, write_generation_config
-from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, write_index
+from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
 from r1mega.checkpoint.staging import staging_dir, unwrap
 from r1mega.platform.atomic import publish
@@ -59,9 +59,12 @@ def _is_split(param: torch.Tensor) -> bool:
 # ---------------------------------------------------------------- HF -> megatron
 
 
-def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig, hf_path: str | Path) -> None:
-    """Copy this rank's shard of every parameter from the HF checkpoint at `hf_path`."""
-    with HFReader(hf_path) as reader, torch.no_grad():
+def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
+                    source: str | Path | Dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shard of every parameter from the HF checkpoint folder `source`, or from
+    HF-named tensors in memory (weights a trainer sent)."""
+    reader = TensorReader(source) if isinstance(source, dict) else HFReader(source)
+    with reader, torch.no_grad():
         for name, param, rule in _named_params(chunks, model):
             shard = _read_shard(reader, param, rule, model)
             if tuple(shard.shape) != tuple(param.shape):

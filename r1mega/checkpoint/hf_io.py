@@ -91,6 +91,38 @@ class HFReader:
         self.close()
 
 
+class TensorReader:
+    """HFReader's interface over HF-named tensors in memory (weights received from a trainer), so
+    one converter loads both."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], label: str = "received weights"):
+        self.tensors, self.path = tensors, Path(label)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def _get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        return self.tensors[name]
+
+    def shape(self, name: str) -> List[int]:
+        return list(self._get(name).shape)
+
+    def read(self, name: str, dim: int = 0, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        t = self._get(name)
+        return t if start is None else t.narrow(dim, start, stop - start)
+
+    def close(self) -> None:
+        """Nothing is open."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class ShardWriter:
     """Writes (name, tensor) pairs into safetensors files of about `max_bytes` each."""
 
