@@ -38,7 +38,9 @@ def step_batch():
     return batch
 
 
-def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
+def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str, dtype: torch.dtype = torch.float64):
+    """Logits, loss, reported sums, gradients and per-row log-probs of GROUPS' packs, on CPU in float64
+    (layouts, not rounding); tests/gpu runs it in bf16 on GPUs with Transformer Engine's attention."""
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_model_config
 
@@ -52,9 +54,10 @@ def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
 
     initialize(parallel, seed=11)
     try:
-        chunks = [c.double() for c in build_model(MODEL, parallel)]  # float64: layouts, not rounding
+        chunks = [c.to(dtype) for c in build_model(MODEL, parallel)]
+        device = next(chunks[0].parameters()).device
         get_model_config(chunks[0]).variable_seq_lengths = True
-        get_model_config(chunks[0]).pipeline_dtype = torch.float64
+        get_model_config(chunks[0]).pipeline_dtype = dtype
         batch = step_batch()
         cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         multiple = parallel.tp if parallel.sequence_parallel else 1
@@ -62,7 +65,7 @@ def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
         out = {"local_lengths": [m.tokens.size(1) for m in micro], "logits": []}
         with torch.no_grad():  # every position's logits, gathered over TP (vocab) by the test
             for m in micro:
-                logits = chunks[0](**m.model_inputs(), runtime_gather_output=True)[0]
+                logits = chunks[0](**m.to(device).model_inputs(), runtime_gather_output=True)[0].double().cpu()
                 held = local_positions(m.cu_seqlens, rank, cp) if cp > 1 else torch.arange(m.tokens.size(1))
                 bounds = m.cu_seqlens.tolist()
                 out["logits"].append({"values": logits, "held": held, "starts": bounds,
@@ -74,7 +77,9 @@ def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
                                ratio_level=ratio_level)
         settings = LossSettings(algo, 16, 0.9, float(batch.response_tokens(range(len(batch)))), float(len(batch)))
         reports = run_schedule(chunks, micro, partial(policy_loss, s=settings, scale=2.0), forward_only=False)
-        grads = {n: p.grad.clone() for n, p in chunks[0].named_parameters() if p.grad is not None}
+        # (Transformer Engine's fused weight-gradient accumulation writes main_grad where there is one)
+        grads = {n: (p.grad if p.grad is not None else p.main_grad).clone() for n, p in chunks[0].named_parameters()
+                 if p.grad is not None or getattr(p, "main_grad", None) is not None}
         for n, g in grads.items():
             if getattr(dict(chunks[0].named_parameters())[n], "sequence_parallel", False):
                 torch.distributed.all_reduce(g, group=ps.get_tensor_model_parallel_group())
@@ -82,8 +87,9 @@ def _run(parallel: ParallelConfig, loss_agg: str, ratio_level: str):
             # reduction (over DP x CP) averages: the rank sum over cp is the gradient
             torch.distributed.all_reduce(g, group=ps.get_context_parallel_group())
             g /= cp
+        grads = {n: g.double().cpu() for n, g in grads.items()}
         out["loss"] = float(sum(r["sums"][0] for r in reports))
-        out["stats"] = sum(r["sums"] for r in reports)
+        out["stats"] = sum(r["sums"] for r in reports).double()
         out["grads"] = grads
         # a log-prob pass's per-row values (what fills old_logp and ref_logp), whole on every rank
 
