@@ -97,6 +97,11 @@ def correction_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, mask: 
     return (out if applied else None), {k: v.double() for k, v in counts.items()}
 
 
+def empty_histogram() -> torch.Tensor:
+    """A ratio_histogram of no tokens."""
+    return torch.zeros(HIST_BINS + 2, dtype=torch.float64)
+
+
 def ratio_histogram(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Counts of log rho over the mask in HIST_BINS bins over [-HIST_BOUND, HIST_BOUND] plus one
     below and one above: [HIST_BINS + 2] float64, summable over micro-batches and ranks."""

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
-from r1mega.checkpoint.hf_files import carry, has_tokenizer, write_generation_config
+from r1mega.checkpoint.hf_files import carry_with_tokenizer, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
 from r1mega.checkpoint.staging import staging_dir, unwrap
@@ -207,9 +207,7 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
         weight_map = {k: v for m, _ in maps for k, v in m.items()}
         write_index(tmp, weight_map, sum(t for _, t in maps))
         (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model), indent=2))
-        carry(carry_from, tmp)
-        if tokenizer is not None and not has_tokenizer(tmp):
-            tokenizer.save_pretrained(str(tmp))
+        carry_with_tokenizer(carry_from, tmp, tokenizer)
         write_generation_config(tmp, tokenizer if tokenizer is not None else _folder_tokenizer(tmp))
         publish(tmp, out)
     barrier()

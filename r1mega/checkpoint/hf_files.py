@@ -15,6 +15,7 @@ tokens), so it comes whole from one folder: the last source that has one.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -77,12 +78,17 @@ def carry(sources: Iterable[Optional[str | Path]], dst: str | Path) -> List[str]
     return list(names)
 
 
+def carry_with_tokenizer(sources: Iterable[Optional[str | Path]], dst: str | Path, tokenizer=None) -> None:
+    """carry(), then `tokenizer` saved into dst where no source held one."""
+    carry(sources, dst)
+    if tokenizer is not None and not has_tokenizer(dst):
+        tokenizer.save_pretrained(str(dst))
+
+
 def write_generation_config(folder: str | Path, tokenizer) -> Optional[Path]:
     """generation_config.json with the tokenizer's bos, eos and pad ids, unless the folder has one
     (a carried one holds the model's own sampling defaults; a warning if its eos is not the
     tokenizer's). Pad falls back to eos, as r1mega's tokenizers do."""
-    import json
-
     from transformers import GenerationConfig
 
     out = Path(folder) / GENERATION_CONFIG

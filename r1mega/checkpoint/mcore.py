@@ -14,7 +14,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
-from r1mega.checkpoint.hf_files import carry, has_tokenizer
+from r1mega.checkpoint.hf_files import carry_with_tokenizer
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
 from r1mega.platform.atomic import publish
@@ -45,9 +45,7 @@ def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | 
     barrier()
     if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
-        carry(carry_from, tmp)
-        if tokenizer is not None and not has_tokenizer(tmp):
-            tokenizer.save_pretrained(str(tmp))
+        carry_with_tokenizer(carry_from, tmp, tokenizer)
         publish(tmp, final)
     barrier()
 

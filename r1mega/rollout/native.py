@@ -207,11 +207,16 @@ class NativeEngine:
             return whole
         widths = [w + -w % m for w in lengths]  # any number of rows may share a bucket
         starts = [i for i in range(len(widths)) if i == 0 or widths[i] != widths[i - 1]] + [len(widths)]
-        best = {len(widths): (0, [])}
+        best = {len(widths): (0, None)}  # start -> (cost of prompts from there on, next bucket's start)
         for a in reversed(starts[:-1]):
-            best[a] = min(((t - a) * widths[a] + self.prefill_call_positions + best[t][0], [(t - a, widths[a])]
-                           + best[t][1]) for t in starts if t > a)
-        return best[0][1] if len(best[0][1]) > 1 else whole
+            best[a] = min(((t - a) * widths[a] + self.prefill_call_positions + best[t][0], t)
+                          for t in starts if t > a)
+        buckets, a = [], 0
+        while a < len(widths):
+            t = best[a][1]
+            buckets.append((t - a, widths[a]))
+            a = t
+        return buckets if len(buckets) > 1 else whole
 
     def _prefill(self, prompts: List[List[int]], buckets, pad: torch.Tensor, ctx) -> Optional[torch.Tensor]:
         """Last-position logits of every prompt (last stage; None elsewhere), filling the KV cache."""

@@ -84,7 +84,7 @@ def keep_through(file: str | Path, start_step: int) -> None:
     if not file.is_file():
         return
     text = file.read_text()
-    rows = read_rows(file)
+    rows = _parse_rows(text)
     kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] < _first_new(start_step)]
     torn = bool(text) and not text.endswith("\n")  # a killed run's half-written last row
     if len(kept) != len(rows) or torn:
@@ -93,8 +93,12 @@ def keep_through(file: str | Path, start_step: int) -> None:
 
 def read_rows(file: str | Path) -> List[dict]:
     """The rows of a metrics.jsonl; a torn last line (a killed run) is skipped."""
+    return _parse_rows(Path(file).read_text())
+
+
+def _parse_rows(text: str) -> List[dict]:
     rows = []
-    for line in Path(file).read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

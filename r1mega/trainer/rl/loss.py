@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
 from r1mega.algorithms.kl import kl_penalty
-from r1mega.algorithms.off_policy import (QUANTILES, correction_weights, histogram_quantiles, log_rho,
-                                          ratio_histogram)
+from r1mega.algorithms.off_policy import (QUANTILES, correction_weights, empty_histogram, histogram_quantiles,
+                                          log_rho, ratio_histogram)
 from r1mega.algorithms.policy_loss import logprob_gap_stats, surrogate_and_ratio, surrogate_stats, token_advantages
 from r1mega.config.schema import AlgorithmConfig, CorrectionConfig
 from r1mega.ops import grpo_loss as kernel
@@ -161,13 +161,11 @@ def reduce_stats(outputs: List[dict]) -> Tuple[Dict[str, float], torch.Tensor]:
     its response tokens, and maxima; and its histogram of rho (ratio_quantiles reads it)."""
     sums = torch.zeros(len(STAT_SUMS), dtype=torch.float64)
     maxes = torch.zeros(len(STAT_MAXES), dtype=torch.float64)
-    rows, hist = torch.zeros(2, dtype=torch.float64), 0.0
+    rows, hist = torch.zeros(2, dtype=torch.float64), empty_histogram()  # zeros on other stages
     for o in outputs or []:
         sums += o["sums"]
         maxes = torch.maximum(maxes, o["maxes"])
         rows, hist = rows + o["rows"], hist + o["ratio_hist"]
-    if not isinstance(hist, torch.Tensor):  # not the last stage: zeros of the right size
-        hist = ratio_histogram(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     sums, rows, hist = (reduce_last_stage(x) for x in (sums, rows, hist))
     maxes = reduce_last_stage(maxes, op=dist.ReduceOp.MAX)
     tokens = max(float(sums[-1]), 1.0)

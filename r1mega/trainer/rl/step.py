@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 
 from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
+from r1mega.algorithms.off_policy import empty_histogram
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
@@ -207,7 +208,7 @@ def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
     a, r = ctx.cfg.algorithm, ctx.cfg.rollout
     stats: Dict[str, float] = {}
     layout = {"positions": 0.0, "real": 0.0, "min": float("inf"), "max": 0.0}
-    updates, hist = 0, 0.0
+    updates, hist = 0, empty_histogram()
     for epoch in range(a.ppo_epochs):
         seed = ctx.cfg.trainer.seed * 7919 + step * 31 + epoch
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed)).tolist()
