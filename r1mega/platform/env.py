@@ -6,6 +6,7 @@ Read from torchrun's variables first, then Slurm's; a bare `python` is rank 0 of
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from dataclasses import dataclass
@@ -64,8 +65,24 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(environ.get("MASTER_PORT") or free_port()), "none")
 
 
+# Where free_port looks: below Linux's ephemeral range (32768 and up by default) and below the Slurm
+# jobs' ports (20000 and up). A port the kernel hands out for bind(0) comes from the ephemeral range,
+# which every outgoing connection also draws from: between the check and the rendezvous, one of
+# gloo's many connections can take it (EADDRINUSE). Ports outside it are only ever taken by listeners.
+FREE_PORTS = range(10000, 20000)
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (on this host)."""
-    with socket.socket() as s:
+    """A TCP port nobody listens on right now (on this host), outside the ephemeral range."""
+    rng = random.Random()  # system-seeded: processes that seed the global generator alike differ here
+    for _ in range(200):
+        port = rng.choice(FREE_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

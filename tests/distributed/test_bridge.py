@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 
+from r1mega.platform.env import free_port
+
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ports(n: int) -> list:
+    """n distinct free ports (each free_port call checks one port alone)."""
+    ports = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _bytes(obj) -> bytes:
@@ -59,8 +64,9 @@ def _member(rank: int, size: int, port: int, own_port: int, results):
 def test_named_tensors_cross_worlds():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port, size = _free_port(), 3
-    procs = [ctx.Process(target=_member, args=(r, size, port, _free_port(), results)) for r in range(size)]
+    size = 3
+    port, *own = _ports(size + 1)
+    procs = [ctx.Process(target=_member, args=(r, size, port, own[r], results)) for r in range(size)]
     for p in procs:
         p.start()
     out = dict((rank, (world, _load(got))) for rank, world, got in (results.get(timeout=300) for _ in procs))
@@ -79,7 +85,7 @@ def test_named_tensors_cross_worlds():
 def test_the_source_must_pass_its_tensors():
     from r1mega.platform.bridge import Bridge
 
-    bridge = Bridge("127.0.0.1", _free_port(), 0, 1, timeout_s=30)
+    bridge = Bridge("127.0.0.1", free_port(), 0, 1, timeout_s=30)
     with pytest.raises(ValueError, match="must pass its tensors"):
         bridge.broadcast_named(None)
     assert bridge.broadcast_named({"x": torch.ones(2)})["x"].tolist() == [1.0, 1.0]
@@ -138,8 +144,8 @@ def test_trainer_weights_reach_a_worker_of_another_world():
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    worker = ctx.Process(target=_worker, args=(port, _free_port(), results))
+    port, own = _ports(2)
+    worker = ctx.Process(target=_worker, args=(port, own, results))
     worker.start()
     try:
         trainer = spawn(2, _trainer, port)[0]

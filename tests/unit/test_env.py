@@ -1,6 +1,8 @@
 import pytest
 
-from r1mega.platform.env import first_host, read_env
+import socket
+
+from r1mega.platform.env import FREE_PORTS, first_host, free_port, read_env
 
 
 def test_torchrun_variables_win():
@@ -27,3 +29,18 @@ def test_bare_process_is_rank_zero_of_one():
                                            ("h1,h2", "h1")])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
+
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_skip_listeners():
+    """Outgoing connections draw their local ports from the ephemeral range (32768 and up by
+    default), so a port chosen there can be taken before the rendezvous binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    assert FREE_PORTS.stop <= min(ephemeral_low, 20000)  # and below the Slurm jobs' ports
+    ports = {free_port() for _ in range(20)}
+    assert all(p in FREE_PORTS for p in ports) and len(ports) > 1
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", ports.pop()))
+        held.listen()
+        taken = held.getsockname()[1]
+        assert all(free_port() != taken for _ in range(200))
