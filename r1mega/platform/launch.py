@@ -19,6 +19,19 @@ PRELOAD = ["torch", "megatron.core.models.gpt", "megatron.core.optimizer", "mega
            "r1mega.platform.distributed"]
 
 
+def preload_modules() -> List[str]:
+    """What the forkserver imports before it forks ranks.
+
+    On a CUDA host only torch. torch counts devices through the CUDA driver, and once it has
+    (`torch.cuda.is_available()` does, and the preloaded modules ask it at import) it marks
+    the process so that a fork of it refuses CUDA: every rank forked from such a server
+    failed its first `torch.cuda.set_device` with "Cannot re-initialize CUDA in forked
+    subprocess" on an H200 host. GPU ranks import the rest themselves; seconds are nothing
+    beside a GPU run.
+    """
+    return PRELOAD if not torch.cuda.is_available() else ["torch"]
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -42,7 +55,7 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, timeout: float = 900.0
     pool can deadlock in the child's first parallel matmul. fn must be picklable.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload(preload_modules())
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, nproc, port, fn, args, queue)) for r in range(nproc)]
