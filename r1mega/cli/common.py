@@ -24,6 +24,7 @@ from r1mega.platform.launch import spawn
 from r1mega.platform.logs import backends_line, setup_logging
 from r1mega.platform.signals import STOP, Stopped
 from r1mega.slurm.requeue import leave_requeue_file, requeue_if_warned
+from r1mega.trainer.run import AbortRun
 
 log = logging.getLogger("r1mega")
 
@@ -67,6 +68,9 @@ def start(cfg: R1Config, rank_main: Callable[[R1Config], None],
         rank_main(cfg)
     except (CheckpointError, DataError) as e:  # bad input files: one line, not a traceback
         fail(str(e), code=1)
+    except AbortRun as e:  # the run could not go on; it saved what it had
+        saved = f"\ncheckpoint of the last finished step: {e.checkpoint}" if e.checkpoint else ""
+        fail(f"{e}{saved}", code=1)
 
 
 def run_job(cfg: R1Config, job: Callable[[R1Config, object], object], stoppable: bool = False) -> None:

@@ -49,6 +49,8 @@ AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 # rollout, reward
 Engine = Literal["native", "sglang"]
 SGLangMode = Literal["colocated", "disaggregated"]
+RolloutMode = Literal["sync", "async"]  # async: rollout workers generate while the trainer trains
+StaleSamples = Literal["drop", "regenerate"]  # a group over algorithm.max_staleness: discarded, or its prompt again
 RewardName = Literal["accuracy", "format", "language", "overlong"]  # the built-in reward components
 # pipeline, cluster, bench
 StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]

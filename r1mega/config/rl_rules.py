@@ -108,6 +108,29 @@ def _check_rollout(cfg: R1Config, dp: Optional[int]) -> None:
             "rollout.eval_temperature and rollout.eval_samples must be >= 0")
     if r.engine == "sglang":
         _check_sglang(cfg, dp)
+    _check_async(cfg)
+
+
+def _check_async(cfg: R1Config) -> None:
+    r, a, w = cfg.rollout, cfg.algorithm, cfg.rollout.asynchronous
+    if r.mode == "sync":
+        require(a.max_staleness == 0, f"algorithm.max_staleness={a.max_staleness} bounds rollout.mode=async; "
+                                      "synchronous rollouts are on-policy (set rollout.mode=async)")
+        return
+    require(r.engine == "native", "rollout.mode=async runs native-engine rollout workers; with rollout.engine=sglang "
+                                  "use rollout.mode=sync")
+    require(a.max_staleness >= 0, f"algorithm.max_staleness={a.max_staleness} must be >= 0")
+    require(w.workers >= 1, f"rollout.asynchronous.workers={w.workers} must be >= 1")
+    require(w.worker_timeout_s > 0, f"rollout.asynchronous.worker_timeout_s={w.worker_timeout_s} must be > 0")
+    per_request = w.prompts_per_request or cfg.data.prompts_per_step
+    require(per_request >= 1 and cfg.data.prompts_per_step % per_request == 0,
+            f"rollout.asynchronous.prompts_per_request={w.prompts_per_request} must divide data.prompts_per_step="
+            f"{cfg.data.prompts_per_step} (0: a step's prompts in one request)")
+    require(1 <= w.weight_sync_every <= a.max_staleness + 1,
+            f"rollout.asynchronous.weight_sync_every={w.weight_sync_every} must be in [1, algorithm.max_staleness "
+            f"+ 1 = {a.max_staleness + 1}]: between two syncs the workers' weights lag by up to k - 1 steps")
+    require(not a.dynamic_sampling, "algorithm.dynamic_sampling with rollout.mode=async is not supported: the "
+                                    "rollout workers generate a step's prompts ahead of time; use rollout.mode=sync")
 
 
 def _check_sglang(cfg: R1Config, dp: Optional[int]) -> None:

@@ -20,8 +20,8 @@ from r1mega.config.bench_schema import BenchConfig
 from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
                                    CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
                                    KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel,
-                                   ScoreFunction, SFTTemplate, StageKind, StdConvention, TokenDispatcher,
-                                   WarningSignal)
+                                   RolloutMode, ScoreFunction, SFTTemplate, StageKind, StaleSamples,
+                                   StdConvention, TokenDispatcher, WarningSignal)
 from r1mega.config.sglang_schema import SGLangConfig
 
 
@@ -205,12 +205,30 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, generate more
     max_extra_rounds: int = 3  # cap on dynamic-sampling generation rounds per step
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # off by default
+    # rollout.mode=async: policy versions (RL steps) a sample may lag the policy it trains; 0 = on-policy
+    max_staleness: int = 0
+    stale_samples: Annotated[str, StaleSamples] = "drop"  # drop | regenerate (its prompts go out again)
     use_rollout_logprobs: bool = False  # take the engine's log-probs as the old policy (no recompute)
+
+
+@dataclass
+class AsyncRolloutConfig:
+    """rollout.mode=async: native-engine rollout workers, each a process with a world of its own, generate
+    and score groups into a queue while the trainer trains; weights reach them over a bridge group
+    (r1mega/rollout/worker.py, r1mega/trainer/rl/async_rollout.py)."""
+
+    workers: int = 1  # rollout worker processes beside the trainer's ranks (on the trainer's first host)
+    prompts_per_request: int = 0  # prompts one worker generates in one call; 0 = a step's (data.prompts_per_step)
+    weight_sync_every: int = 1  # weights go to the workers every k steps; k <= algorithm.max_staleness + 1
+    partial: bool = False  # weights land between decode steps: unfinished samples go on under the new ones
+    # a worker that shows no sign of life this long counts as hung: the run saves a checkpoint and stops
+    worker_timeout_s: float = 600.0
 
 
 @dataclass
 class RolloutConfig:
     engine: Annotated[str, Engine] = "native"  # native (the trainer's megatron model) | sglang
+    mode: Annotated[str, RolloutMode] = "sync"  # sync (generate, then train) | async (rollout.asynchronous)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -220,6 +238,7 @@ class RolloutConfig:
     eval_temperature: float = 0.0  # 0: greedy pass@1
     eval_samples: int = 4  # k of sampled pass@k at `temperature`; 0 = off
     sglang: SGLangConfig = field(default_factory=SGLangConfig)  # used when engine=sglang
+    asynchronous: AsyncRolloutConfig = field(default_factory=AsyncRolloutConfig)  # used when mode=async
 
 
 @dataclass

@@ -61,6 +61,11 @@ class PromptSampler:
             raise ValueError(f"more(k) needs k >= 0, got {k}")
         return self._mine(self._take(k * self.dp_size))
 
+    def take(self, k: int) -> List[int]:
+        """The next k indices into `records` of the global stream (all ranks' shares; asynchronous
+        rollouts hand them out from one rank)."""
+        return self._take(k)
+
     def state_dict(self) -> Dict[str, int]:
         """Where the stream stands; seed and size let a resume check it is the same stream."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": len(self.records)}

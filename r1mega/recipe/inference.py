@@ -11,10 +11,11 @@ from typing import Dict, List, Optional, Tuple
 from r1mega.config.schema import R1Config
 from r1mega.models.builder import build_model
 from r1mega.platform.distributed import Runtime
+from r1mega.rollout.setup import sampling_params
 from r1mega.trainer.model_setup import initial_weights, load_weights, run_tokenizer
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.offload import rollout_turn
-from r1mega.trainer.rl.setup import build_engine, build_rewards, prompts, sampling_params
+from r1mega.trainer.rl.setup import build_engine, build_rewards, prompts
 
 
 def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict[str, float]] = None
@@ -37,7 +38,7 @@ def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict
     ctx = RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=chunks, optimizer=None, scheduler=None,
                     ref_chunks=None, engine=build_engine(cfg, chunks, tokenizer),
                     engine_shares_weights=cfg.rollout.engine == "native", rewards=rewards, reward_names=names,
-                    sampler=None, test_records=test, sampling=sampling_params(cfg, tokenizer))
+                    sampler=None, test_records=test, sampling=sampling_params(cfg))
     rollout_turn(ctx)  # an engine with its own copy of the weights gets them once
     return ctx, train
 

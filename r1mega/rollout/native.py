@@ -67,6 +67,11 @@ class NativeEngine:
         # overheads against the arithmetic of a position): a bucket of shorter prompts is split off
         # when it saves more padding than this
         self.prefill_call_positions = 256
+        # the policy version of the weights the chunks hold (asynchronous rollout workers set it), recorded
+        # with every sampled token; `between_tokens`, when set, runs between decode steps and may load new
+        # weights and raise the version (partial rollouts): the KV cache of the tokens so far is kept
+        self.version = 0
+        self.between_tokens: Optional[Callable[[], None]] = None
         config = self.chunks[0].config
         self._hidden = config.hidden_size
         self._dtype = config.params_dtype
@@ -84,10 +89,10 @@ class NativeEngine:
         group_index = [i for i in range(len(prompts)) for _ in range(n)]
         # unseeded calls advance the engine's own stream (saved in checkpoints); seeded calls
         # (evaluation) leave it alone, so evaluating never changes the training rollouts
-        seed = params.seed if params.seed is not None else self.seed * 1_000_003 + self._calls
+        seed = params.seed if params.seed is not None else self.stream_seed(self.seed, self._calls)
         self._calls += params.seed is None
         generator = torch.Generator(device=self._device()).manual_seed(seed)
-        responses, logprobs, reasons = [], [], []
+        responses, logprobs, reasons, versions = [], [], [], []
         self.last_stats = {"prefill_positions": 0, "prefill_tokens": 0, "prefill_s": 0.0}
         start_time = self._clock()
         per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
@@ -96,12 +101,18 @@ class NativeEngine:
             per_call -= per_call % multiple
         with self._inference_mode():
             for start in self._batch_starts(len(prompts), per_call):
-                r, lp, fr = self._generate_batch(prompts[start:start + per_call], n, params, generator)
+                r, lp, fr, v = self._generate_batch(prompts[start:start + per_call], n, params, generator)
                 responses += r
                 logprobs += lp
                 reasons += fr
+                versions += v
         self.last_stats["generate_s"] = self._clock() - start_time
-        return Rollouts(rows, responses, logprobs, reasons, group_index)
+        return Rollouts(rows, responses, logprobs, reasons, group_index, versions)
+
+    @staticmethod
+    def stream_seed(engine_seed: int, call: int) -> int:
+        """The sampling seed of an engine's `call`-th unseeded generate call."""
+        return engine_seed * 1_000_003 + call
 
     def state_dict(self) -> dict:
         """Position in the engine's own sampling stream (unseeded calls), for exact resumes."""
@@ -155,6 +166,7 @@ class NativeEngine:
         alive = torch.arange(b, device=device)  # original row of each cache row
         out_ids = [[] for _ in range(b)]
         out_lp = [[] for _ in range(b)]
+        out_version = [[] for _ in range(b)]
         reasons = ["length"] * b
         done = [order[row // n] >= real for row in range(b)]
         if n > 1:
@@ -170,11 +182,14 @@ class NativeEngine:
                     continue
                 out_ids[row].append(token)
                 out_lp[row].append(lp)
+                out_version[row].append(self.version)
                 if self._stops(out_ids[row], params):
                     done[row] = True
                     reasons[row] = "stop"
             if step == params.max_new_tokens - 1 or not self._any_active(done):
                 break
+            if self.between_tokens is not None:
+                self.between_tokens()
             keep = _keep_multiple([not done[row] for row in rows], self.row_multiple)
             if keep.sum() < _COMPACT_BELOW * len(rows):
                 keep = keep.to(device)
@@ -188,7 +203,8 @@ class NativeEngine:
         # back to the caller's prompt order
         rank = {i: k for k, i in enumerate(order)}
         rows = [rank[i] * n + j for i in range(real) for j in range(n)]
-        return [out_ids[r] for r in rows], [out_lp[r] for r in rows], [reasons[r] for r in rows]
+        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+        return pick(out_ids), pick(out_lp), pick(reasons), pick(out_version)
 
     def _prefill_buckets(self, lengths: List[int]) -> List[Tuple[int, int]]:
         """(rows, width) of each prefill forward over prompts sorted longest first, right-aligned in

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -49,6 +49,9 @@ class Rollouts:
     logprobs: List[List[float]]  # of each response token, at params.logprob_temperature
     finish_reasons: List[str]  # "stop" (EOS or a stop string/token) | "length"
     group_index: List[int]  # prompt of each row
+    # policy version (trainer steps) each token was sampled under; empty: the engine's current weights
+    # (asynchronous rollouts fill it; with partial rollouts a row's tokens can span versions)
+    versions: List[List[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -61,11 +64,12 @@ class Rollouts:
         """The given rows, in order."""
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return Rollouts(pick(self.prompt_ids), pick(self.response_ids), pick(self.logprobs),
-                        pick(self.finish_reasons), pick(self.group_index))
+                        pick(self.finish_reasons), pick(self.group_index), pick(self.versions) if self.versions else [])
 
     @staticmethod
     def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
-        """Rows of all parts; group indices are renumbered so groups stay distinct."""
+        """Rows of all parts; group indices are renumbered so groups stay distinct. Versions are kept
+        when every part has them."""
         out = Rollouts([], [], [], [], [])
         offset = 0
         for part in parts:
@@ -74,7 +78,10 @@ class Rollouts:
             out.logprobs += part.logprobs
             out.finish_reasons += part.finish_reasons
             out.group_index += [g + offset for g in part.group_index]
+            out.versions += part.versions
             offset += max(part.group_index, default=-1) + 1
+        if any(len(p.versions) != len(p) for p in parts):
+            out.versions = []
         return out
 
 

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 Metrics = Dict[str, float]
 
 
+class AbortRun(RuntimeError):
+    """Raised on every rank by a step that cannot go on (a rollout worker died): the run saves a
+    checkpoint of its last finished step, then raises it on. `checkpoint` names that checkpoint."""
+
+    checkpoint: Optional[Path] = None
+
+
 @dataclass
 class Job:
     """What differs between the RL, SFT and pre-training runs."""
@@ -113,7 +120,13 @@ def run(cfg: R1Config, runtime: Runtime, job: Job) -> List[Metrics]:
                 if out is not None and metrics:
                     out.write(0, metrics)
             while step < job.steps:
-                metrics = job.step(step + 1)
+                try:
+                    metrics = job.step(step + 1)
+                except AbortRun as e:
+                    if job.save_on_stop and step > 0:
+                        e.checkpoint = save_checkpoint(checkpoint_dir(cfg), step, job.ddp_chunks, job.optimizer,
+                                                       job.scheduler, job.data_state(), reference=job.reference)
+                    raise
                 step += 1
                 if job.evaluate is not None:
                     metrics.update(job.evaluate(step))

@@ -31,6 +31,7 @@ class RLContext:
     hf_plan: Any = None  # who sends which HF tensor in a weight sync (made at the first sync)
     weights_version: int = 0  # optimizer steps taken; the engine holds weights_version == synced_version
     synced_version: int = -1
+    async_rollout: Any = None  # AsyncRollout under rollout.mode=async: workers generate, the engine only evaluates
 
     @property
     def temperature(self) -> float:
@@ -38,7 +39,9 @@ class RLContext:
         return self.sampling.logprob_temperature
 
     def close(self) -> None:
-        """Stop the engine (its servers, for SGLang) and the reward workers."""
+        """Stop the engine (its servers, for SGLang), the rollout workers and the reward workers."""
+        if self.async_rollout is not None:
+            self.async_rollout.close()
         self.engine.shutdown()
         if self.rewards is not None:
             self.rewards.close()

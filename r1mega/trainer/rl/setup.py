@@ -17,12 +17,12 @@ from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
 from r1mega.platform.distributed import Runtime, rank, replica_group
 from r1mega.models.specs import resolve_backend
-from r1mega.platform.fp8 import token_multiple
 from r1mega.rewards.stack import RewardStack
-from r1mega.rollout.native import NativeEngine
+from r1mega.rollout.setup import make_reward_stack, native_engine, reward_names, sampling_params
 from r1mega.rollout.sglang.launch import build_sglang_engine, memory_saver
-from r1mega.rollout.types import SamplingParams
-from r1mega.trainer.model_setup import build_kl_reference, build_policy, initial_weights, run_tokenizer
+from r1mega.trainer.model_setup import (build_kl_reference, build_policy, initial_weights, run_tokenizer,
+                                        tokenizer_path)
+from r1mega.trainer.rl.async_rollout import AsyncRollout
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.offload import TrainState
 
@@ -63,37 +63,16 @@ def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> lis
 
 def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
     """The reward stack on the first rank of each replica group (the ranks holding one data-parallel
-    rank's rows); component names everywhere.
-
-    'accuracy' is always scored (weight 0 if not configured) so evaluation can report it.
-    """
-    r = cfg.reward
-    components = dict(r.components)
-    components.setdefault("accuracy", 0.0)
-    names = list(components) + list(r.custom)
-    stack = None
+    rank's rows); component names everywhere."""
     if dist.get_rank() == dist.get_global_rank(replica_group(), 0):
-        stack = RewardStack(components=components, custom=dict(r.custom), timeout_s=r.timeout_s,
-                            num_workers=r.num_workers, language=r.language,
-                            overlong_max_tokens=r.overlong_max_tokens or cfg.rollout.max_new_tokens,
-                            overlong_cache_tokens=r.overlong_cache_tokens)
-    return stack, names
-
-
-def sampling_params(cfg: R1Config, tokenizer) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop=tuple(r.stop))
+        return make_reward_stack(cfg)
+    return None, reward_names(cfg)
 
 
 def build_engine(cfg: R1Config, chunks, tokenizer):
     if cfg.rollout.engine == "sglang":
         return build_sglang_engine(cfg, tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    return NativeEngine(chunks, eos, pad, detokenize=tokenizer.decode, max_batch_size=cfg.rollout.max_batch_size,
-                        seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank(),
-                        row_multiple=token_multiple(cfg.model.fp8))
+    return native_engine(cfg, chunks, tokenizer, seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank())
 
 
 def check_whole_sequences(cfg: R1Config) -> None:
@@ -119,11 +98,12 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())
+    workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg)) if cfg.rollout.mode == "async" else None
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
                      scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
                      engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
-                     test_records=test, sampling=sampling_params(cfg, tokenizer),
-                     train_state=train_state(cfg, ddp, optimizer))
+                     test_records=test, sampling=sampling_params(cfg),
+                     train_state=train_state(cfg, ddp, optimizer), async_rollout=workers)
 
 
 def train_state(cfg: R1Config, ddp, optimizer) -> Optional[TrainState]:

@@ -21,7 +21,7 @@ from r1mega.algorithms.off_policy import empty_histogram
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
-from r1mega.rewards.stack import RewardInput
+from r1mega.rollout.setup import reward_inputs
 from r1mega.rollout.types import Rollouts
 from r1mega.trainer.forward_backward import run_schedule, train_step
 from r1mega.trainer.model_setup import copy_weights
@@ -58,12 +58,16 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     after scoring gives them back to training."""
     timer, start = PhaseTimer(), time.perf_counter()
     lr = current_lr(ctx.optimizer)
-    with timer("sync"):
-        sync = rollout_turn(ctx)
-    prompts = ctx.sampler.next_batch()
-    gen = generate_and_score(ctx, prompts, timer)
-    with timer("release"):
-        training_turn(ctx)
+    if ctx.async_rollout is not None:  # workers generated and scored this step's groups already (or still do)
+        with timer("wait"):
+            gen, sync = from_workers(ctx, step)
+    else:
+        with timer("sync"):
+            sync = rollout_turn(ctx)
+        prompts = ctx.sampler.next_batch()
+        gen = generate_and_score(ctx, prompts, timer)
+        with timer("release"):
+            training_turn(ctx)
     with timer("advantages"):
         adv = advantages(ctx, gen)
         batch = StepBatch.from_rollouts(gen.rollouts, adv)
@@ -76,6 +80,9 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     every = ctx.cfg.algorithm.ref_reset_every
     if ctx.ref_chunks is not None and every and step % every == 0:
         copy_weights(ctx.chunks, ctx.ref_chunks)
+    if ctx.async_rollout is not None:
+        with timer("sync"):
+            ctx.async_rollout.after_update(step)
     return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
@@ -87,11 +94,7 @@ def score(ctx: RLContext, records: list, rollouts: Rollouts) -> Scores:
     names = ctx.reward_names
     packed = torch.zeros(len(names) + 1, len(rollouts) + 1, dtype=torch.float64)
     if ctx.rewards is not None:
-        inputs = [RewardInput(response=ctx.tokenizer.decode(ids, skip_special_tokens=True), answer=rec.answer,
-                              data_source=rec.data_source, metadata=rec.metadata, response_tokens=len(ids),
-                              truncated=reason == "length")
-                  for rec, ids, reason in zip(records, rollouts.response_ids, rollouts.finish_reasons)]
-        result = ctx.rewards.score(inputs)
+        result = ctx.rewards.score(reward_inputs(records, rollouts, ctx.tokenizer.decode))
         packed[0, :-1] = torch.tensor(result.total, dtype=torch.float64)
         for i, name in enumerate(names):
             packed[i + 1, :-1] = torch.tensor(result.components[name], dtype=torch.float64)
@@ -132,6 +135,13 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
     records, rollouts, scores = _concat(groups)
     scores.failures, scores.timeouts = failures, timeouts
     return Generated(records, rollouts, scores, rounds=rounds, varied_share=varied_share)
+
+
+def from_workers(ctx: RLContext, step: int):
+    """This rank's share of the step's groups from the asynchronous rollout workers, and the staleness
+    metrics."""
+    records, rollouts, total, components, failures, timeouts, metrics = ctx.async_rollout.next_batch(step)
+    return Generated(records, rollouts, Scores(total, components, failures, timeouts)), metrics
 
 
 def _select(records, rollouts: Rollouts, scores: Scores, rows: List[int]):

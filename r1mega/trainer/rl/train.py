@@ -83,11 +83,20 @@ def job(ctx: RLContext) -> Job:
         between = t.eval_every and step % t.eval_every == 0 and 0 < step < t.steps
         return evaluate(ctx, seed=step) if at_ends or between else {}
 
+    def data_state() -> dict:
+        state = {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()}
+        if ctx.async_rollout is not None:  # the first rank's (the one a checkpoint keeps)
+            state["async"] = ctx.async_rollout.state_dict()
+        return state
+
     def load_data_state(state: dict) -> None:
         ctx.sampler.load_state_dict(state["sampler"])
         ctx.engine.load_state_dict(state["engine"])
+        if ctx.async_rollout is not None:  # from a synchronous run's checkpoint: its stream and seeds go on
+            ctx.async_rollout.load_state_dict(state.get("async") or {
+                "sampler": state["sampler"], "next_id": state["engine"].get("calls", 0), "pending": []})
 
     return Job("rl", t.steps, lambda step: rl_step(ctx, step), ctx.ddp_chunks, ctx.optimizer, ctx.scheduler,
-               data_state=lambda: {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()},
+               data_state=data_state,
                load_data_state=load_data_state, reference=ctx.ref_chunks, evaluate=evaluate_due,
                export=lambda: export_model(ctx.cfg, ctx.chunks, ctx.tokenizer), bar_keys=RL_BAR)

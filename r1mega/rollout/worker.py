@@ -1,0 +1,164 @@
+"""An asynchronous rollout worker: a process with a world of its own that generates and scores groups
+while the trainer trains.
+
+The trainer's first rank starts the workers (r1mega/trainer/rl/async_rollout.py) and hands them
+requests (prompts and a sampling seed) over a queue; each worker generates with the native engine
+on a one-rank copy of the policy, scores the rows with its own reward stack, and queues the result
+with the policy version of every token. Weights arrive over a bridge group (gloo on CPU, NCCL on
+GPU; r1mega/platform/bridge.py) whose store also announces them: the trainer numbers its pushes
+in the store, and a worker joins every announced push, in order, before it starts a request, and
+with partial rollouts also between decode steps, where the KV cache of the tokens so far is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from r1mega.checkpoint.hf_convert import load_hf_weights
+from r1mega.config.schema import ParallelConfig, R1Config
+from r1mega.data.tokenizer import load_tokenizer
+from r1mega.models.builder import build_model
+from r1mega.platform.bridge import Bridge
+from r1mega.platform.distributed import destroy, initialize
+from r1mega.platform.logs import setup_logging
+from r1mega.rollout.setup import make_reward_stack, native_engine, reward_inputs, sampling_params
+from r1mega.rollout.types import Rollouts
+
+log = logging.getLogger(__name__)
+
+PUSHES = "pushes"  # store key: how many weight pushes the trainer has announced
+
+
+def push_key(i: int) -> str:
+    """Store key of push i (from 1): the policy version it carries."""
+    return f"push-{i}"
+
+
+@dataclass
+class Request:
+    id: int  # in submission order; the sampling seed derives from it
+    records: list  # PromptRecords with token_ids
+    seed: int
+    indices: List[int] = field(default_factory=list)  # the records' places in the run's prompt list
+
+
+@dataclass
+class Result:
+    request: int
+    worker: int
+    rollouts: Rollouts  # with the policy version of every token
+    total: List[float]
+    components: Dict[str, List[float]]
+    failures: int
+    timeouts: int
+    generate_s: float
+    score_s: float
+    records: list = field(default_factory=list)  # the request's, added by the trainer (workers do not send them back)
+
+
+@dataclass
+class WorkerSpec:
+    index: int  # 0-based; its bridge rank is index + 1 (the trainer's first rank is 0)
+    cfg: R1Config
+    tokenizer_path: str
+    bridge_port: int
+    bridge_size: int
+    world_port: int  # rendezvous of its own one-rank world
+    threads: int
+    device: Optional[int]  # CUDA device index; None on CPU
+    requests: Any  # multiprocessing queues: Request (None: stop) in; Result, ("error", index, text) out
+    results: Any
+    heartbeat: Any  # multiprocessing.Value('d'): time.monotonic() of its latest sign of life
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """A worker's process: its own world, model, engine and reward stack; requests until told to stop."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(spec.world_port))
+    if spec.device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.device)
+    setup_logging()
+    try:
+        initialize(ParallelConfig(timeout_minutes=spec.cfg.parallel.timeout_minutes), spec.cfg.trainer.seed)
+        torch.set_num_threads(spec.threads)
+        Worker(spec).run()
+    except BaseException:  # the trainer reports it by the worker's name, then stops
+        spec.results.put(("error", spec.index, traceback.format_exc()))
+        raise
+    finally:
+        destroy()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec):
+        cfg = spec.cfg
+        self.spec, self.cfg = spec, cfg
+        self.beat()
+        tokenizer = load_tokenizer(spec.tokenizer_path)
+        self.decode = tokenizer.decode
+        self.chunks = build_model(cfg.model, ParallelConfig())
+        self.engine = native_engine(cfg, self.chunks, tokenizer)
+        self.params = sampling_params(cfg)
+        self.rewards, self.names = make_reward_stack(cfg)
+        backend = "nccl" if spec.device is not None else "gloo"
+        self.bridge = Bridge("127.0.0.1", spec.bridge_port, spec.index + 1, spec.bridge_size, backend=backend,
+                             timeout_s=cfg.rollout.asynchronous.worker_timeout_s)
+        self.received = 0
+        self.beat()
+
+    def beat(self) -> None:
+        self.spec.heartbeat.value = time.monotonic()
+
+    def receive_weights(self) -> None:
+        """Join every push the trainer has announced, in order; load each into the model."""
+        announced = self.bridge.store.add(PUSHES, 0)
+        while self.received < announced:
+            version = int(self.bridge.store.get(push_key(self.received + 1)))
+            tensors = self.bridge.broadcast_named(None)
+            load_hf_weights(self.chunks, self.cfg.model, tensors)
+            self.received += 1
+            self.engine.version = version
+            self.beat()
+
+    def between_tokens(self) -> None:
+        self.beat()
+        if self.cfg.rollout.asynchronous.partial:
+            self.receive_weights()
+
+    def run(self) -> None:
+        self.engine.between_tokens = self.between_tokens
+        parent = os.getppid()  # the trainer's forkserver, which ends with the trainer
+        try:
+            while os.getppid() == parent:
+                self.beat()
+                self.receive_weights()
+                try:
+                    request = self.spec.requests.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if request is None:
+                    return
+                self.receive_weights()  # every push announced before the request was queued
+                self.spec.results.put(self.serve(request))
+        finally:
+            self.rewards.close()
+            self.bridge.close()
+
+    def serve(self, request: Request) -> Result:
+        start = time.perf_counter()
+        prompts = [r.token_ids for r in request.records]
+        rollouts = self.engine.generate(prompts, replace(self.params, seed=request.seed),
+                                        n=self.cfg.algorithm.group_size)
+        generated = time.perf_counter()
+        records = [request.records[g] for g in rollouts.group_index]
+        scores = self.rewards.score(reward_inputs(records, rollouts, self.decode))
+        return Result(request.id, self.spec.index, rollouts, scores.total, scores.components, scores.failures,
+                      scores.timeouts, generated - start, time.perf_counter() - generated)

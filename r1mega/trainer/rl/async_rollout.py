@@ -1,0 +1,404 @@
+"""Asynchronous rollouts, the trainer's side: workers generate the next steps' groups while the
+trainer trains on this step's.
+
+The trainer's first rank runs the workers (r1mega/rollout/worker.py): it hands out prompts from one
+global prompt stream as requests, gathers the scored results, and deals each step's groups to the
+data-parallel ranks. A policy version is a count of finished RL steps; the groups step t trains on
+must have started under version >= t - 1 - algorithm.max_staleness. Two things keep that:
+
+- a gate: requests are queued only as far ahead as the newest announced weights allow (the
+  requests of `max_staleness + 1` steps past them), and a worker joins every announced weight
+  push before it starts a request;
+- a check as the step takes results (in the order they finish): a group whose first token is
+  older than the bound is dropped, or, with `algorithm.stale_samples=regenerate`, its prompts are
+  queued again. With one worker the gate alone keeps the bound; several workers can finish out of
+  order.
+
+With max_staleness 0 nothing overlaps and a run takes the synchronous run's steps (same prompts,
+same sampling seeds: request i samples as the synchronous engine's i-th call).
+
+Weights go out every `weight_sync_every` steps: every trainer rank takes part in gathering them
+to HF names (the converter's plan, as for SGLang); the first rank copies them and a thread of its
+own sends them over the bridge, so training goes on while workers join.
+
+A checkpoint keeps the prompt stream's position and every request queued and not yet trained on
+(its prompts and seed); a resumed run queues those again first, generated afresh under the
+restored weights, so no prompt is lost or used twice. Generated tokens are not kept.
+
+A worker that exits, raises, or shows no sign of life for `worker_timeout_s` stops the run: every
+trainer rank raises RolloutWorkerError (the run loop saves a checkpoint of the last finished step
+first), and no rank is left in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
+from r1mega.config.schema import R1Config
+from r1mega.data.sampler import PromptSampler
+from r1mega.platform.bridge import Bridge
+from r1mega.platform.env import free_port
+from r1mega.platform.launch import preload_modules
+from r1mega.rollout.native import NativeEngine
+from r1mega.rollout.types import Rollouts
+from r1mega.rollout.worker import PUSHES, Request, Result, WorkerSpec, push_key, worker_main
+from r1mega.trainer.run import AbortRun
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorkerError(AbortRun):
+    """A rollout worker died, hung or raised, or a weight push failed; raised on every trainer rank."""
+
+
+class AsyncRollout:
+    """On every trainer rank; the first one (the controller) runs the workers."""
+
+    def __init__(self, cfg: R1Config, chunks, train_records: list, tokenizer_path: str):
+        self.cfg, self.chunks = cfg, chunks
+        a = cfg.rollout.asynchronous
+        self.per_request = a.prompts_per_request or cfg.data.prompts_per_step
+        self.requests_per_step = cfg.data.prompts_per_step // self.per_request
+        self.controller = dist.get_rank() == 0
+        self.plan = None
+        self.started = False
+        self.trained = 0  # steps trained on so far
+        self.threads = _share_cores(a.workers)
+        if not self.controller:
+            return
+        self.records = train_records
+        self.sampler = PromptSampler(train_records, cfg.data.prompts_per_step, cfg.data.seed)
+        self.pending: List[Request] = []  # queued and not yet trained on, in submission order
+        self.done: Dict[int, Result] = {}  # finished, not yet taken, in the order they finished
+        self.taken: List[int] = []  # the request ids of the step in progress
+        self.next_id = 0
+        self.requeue: List[Request] = []  # a resumed run's pending requests, queued first
+        self.stale = 0  # groups over the bound this step
+        self.busy_s, self.window_start = 0.0, time.monotonic()
+        self._start_workers(tokenizer_path)
+
+    # -- the step's side ----------------------------------------------------------------------
+
+    def next_batch(self, step: int) -> Tuple[list, Rollouts, torch.Tensor, Dict[str, torch.Tensor], int, int,
+                                             Dict[str, float]]:
+        """This data-parallel rank's share of step `step`'s groups: (records, rollouts, total rewards,
+        components, failures, timeouts, metrics). Collective over the trainer's ranks."""
+        if not self.started:
+            self.trained = step - 1
+            self.push(step - 1)
+            self.started = True
+        payload = None
+        if self.controller:
+            try:
+                payload = ("ok", self._collect(step))
+            except RolloutWorkerError as e:
+                payload = ("error", str(e))
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        kind, body = box[0]
+        if kind == "error":
+            raise RolloutWorkerError(body)
+        results, metrics = body
+        return (*self._my_share(results), metrics)
+
+    def after_update(self, step: int) -> None:
+        """The step's groups are trained on; weights go out when due. Collective."""
+        self.trained = step
+        if self.controller:
+            taken = set(self.taken)
+            self.pending = [r for r in self.pending if r.id not in taken]
+            self.taken = []
+        every = self.cfg.rollout.asynchronous.weight_sync_every
+        if step % every == 0 and step < self.cfg.trainer.steps:
+            self.push(step)
+
+    def push(self, version: int) -> None:
+        """Gather the weights to HF names (every rank takes part) and hand a copy to the push thread."""
+        if self.plan is None:
+            self.plan = make_plan(self.chunks, self.cfg.model)
+        tensors = {}
+        for name, t in world_hf_tensors(self.chunks, self.cfg.model, self.plan):
+            if self.controller:  # a copy: the next optimizer step changes the parameters in place
+                tensors[name] = t.detach().to(self.bridge.device, copy=True)
+        if self.controller:
+            self.pusher.push(version, tensors)
+
+    def _my_share(self, results: List[Result]):
+        """The step's prompts split over data-parallel ranks in contiguous shares, as the synchronous
+        sampler splits them."""
+        dp, me = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        prompts = [(res, p) for res in results for p in range(len(res.records))]
+        share = len(prompts) // dp
+        parts, records, totals, comps = [], [], [], {}
+        for res, p in prompts[me * share:(me + 1) * share]:
+            rows = [i for i, g in enumerate(res.rollouts.group_index) if g == p]
+            parts.append(res.rollouts.select(rows))
+            records += [res.records[p]] * len(rows)
+            totals += [res.total[i] for i in rows]
+            for name, values in res.components.items():
+                comps.setdefault(name, []).extend(values[i] for i in rows)
+        # the step's reward failures and time-outs, counted once (the metrics sum them over ranks)
+        failures = sum(res.failures for res in results) if me == 0 else 0
+        timeouts = sum(res.timeouts for res in results) if me == 0 else 0
+        return (records, Rollouts.concat(parts), torch.tensor(totals, dtype=torch.float64),
+                {k: torch.tensor(v, dtype=torch.float64) for k, v in comps.items()}, failures, timeouts)
+
+    # -- the controller ---------------------------------------------------------------------------
+
+    def _collect(self, step: int) -> Tuple[List[Result], Dict[str, float]]:
+        """The step's results: the first to finish within the staleness bound, in request order."""
+        bound = self.cfg.algorithm.max_staleness
+        chosen: List[Result] = []
+        self.stale = 0
+        waited = time.monotonic()
+        while len(chosen) < self.requests_per_step:
+            self._submit()
+            self._drain(timeout=0.05)
+            self._check()
+            for rid in list(self.done):
+                if len(chosen) == self.requests_per_step:
+                    break
+                result = self.done.pop(rid)
+                if step - 1 - _first_version(result) > bound:
+                    self._over_bound(result)
+                else:
+                    chosen.append(result)
+        waited = time.monotonic() - waited
+        chosen.sort(key=lambda r: r.request)
+        self.taken = [r.request for r in chosen]
+        for r in chosen:  # the records travel with the result to every rank
+            r.records = next(q.records for q in self.pending if q.id == r.request)
+        return chosen, self._metrics(step, chosen, waited)
+
+    def _submit(self) -> None:
+        """Queue requests as far ahead as the announced weights allow; a resumed run's first."""
+        bound = self.cfg.algorithm.max_staleness
+        ahead = min(self.pusher.announced + 1 + bound, self.cfg.trainer.steps) - self.trained
+        while len(self.pending) < ahead * self.requests_per_step:
+            if self.requeue:
+                request = self.requeue.pop(0)
+            else:
+                indices = self.sampler.take(self.per_request)
+                request = Request(self.next_id, [self.records[i] for i in indices], self._seed(self.next_id), indices)
+                self.next_id += 1
+            self.pending.append(request)
+            self.requests.put(request)
+
+    def _over_bound(self, result: Result) -> None:
+        self.stale += 1
+        request = next(q for q in self.pending if q.id == result.request)
+        self.pending.remove(request)
+        if self.cfg.algorithm.stale_samples == "regenerate":
+            again = Request(self.next_id, request.records, self._seed(self.next_id), request.indices)
+            self.next_id += 1
+            self.pending.append(again)
+            self.requests.put(again)
+
+    def _seed(self, request_id: int) -> int:
+        # the synchronous engine of data-parallel rank 0 samples its i-th call with this seed
+        return NativeEngine.stream_seed(self.cfg.trainer.seed * 1000, request_id)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.results.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, tuple) and item[0] == "error":
+                _, index, text = item
+                raise RolloutWorkerError(f"rollout worker {index} (pid {self.procs[index].pid}) failed: "
+                                         f"{_last_line(text)}\n{text}")
+            self.done[item.request] = item
+            self.busy_s += item.generate_s + item.score_s
+            try:
+                item = self.results.get_nowait()
+            except queue.Empty:
+                return
+
+    def _check(self) -> None:
+        """Every worker alive and beating; the push thread healthy."""
+        timeout = self.cfg.rollout.asynchronous.worker_timeout_s
+        now = time.monotonic()
+        for i, (proc, beat) in enumerate(zip(self.procs, self.beats)):
+            if not proc.is_alive():
+                self._drain(timeout=0.5)  # its traceback, if it sent one
+                raise RolloutWorkerError(f"rollout worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
+            if now - beat.value > timeout:
+                proc.kill()
+                raise RolloutWorkerError(f"rollout worker {i} (pid {proc.pid}) showed no sign of life for "
+                                         f"{now - beat.value:.0f} s (rollout.asynchronous.worker_timeout_s="
+                                         f"{timeout:g}); it was killed")
+        if self.pusher.error is not None:
+            raise RolloutWorkerError(f"a weight push to the rollout workers failed: {self.pusher.error}")
+
+    def _metrics(self, step: int, chosen: List[Result], waited: float) -> Dict[str, float]:
+        """Staleness of the step's samples (by their first token) and tokens, each lag's share of
+        samples, the versions a partial rollout spans, groups over the bound, and how busy each side was."""
+        lags, token_lags, spans = [], [], []
+        for res in chosen:
+            for versions in res.rollouts.versions:
+                lags.append(step - 1 - min(versions))
+                token_lags += [step - 1 - v for v in versions]
+                spans.append(max(versions) - min(versions))
+        now = time.monotonic()
+        window, self.window_start = now - self.window_start, now
+        workers = len(self.procs)
+        out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+               "async/token_staleness_mean": sum(token_lags) / len(token_lags),
+               "async/version_span_max": float(max(spans)), "async/over_bound_groups": float(self.stale),
+               "async/trainer_wait_s": waited,
+               "async/rollout_busy_share": min(1.0, self.busy_s / max(window * workers, 1e-9))}
+        for lag in range(self.cfg.algorithm.max_staleness + 1):
+            out[f"async/staleness_{lag}_share"] = sum(x == lag for x in lags) / len(lags)
+        self.busy_s = 0.0
+        return out
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def _start_workers(self, tokenizer_path: str) -> None:
+        a = self.cfg.rollout.asynchronous
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(preload_modules())
+        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        port, size = free_port(), a.workers + 1
+        cuda = torch.cuda.is_available()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        self.beats = [ctx.Value("d", time.monotonic()) for _ in range(a.workers)]
+        specs = [WorkerSpec(index=i, cfg=self.cfg, tokenizer_path=str(tokenizer_path), bridge_port=port,
+                            bridge_size=size, world_port=free_port(), threads=self.threads,
+                            device=local + i if cuda else None, requests=self.requests, results=self.results,
+                            heartbeat=self.beats[i]) for i in range(a.workers)]
+        self.procs = [ctx.Process(target=worker_main, args=(spec,), name=f"r1mega-rollout-{spec.index}")
+                      for spec in specs]
+        for p in self.procs:
+            p.start()
+        box: dict = {}
+
+        def join_bridge():
+            try:
+                box["bridge"] = Bridge("127.0.0.1", port, 0, size, backend="nccl" if cuda else "gloo",
+                                       timeout_s=a.worker_timeout_s)
+            except BaseException as e:  # reported by the waiting thread below
+                box["error"] = e
+
+        joiner = threading.Thread(target=join_bridge, daemon=True)
+        joiner.start()
+        while joiner.is_alive():
+            joiner.join(0.2)
+            for b in self.beats:  # start-up (imports, model) is not a hang
+                b.value = time.monotonic()
+            if any(not p.is_alive() for p in self.procs):
+                self._check()
+        if "error" in box:
+            raise RolloutWorkerError(f"the rollout workers did not join the weight bridge: {box['error']}")
+        self.bridge = box["bridge"]
+        self.pusher = _Pusher(self.bridge)
+        self.pusher.start()
+        log.info("async rollout: %d worker(s) (pids %s), max_staleness %d", a.workers,
+                 ", ".join(str(p.pid) for p in self.procs), self.cfg.algorithm.max_staleness)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The controller's prompt stream and every request not yet trained on; {} on other ranks."""
+        if not self.controller:
+            return {}
+        return {"sampler": self.sampler.state_dict(), "next_id": self.next_id,
+                "pending": [(r.id, list(r.indices), r.seed) for r in self.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.controller or not state:
+            return
+        self.sampler.load_state_dict(state["sampler"])
+        self.next_id = int(state["next_id"])
+        self.requeue = []
+        for rid, indices, seed in state["pending"]:
+            self.requeue.append(Request(int(rid), [self.records[i] for i in indices], int(seed), list(indices)))
+
+    def close(self) -> None:
+        """Stop the workers: a stop request each, then a kill for any still running after a grace period."""
+        if not self.controller:
+            return
+        for _ in self.procs:
+            self.requests.put(None)
+        self.pusher.stop()
+        deadline = time.monotonic() + 30
+        for p in self.procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+class _Pusher(threading.Thread):
+    """Sends weight snapshots over the bridge, newest first: a snapshot still waiting when a newer
+    one comes is replaced. Each push is announced in the store before it is sent."""
+
+    def __init__(self, bridge: Bridge):
+        super().__init__(name="r1mega-weight-push", daemon=True)
+        self.bridge = bridge
+        self.cond = threading.Condition()
+        self.waiting: Optional[Tuple[int, dict]] = None
+        self.announced = -1  # the newest version workers were told of
+        self.sent = 0
+        self.error: Optional[BaseException] = None
+        self.stopping = False
+
+    def push(self, version: int, tensors: dict) -> None:
+        with self.cond:
+            self.waiting = (version, tensors)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while self.waiting is None and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                (version, tensors), self.waiting = self.waiting, None
+            try:
+                self.sent += 1
+                self.bridge.store.set(push_key(self.sent), str(version))
+                self.bridge.store.add(PUSHES, 1)
+                self.announced = version
+                self.bridge.broadcast_named(tensors)
+            except BaseException as e:  # the controller reports it at its next check
+                self.error = e
+                return
+
+
+def _first_version(result: Result) -> int:
+    """The oldest policy version among a result's tokens: the one its generation started under."""
+    return min(min(v) for v in result.rollouts.versions)
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else text
+
+
+def _share_cores(workers: int) -> int:
+    """Intra-op threads per process on the first host, whose cores the trainer's local ranks share with
+    the rollout workers; the workers take the same number."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    threads = max(1, (os.cpu_count() or 1) // (local + workers))
+    if dist.get_rank() < local and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return threads
