@@ -17,8 +17,8 @@ import os
 import queue
 import time
 import traceback
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 
@@ -29,8 +29,8 @@ from r1mega.models.builder import build_model
 from r1mega.platform.bridge import Bridge
 from r1mega.platform.distributed import destroy, initialize
 from r1mega.platform.logs import setup_logging
+from r1mega.rollout.ledger import Request, Result
 from r1mega.rollout.setup import make_reward_stack, native_engine, reward_inputs, sampling_params
-from r1mega.rollout.types import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +40,6 @@ PUSHES = "pushes"  # store key: how many weight pushes the trainer has announced
 def push_key(i: int) -> str:
     """Store key of push i (from 1): the policy version it carries."""
     return f"push-{i}"
-
-
-@dataclass
-class Request:
-    id: int  # in submission order; the sampling seed derives from it
-    records: list  # PromptRecords with token_ids
-    seed: int
-    indices: List[int] = field(default_factory=list)  # the records' places in the run's prompt list
-
-
-@dataclass
-class Result:
-    request: int
-    worker: int
-    rollouts: Rollouts  # with the policy version of every token
-    total: List[float]
-    components: Dict[str, List[float]]
-    failures: int
-    timeouts: int
-    generate_s: float
-    score_s: float
-    records: list = field(default_factory=list)  # the request's, added by the trainer (workers do not send them back)
 
 
 @dataclass

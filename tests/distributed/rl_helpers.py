@@ -42,3 +42,20 @@ def run(overrides: Sequence[str], output_dir: str, world_size: int) -> List[dict
         return train(cfg, runtime)
     finally:
         destroy()
+
+
+class KillAfter:
+    """A reward (weight 0) that kills the process scoring it at its `after`-th sample: a rollout worker
+    dying mid-run. It scores in that process when reward.num_workers=0."""
+
+    def __init__(self, after: int):
+        self.after, self.calls = after, 0
+
+    def __call__(self, sample) -> float:
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0.0

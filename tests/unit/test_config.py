@@ -61,6 +61,13 @@ def test_moe_preset_is_typed():
     (["+reward.components.speed=1.0"], None, "reward.components.speed is not a built-in reward"),
     (["+reward.custom.mine={weight: 1}"], None, "reward.custom.mine needs a _target_"),
     (["pretrain.optimizer.lr=0"], None, "pretrain.optimizer.lr must be positive"),
+    (["algorithm.max_staleness=1"], None, "algorithm.max_staleness=1 bounds rollout.mode=async"),
+    (["rollout.mode=async", "rollout.engine=sglang"], None, "rollout.mode=async runs native-engine"),
+    (["rollout.mode=async", "rollout.asynchronous.weight_sync_every=2"], None, "weight_sync_every=2 must be in"),
+    (["rollout.mode=async", "rollout.asynchronous.prompts_per_request=3"], None, "prompts_per_request=3 must"),
+    (["rollout.mode=async", "algorithm.dynamic_sampling=true"], None, "algorithm.dynamic_sampling with rollout"),
+    (["rollout.mode=async", "rollout.asynchronous.workers=0"], None, "rollout.asynchronous.workers=0"),
+    (["rollout.mode=asap"], None, "rollout.mode='asap' is not one of"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:

@@ -1,29 +1,14 @@
 """Asynchronous rollouts, the trainer's side: workers generate the next steps' groups while the
 trainer trains on this step's.
 
-The trainer's first rank runs the workers (r1mega/rollout/worker.py): it hands out prompts from one
-global prompt stream as requests, gathers the scored results, and deals each step's groups to the
-data-parallel ranks. A policy version is a count of finished RL steps; the groups step t trains on
-must have started under version >= t - 1 - algorithm.max_staleness. Two things keep that:
+The trainer's first rank (the controller) runs the workers (r1mega/rollout/worker.py): it sends
+them requests as the ledger allows (r1mega/rollout/ledger.py: the staleness gate and check, what a
+checkpoint keeps), gathers their scored results, and shares each step's with every trainer rank,
+which takes its data-parallel share.
 
-- a gate: requests are queued only as far ahead as the newest announced weights allow (the
-  requests of `max_staleness + 1` steps past them), and a worker joins every announced weight
-  push before it starts a request;
-- a check as the step takes results (in the order they finish): a group whose first token is
-  older than the bound is dropped, or, with `algorithm.stale_samples=regenerate`, its prompts are
-  queued again. With one worker the gate alone keeps the bound; several workers can finish out of
-  order.
-
-With max_staleness 0 nothing overlaps and a run takes the synchronous run's steps (same prompts,
-same sampling seeds: request i samples as the synchronous engine's i-th call).
-
-Weights go out every `weight_sync_every` steps: every trainer rank takes part in gathering them
-to HF names (the converter's plan, as for SGLang); the first rank copies them and a thread of its
-own sends them over the bridge, so training goes on while workers join.
-
-A checkpoint keeps the prompt stream's position and every request queued and not yet trained on
-(its prompts and seed); a resumed run queues those again first, generated afresh under the
-restored weights, so no prompt is lost or used twice. Generated tokens are not kept.
+Weights go out every `weight_sync_every` steps: every trainer rank takes part in gathering them to
+HF names (the converter's plan, as for SGLang); the controller copies them and a thread of its own
+sends them over the bridge, so training goes on while the workers join.
 
 A worker that exits, raises, or shows no sign of life for `worker_timeout_s` stops the run: every
 trainer rank raises RolloutWorkerError (the run loop saves a checkpoint of the last finished step
@@ -46,13 +31,12 @@ from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.schema import R1Config
-from r1mega.data.sampler import PromptSampler
 from r1mega.platform.bridge import Bridge
 from r1mega.platform.env import free_port
 from r1mega.platform.launch import preload_modules
-from r1mega.rollout.native import NativeEngine
+from r1mega.rollout.ledger import RequestLedger, Result
 from r1mega.rollout.types import Rollouts
-from r1mega.rollout.worker import PUSHES, Request, Result, WorkerSpec, push_key, worker_main
+from r1mega.rollout.worker import PUSHES, WorkerSpec, push_key, worker_main
 from r1mega.trainer.run import AbortRun
 
 log = logging.getLogger(__name__)
@@ -69,7 +53,6 @@ class AsyncRollout:
         self.cfg, self.chunks = cfg, chunks
         a = cfg.rollout.asynchronous
         self.per_request = a.prompts_per_request or cfg.data.prompts_per_step
-        self.requests_per_step = cfg.data.prompts_per_step // self.per_request
         self.controller = dist.get_rank() == 0
         self.plan = None
         self.started = False
@@ -77,16 +60,16 @@ class AsyncRollout:
         self.threads = _share_cores(a.workers)
         if not self.controller:
             return
-        self.records = train_records
-        self.sampler = PromptSampler(train_records, cfg.data.prompts_per_step, cfg.data.seed)
-        self.pending: List[Request] = []  # queued and not yet trained on, in submission order
-        self.done: Dict[int, Result] = {}  # finished, not yet taken, in the order they finished
-        self.taken: List[int] = []  # the request ids of the step in progress
-        self.next_id = 0
-        self.requeue: List[Request] = []  # a resumed run's pending requests, queued first
-        self.stale = 0  # groups over the bound this step
+        self.ledger = RequestLedger(train_records, cfg.data.prompts_per_step, self.per_request, cfg.data.seed,
+                                    cfg.trainer.seed * 1000, cfg.algorithm.max_staleness,
+                                    cfg.algorithm.stale_samples, cfg.trainer.steps)
         self.busy_s, self.window_start = 0.0, time.monotonic()
-        self._start_workers(tokenizer_path)
+        self.procs: list = []
+        try:
+            self._start_workers(tokenizer_path)
+        except BaseException:  # no worker outlives a failed start
+            self._kill_workers()
+            raise
 
     # -- the step's side ----------------------------------------------------------------------
 
@@ -116,9 +99,7 @@ class AsyncRollout:
         """The step's groups are trained on; weights go out when due. Collective."""
         self.trained = step
         if self.controller:
-            taken = set(self.taken)
-            self.pending = [r for r in self.pending if r.id not in taken]
-            self.taken = []
+            self.ledger.commit()
         every = self.cfg.rollout.asynchronous.weight_sync_every
         if step % every == 0 and step < self.cfg.trainer.steps:
             self.push(step)
@@ -157,57 +138,18 @@ class AsyncRollout:
     # -- the controller ---------------------------------------------------------------------------
 
     def _collect(self, step: int) -> Tuple[List[Result], Dict[str, float]]:
-        """The step's results: the first to finish within the staleness bound, in request order."""
-        bound = self.cfg.algorithm.max_staleness
-        chosen: List[Result] = []
-        self.stale = 0
+        """The step's results (the ledger's choice), waiting for workers as long as it takes."""
         waited = time.monotonic()
-        while len(chosen) < self.requests_per_step:
-            self._submit()
+        while True:
+            for request in self.ledger.to_submit(self.pusher.announced, self.trained):
+                self.requests.put(request)
+            chosen, again = self.ledger.take(step)
+            for request in again:
+                self.requests.put(request)
+            if chosen is not None:
+                return chosen, self._metrics(step, chosen, time.monotonic() - waited)
             self._drain(timeout=0.05)
             self._check()
-            for rid in list(self.done):
-                if len(chosen) == self.requests_per_step:
-                    break
-                result = self.done.pop(rid)
-                if step - 1 - _first_version(result) > bound:
-                    self._over_bound(result)
-                else:
-                    chosen.append(result)
-        waited = time.monotonic() - waited
-        chosen.sort(key=lambda r: r.request)
-        self.taken = [r.request for r in chosen]
-        for r in chosen:  # the records travel with the result to every rank
-            r.records = next(q.records for q in self.pending if q.id == r.request)
-        return chosen, self._metrics(step, chosen, waited)
-
-    def _submit(self) -> None:
-        """Queue requests as far ahead as the announced weights allow; a resumed run's first."""
-        bound = self.cfg.algorithm.max_staleness
-        ahead = min(self.pusher.announced + 1 + bound, self.cfg.trainer.steps) - self.trained
-        while len(self.pending) < ahead * self.requests_per_step:
-            if self.requeue:
-                request = self.requeue.pop(0)
-            else:
-                indices = self.sampler.take(self.per_request)
-                request = Request(self.next_id, [self.records[i] for i in indices], self._seed(self.next_id), indices)
-                self.next_id += 1
-            self.pending.append(request)
-            self.requests.put(request)
-
-    def _over_bound(self, result: Result) -> None:
-        self.stale += 1
-        request = next(q for q in self.pending if q.id == result.request)
-        self.pending.remove(request)
-        if self.cfg.algorithm.stale_samples == "regenerate":
-            again = Request(self.next_id, request.records, self._seed(self.next_id), request.indices)
-            self.next_id += 1
-            self.pending.append(again)
-            self.requests.put(again)
-
-    def _seed(self, request_id: int) -> int:
-        # the synchronous engine of data-parallel rank 0 samples its i-th call with this seed
-        return NativeEngine.stream_seed(self.cfg.trainer.seed * 1000, request_id)
 
     def _drain(self, timeout: float) -> None:
         try:
@@ -219,7 +161,7 @@ class AsyncRollout:
                 _, index, text = item
                 raise RolloutWorkerError(f"rollout worker {index} (pid {self.procs[index].pid}) failed: "
                                          f"{_last_line(text)}\n{text}")
-            self.done[item.request] = item
+            self.ledger.finished(item)
             self.busy_s += item.generate_s + item.score_s
             try:
                 item = self.results.get_nowait()
@@ -256,7 +198,8 @@ class AsyncRollout:
         workers = len(self.procs)
         out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
                "async/token_staleness_mean": sum(token_lags) / len(token_lags),
-               "async/version_span_max": float(max(spans)), "async/over_bound_groups": float(self.stale),
+               "async/version_span_max": float(max(spans)), "async/over_bound": float(self.ledger.over_bound),
+               "async/first_request": float(chosen[0].request),
                "async/trainer_wait_s": waited,
                "async/rollout_busy_share": min(1.0, self.busy_s / max(window * workers, 1e-9))}
         for lag in range(self.cfg.algorithm.max_staleness + 1):
@@ -311,20 +254,12 @@ class AsyncRollout:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The controller's prompt stream and every request not yet trained on; {} on other ranks."""
-        if not self.controller:
-            return {}
-        return {"sampler": self.sampler.state_dict(), "next_id": self.next_id,
-                "pending": [(r.id, list(r.indices), r.seed) for r in self.pending]}
+        """The controller's ledger (prompt stream, requests not yet trained on); {} on other ranks."""
+        return self.ledger.state_dict() if self.controller else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if not self.controller or not state:
-            return
-        self.sampler.load_state_dict(state["sampler"])
-        self.next_id = int(state["next_id"])
-        self.requeue = []
-        for rid, indices, seed in state["pending"]:
-            self.requeue.append(Request(int(rid), [self.records[i] for i in indices], int(seed), list(indices)))
+        if self.controller and state:
+            self.ledger.load_state_dict(state)
 
     def close(self) -> None:
         """Stop the workers: a stop request each, then a kill for any still running after a grace period."""
@@ -336,6 +271,10 @@ class AsyncRollout:
         deadline = time.monotonic() + 30
         for p in self.procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._kill_workers()
+
+    def _kill_workers(self) -> None:
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
@@ -382,11 +321,6 @@ class _Pusher(threading.Thread):
             except BaseException as e:  # the controller reports it at its next check
                 self.error = e
                 return
-
-
-def _first_version(result: Result) -> int:
-    """The oldest policy version among a result's tokens: the one its generation started under."""
-    return min(min(v) for v in result.rollouts.versions)
 
 
 def _last_line(text: str) -> str:

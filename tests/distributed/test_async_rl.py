@@ -1,0 +1,151 @@
+"""Asynchronous RL end to end on CPU: one trainer rank, rollout workers in worlds of their own.
+
+- With max_staleness 0, an async run takes the synchronous run's steps (every metric, 3 steps).
+- 20-step runs, a slow trainer with a fast rollout and the reverse (two workers finishing out of
+  order, partial rollouts), never train a sample older than the bound.
+- A resumed run takes the uninterrupted run's requests, none lost or repeated.
+- A worker killed mid-run ends the run with a message naming it and a checkpoint.
+- The engine's per-token policy versions across a weight update between decode steps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl_helpers import SMALL, run
+from r1mega.platform.launch import spawn
+
+pytestmark = pytest.mark.distributed
+
+HERE = Path(__file__).resolve().parent
+ASYNC = ["rollout.mode=async"]
+TIMING = ("time/", "perf/", "async/trainer_wait_s", "async/rollout_busy_share")
+
+
+def _one_thread_run(overrides, output_dir: str):
+    """rl_helpers.run with one intra-op thread, as an async trainer rank has beside its worker on 2 cores
+    (the thread count changes float rounding in the update)."""
+    from rl_helpers import config
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.rl.train import train
+
+    cfg = config(output_dir, overrides)
+    runtime = initialize(cfg.parallel, cfg.trainer.seed)
+    torch.set_num_threads(1)
+    try:
+        return train(cfg, runtime)
+    finally:
+        destroy()
+
+
+def test_staleness_zero_takes_the_synchronous_steps(tmp_path):
+    sync = spawn(1, _one_thread_run, ["trainer.steps=3"], str(tmp_path / "sync"))[0]
+    got = spawn(1, _one_thread_run, ["trainer.steps=3", *ASYNC], str(tmp_path / "async"))[0]
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for a, b in zip(got, sync):
+        # logprob_gap, |engine log-prob - trainer log-prob| (~1e-7), is float32 rounding, and the worker's
+        # engine runs in another process with its own thread count; everything else is equal
+        shared = [k for k in b if not k.startswith(TIMING) and k != "logprob_gap"]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}, a["step"]
+        assert abs(a["logprob_gap"] - b["logprob_gap"]) < 1e-6
+        assert a["async/staleness_max"] == 0 and a["async/staleness_0_share"] == 1.0
+
+
+@pytest.mark.parametrize("side", ["slow_trainer", "slow_rollout"])
+def test_staleness_bound_holds_on_every_sample(tmp_path, side):
+    if side == "slow_trainer":  # four optimizer steps per RL step over short responses
+        extra = ["algorithm.ppo_epochs=2", "algorithm.minibatches=2", "rollout.max_new_tokens=4",
+                 "algorithm.max_staleness=1"]
+    else:  # long responses; two workers of one prompt each finish out of order; partial rollouts
+        extra = ["rollout.max_new_tokens=32", "algorithm.max_staleness=2", "rollout.asynchronous.workers=2",
+                 "rollout.asynchronous.prompts_per_request=1", "rollout.asynchronous.partial=true",
+                 "algorithm.stale_samples=regenerate", "rollout.asynchronous.weight_sync_every=2",
+                 "trainer.eval_at_ends=false"]
+    out = spawn(1, run, ["trainer.steps=20", *ASYNC, *extra], str(tmp_path / side), 1)[0]
+    bound = 1 if side == "slow_trainer" else 2
+    assert [m["step"] for m in out] == list(range(1, 21))
+    for m in out:  # the step's largest lag over every sample (by its first token) and every token
+        assert m["async/staleness_max"] <= bound and m["async/token_staleness_mean"] <= bound, m
+        assert abs(sum(m[f"async/staleness_{k}_share"] for k in range(bound + 1)) - 1.0) < 1e-9
+    assert out[0]["async/staleness_max"] == 0  # the first step's samples start from the first weights
+
+
+def test_resumed_run_takes_the_same_requests(tmp_path):
+    common = ["trainer.steps=4", *ASYNC, "algorithm.max_staleness=1", "trainer.eval_at_ends=false"]
+    whole = spawn(1, run, [*common, "trainer.save_every=2"], str(tmp_path / "whole"), 1)[0]
+    middle = tmp_path / "whole" / "checkpoints" / "step_2"
+    state = torch.load(middle / "common.pt", weights_only=False)
+    assert [p[0] for p in state["data"]["async"]["pending"]] == [2]  # queued ahead, not trained on
+    rest = spawn(1, run, [*common, f"trainer.load={middle}"], str(tmp_path / "rest"), 1)[0]
+    assert [m["step"] for m in rest] == [3, 4]
+    # one worker finishes in order: the same requests (prompts and seeds) at the same steps
+    assert [m["async/first_request"] for m in whole] == [0.0, 1.0, 2.0, 3.0]
+    assert [m["async/first_request"] for m in rest] == [2.0, 3.0]
+    assert rest[0]["async/staleness_max"] == 0  # generated afresh under the restored weights
+
+
+def test_killed_worker_stops_the_run_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = [*SMALL, *ASYNC, "trainer.steps=4", f"trainer.output_dir={out}", "trainer.eval_at_ends=false",
+            # 16 samples a request: the second request's scoring kills its worker
+            "+reward.custom.kill._target_=rl_helpers.KillAfter", "+reward.custom.kill.weight=0.0",
+            "+reward.custom.kill.after=20",
+            "rollout.asynchronous.worker_timeout_s=60"]
+    proc = subprocess.run([sys.executable, "-m", "r1mega.cli.train", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rollout worker 0 (pid" in proc.stderr and "exited with code -9" in proc.stderr, proc.stderr[-3000:]
+    assert f"checkpoint of the last finished step: {out / 'checkpoints' / 'step_1'}" in proc.stderr
+    assert (out / "checkpoints" / "step_1" / "common.pt").is_file()
+    assert not (out / "checkpoints" / "step_2").exists()
+
+
+def _versions_across_update():
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.rollout.native import NativeEngine
+    from r1mega.rollout.types import SamplingParams
+    from test_native_engine import EOS, PAD, PROMPTS, model_config
+    from r1mega.config.schema import ParallelConfig
+
+    initialize(ParallelConfig(), seed=3)
+    try:
+        chunks = build_model(model_config(), ParallelConfig())
+        new = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in chunks[0].named_parameters()}
+        engine = NativeEngine(chunks, eos_token_ids=[EOS], pad_token_id=PAD, max_batch_size=12)
+        params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
+        before = engine.generate(PROMPTS, params, n=2)
+        calls = []
+
+        def update():  # between decode steps: after the third token, new weights (version 1)
+            calls.append(1)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    for n, p in chunks[0].named_parameters():
+                        p.copy_(new[n])
+                engine.version = 1
+
+        engine.between_tokens = update
+        after = engine.generate(PROMPTS, params, n=2)
+        return before, after
+    finally:
+        destroy()
+
+
+def test_partial_rollout_versions_per_token():
+    before, after = spawn(1, _versions_across_update)[0]
+    assert before.versions == [[0] * len(r) for r in before.response_ids]
+    for ids, lp, versions, ids0, lp0 in zip(after.response_ids, after.logprobs, after.versions, before.response_ids,
+                                            before.logprobs):
+        assert versions == [0] * min(3, len(ids)) + [1] * max(0, len(ids) - 3)
+        assert ids[:3] == ids0[:3] and lp[:3] == lp0[:3]  # sampled under the old weights, as before
+    changed = [lp[3:] != lp0[3:] for lp, lp0, ids in zip(after.logprobs, before.logprobs, after.response_ids)
+               if len(ids) > 3]
+    assert changed and all(changed)  # the tokens after the update come from the new weights
