@@ -81,7 +81,10 @@ def test_resumed_run_takes_the_same_requests(tmp_path):
     whole = spawn(1, run, [*common, "trainer.save_every=2"], str(tmp_path / "whole"), 1)[0]
     middle = tmp_path / "whole" / "checkpoints" / "step_2"
     state = torch.load(middle / "common.pt", weights_only=False)
-    assert [p[0] for p in state["data"]["async"]["pending"]] == [2]  # queued ahead, not trained on
+    # request 2 was queued ahead and not trained on, unless step 2 took its result before the push
+    # thread had announced step 1's weights (the gate then held request 2 back): either way the
+    # checkpoint holds what is out, and the resumed run goes on with request 2
+    assert [p[0] for p in state["data"]["async"]["pending"]] in ([2], [])
     rest = spawn(1, run, [*common, f"trainer.load={middle}"], str(tmp_path / "rest"), 1)[0]
     assert [m["step"] for m in rest] == [3, 4]
     # one worker finishes in order: the same requests (prompts and seeds) at the same steps
