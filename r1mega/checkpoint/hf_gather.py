@@ -1,16 +1,17 @@
-"""The whole model as HF-named tensors on every rank, produced one parameter at a time.
+"""The whole model as HF-named tensors on every rank (or on one), produced one parameter at a time.
 
 Each HF tensor has one writer (tensor-parallel rank 0 of data-parallel replica 0, or the
 expert's owner); after the tensor-parallel gather on its stage, the writer broadcasts it to the
 world. All ranks of one pipeline stage step through their parameters together, stages one
 after another, so no collective waits on another; what a consumer keeps (a sync bucket) is its
-own choice.
+own choice. With a destination rank (asynchronous rollouts send from one), writers send their
+tensors there alone instead of to the world.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,19 +54,28 @@ def make_plan(chunks: List[torch.nn.Module], model: ModelConfig) -> Plan:
     return Plan(stages)
 
 
-def world_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig,
-                     plan: Plan) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, on every rank, in plan order (collective: consume it fully)."""
-    my_stage = ps.get_pipeline_model_parallel_rank()
+def world_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig, plan: Plan,
+                     dst: Optional[int] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, in plan order, on every rank, or only on global rank `dst` (the
+    others yield nothing; each writer sends its tensors there alone). Collective: consume it fully."""
+    my_stage, me = ps.get_pipeline_model_parallel_rank(), dist.get_rank()
     device = current_device()
     for stage, params in enumerate(plan.stages):
         local = hf_tensors_by_param(chunks, model) if stage == my_stage else None
         for entries in params:
             own = dict(next(local)[0]) if local is not None else {}
             for e in entries:
-                if e.src == dist.get_rank():
+                if dst is not None and me not in (dst, e.src):
+                    continue
+                if e.src == me:
                     t = own[e.name].to(device).contiguous()
                 else:
                     t = torch.empty(e.shape, dtype=e.dtype, device=device)
-                dist.broadcast(t, src=e.src)
-                yield e.name, t
+                if dst is None:
+                    dist.broadcast(t, src=e.src)
+                elif e.src != dst and me == e.src:
+                    dist.send(t, dst)
+                elif e.src != dst:
+                    dist.recv(t, e.src)
+                if dst is None or me == dst:
+                    yield e.name, t

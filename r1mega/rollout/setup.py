@@ -34,19 +34,21 @@ def reward_inputs(records: Sequence, rollouts: Rollouts, decode: Callable[..., s
             for rec, ids, reason in zip(records, rollouts.response_ids, rollouts.finish_reasons)]
 
 
-def reward_names(cfg: R1Config) -> List[str]:
-    """Component names in a fixed order; 'accuracy' is always scored (weight 0 if not configured) so
-    evaluation can report it."""
+def _components(cfg: R1Config) -> dict:
+    # 'accuracy' is always scored (weight 0 if not configured) so evaluation can report it
     components = dict(cfg.reward.components)
     components.setdefault("accuracy", 0.0)
-    return list(components) + list(cfg.reward.custom)
+    return components
+
+
+def reward_names(cfg: R1Config) -> List[str]:
+    """Component names in a fixed order: the built-in ones, then the custom ones."""
+    return list(_components(cfg)) + list(cfg.reward.custom)
 
 
 def make_reward_stack(cfg: R1Config) -> Tuple[RewardStack, List[str]]:
     r = cfg.reward
-    components = dict(r.components)
-    components.setdefault("accuracy", 0.0)
-    stack = RewardStack(components=components, custom=dict(r.custom), timeout_s=r.timeout_s,
+    stack = RewardStack(components=_components(cfg), custom=dict(r.custom), timeout_s=r.timeout_s,
                         num_workers=r.num_workers, language=r.language,
                         overlong_max_tokens=r.overlong_max_tokens or cfg.rollout.max_new_tokens,
                         overlong_cache_tokens=r.overlong_cache_tokens)

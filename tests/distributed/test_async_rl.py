@@ -28,16 +28,18 @@ ASYNC = ["rollout.mode=async"]
 TIMING = ("time/", "perf/", "async/trainer_wait_s", "async/rollout_busy_share")
 
 
-def _one_thread_run(overrides, output_dir: str):
-    """rl_helpers.run with one intra-op thread, as an async trainer rank has beside its worker on 2 cores
-    (the thread count changes float rounding in the update)."""
+def _run_at_async_threads(overrides, output_dir: str):
+    """rl_helpers.run with the intra-op threads an async trainer rank takes beside one worker (half the
+    cores): the thread count changes float rounding, so both runs use the same on any machine."""
+    import os
+
     from rl_helpers import config
     from r1mega.platform.distributed import destroy, initialize
     from r1mega.trainer.rl.train import train
 
     cfg = config(output_dir, overrides)
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     try:
         return train(cfg, runtime)
     finally:
@@ -45,8 +47,8 @@ def _one_thread_run(overrides, output_dir: str):
 
 
 def test_staleness_zero_takes_the_synchronous_steps(tmp_path):
-    sync = spawn(1, _one_thread_run, ["trainer.steps=3"], str(tmp_path / "sync"))[0]
-    got = spawn(1, _one_thread_run, ["trainer.steps=3", *ASYNC], str(tmp_path / "async"))[0]
+    sync = spawn(1, _run_at_async_threads, ["trainer.steps=3"], str(tmp_path / "sync"))[0]
+    got = spawn(1, _run_at_async_threads, ["trainer.steps=3", *ASYNC], str(tmp_path / "async"))[0]
     assert [m["step"] for m in got] == [1, 2, 3]
     for a, b in zip(got, sync):
         # logprob_gap, |engine log-prob - trainer log-prob| (~1e-7), is float32 rounding, and the worker's
@@ -152,3 +154,22 @@ def test_partial_rollout_versions_per_token():
     changed = [lp[3:] != lp0[3:] for lp, lp0, ids in zip(after.logprobs, before.logprobs, after.response_ids)
                if len(ids) > 3]
     assert changed and all(changed)  # the tokens after the update come from the new weights
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "data_parallel"])
+def test_two_trainer_ranks_take_the_single_rank_steps(tmp_path, layout):
+    """The same requests (one worker, staleness 0) trained by two ranks, TP=2 (the weights gathered
+    over both for each push) or DP=2 (each rank its share of the step's groups), equal one rank."""
+    from test_rl_run import ALGO, COMPARED, _close
+
+    algo = ALGO if layout != "data_parallel" else [a for a in ALGO if not a.startswith("algorithm.minibatches")]
+    # (minibatches draw their rows from each data-parallel rank's share: one optimizer step per RL step
+    # makes the DP=2 update the single rank's)
+    common = [*algo, "trainer.steps=2", *ASYNC, "trainer.eval_at_ends=false"]
+    one = spawn(1, run, common, str(tmp_path / "one"), 1)[0]
+    extra = [layout] if layout.startswith("parallel") else []
+    two = spawn(2, run, [*common, *extra], str(tmp_path / "two"), 2)[0]
+    assert [m["step"] for m in two] == [1, 2]
+    for a, b in zip(two, one):
+        for key in COMPARED:
+            assert _close(a[key], b[key], 1e-4, key), f"{layout} step {a['step']} {key}: {a[key]} vs {b[key]}"

@@ -1,5 +1,6 @@
 """The whole model as HF tensors on every rank (the weight sync's source) under TP, PP, EP and DP
-equals the single-rank HF export of the same weights, tensor for tensor, on every rank."""
+equals the single-rank HF export of the same weights, tensor for tensor, on every rank; sent to
+one rank only (asynchronous rollouts' weight pushes), it is there whole and nowhere else."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def _hf(layout: str, folder: str):
     from r1mega.checkpoint.hf_convert import iter_hf_tensors
     from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
     from r1mega.models.builder import build_model
+    import torch.distributed as dist
+
     from r1mega.platform.distributed import running
 
     parallel = LAYOUTS.get(layout, ParallelConfig())
@@ -35,7 +38,9 @@ def _hf(layout: str, folder: str):
         plan = make_plan(chunks, MODEL)
         names = [e.name for e in plan.entries()]
         got = {n: t.clone() for n, t in world_hf_tensors(chunks, MODEL, plan)}
-        return names, got
+        # sent to the last rank alone: there every tensor, elsewhere none
+        last = {n: t.clone() for n, t in world_hf_tensors(chunks, MODEL, plan, dst=dist.get_world_size() - 1)}
+        return names, got, last
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,11 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_rank_gets_the_single_rank_export(reference, layout):
     folder, ref = reference
-    for names, got in spawn(2, _hf, layout, folder):
+    for rank, (names, got, last) in enumerate(spawn(2, _hf, layout, folder)):
         assert len(names) == len(set(names)) == len(ref)  # each HF tensor exactly once
         assert got.keys() == ref.keys()
         for name, tensor in ref.items():
             assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        assert last == {} if rank == 0 else last.keys() == ref.keys()
+        for name, tensor in last.items():
+            assert torch.equal(tensor, ref[name]), name

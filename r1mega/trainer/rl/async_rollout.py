@@ -108,10 +108,10 @@ class AsyncRollout:
         """Gather the weights to HF names (every rank takes part) and hand a copy to the push thread."""
         if self.plan is None:
             self.plan = make_plan(self.chunks, self.cfg.model)
-        tensors = {}
-        for name, t in world_hf_tensors(self.chunks, self.cfg.model, self.plan):
-            if self.controller:  # a copy: the next optimizer step changes the parameters in place
-                tensors[name] = t.detach().to(self.bridge.device, copy=True)
+        # sent to the controller alone (nothing arrives elsewhere); a copy: the next optimizer step
+        # changes the parameters in place
+        tensors = {name: t.detach().to(self.bridge.device, copy=True)
+                   for name, t in world_hf_tensors(self.chunks, self.cfg.model, self.plan, dst=0)}
         if self.controller:
             self.pusher.push(version, tensors)
 
@@ -254,8 +254,8 @@ class AsyncRollout:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The controller's ledger (prompt stream, requests not yet trained on); {} on other ranks."""
-        return self.ledger.state_dict() if self.controller else {}
+        """The controller's ledger: the prompt stream and the requests not yet trained on."""
+        return self.ledger.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self.controller and state:

@@ -85,8 +85,9 @@ def job(ctx: RLContext) -> Job:
 
     def data_state() -> dict:
         state = {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()}
-        if ctx.async_rollout is not None:  # the first rank's (the one a checkpoint keeps)
+        if ctx.async_rollout is not None and ctx.async_rollout.controller:  # the rank a checkpoint keeps
             state["async"] = ctx.async_rollout.state_dict()
+            state["sampler"] = state["async"]["sampler"]  # the prompt stream is the controller's
         return state
 
     def load_data_state(state: dict) -> None:
