@@ -31,7 +31,7 @@ from r1mega.platform.launch import spawn
 from r1mega.trainer.metrics import METRICS_FILE, read_rows
 
 TRL_ADV_EPS = 1e-4  # TRL divides advantages by (std + 1e-4); r1mega's side uses the same
-PHASES = ("generate", "score", "advantages", "logprobs", "update", "sync", "release")
+PHASES = ("generate", "score", "wait", "advantages", "logprobs", "update", "sync", "release")
 
 
 def run(cfg: R1Config) -> Dict:
@@ -39,10 +39,12 @@ def run(cfg: R1Config) -> Dict:
         work = Path(tmp)
         base = spawn(1, export_base_model, cfg, str(work / "base"))[0]
         train, test = write_prompts(cfg, work)
-        runs: Dict[str, List[Dict]] = {"r1mega": [], "trl": []}
+        runs: Dict[str, List[Dict]] = {"r1mega": [], "r1mega_async": [], "trl": []}
         for i in range(cfg.bench.peer.runs):
             seeded = replace(cfg, trainer=replace(cfg.trainer, seed=cfg.trainer.seed + i))
             runs["r1mega"].append(_r1mega(seeded, work / "base", train, test, work / f"r1mega-{i}"))
+            runs["r1mega_async"].append(_r1mega(seeded, work / "base", train, test, work / f"r1mega-async-{i}",
+                                                asynchronous=True))
             runs["trl"].append(_trl(seeded, work / "base", train, test, work / f"trl-{i}"))
     return summarize(cfg, base, runs)
 
@@ -112,10 +114,15 @@ def train_r1mega(cfg: R1Config) -> None:
         train(cfg, runtime)
 
 
-def _r1mega(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path) -> Dict:
+def _r1mega(cfg: R1Config, model_dir: Path, train: Path, test: Path, out: Path, asynchronous: bool = False) -> Dict:
+    """r1mega's side; asynchronous: the same on one trainer rank beside one rollout worker (sharing the
+    cores), with bench.asynchronous.max_staleness."""
     from r1mega.config.validate import validate
 
     race = race_config(cfg, model_dir, train, test, out)
+    if asynchronous:
+        race = replace(race, rollout=replace(race.rollout, mode="async"),
+                       algorithm=replace(race.algorithm, max_staleness=cfg.bench.asynchronous.max_staleness))
     validate(race, 1)
     spawn(1, train_r1mega, race)
     rows = read_rows(out / METRICS_FILE)
@@ -189,12 +196,12 @@ def summarize(cfg: R1Config, base: str, runs: Dict[str, List[Dict]]) -> Dict:
     for target in p.targets:
         hits = {name: [reached(r["curve"], target) for r in side] for name, side in runs.items()}
         got = {name: _median_time(h) for name, h in hits.items()}
-        both = got["r1mega"] and got["trl"]
-        targets[f"{target:g}"] = {**got, "per_run": hits, "time_ratio_trl_over_r1mega":
-                                  got["trl"]["seconds"] / got["r1mega"]["seconds"] if both else None}
+        ratio = lambda a, b: got[a]["seconds"] / got[b]["seconds"] if got[a] and got[b] else None  # noqa: E731
+        targets[f"{target:g}"] = {**got, "per_run": hits, "time_ratio_trl_over_r1mega": ratio("trl", "r1mega"),
+                                  "time_ratio_sync_over_async": ratio("r1mega", "r1mega_async")}
     return {"model": cfg.model.name, "base_model": base, "algorithm": cfg.algorithm.name,
             "prompts_per_step": cfg.data.prompts_per_step, "group_size": cfg.algorithm.group_size,
             "max_new_tokens": cfg.rollout.max_new_tokens, "lr": cfg.optimizer.lr, "steps": p.steps,
             "eval_every": p.eval_every, "held_out": cfg.data.test_size, "runs": p.runs, "threads": _threads(),
-            "trl_version": trl_package.__version__, "r1mega": _side(runs["r1mega"]), "trl": _side(runs["trl"]),
+            "trl_version": trl_package.__version__, **{side: _side(r) for side, r in runs.items()},
             "targets": targets}

@@ -80,9 +80,12 @@ def _rollout_md(r: Dict) -> str:
              x.get("skipped") or x.get("note", "") or ("" if x.get("bucketed_prefill", True) else
                                                       "no length buckets here (one prefill both ways)")]
             for x in r["rows"]]
+    partial = "".join(f"\nNative engine, {x['prompts']} prompts, batch {x['batch_size']}, a weight update halfway "
+                      f"(partial rollouts): the KV cache kept {x['keep_s']:.3f} s, computed again "
+                      f"{x['recompute_s']:.3f} s (**{x['recompute_cost']:.2f}x**).\n" for x in r.get("partial", []))
     return head + _table(["engine", "prompts", "batch", "prompt tokens", "generated tokens/s", "seconds",
                           "prefill share", "prefill padding", "one prefill: tokens/s", "prefill share",
-                          "prefill padding", "buckets' speed-up", "peak MB", "note"], rows)
+                          "prefill padding", "buckets' speed-up", "peak MB", "note"], rows) + partial
 
 
 def _peer_md(p: Dict) -> str:
@@ -99,14 +102,18 @@ def _peer_md(p: Dict) -> str:
         return f"{x['seconds']:.0f} s (step {x['step']:g}; {x['reached']}/{p['runs']} runs)"
 
     rows = []
-    for name, key in (("r1mega", "r1mega"), ("TRL GRPOTrainer", "trl")):
+    for name, key in (("r1mega", "r1mega"), ("r1mega, async (1 trainer rank + 1 worker)", "r1mega_async"),
+                      ("TRL GRPOTrainer", "trl")):
         s = p[key]
         rows.append([name, *[at(p["targets"][t], key) for t in p["targets"]], s["final_accuracy"], s["train_s"],
                      s["step_s_median"]])
     ratios = ", ".join(f"{float(t):.0%}: **{r:.2f}x**" for t, x in p["targets"].items()
                        if (r := x["time_ratio_trl_over_r1mega"]) is not None)
     shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["r1mega"]["phase_share"].items(), key=lambda kv: -kv[1]))
+    to_async = ", ".join(f"{float(t):.0%}: **{r:.2f}x**" for t, x in p["targets"].items()
+                         if (r := x["time_ratio_sync_over_async"]) is not None)
     tail = (f"\nTRL's time to each target / r1mega's: {ratios or 'a target neither side reached'}. "
+            f"r1mega's / r1mega async's: {to_async or 'a target neither side reached'}. "
             f"r1mega's training time by phase: {shares}.\n")
     header = ["", *[f"to {float(t):.0%}" for t in p["targets"]], "final accuracy", "training s", "step s"]
     return head + _table(header, rows) + tail
@@ -127,12 +134,34 @@ def _packing_md(p: Dict) -> str:
                           "packed / padded"], rows)
 
 
+def _async_md(a: Dict) -> str:
+    head = (f"{a['model']} from its pre-trained base checkpoint, {a['algorithm']}, {a['prompts_per_step']} prompts "
+            f"x {a['group_size']}, {a['max_new_tokens']} new tokens, {a['steps']} steps per side; synchronous: "
+            f"{a['ranks']} data-parallel ranks; asynchronous: {a['ranks'] - a['workers']} trainer rank(s) + "
+            f"{a['workers']} rollout worker(s), max_staleness {a['max_staleness']}"
+            f"{', partial rollouts' if a['partial'] else ''}; samples/s over steps 2 on; greedy on {a['held_out']} "
+            f"held-out prompts after the last step; medians of {a['runs']} alternating run(s).\n\n")
+    rows = []
+    for side in ("sync", "async"):
+        x = a[side]
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(x["runs"][0]["phase_share"].items(),
+                                                            key=lambda kv: -kv[1]))
+        idle = (f"trainer waits {x['trainer_wait_share']:.0%}, workers idle {x['rollout_idle_share']:.0%}, "
+                f"staleness {x['staleness_mean']:.2f}") if side == "async" else shares
+        rows.append([side, x["samples_per_s"], x["seconds"], x["final_accuracy"], x["reward_mean"], idle])
+    tail = (f"\nasync / sync samples/s: **{a['speedup']:.2f}x**; held-out accuracy, async - sync: "
+            f"{100 * a['accuracy_gap']:+.1f} points.\n")
+    return head + _table(["side", "samples/s", "seconds", "held-out greedy", "reward", "where the time went"],
+                         rows) + tail
+
+
 SECTIONS: Dict[str, tuple] = {
     "step": ("End-to-end GRPO step", _step_md),
     "train": ("Training", _train_md),
     "rollout": ("Rollout", _rollout_md),
     "packing": ("RL update: packed against padded", _packing_md),
     "peer": ("Time to accuracy against TRL", _peer_md),
+    "async": ("Synchronous against asynchronous RL", _async_md),
 }
 
 
@@ -203,7 +232,8 @@ def _plot_rollout(ax, r: Dict) -> None:
 
 
 def _plot_peer(ax, p: Dict) -> None:
-    for key, name, color in (("r1mega", "r1mega", "tab:blue"), ("trl", "TRL GRPOTrainer", "tab:orange")):
+    for key, name, color in (("r1mega", "r1mega", "tab:blue"), ("r1mega_async", "r1mega async", "tab:green"),
+                             ("trl", "TRL GRPOTrainer", "tab:orange")):
         for i, run in enumerate(p[key]["runs"]):
             _, seconds, accuracy = zip(*run["curve"])
             ax.plot(seconds, [100 * a for a in accuracy], marker="o", markersize=3, label=None if i else name,
@@ -228,8 +258,16 @@ def _plot_packing(ax, p: Dict) -> None:
     ax.set_title("RL update: " + ", ".join(f"{n} {p['sets'][n]['speedup']:.2f}x" for n in names))
 
 
+def _plot_async(ax, a: Dict) -> None:
+    sides = ("sync", "async")
+    ax.bar(range(2), [a[s]["samples_per_s"] for s in sides], color=["tab:gray", "tab:blue"])
+    ax.set_xticks(range(2), [f"{s}\n{100 * a[s]['final_accuracy']:.0f}% held-out" for s in sides])
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"{a['model']}: async / sync {a['speedup']:.2f}x")
+
+
 PLOTS = {"step": _plot_step, "train": _plot_train, "rollout": _plot_rollout, "packing": _plot_packing,
-         "peer": _plot_peer}
+         "peer": _plot_peer, "async": _plot_async}
 
 
 def plots(suites: Dict, out: Path) -> List[Path]:

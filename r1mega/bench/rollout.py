@@ -4,7 +4,9 @@ the task's prompts, and long-tailed lengths (lognormal, random tokens), where le
 longest prompt would fill most of the prefill. The native engine reports the prefill's share of
 generation time and the share of prefill positions that were padding, with its prefill in length
 buckets (its default) and as one left-padded forward, timed alternately: the ratio is what the
-buckets save. SGLang (where installed, on a GPU) also reports its weight sync: GB sent and GB/s."""
+buckets save. SGLang (where installed, on a GPU) also reports its weight sync: GB sent and GB/s. For partial
+rollouts, the native engine also times a weight update halfway through the tokens with its KV
+cache kept against computed again under the new weights (the largest batch of each prompt set)."""
 
 from __future__ import annotations
 
@@ -34,14 +36,17 @@ from r1mega.trainer.rl.setup import load_records, tokenize_prompts
 
 def run(cfg: R1Config) -> Dict:
     rows: List[Dict] = []
+    partial: List[Dict] = []
     for engine in cfg.bench.rollout.engines:
         why = unavailable(engine)
         if why:
             rows.append({"engine": engine, "skipped": why})
             continue
         one = with_layout(cfg, LayoutConfig())  # one rank
-        rows += [{"engine": engine, **r} for r in spawn(1, _rank, one, engine, timeout=3600.0)[0]]
-    return {"model": cfg.model.name, "new_tokens": cfg.bench.rollout.new_tokens, "rows": rows}
+        measured, updates = spawn(1, _rank, one, engine, timeout=3600.0)[0]
+        rows += [{"engine": engine, **r} for r in measured]
+        partial += updates
+    return {"model": cfg.model.name, "new_tokens": cfg.bench.rollout.new_tokens, "rows": rows, "partial": partial}
 
 
 def unavailable(engine: str) -> str:
@@ -64,16 +69,19 @@ def _rank(cfg: R1Config, kind: str) -> List[Dict[str, float]]:
         chunks = build_model(cfg.model, cfg.parallel)
         engine, note = (_native(cfg, chunks, tokenizer), "") if kind == "native" else _sglang(cfg, chunks, tokenizer)
         params = SamplingParams(temperature=1.0, max_new_tokens=b.rollout.new_tokens)
-        rows = []
+        rows, partial = [], []
         try:
             for name in b.rollout.prompt_sets:
                 prompts = _prompts(cfg, tokenizer, name, max(b.rollout.batch_sizes))
                 for size in b.rollout.batch_sizes:
                     rows.append({"prompts": name, "batch_size": size, **_measure(cfg, engine, prompts[:size], params),
                                  **peak_memory_mb(), "note": note})
+                if kind == "native":
+                    partial.append({"prompts": name, "batch_size": len(prompts),
+                                    **_weight_update_midway(cfg, engine, chunks, prompts, params)})
         finally:
             engine.shutdown()
-        return rows
+        return rows, partial
 
 
 def _prompts(cfg: R1Config, tokenizer, name: str, count: int) -> List[List[int]]:
@@ -117,6 +125,37 @@ def _measure(cfg: R1Config, engine, batch: List[List[int]], params: SamplingPara
         row["bucketed_prefill"] = engine.bucketed_prefill
         row["bucketed_prefill_speedup"] = row["tokens_per_s"] / row["unbucketed_tokens_per_s"]
     return row
+
+
+def _weight_update_midway(cfg: R1Config, engine: NativeEngine, chunks, batch: List[List[int]],
+                          params: SamplingParams) -> Dict[str, float]:
+    """A partial rollout's weight update halfway through the tokens (the same values copied in, so
+    only the cost differs): the KV cache kept, against computed again under the new weights, timed
+    alternately."""
+    weights = [(p, p.detach().clone()) for c in chunks for p in c.parameters()]
+
+    def call(i: int):
+        engine.recompute_after_update = bool(i % 2)
+        steps = []
+
+        def update() -> bool:
+            steps.append(1)
+            if len(steps) != params.max_new_tokens // 2:
+                return False
+            with torch.no_grad():
+                for p, new in weights:
+                    p.copy_(new)
+            return True
+
+        engine.between_tokens = update
+        return engine.generate(batch, params)
+
+    try:
+        runs = timed(call, 2 * cfg.bench.warmup, 2 * cfg.bench.repeats)
+    finally:
+        engine.between_tokens, engine.recompute_after_update = None, False
+    keep, recompute = median([s for s, _ in runs[0::2]]), median([s for s, _ in runs[1::2]])
+    return {"keep_s": keep, "recompute_s": recompute, "recompute_cost": recompute / keep}
 
 
 def _native(cfg: R1Config, chunks, tokenizer):

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Dict
 
-from r1mega.bench import packing, peer, rollout, step, training
+from r1mega.bench import asynchronous, packing, peer, rollout, step, training
 from r1mega.bench.measure import environment
 from r1mega.bench.report import markdown, write_results
 from r1mega.cli.exit import fail
@@ -38,7 +38,7 @@ def run(cfg: R1Config, command: str) -> Dict:
 
 
     suites = {"step": step.run, "train": training.run, "rollout": rollout.run, "packing": packing.run,
-              "peer": peer.run}
+              "peer": peer.run, "async": asynchronous.run}
     results = {"command": command, "environment": environment(), "bench": asdict(cfg.bench), "suites": {}}
     for name in cfg.bench.suites:
         log.info("bench: %s", name)

@@ -52,6 +52,15 @@ def check_bench(cfg: R1Config, world_size: Optional[int] = None) -> None:
             f"{b.rollout.prompt_median}")
     if "peer" in b.suites:
         check_peer(cfg)
+    if "async" in b.suites:
+        w = b.asynchronous
+        for key in ("steps", "ranks", "workers", "runs"):
+            _positive(getattr(w, key), f"bench.asynchronous.{key}")
+        require(w.workers < w.ranks, f"bench.asynchronous.workers={w.workers} leaves no trainer rank of "
+                                     f"bench.asynchronous.ranks={w.ranks}")
+        require(w.max_staleness >= 0, f"bench.asynchronous.max_staleness={w.max_staleness} must be >= 0")
+        require(cfg.data.name in ("arithmetic", "countdown"), f"bench async: data.name={cfg.data.name!r}; both "
+                "sides start from the built-in task's base model (arithmetic or countdown)")
 
 
 def check_peer(cfg: R1Config) -> None:

@@ -65,6 +65,20 @@ class PeerBenchConfig:
 
 
 @dataclass
+class AsyncBenchConfig:
+    """Synchronous against asynchronous RL on the same work and the same cores: `ranks` synchronous
+    data-parallel ranks against ranks - workers trainer ranks and `workers` rollout workers, both
+    from the run's pre-trained base model, for `steps` steps each, run alternately `runs` times."""
+
+    steps: int = 20
+    ranks: int = 2  # processes on each side (cores are shared out among them)
+    workers: int = 1
+    max_staleness: int = 1
+    partial: bool = False
+    runs: int = 2
+
+
+@dataclass
 class BenchConfig:
     """`r1mega-bench`: which suites to run, how long, where results go."""
 
@@ -77,3 +91,4 @@ class BenchConfig:
     rollout: RolloutBenchConfig = field(default_factory=RolloutBenchConfig)
     packing: PackingBenchConfig = field(default_factory=PackingBenchConfig)
     peer: PeerBenchConfig = field(default_factory=PeerBenchConfig)
+    asynchronous: AsyncBenchConfig = field(default_factory=AsyncBenchConfig)  # the `async` suite

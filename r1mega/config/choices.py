@@ -50,13 +50,15 @@ AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-s
 Engine = Literal["native", "sglang"]
 SGLangMode = Literal["colocated", "disaggregated"]
 RolloutMode = Literal["sync", "async"]  # async: rollout workers generate while the trainer trains
+PartialKV = Literal["keep", "recompute"]  # a partial rollout's KV cache after a weight update
+WorkerFailure = Literal["stop", "continue"]  # a rollout worker lost: checkpoint and stop, or go on without it
 StaleSamples = Literal["drop", "regenerate"]  # a group over algorithm.max_staleness: discarded, or its prompt again
 RewardName = Literal["accuracy", "format", "language", "overlong"]  # the built-in reward components
 # pipeline, cluster, bench
 StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]
 Launcher = Literal["torchrun", "srun"]
 WarningSignal = Literal["USR1", "USR2"]  # what r1mega's trainers take as the time-limit warning
-BenchSuite = Literal["step", "train", "rollout", "packing", "peer"]
+BenchSuite = Literal["step", "train", "rollout", "packing", "peer", "async"]
 RolloutPromptSet = Literal["task", "long_tailed"]  # the run's task prompts; lognormal lengths, random tokens
 
 

@@ -20,8 +20,8 @@ from r1mega.config.bench_schema import BenchConfig
 from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
                                    CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
                                    KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel,
-                                   RolloutMode, ScoreFunction, SFTTemplate, StageKind, StaleSamples,
-                                   StdConvention, TokenDispatcher, WarningSignal)
+                                   PartialKV, RolloutMode, ScoreFunction, SFTTemplate, StageKind, StaleSamples,
+                                   StdConvention, TokenDispatcher, WarningSignal, WorkerFailure)
 from r1mega.config.sglang_schema import SGLangConfig
 
 
@@ -221,8 +221,12 @@ class AsyncRolloutConfig:
     prompts_per_request: int = 0  # prompts one worker generates in one call; 0 = a step's (data.prompts_per_step)
     weight_sync_every: int = 1  # weights go to the workers every k steps; k <= algorithm.max_staleness + 1
     partial: bool = False  # weights land between decode steps: unfinished samples go on under the new ones
-    # a worker that shows no sign of life this long counts as hung: the run saves a checkpoint and stops
-    worker_timeout_s: float = 600.0
+    # keep (the cache of the tokens so far as the old weights computed it) | recompute (under the new ones)
+    partial_kv: Annotated[str, PartialKV] = "keep"
+    worker_timeout_s: float = 600.0  # a worker that shows no sign of life this long counts as hung (and is killed)
+    # stop (the run saves a checkpoint and stops) | continue (its requests go to the others; the run stops when
+    # none is left): what a lost worker (exited, raised, hung) does to the run
+    on_worker_failure: Annotated[str, WorkerFailure] = "stop"
 
 
 @dataclass

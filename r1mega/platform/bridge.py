@@ -31,16 +31,22 @@ class Bridge:
                  timeout_s: float = 600.0, device: Optional[torch.device] = None):
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"bridge backend must be gloo or nccl, got {backend!r}")
-        timeout = timedelta(seconds=timeout_s)
-        self.rank, self.size, self.backend = rank, size, backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.backend = backend
         self.device = device or torch.device("cpu" if backend == "gloo" else "cuda")
-        self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=timeout)
-        prefix = dist.PrefixStore("r1mega-bridge", self.store)
-        if backend == "gloo":
-            self.group = dist.ProcessGroupGloo(prefix, rank, size, timeout)
+        self.store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
+        self.rebuild(rank, size, epoch=0)
+
+    def rebuild(self, rank: int, size: int, epoch: int) -> None:
+        """A new group over the same store (keys of its own): every member calls it with the same
+        epoch and size. How the members go on when one of them is gone; the old group is dropped."""
+        self.rank, self.size, self.epoch = rank, size, epoch
+        prefix = dist.PrefixStore(f"r1mega-bridge-{epoch}", self.store)
+        if self.backend == "gloo":
+            self.group = dist.ProcessGroupGloo(prefix, rank, size, self.timeout)
         else:
             options = dist.ProcessGroupNCCL.Options()
-            options._timeout = timeout
+            options._timeout = self.timeout
             self.group = dist.ProcessGroupNCCL(prefix, rank, size, options)
         self._calls = 0
 
@@ -58,7 +64,7 @@ class Bridge:
         """src passes its named tensors, the others None; every rank returns them (on its device).
         Each call has its own manifest key, so calls never read an earlier call's."""
         self._calls += 1
-        key = f"manifest-{self._calls}"
+        key = f"manifest-{self.epoch}-{self._calls}"
         if self.rank == src:
             if tensors is None:
                 raise ValueError("the source rank of broadcast_named must pass its tensors")

@@ -80,7 +80,17 @@ class RequestLedger:
         return out
 
     def finished(self, result: Result) -> None:
-        self.done[result.request] = result
+        """A result in; one of a request not out (sent again after its worker was lost, but in after
+        all) or in already is ignored."""
+        if result.request in self.done or any(r.request == result.request for r in self.taken):
+            return
+        if any(q.id == result.request for q in self.pending):
+            self.done[result.request] = result
+
+    def out(self, ids: List[int]) -> List[Request]:
+        """The requests of these ids still out and not finished (a lost worker's, to send again)."""
+        return [q for q in self.pending if q.id in ids and q.id not in self.done
+                and all(r.request != q.id for r in self.taken)]
 
     def take(self, step: int) -> tuple[Optional[List[Result]], List[Request]]:
         """Step `step`'s results, in request order, once enough within the bound have finished (else

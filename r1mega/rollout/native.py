@@ -69,9 +69,12 @@ class NativeEngine:
         self.prefill_call_positions = 256
         # the policy version of the weights the chunks hold (asynchronous rollout workers set it), recorded
         # with every sampled token; `between_tokens`, when set, runs between decode steps and may load new
-        # weights and raise the version (partial rollouts): the KV cache of the tokens so far is kept
+        # weights (partial rollouts), returning True when it did: the KV cache of the tokens so far is
+        # then kept as the old weights computed it, or, with recompute_after_update, computed again under
+        # the new ones (one prefill over every cached position)
         self.version = 0
-        self.between_tokens: Optional[Callable[[], None]] = None
+        self.between_tokens: Optional[Callable[[], bool]] = None
+        self.recompute_after_update = False
         config = self.chunks[0].config
         self._hidden = config.hidden_size
         self._dtype = config.params_dtype
@@ -169,6 +172,10 @@ class NativeEngine:
         out_version = [[] for _ in range(b)]
         reasons = ["length"] * b
         done = [order[row // n] >= real for row in range(b)]
+        # what each row's cache holds, for a recompute after a weight update: its prompt left-padded
+        # to the cache width, then every token fed to it
+        fed = [[self.pad_token_id] * (width - len(prompts[row // n])) + list(prompts[row // n]) for row in range(b)] \
+            if self.recompute_after_update and self.between_tokens is not None else None
         if n > 1:
             copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
             logits = logits[copies] if logits is not None else None
@@ -188,8 +195,8 @@ class NativeEngine:
                     reasons[row] = "stop"
             if step == params.max_new_tokens - 1 or not self._any_active(done):
                 break
-            if self.between_tokens is not None:
-                self.between_tokens()
+            if self.between_tokens is not None and self.between_tokens() and fed is not None:
+                self._recompute_cache(ctx, [fed[row] for row in rows], pad)
             keep = _keep_multiple([not done[row] for row in rows], self.row_multiple)
             if keep.sum() < _COMPACT_BELOW * len(rows):
                 keep = keep.to(device)
@@ -200,6 +207,9 @@ class NativeEngine:
             mask = (torch.arange(offset + 1, device=device)[None] < pad[:, None])[:, None, None, :]
             logits = self._forward(next_ids[:, None], positions, mask, ctx)
             ctx.sequence_len_offset += 1
+            if fed is not None:
+                for row, token in zip(alive.tolist(), next_ids.tolist()):
+                    fed[row].append(token)
         # back to the caller's prompt order
         rank = {i: k for k, i in enumerate(order)}
         rows = [rank[i] * n + j for i in range(real) for j in range(n)]
@@ -257,6 +267,17 @@ class NativeEngine:
         ctx.batch_size_offset, ctx.sequence_len_offset = 0, width
         self.last_stats["prefill_s"] += self._clock() - started
         return torch.cat(outs) if outs[0] is not None else None
+
+    def _recompute_cache(self, ctx, rows: List[List[int]], pad: torch.Tensor) -> None:
+        """Every cached position of these rows (the cache's rows, in order) computed again under the
+        weights the chunks hold now."""
+        width = ctx.sequence_len_offset
+        tokens = torch.tensor(rows, dtype=torch.long, device=pad.device)
+        cache_pos = torch.arange(width, device=pad.device)
+        positions = (cache_pos[None] - pad[:, None]).clamp(min=0)
+        ctx.batch_size_offset, ctx.sequence_len_offset = 0, 0
+        self._forward(tokens, positions, _prefill_mask(pad, cache_pos, width), ctx)
+        ctx.sequence_len_offset = width
 
     def _prompt_multiple(self, n: int) -> int:
         """Prompts per decoding batch must be a multiple of this for its rows (x n) to be one of row_multiple."""

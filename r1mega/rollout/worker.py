@@ -1,13 +1,12 @@
 """An asynchronous rollout worker: a process with a world of its own that generates and scores groups
 while the trainer trains.
 
-The trainer's first rank starts the workers (r1mega/trainer/rl/async_rollout.py) and hands them
-requests (prompts and a sampling seed) over a queue; each worker generates with the native engine
-on a one-rank copy of the policy, scores the rows with its own reward stack, and queues the result
-with the policy version of every token. Weights arrive over a bridge group (gloo on CPU, NCCL on
-GPU; r1mega/platform/bridge.py) whose store also announces them: the trainer numbers its pushes
-in the store, and a worker joins every announced push, in order, before it starts a request, and
-with partial rollouts also between decode steps, where the KV cache of the tokens so far is kept.
+The trainer's first rank starts the workers (r1mega/trainer/rl/async_rollout.py) and hands each
+requests (prompts and a sampling seed) over a queue of its own; a worker generates with the native
+engine on a one-rank copy of the policy, scores the rows with its own reward stack, and queues the
+result with the policy version of every token. Weights arrive over a bridge group (gloo on CPU,
+NCCL on GPU; the protocol in r1mega/rollout/weights.py): a worker joins every announced push before
+it starts a request, and with partial rollouts also between decode steps.
 """
 
 from __future__ import annotations
@@ -31,16 +30,9 @@ from r1mega.platform.distributed import destroy, initialize
 from r1mega.platform.logs import setup_logging
 from r1mega.rollout.ledger import Request, Result
 from r1mega.rollout.setup import make_reward_stack, native_engine, reward_inputs, sampling_params
+from r1mega.rollout.weights import Receiver
 
 log = logging.getLogger(__name__)
-
-PUSHES = "pushes"  # store key: how many weight pushes the trainer has announced
-
-
-def push_key(i: int) -> str:
-    """Store key of push i (from 1): the policy version it carries."""
-    return f"push-{i}"
-
 
 @dataclass
 class WorkerSpec:
@@ -52,7 +44,7 @@ class WorkerSpec:
     world_port: int  # rendezvous of its own one-rank world
     threads: int
     device: Optional[int]  # CUDA device index; None on CPU
-    requests: Any  # multiprocessing queues: Request (None: stop) in; Result, ("error", index, text) out
+    requests: Any  # queues: its own, Request (None: stop) in; shared by all, Result or ("error", index, text) out
     results: Any
     heartbeat: Any  # multiprocessing.Value('d'): time.monotonic() of its latest sign of life
 
@@ -84,32 +76,26 @@ class Worker:
         self.decode = tokenizer.decode
         self.chunks = build_model(cfg.model, ParallelConfig())
         self.engine = native_engine(cfg, self.chunks, tokenizer)
+        self.engine.recompute_after_update = cfg.rollout.asynchronous.partial_kv == "recompute"
         self.params = sampling_params(cfg)
         self.rewards, self.names = make_reward_stack(cfg)
         backend = "nccl" if spec.device is not None else "gloo"
+        timeout = cfg.rollout.asynchronous.worker_timeout_s
         self.bridge = Bridge("127.0.0.1", spec.bridge_port, spec.index + 1, spec.bridge_size, backend=backend,
-                             timeout_s=cfg.rollout.asynchronous.worker_timeout_s)
-        self.received = 0
+                             timeout_s=timeout)
+        self.weights = Receiver(self.bridge, spec.index, self.load, timeout, self.beat)
         self.beat()
 
     def beat(self) -> None:
         self.spec.heartbeat.value = time.monotonic()
 
-    def receive_weights(self) -> None:
-        """Join every push the trainer has announced, in order; load each into the model."""
-        announced = self.bridge.store.add(PUSHES, 0)
-        while self.received < announced:
-            version = int(self.bridge.store.get(push_key(self.received + 1)))
-            tensors = self.bridge.broadcast_named(None)
-            load_hf_weights(self.chunks, self.cfg.model, tensors)
-            self.received += 1
-            self.engine.version = version
-            self.beat()
+    def load(self, version: int, tensors: dict) -> None:
+        load_hf_weights(self.chunks, self.cfg.model, tensors)
+        self.engine.version = version
 
-    def between_tokens(self) -> None:
+    def between_tokens(self) -> bool:
         self.beat()
-        if self.cfg.rollout.asynchronous.partial:
-            self.receive_weights()
+        return self.cfg.rollout.asynchronous.partial and self.weights.poll()
 
     def run(self) -> None:
         self.engine.between_tokens = self.between_tokens
@@ -117,14 +103,14 @@ class Worker:
         try:
             while os.getppid() == parent:
                 self.beat()
-                self.receive_weights()
+                self.weights.poll()
                 try:
                     request = self.spec.requests.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 if request is None:
                     return
-                self.receive_weights()  # every push announced before the request was queued
+                self.weights.poll()  # every push announced before the request was queued
                 self.spec.results.put(self.serve(request))
         finally:
             self.rewards.close()

@@ -45,17 +45,26 @@ def run(overrides: Sequence[str], output_dir: str, world_size: int) -> List[dict
 
 
 class KillAfter:
-    """A reward (weight 0) that kills the process scoring it at its `after`-th sample: a rollout worker
-    dying mid-run. It scores in that process when reward.num_workers=0."""
+    """A reward (weight 0) that kills the process scoring it at its `after`-th sample, or with `hang`, stops
+    it there (sleeps, silent): a rollout worker lost mid-run. It scores in that process when
+    reward.num_workers=0. With `marker` (a path), only the first process to get there does it."""
 
-    def __init__(self, after: int):
-        self.after, self.calls = after, 0
+    def __init__(self, after: int, marker: str = "", hang: bool = False):
+        self.after, self.marker, self.hang, self.calls = after, marker, hang, 0
 
     def __call__(self, sample) -> float:
         import os
         import signal
+        import time
 
         self.calls += 1
         if self.calls == self.after:
+            if self.marker:
+                try:
+                    os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+                except FileExistsError:
+                    return 0.0
+            if self.hang:
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
         return 0.0

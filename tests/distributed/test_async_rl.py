@@ -67,7 +67,8 @@ def test_staleness_bound_holds_on_every_sample(tmp_path, side):
     else:  # long responses; two workers of one prompt each finish out of order; partial rollouts
         extra = ["rollout.max_new_tokens=32", "algorithm.max_staleness=2", "rollout.asynchronous.workers=2",
                  "rollout.asynchronous.prompts_per_request=1", "rollout.asynchronous.partial=true",
-                 "algorithm.stale_samples=regenerate", "rollout.asynchronous.weight_sync_every=2",
+                 "rollout.asynchronous.partial_kv=recompute", "algorithm.stale_samples=regenerate",
+                 "rollout.asynchronous.weight_sync_every=2",
                  "trainer.eval_at_ends=false"]
     out = spawn(1, run, ["trainer.steps=20", *ASYNC, *extra], str(tmp_path / side), 1)[0]
     bound = 1 if side == "slow_trainer" else 2
@@ -112,48 +113,94 @@ def test_killed_worker_stops_the_run_with_a_checkpoint(tmp_path):
     assert not (out / "checkpoints" / "step_2").exists()
 
 
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_run_goes_on_without_a_lost_worker(tmp_path, how):
+    """Two workers of one prompt per request; one is killed (SIGKILL) or hangs (silent, then killed
+    after worker_timeout_s) while scoring. With on_worker_failure=continue its requests go to the
+    other worker and the run finishes every step on the requests it would have taken."""
+    lost = ["+reward.custom.lose._target_=rl_helpers.KillAfter", "+reward.custom.lose.weight=0.0",
+            "+reward.custom.lose.after=6", f"+reward.custom.lose.marker={tmp_path / 'lost'}",
+            f"+reward.custom.lose.hang={how == 'hung'}", "reward.timeout_s=3600"]
+    extra = [*ASYNC, "trainer.steps=4", "trainer.eval_at_ends=false", "rollout.asynchronous.workers=2",
+             "rollout.asynchronous.prompts_per_request=1", "rollout.asynchronous.on_worker_failure=continue",
+             "rollout.asynchronous.worker_timeout_s=8", *lost]
+    out = spawn(1, run, extra, str(tmp_path / "run"), 1)[0]
+    assert [m["step"] for m in out] == [1, 2, 3, 4]
+    assert (tmp_path / "lost").is_file()  # one worker did go
+    assert out[-1]["async/workers_alive"] == 1.0 and out[-1]["async/workers_lost"] == 1.0
+    assert out[0]["async/workers_alive"] == 2.0 or out[0]["async/workers_lost"] == 1.0
+    # staleness 0: each step took exactly its own four requests, the lost one's sent again
+    assert [m["async/first_request"] for m in out] == [0.0, 4.0, 8.0, 12.0]
+    assert all(m["async/staleness_max"] == 0 for m in out)
+
+
 def _versions_across_update():
+    from r1mega.config.schema import ParallelConfig
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
     from r1mega.rollout.native import NativeEngine
     from r1mega.rollout.types import SamplingParams
+    from layout_utils import logits
     from test_native_engine import EOS, PAD, PROMPTS, model_config
-    from r1mega.config.schema import ParallelConfig
 
     initialize(ParallelConfig(), seed=3)
     try:
         chunks = build_model(model_config(), ParallelConfig())
-        new = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in chunks[0].named_parameters()}
+        old = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+        new = {n: p + 0.05 * torch.randn_like(p) for n, p in old.items()}
+
+        def load(weights):
+            with torch.no_grad():
+                for n, p in chunks[0].named_parameters():
+                    p.copy_(weights[n])
+
         engine = NativeEngine(chunks, eos_token_ids=[EOS], pad_token_id=PAD, max_batch_size=12)
         params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=5)
-        before = engine.generate(PROMPTS, params, n=2)
-        calls = []
+        out = {"before": engine.generate(PROMPTS, params, n=2)}
+        for mode in ("keep", "recompute"):
+            load(old)
+            engine.version, calls = 0, []
 
-        def update():  # between decode steps: after the third token, new weights (version 1)
-            calls.append(1)
-            if len(calls) == 3:
-                with torch.no_grad():
-                    for n, p in chunks[0].named_parameters():
-                        p.copy_(new[n])
+            def update():  # between decode steps: after the third token, new weights (version 1)
+                calls.append(1)
+                if len(calls) != 3:
+                    return False
+                load(new)
                 engine.version = 1
+                return True
 
-        engine.between_tokens = update
-        after = engine.generate(PROMPTS, params, n=2)
-        return before, after
+            engine.between_tokens, engine.recompute_after_update = update, mode == "recompute"
+            got = engine.generate(PROMPTS, params, n=2)
+            # the oracle: each whole sequence through the new weights at once
+            full = [torch.log_softmax(logits(chunks, torch.tensor([p + r]))[0].double(), -1)
+                    for p, r in zip(got.prompt_ids, got.response_ids)]
+            out[mode] = (got, [[f[len(p) - 1 + i, t].item() for i, t in enumerate(r)]
+                               for f, p, r in zip(full, got.prompt_ids, got.response_ids)])
+        return out
     finally:
         destroy()
 
 
 def test_partial_rollout_versions_per_token():
-    before, after = spawn(1, _versions_across_update)[0]
+    out = spawn(1, _versions_across_update)[0]
+    before = out["before"]
     assert before.versions == [[0] * len(r) for r in before.response_ids]
-    for ids, lp, versions, ids0, lp0 in zip(after.response_ids, after.logprobs, after.versions, before.response_ids,
-                                            before.logprobs):
-        assert versions == [0] * min(3, len(ids)) + [1] * max(0, len(ids) - 3)
-        assert ids[:3] == ids0[:3] and lp[:3] == lp0[:3]  # sampled under the old weights, as before
-    changed = [lp[3:] != lp0[3:] for lp, lp0, ids in zip(after.logprobs, before.logprobs, after.response_ids)
-               if len(ids) > 3]
-    assert changed and all(changed)  # the tokens after the update come from the new weights
+    for mode in ("keep", "recompute"):
+        after, oracle = out[mode]
+        gaps = []
+        for ids, lp, versions, ids0, lp0, ref in zip(after.response_ids, after.logprobs, after.versions,
+                                                     before.response_ids, before.logprobs, oracle):
+            assert versions == [0] * min(3, len(ids)) + [1] * max(0, len(ids) - 3)
+            assert ids[:3] == ids0[:3] and lp[:3] == lp0[:3]  # sampled under the old weights, as before
+            gaps += [abs(a - b) for a, b in zip(lp[3:], ref[3:])]
+        assert gaps  # some rows went on past the update
+        changed = [lp[3:] != lp0[3:] for lp, lp0, ids in zip(after.logprobs, before.logprobs, after.response_ids)
+                   if len(ids) > 3]
+        assert changed and all(changed)  # the tokens after the update come from the new weights
+        if mode == "recompute":  # the cache computed again: the new weights' log-probs of the whole sequence
+            assert max(gaps) < 1e-5, max(gaps)
+        else:  # the cache of the first tokens is the old weights': the later tokens' log-probs differ
+            assert max(gaps) > 1e-3, max(gaps)
 
 
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "data_parallel"])

@@ -24,7 +24,7 @@ TINY = [
     "bench.packing.rows=6", "bench.packing.prompt_tokens=4", "bench.packing.median_response=6",
     "bench.packing.p99_response=40", "bench.packing.longest_response=48", "trainer.micro_batch_tokens=64",
     "bench.peer.steps=2", "bench.peer.eval_every=1", "bench.peer.runs=1", "pretrain.steps=2", "pretrain.documents=64",
-    "pretrain.seq_length=32",
+    "pretrain.seq_length=32", "bench.asynchronous.steps=2", "bench.asynchronous.runs=1",
 ]
 
 
@@ -38,7 +38,7 @@ def test_every_suite_writes_results(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert list(results["suites"]) == ["step", "train", "rollout", "packing", "peer"]
+    assert list(results["suites"]) == ["step", "train", "rollout", "packing", "peer", "async"]
     assert results["environment"]["device"] and results["command"].startswith("r1mega-bench ")
 
     step = results["suites"]["step"]
@@ -63,6 +63,10 @@ def test_every_suite_writes_results(tmp_path):
     assert all(0.0 <= r["prefill_padding_share"] <= r["unbucketed_prefill_padding_share"] < 1.0 for r in native)
     assert all(_positive(r["unbucketed_tokens_per_s"]) and _positive(r["bucketed_prefill_speedup"]) for r in native)
     assert [r["skipped"] for r in rollout if r["engine"] == "sglang"]
+    partial = results["suites"]["rollout"]["partial"]  # a weight update halfway: cache kept or computed again
+    assert [(r["prompts"], r["batch_size"]) for r in partial] == [("task", 2), ("long_tailed", 2)]
+    assert all(_positive(r["keep_s"]) and _positive(r["recompute_s"]) and _positive(r["recompute_cost"])
+               for r in partial)
 
     packing = results["suites"]["packing"]
     assert set(packing["sets"]) == {"long_tailed", "task"}
@@ -74,7 +78,7 @@ def test_every_suite_writes_results(tmp_path):
     assert packing["sets"]["long_tailed"]["padded"]["padding_share"] > 0  # rows of 2 to 48 tokens
 
     peer = results["suites"]["peer"]
-    for side in ("r1mega", "trl"):
+    for side in ("r1mega", "r1mega_async", "trl"):
         (run,) = peer[side]["runs"]
         curve = run["curve"]  # (step, training seconds, held-out greedy accuracy): steps 0, 1, 2
         assert [c[0] for c in curve] == [0, 1, 2] and curve[0][1] == 0.0 and _positive(curve[-1][1])
@@ -82,12 +86,23 @@ def test_every_suite_writes_results(tmp_path):
         assert peer[side]["final_accuracy"] == curve[-1][2]
     assert set(peer["targets"]) == {"0.85", "0.9"} and peer["trl_version"] and peer["held_out"] == 4
     assert set(peer["r1mega"]["phase_share"]) >= {"generate", "update"}
+    assert set(peer["r1mega_async"]["phase_share"]) >= {"wait", "update"}
+
+    asy = results["suites"]["async"]
+    for side in ("sync", "async"):
+        (run,) = asy[side]["runs"]
+        assert _positive(run["samples_per_s"]) and 0.0 <= run["final_accuracy"] <= 1.0
+        assert asy[side]["samples_per_s"] == run["samples_per_s"]
+    assert 0.0 <= asy["async"]["trainer_wait_share"] <= 1.0 and 0.0 <= asy["async"]["rollout_idle_share"] <= 1.0
+    assert set(asy["sync"]["runs"][0]["phase_share"]) >= {"generate", "update"}
+    assert "wait" in asy["async"]["runs"][0]["phase_share"] and "generate" not in asy["async"]["runs"][0]["phase_share"]
+    assert asy["speedup"] == asy["async"]["samples_per_s"] / asy["sync"]["samples_per_s"]
 
     md = (out / "results.md").read_text()
     for title in ("End-to-end GRPO step", "Training", "Rollout", "RL update: packed against padded",
-                  "Time to accuracy against TRL"):
+                  "Time to accuracy against TRL", "Synchronous against asynchronous RL"):
         assert f"## {title}" in md
-    for name in ("step", "train", "rollout", "packing", "peer"):
+    for name in ("step", "train", "rollout", "packing", "peer", "async"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

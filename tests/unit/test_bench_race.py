@@ -28,11 +28,15 @@ def test_table_names_times_steps_and_misses():
             "train_s": 20.0, "phase_share": {"update": 0.5, "generate": 0.3}}
     result = {"model": "tiny", "algorithm": "grpo", "prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48,
               "lr": 5e-5, "steps": 10, "eval_every": 5, "held_out": 200, "runs": 1, "trl_version": "1.16.0",
-              "r1mega": side, "trl": {**side, "phase_share": {}},
+              "r1mega": side, "r1mega_async": side, "trl": {**side, "phase_share": {}},
               "targets": {"0.85": {"r1mega": {"seconds": 10.0, "step": 5, "reached": 1},
+                                   "r1mega_async": {"seconds": 8.0, "step": 5, "reached": 1},
                                    "trl": {"seconds": 20.0, "step": 10, "reached": 1},
-                                   "time_ratio_trl_over_r1mega": 2.0},
-                          "0.99": {"r1mega": None, "trl": None, "time_ratio_trl_over_r1mega": None}}}
+                                   "time_ratio_trl_over_r1mega": 2.0, "time_ratio_sync_over_async": 1.25},
+                          "0.99": {"r1mega": None, "r1mega_async": None, "trl": None,
+                                   "time_ratio_trl_over_r1mega": None, "time_ratio_sync_over_async": None}}}
     md = _peer_md(result)
     assert "| r1mega | 10 s (step 5; 1/1 runs) | not reached |" in md
+    assert "| r1mega, async (1 trainer rank + 1 worker) | 8 s (step 5; 1/1 runs) | not reached |" in md
     assert "85%: **2.00x**" in md and "update 50%, generate 30%" in md
+    assert "r1mega's / r1mega async's: 85%: **1.25x**" in md

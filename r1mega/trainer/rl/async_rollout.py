@@ -10,9 +10,12 @@ Weights go out every `weight_sync_every` steps: every trainer rank takes part in
 HF names (the converter's plan, as for SGLang); the controller copies them and a thread of its own
 sends them over the bridge, so training goes on while the workers join.
 
-A worker that exits, raises, or shows no sign of life for `worker_timeout_s` stops the run: every
-trainer rank raises RolloutWorkerError (the run loop saves a checkpoint of the last finished step
-first), and no rank is left in a collective.
+A worker that exits, raises, or shows no sign of life for `worker_timeout_s` (then it is killed) is
+lost. By default that stops the run: every trainer rank raises RolloutWorkerError (the run loop
+saves a checkpoint of the last finished step first), and no rank is left in a collective. With
+`on_worker_failure=continue` the requests it held go to the others (each worker holds at most two,
+so the controller always knows which) and the bridge regroups without it (r1mega/rollout/weights.py);
+the run stops only when no worker is left.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import queue
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,7 +39,8 @@ from r1mega.platform.env import free_port
 from r1mega.platform.launch import preload_modules
 from r1mega.rollout.ledger import RequestLedger, Result
 from r1mega.rollout.types import Rollouts
-from r1mega.rollout.worker import PUSHES, WorkerSpec, push_key, worker_main
+from r1mega.rollout.weights import Pusher
+from r1mega.rollout.worker import WorkerSpec, worker_main
 from r1mega.trainer.run import AbortRun
 
 log = logging.getLogger(__name__)
@@ -141,15 +145,26 @@ class AsyncRollout:
         """The step's results (the ledger's choice), waiting for workers as long as it takes."""
         waited = time.monotonic()
         while True:
-            for request in self.ledger.to_submit(self.pusher.announced, self.trained):
-                self.requests.put(request)
+            self.backlog += self.ledger.to_submit(self.pusher.announced, self.trained)
             chosen, again = self.ledger.take(step)
-            for request in again:
-                self.requests.put(request)
+            self.backlog += again
+            self._dispatch()
             if chosen is not None:
                 return chosen, self._metrics(step, chosen, time.monotonic() - waited)
             self._drain(timeout=0.05)
             self._check()
+
+    def _dispatch(self) -> None:
+        """Requests in order to the live workers, each holding at most two (one running, one next), the
+        least loaded first: the controller always knows which requests a worker holds."""
+        while self.backlog:
+            free = [i for i in sorted(self.alive) if len(self.held[i]) < 2]
+            if not free:
+                return
+            worker = min(free, key=lambda i: len(self.held[i]))
+            request = self.backlog.pop(0)
+            self.held[worker].append(request.id)
+            self.inboxes[worker].put(request)
 
     def _drain(self, timeout: float) -> None:
         try:
@@ -159,30 +174,49 @@ class AsyncRollout:
         while True:
             if isinstance(item, tuple) and item[0] == "error":
                 _, index, text = item
-                raise RolloutWorkerError(f"rollout worker {index} (pid {self.procs[index].pid}) failed: "
-                                         f"{_last_line(text)}\n{text}")
-            self.ledger.finished(item)
-            self.busy_s += item.generate_s + item.score_s
+                if index in self.alive:
+                    self._lost(index, f"rollout worker {index} (pid {self.procs[index].pid}) failed: "
+                                      f"{_last_line(text)}\n{text}")
+            else:
+                if item.request in self.held[item.worker]:
+                    self.held[item.worker].remove(item.request)
+                self.ledger.finished(item)
+                self.busy_s += item.generate_s + item.score_s
             try:
                 item = self.results.get_nowait()
             except queue.Empty:
                 return
 
     def _check(self) -> None:
-        """Every worker alive and beating; the push thread healthy."""
+        """Every live worker running and beating; the push thread healthy."""
         timeout = self.cfg.rollout.asynchronous.worker_timeout_s
         now = time.monotonic()
-        for i, (proc, beat) in enumerate(zip(self.procs, self.beats)):
+        for i in sorted(self.alive):
+            proc, beat = self.procs[i], self.beats[i]
             if not proc.is_alive():
                 self._drain(timeout=0.5)  # its traceback, if it sent one
-                raise RolloutWorkerError(f"rollout worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
-            if now - beat.value > timeout:
+                if i in self.alive:
+                    self._lost(i, f"rollout worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
+            elif now - beat.value > timeout:
                 proc.kill()
-                raise RolloutWorkerError(f"rollout worker {i} (pid {proc.pid}) showed no sign of life for "
-                                         f"{now - beat.value:.0f} s (rollout.asynchronous.worker_timeout_s="
-                                         f"{timeout:g}); it was killed")
+                self._lost(i, f"rollout worker {i} (pid {proc.pid}) showed no sign of life for {now - beat.value:.0f} "
+                              f"s (rollout.asynchronous.worker_timeout_s={timeout:g}); it was killed")
         if self.pusher.error is not None:
             raise RolloutWorkerError(f"a weight push to the rollout workers failed: {self.pusher.error}")
+
+    def _lost(self, index: int, why: str) -> None:
+        """A worker is gone: stop the run, or (on_worker_failure=continue, others left) send its requests to
+        the others and regroup the bridge without it."""
+        self.alive.discard(index)
+        if self.procs[index].is_alive():
+            self.procs[index].kill()
+        if self.starting or self.cfg.rollout.asynchronous.on_worker_failure == "stop" or not self.alive:
+            raise RolloutWorkerError(why if self.alive or len(self.procs) == 1 else f"{why}; no worker is left")
+        self.lost += 1
+        log.warning("%s; going on with %d worker(s)", why, len(self.alive))
+        self.backlog[:0] = self.ledger.out(self.held[index])
+        self.held[index] = []
+        self.pusher.regroup(sorted(self.alive))
 
     def _metrics(self, step: int, chosen: List[Result], waited: float) -> Dict[str, float]:
         """Staleness of the step's samples (by their first token) and tokens, each lag's share of
@@ -195,12 +229,13 @@ class AsyncRollout:
                 spans.append(max(versions) - min(versions))
         now = time.monotonic()
         window, self.window_start = now - self.window_start, now
-        workers = len(self.procs)
+        workers = len(self.alive)
         out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
                "async/token_staleness_mean": sum(token_lags) / len(token_lags),
                "async/version_span_max": float(max(spans)), "async/over_bound": float(self.ledger.over_bound),
                "async/first_request": float(chosen[0].request),
-               "async/trainer_wait_s": waited,
+               "async/trainer_wait_s": waited, "async/workers_alive": float(len(self.alive)),
+               "async/workers_lost": float(self.lost),
                "async/rollout_busy_share": min(1.0, self.busy_s / max(window * workers, 1e-9))}
         for lag in range(self.cfg.algorithm.max_staleness + 1):
             out[f"async/staleness_{lag}_share"] = sum(x == lag for x in lags) / len(lags)
@@ -213,14 +248,16 @@ class AsyncRollout:
         a = self.cfg.rollout.asynchronous
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(preload_modules())
-        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        self.starting = True  # a worker lost before the bridge stands stops the run, whatever the policy
+        self.inboxes, self.results = [ctx.Queue() for _ in range(a.workers)], ctx.Queue()
+        self.alive, self.held, self.backlog, self.lost = set(range(a.workers)), {i: [] for i in range(a.workers)}, [], 0
         port, size = free_port(), a.workers + 1
         cuda = torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         self.beats = [ctx.Value("d", time.monotonic()) for _ in range(a.workers)]
         specs = [WorkerSpec(index=i, cfg=self.cfg, tokenizer_path=str(tokenizer_path), bridge_port=port,
                             bridge_size=size, world_port=free_port(), threads=self.threads,
-                            device=local + i if cuda else None, requests=self.requests, results=self.results,
+                            device=local + i if cuda else None, requests=self.inboxes[i], results=self.results,
                             heartbeat=self.beats[i]) for i in range(a.workers)]
         self.procs = [ctx.Process(target=worker_main, args=(spec,), name=f"r1mega-rollout-{spec.index}")
                       for spec in specs]
@@ -241,13 +278,17 @@ class AsyncRollout:
             joiner.join(0.2)
             for b in self.beats:  # start-up (imports, model) is not a hang
                 b.value = time.monotonic()
-            if any(not p.is_alive() for p in self.procs):
-                self._check()
+            for i, p in enumerate(self.procs):  # one lost at start-up leaves the bridge short: stop
+                if not p.is_alive():
+                    self._drain(timeout=0.5)  # its traceback, if it sent one
+                    raise RolloutWorkerError(f"rollout worker {i} (pid {p.pid}) exited with code {p.exitcode} "
+                                             "while starting")
         if "error" in box:
             raise RolloutWorkerError(f"the rollout workers did not join the weight bridge: {box['error']}")
         self.bridge = box["bridge"]
-        self.pusher = _Pusher(self.bridge)
+        self.pusher = Pusher(self.bridge, a.worker_timeout_s)
         self.pusher.start()
+        self.starting = False
         log.info("async rollout: %d worker(s) (pids %s), max_staleness %d", a.workers,
                  ", ".join(str(p.pid) for p in self.procs), self.cfg.algorithm.max_staleness)
 
@@ -265,8 +306,8 @@ class AsyncRollout:
         """Stop the workers: a stop request each, then a kill for any still running after a grace period."""
         if not self.controller:
             return
-        for _ in self.procs:
-            self.requests.put(None)
+        for i in self.alive:
+            self.inboxes[i].put(None)
         self.pusher.stop()
         deadline = time.monotonic() + 30
         for p in self.procs:
@@ -278,49 +319,6 @@ class AsyncRollout:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-
-
-class _Pusher(threading.Thread):
-    """Sends weight snapshots over the bridge, newest first: a snapshot still waiting when a newer
-    one comes is replaced. Each push is announced in the store before it is sent."""
-
-    def __init__(self, bridge: Bridge):
-        super().__init__(name="r1mega-weight-push", daemon=True)
-        self.bridge = bridge
-        self.cond = threading.Condition()
-        self.waiting: Optional[Tuple[int, dict]] = None
-        self.announced = -1  # the newest version workers were told of
-        self.sent = 0
-        self.error: Optional[BaseException] = None
-        self.stopping = False
-
-    def push(self, version: int, tensors: dict) -> None:
-        with self.cond:
-            self.waiting = (version, tensors)
-            self.cond.notify()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                while self.waiting is None and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
-                    return
-                (version, tensors), self.waiting = self.waiting, None
-            try:
-                self.sent += 1
-                self.bridge.store.set(push_key(self.sent), str(version))
-                self.bridge.store.add(PUSHES, 1)
-                self.announced = version
-                self.bridge.broadcast_named(tensors)
-            except BaseException as e:  # the controller reports it at its next check
-                self.error = e
-                return
 
 
 def _last_line(text: str) -> str:
