@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rl_helpers import SMALL, run
+from test_rl_run import ALGO, COMPARED, _close
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -203,20 +204,24 @@ def test_partial_rollout_versions_per_token():
             assert max(gaps) > 1e-3, max(gaps)
 
 
+# minibatches draw their rows from each data-parallel rank's share: with one optimizer step per RL step
+# the DP=2 update is the single rank's
+TWO_RANKS = [a for a in ALGO if not a.startswith("algorithm.minibatches")] + [
+    "trainer.steps=2", *ASYNC, "trainer.eval_at_ends=false"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return spawn(1, run, TWO_RANKS, str(tmp_path_factory.mktemp("async_one") / "one"), 1)[0]
+
+
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "data_parallel"])
-def test_two_trainer_ranks_take_the_single_rank_steps(tmp_path, layout):
+def test_two_trainer_ranks_take_the_single_rank_steps(tmp_path, one_rank, layout):
     """The same requests (one worker, staleness 0) trained by two ranks, TP=2 (the weights gathered
     over both for each push) or DP=2 (each rank its share of the step's groups), equal one rank."""
-    from test_rl_run import ALGO, COMPARED, _close
-
-    algo = ALGO if layout != "data_parallel" else [a for a in ALGO if not a.startswith("algorithm.minibatches")]
-    # (minibatches draw their rows from each data-parallel rank's share: one optimizer step per RL step
-    # makes the DP=2 update the single rank's)
-    common = [*algo, "trainer.steps=2", *ASYNC, "trainer.eval_at_ends=false"]
-    one = spawn(1, run, common, str(tmp_path / "one"), 1)[0]
     extra = [layout] if layout.startswith("parallel") else []
-    two = spawn(2, run, [*common, *extra], str(tmp_path / "two"), 2)[0]
+    two = spawn(2, run, [*TWO_RANKS, *extra], str(tmp_path / "two"), 2)[0]
     assert [m["step"] for m in two] == [1, 2]
-    for a, b in zip(two, one):
+    for a, b in zip(two, one_rank):
         for key in COMPARED:
             assert _close(a[key], b[key], 1e-4, key), f"{layout} step {a['step']} {key}: {a[key]} vs {b[key]}"
