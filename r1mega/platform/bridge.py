@@ -40,6 +40,9 @@ class Bridge:
     def rebuild(self, rank: int, size: int, epoch: int) -> None:
         """A new group over the same store (keys of its own): every member calls it with the same
         epoch and size. How the members go on when one of them is gone; the old group is dropped."""
+        # the old group goes first: closing its connections ends a peer's wait in it, so that peer can
+        # join the new one (which waits for every member)
+        self.group = None
         self.rank, self.size, self.epoch = rank, size, epoch
         prefix = dist.PrefixStore(f"r1mega-bridge-{epoch}", self.store)
         if self.backend == "gloo":
