@@ -44,9 +44,11 @@ class WorkerSpec:
     world_port: int  # rendezvous of its own one-rank world
     threads: int
     device: Optional[int]  # CUDA device index; None on CPU
-    requests: Any  # queues: its own, Request (None: stop) in; shared by all, Result or ("error", index, text) out
+    requests: Any  # its own queue: Request in (None: stop)
+    # its own pipe's sending end: Result or ("error", index, text) out. Nothing is shared with another worker:
+    # a worker killed while writing could leave a shared queue's lock held and stall the others
     results: Any
-    heartbeat: Any  # multiprocessing.Value('d'): time.monotonic() of its latest sign of life
+    heartbeat: Any  # an unlocked multiprocessing Value('d') (a kill cannot leave it locked): its latest sign of life
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -60,8 +62,11 @@ def worker_main(spec: WorkerSpec) -> None:
         initialize(ParallelConfig(timeout_minutes=spec.cfg.parallel.timeout_minutes), spec.cfg.trainer.seed)
         torch.set_num_threads(spec.threads)
         Worker(spec).run()
-    except BaseException:  # the trainer reports it by the worker's name, then stops
-        spec.results.put(("error", spec.index, traceback.format_exc()))
+    except BaseException:  # the trainer reports it by the worker's name
+        try:
+            spec.results.send(("error", spec.index, traceback.format_exc()))
+        except OSError:  # the trainer is gone
+            pass
         raise
     finally:
         destroy()
@@ -111,7 +116,7 @@ class Worker:
                 if request is None:
                     return
                 self.weights.poll()  # every push announced before the request was queued
-                self.spec.results.put(self.serve(request))
+                self.spec.results.send(self.serve(request))
         finally:
             self.rewards.close()
             self.bridge.close()

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -93,17 +93,21 @@ class AsyncRollout:
             self.trained = step - 1
             self.push(step - 1)
             self.started = True
-        payload = None
+        payload, crash = None, None
         if self.controller:
             try:
                 payload = ("ok", self._collect(step))
             except RolloutWorkerError as e:
                 payload = ("error", str(e))
+            except Exception as e:  # told to every rank too, so none waits in the broadcast below
+                payload, crash = ("crash", f"{type(e).__name__}: {e}"), e
         box = [payload]
         dist.broadcast_object_list(box, src=0)
         kind, body = box[0]
         if kind == "error":
             raise RolloutWorkerError(body)
+        if kind == "crash":
+            raise crash if crash is not None else RuntimeError(f"the async rollout controller (rank 0) failed: {body}")
         results, metrics = body
         return (*self._my_share(results), metrics)
 
@@ -174,26 +178,31 @@ class AsyncRollout:
             self.held[worker].append(request.id)
             self.inboxes[worker].put(request)
 
-    def _drain(self, timeout: float) -> None:
-        try:
-            item = self.results.get(timeout=timeout)
-        except queue.Empty:
-            return
-        while True:
-            if isinstance(item, tuple) and item[0] == "error":
-                _, index, text = item
-                if index in self.alive:
-                    self._lost(index, f"rollout worker {index} (pid {self.procs[index].pid}) failed: "
-                                      f"{_last_line(text)}\n{text}")
-            else:
+    def _drain(self, timeout: float, only: Optional[int] = None) -> None:
+        """Take in what the live workers (or worker `only`) have sent, waiting up to `timeout` for the first."""
+        pipes = {self.pipes[i]: i for i in (self.alive if only is None else {only})}
+        while pipes:
+            ready = mp_connection.wait(list(pipes), timeout)
+            if not ready:
+                return
+            timeout = 0.0
+            for conn in ready:
+                i = pipes[conn]
+                try:
+                    item = conn.recv()
+                except (EOFError, OSError):  # it exited (a kill may also leave half a message): _check says how
+                    del pipes[conn]
+                    continue
+                if isinstance(item, tuple) and item[0] == "error":
+                    del pipes[conn]
+                    if i in self.alive:
+                        self._lost(i, f"rollout worker {i} (pid {self.procs[i].pid}) failed: {_last_line(item[2])}\n"
+                                      f"{item[2]}")
+                    continue
                 if item.request in self.held[item.worker]:
                     self.held[item.worker].remove(item.request)
                 self.ledger.finished(item)
                 self.busy_s += item.generate_s + item.score_s
-            try:
-                item = self.results.get_nowait()
-            except queue.Empty:
-                return
 
     def _check(self) -> None:
         """Every live worker running and beating; the push thread healthy."""
@@ -202,7 +211,7 @@ class AsyncRollout:
         for i in sorted(self.alive):
             proc, beat = self.procs[i], self.beats[i]
             if not proc.is_alive():
-                self._drain(timeout=0.5)  # its traceback, if it sent one
+                self._drain(timeout=0.5, only=i)  # its traceback, if it sent one
                 if i in self.alive:
                     self._lost(i, f"rollout worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
             elif now - beat.value > timeout:
@@ -257,20 +266,23 @@ class AsyncRollout:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(preload_modules())
         self.starting = True  # a worker lost before the bridge stands stops the run, whatever the policy
-        self.inboxes, self.results = [ctx.Queue() for _ in range(a.workers)], ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(a.workers)]
+        self.pipes, ends = zip(*[ctx.Pipe(duplex=False) for _ in range(a.workers)])
         self.alive, self.held, self.backlog, self.lost = set(range(a.workers)), {i: [] for i in range(a.workers)}, [], 0
         port, size = free_port(), a.workers + 1
         cuda = torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        self.beats = [ctx.Value("d", time.monotonic()) for _ in range(a.workers)]
+        self.beats = [ctx.Value("d", time.monotonic(), lock=False) for _ in range(a.workers)]
         specs = [WorkerSpec(index=i, cfg=self.cfg, tokenizer_path=str(tokenizer_path), bridge_port=port,
                             bridge_size=size, world_port=free_port(), threads=self.threads,
-                            device=local + i if cuda else None, requests=self.inboxes[i], results=self.results,
+                            device=local + i if cuda else None, requests=self.inboxes[i], results=ends[i],
                             heartbeat=self.beats[i]) for i in range(a.workers)]
         self.procs = [ctx.Process(target=worker_main, args=(spec,), name=f"r1mega-rollout-{spec.index}")
                       for spec in specs]
         for p in self.procs:
             p.start()
+        for end in ends:  # the workers hold the sending ends: an exit then reads as the end of its pipe
+            end.close()
         box: dict = {}
 
         def join_bridge():
@@ -288,7 +300,7 @@ class AsyncRollout:
                 b.value = time.monotonic()
             for i, p in enumerate(self.procs):  # one lost at start-up leaves the bridge short: stop
                 if not p.is_alive():
-                    self._drain(timeout=0.5)  # its traceback, if it sent one
+                    self._drain(timeout=0.5, only=i)  # its traceback, if it sent one
                     raise RolloutWorkerError(f"rollout worker {i} (pid {p.pid}) exited with code {p.exitcode} "
                                              "while starting")
         if "error" in box:
