@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one short run (for a machine lent for minutes): builds r1mega's CUDA
-# kernels just in time, runs the `gpu` tests (kernels against their PyTorch references, CUDA
+# kernels just in time, runs the `gpu` tests (kernels against their PyTorch references, RL end to end
+# synchronous and asynchronous, launched ranks on CUDA,
 # attention backends; the SGLang test where sglang is installed), times the log-prob kernels
 # (benchmarks/kernels; QUICK=1 skips the 64k-token rows), measures the MFU of a dense 1.5B bf16
 # training step (r1mega-bench bench=gpu, train suite; results under $OUT or /tmp) and prints a

@@ -8,7 +8,7 @@ import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple, TypeVar
+from typing import Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,24 @@ def device_and_backend(env: DistEnv) -> tuple[torch.device, str]:
     if torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count()), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+def rollout_worker_devices(local_ranks: int, workers: int) -> tuple[list[Optional[str]], str]:
+    """Where the async rollout workers of a host run beside its `local_ranks` trainer ranks, and the
+    bridge backend: each worker's CUDA_VISIBLE_DEVICES entry (None on CPU) and nccl or gloo.
+
+    Workers take the GPUs after the trainer's when there are enough; otherwise they share the host's
+    GPUs round-robin and weights travel over gloo through host memory, because NCCL refuses a
+    communicator with two ranks on one device."""
+    if not torch.cuda.is_available():
+        return [None] * workers, "gloo"
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [x.strip() for x in visible.split(",") if x.strip()] if visible else [str(i) for i in range(count)]
+    names = names[:count]
+    if local_ranks + workers <= count:
+        return [names[local_ranks + i] for i in range(workers)], "nccl"
+    return [names[(local_ranks + i) % count] for i in range(workers)], "gloo"
 
 
 def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) -> Runtime:

@@ -43,7 +43,8 @@ class WorkerSpec:
     bridge_size: int
     world_port: int  # rendezvous of its own one-rank world
     threads: int
-    device: Optional[int]  # CUDA device index; None on CPU
+    device: Optional[str]  # its CUDA_VISIBLE_DEVICES entry; None on CPU
+    backend: str  # the bridge's: nccl when every member has a GPU of its own, else gloo
     requests: Any  # its own queue: Request in (None: stop)
     # its own pipe's sending end: Result or ("error", index, text) out. Nothing is shared with another worker:
     # a worker killed while writing could leave a shared queue's lock held and stall the others
@@ -56,7 +57,7 @@ def worker_main(spec: WorkerSpec) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(spec.world_port))
     if spec.device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = spec.device
     setup_logging()
     try:
         initialize(ParallelConfig(timeout_minutes=spec.cfg.parallel.timeout_minutes), spec.cfg.trainer.seed)
@@ -84,9 +85,8 @@ class Worker:
         self.engine.recompute_after_update = cfg.rollout.asynchronous.partial_kv == "recompute"
         self.params = sampling_params(cfg)
         self.rewards, self.names = make_reward_stack(cfg)
-        backend = "nccl" if spec.device is not None else "gloo"
         timeout = cfg.rollout.asynchronous.worker_timeout_s
-        self.bridge = Bridge("127.0.0.1", spec.bridge_port, spec.index + 1, spec.bridge_size, backend=backend,
+        self.bridge = Bridge("127.0.0.1", spec.bridge_port, spec.index + 1, spec.bridge_size, backend=spec.backend,
                              timeout_s=timeout)
         self.weights = Receiver(self.bridge, spec.index, self.load, timeout, self.beat)
         self.beat()

@@ -35,6 +35,7 @@ from megatron.core import parallel_state as ps
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.schema import R1Config
 from r1mega.platform.bridge import Bridge
+from r1mega.platform.distributed import rollout_worker_devices
 from r1mega.platform.env import free_port
 from r1mega.platform.launch import preload_modules
 from r1mega.rollout.ledger import RequestLedger, Result
@@ -270,12 +271,12 @@ class AsyncRollout:
         self.pipes, ends = zip(*[ctx.Pipe(duplex=False) for _ in range(a.workers)])
         self.alive, self.held, self.backlog, self.lost = set(range(a.workers)), {i: [] for i in range(a.workers)}, [], 0
         port, size = free_port(), a.workers + 1
-        cuda = torch.cuda.is_available()
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        devices, backend = rollout_worker_devices(local, a.workers)
         self.beats = [ctx.Value("d", time.monotonic(), lock=False) for _ in range(a.workers)]
         specs = [WorkerSpec(index=i, cfg=self.cfg, tokenizer_path=str(tokenizer_path), bridge_port=port,
                             bridge_size=size, world_port=free_port(), threads=self.threads,
-                            device=local + i if cuda else None, requests=self.inboxes[i], results=ends[i],
+                            device=devices[i], backend=backend, requests=self.inboxes[i], results=ends[i],
                             heartbeat=self.beats[i]) for i in range(a.workers)]
         self.procs = [ctx.Process(target=worker_main, args=(spec,), name=f"r1mega-rollout-{spec.index}")
                       for spec in specs]
@@ -287,7 +288,7 @@ class AsyncRollout:
 
         def join_bridge():
             try:
-                box["bridge"] = Bridge("127.0.0.1", port, 0, size, backend="nccl" if cuda else "gloo",
+                box["bridge"] = Bridge("127.0.0.1", port, 0, size, backend=backend,
                                        timeout_s=a.worker_timeout_s)
             except BaseException as e:  # reported by the waiting thread below
                 box["error"] = e
