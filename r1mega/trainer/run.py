@@ -154,7 +154,10 @@ def _resume(cfg: R1Config, runtime: Runtime, job: Job) -> int:
     if folder is None:
         return 0
     state = load_checkpoint(folder, job.ddp_chunks, job.optimizer, job.scheduler, reference=job.reference)
-    job.load_data_state(state["data"])
+    try:
+        job.load_data_state(state["data"])
+    except ValueError as e:
+        raise ValueError(f"checkpoint {folder}: {e}") from None
     if runtime.is_main:
         log.info("resumed from %s at step %d", folder, state["step"])
     return state["step"]

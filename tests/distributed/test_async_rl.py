@@ -95,6 +95,11 @@ def test_resumed_run_takes_the_same_requests(tmp_path):
     assert [m["async/first_request"] for m in whole] == [0.0, 1.0, 2.0, 3.0]
     assert [m["async/first_request"] for m in rest] == [2.0, 3.0]
     assert rest[0]["async/staleness_max"] == 0  # generated afresh under the restored weights
+    # a synchronous run would skip the queued prompts (the stream is past them): refused, naming the checkpoint
+    state["data"]["async"]["pending"] = [(2, [5, 6, 7, 8], 2002)]
+    torch.save(state, middle / "common.pt")
+    with pytest.raises(Exception, match=r"checkpoint .*step_2: written by rollout.mode=async with 1 request"):
+        spawn(1, run, ["trainer.steps=4", f"trainer.load={middle}"], str(tmp_path / "sync"), 1)
 
 
 def test_killed_worker_stops_the_run_with_a_checkpoint(tmp_path):

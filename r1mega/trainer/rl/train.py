@@ -91,6 +91,12 @@ def job(ctx: RLContext) -> Job:
         return state
 
     def load_data_state(state: dict) -> None:
+        pending = (state.get("async") or {}).get("pending") or []
+        if ctx.async_rollout is None and pending:
+            # the prompt stream is past them: a synchronous run would never train on these prompts
+            raise ValueError(f"written by rollout.mode=async with {len(pending)} request(s) of "
+                             f"{sum(len(p[1]) for p in pending)} prompts queued and not yet trained on; "
+                             "resume it with rollout.mode=async, which sends those first")
         ctx.sampler.load_state_dict(state["sampler"])
         ctx.engine.load_state_dict(state["engine"])
         if ctx.async_rollout is not None:  # from a synchronous run's checkpoint: its stream and seeds go on
