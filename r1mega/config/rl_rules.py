@@ -117,8 +117,19 @@ def _check_async(cfg: R1Config) -> None:
         require(a.max_staleness == 0, f"algorithm.max_staleness={a.max_staleness} bounds rollout.mode=async; "
                                       "synchronous rollouts are on-policy (set rollout.mode=async)")
         return
-    require(r.engine == "native", "rollout.mode=async runs native-engine rollout workers; with rollout.engine=sglang "
-                                  "use rollout.mode=sync")
+    if r.engine == "sglang":
+        require(r.sglang.mode == "disaggregated",
+                "rollout.mode=async with rollout.engine=sglang needs rollout.sglang.mode=disaggregated (engines on "
+                "GPUs of their own); colocated engines take turns with the trainer: use rollout.mode=sync")
+        require(w.workers == 1, f"rollout.asynchronous.workers={w.workers}: with rollout.engine=sglang the engines are "
+                                "the rollout workers (rollout.sglang.num_gpus / tp); leave workers at 1")
+        require(w.on_worker_failure == "stop", "rollout.asynchronous.on_worker_failure=continue with "
+                                               "rollout.engine=sglang: the engines share one weight-update group, "
+                                               "which cannot drop a member; a lost engine stops the run")
+        require(not w.partial or w.partial_kv == "recompute",
+                "rollout.asynchronous.partial_kv=keep with rollout.engine=sglang: SGLang keeps the KV cache only "
+                "with pause mode in_place, whose cache flush is refused while requests run, so later requests "
+                "would reuse KV of the old weights; use partial_kv=recompute (pause mode retract)")
     require(a.max_staleness >= 0, f"algorithm.max_staleness={a.max_staleness} must be >= 0")
     require(w.workers >= 1, f"rollout.asynchronous.workers={w.workers} must be >= 1")
     require(w.worker_timeout_s > 0, f"rollout.asynchronous.worker_timeout_s={w.worker_timeout_s} must be > 0")

@@ -15,7 +15,18 @@ It also does what 0.5.23 does to the weights and to sampling:
   request fails;
 - with --enable-deterministic-inference each token is drawn with Gumbel noise hashed from
   (sampling_seed, position) alone, 42 when a request has no seed: two requests with one seed
-  sample the same tokens; otherwise sampling_seed is ignored and the server's generator draws.
+  sample the same tokens; otherwise sampling_seed is ignored and the server's generator draws;
+- decoding keeps a KV cache per request; /pause_generation mode=retract drops it (computed again under
+  the weights current at /continue_generation), in_place keeps it, abort ends every request with
+  finish_reason abort and its tokens so far. New /generate calls wait while paused;
+- a running /generate holds the tokenizer's model_update_lock as a reader: an unpaused weight-update
+  call (begin, update, end) waits for every running request and holds new ones back (writers first);
+  a paused one goes straight in;
+- an update with a new weight_version records, for every live request, where the old version ended;
+  a finished request reports meta_info weight_version and, if it saw a change, weight_versions spans;
+- flush_cache and release_memory_occupation need an idle server, where a retract pause leaves the
+  waiting requests out of account (they hold no KV);
+- init_weights_update_group joins the trainer's group at rank_offset over a TCP store (gloo here).
 """
 
 from __future__ import annotations
@@ -111,14 +122,88 @@ class StandIn:
         self.lock = threading.Lock()
         self.generator = torch.Generator().manual_seed(seed)
         self.group, self.group_name = None, "r1mega-weights"  # disaggregated: the weight-update group
+        self.weight_version = "default"
+        self.live: List[dict] = []  # running requests: their tokens so far and weight-version events
+        self.sched = threading.Condition(self.lock)  # the scheduler: one decode step at a time
+        self.paused = None  # None | "retract" | "in_place" (the scheduler's); abort leaves it running
+        self.tokenizer_paused = False  # new /generate calls wait
+        self.retracts = 0  # retract pauses so far: a request that saw one drops its KV cache
+        self.readers, self.writer, self.writers_waiting = 0, False, 0  # model_update_lock
+        # test knobs, beyond the real server, so that a weight update lands mid-request on any machine:
+        # requests whose sampling_seed is in hold[0] wait before output position hold[1] until the weights
+        # change, and those in gate decode nothing until one of them got there; die_at: the scheduler dies
+        # at that /generate call (1-based)
+        self.hold, self.gate, self.die_at, self.hold_reached = None, None, None, False
+
+    WEIGHT_ROUTES = {"/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor",
+                     "/update_weights_from_distributed"}
 
     def handle(self, route: str, body) -> object:
         if self.dead is not None:
             raise Dead(f"the scheduler died: {self.dead}")
+        route = route.split("?")[0]
         handler = getattr(self, "r_" + route.strip("/"), None)
         if handler is None:
             raise Refused(f"no route {route}")
-        return handler(body)
+        if route not in self.WEIGHT_ROUTES:
+            return handler(body)
+        with self.sched:  # tokenizer_manager: paused, straight in; else the writer lock
+            paused = self.tokenizer_paused
+            if not paused:
+                self.writers_waiting += 1
+                self.sched.wait_for(lambda: not self.writer and self.readers == 0)
+                self.writers_waiting -= 1
+                self.writer = True
+        try:
+            return handler(body)
+        finally:
+            if not paused:
+                with self.sched:
+                    self.writer = False
+                    self.sched.notify_all()
+
+    def r_health(self, body):
+        """0.5.23's /health runs a one-token generation: it waits out a pause and a weight update (20 s)."""
+        with self.sched:
+            if not self.sched.wait_for(lambda: not self.tokenizer_paused and not self.writer, timeout=20):
+                raise Dead("UnHealthy")
+        return None
+
+    def r_model_info(self, body):
+        return {"model_path": "stand-in", "is_generation": True, "weight_version": self.weight_version}
+
+    def r_pause_generation(self, body):
+        mode = (body or {}).get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise Refused(f"mode={mode!r} is not one of abort, retract, in_place")
+        with self.sched:
+            self.tokenizer_paused = True
+            if mode == "abort":  # every request ends now with its tokens so far; returns once all have
+                for req in self.live:
+                    req["abort"] = True
+                self.sched.notify_all()
+                self.sched.wait_for(lambda: not self.live)
+            else:
+                self.paused = mode
+                self.retracts += mode == "retract"
+            self.calls.append(("pause", mode))
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def r_continue_generation(self, body):
+        with self.sched:
+            self.paused, self.tokenizer_paused = None, False
+            self.sched.notify_all()
+            self.calls.append(("continue",))
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    def _next(self):
+        """The row to decode: the first admitted among those decoding (a call's rows go one after another)
+        and not held."""
+        return next((r for r in self.live if r.get("active") and not r["waits"]), None)
+
+    def _idle(self) -> bool:
+        """scheduler.is_fully_idle(ignore_waiting=paused): retracted requests wait without KV."""
+        return not self.live or self.paused == "retract"
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -145,17 +230,32 @@ class StandIn:
                     raise Refused(f"{key} must be an integer")
         if not body.get("return_logprob"):
             raise Refused("r1mega always asks for log-probs")
-        with self.lock:
+        with self.sched:
+            self.sched.wait_for(lambda: not self.tokenizer_paused)
+            self.sched.wait_for(lambda: not self.writer and not self.writers_waiting)  # the reader lock
             if self.resident != TAGS:  # the real server would touch unmapped memory
                 raise Refused(f"generate with resident={sorted(self.resident)}")
+            if self.die_at is not None and sum(c[0] == "generate" for c in self.calls) + 1 >= self.die_at:
+                self.dead = "killed by the test"
+                raise Dead(self.dead)
+            self.readers += 1
             self.busy += 1
             self.calls.append(("generate", len(prompts), per_prompt[0]["n"]))
             self.seeds += [p.get("sampling_seed") for p in per_prompt]
+            reqs = [{"out": [], "events": [], "abort": False, "started": self.weight_version, "waits": False,
+                     "held": self.hold is not None and p.get("sampling_seed") in self.hold[0],
+                     "gated": self.gate is not None and p.get("sampling_seed") in self.gate}
+                    for p in per_prompt for _ in range(p["n"])]
+            self.live += reqs
         try:
-            return [self._sample(p, params) for p, params in zip(prompts, per_prompt) for _ in range(params["n"])]
+            rows = [(p, params) for p, params in zip(prompts, per_prompt) for _ in range(params["n"])]
+            return [self._sample(p, params, req) for (p, params), req in zip(rows, reqs)]
         finally:
-            with self.lock:
+            with self.sched:
+                self.live = [r for r in self.live if not any(r is q for q in reqs)]
+                self.readers -= 1
                 self.busy -= 1
+                self.sched.notify_all()
 
     def r_release_memory_occupation(self, body):
         return self._memory(body, release=True)
@@ -187,6 +287,12 @@ class StandIn:
 
     def r_init_weights_update_group(self, body):
         self.calls.append(("init_group", body["rank_offset"], body["world_size"], body["group_name"]))
+        if self.tp != 1:
+            return {"success": False, "message": "the stand-in joins as one rank (tp=1)"}
+        if self.group is None:  # SGLang's init_custom_process_group, over gloo
+            self.group_name = body["group_name"]
+            self.group = gloo_group(body["master_address"], body["master_port"], body["world_size"],
+                                    body["rank_offset"], body["group_name"])
         return {"success": True, "message": ""}
 
     def r_update_weights_from_distributed(self, body):
@@ -207,13 +313,26 @@ class StandIn:
             metas.append((name, dtype, torch.Size(shape), offset, offset + size))
             offset += size
         flat = torch.empty(offset, dtype=torch.uint8)
-        dist.broadcast(flat, src=0, group=self.group)
+        options = dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = 0, 0
+        self.group.broadcast([flat], options).wait()
         named = [(n, flat[a:b].view(d).reshape(sh).clone()) for n, d, sh, a, b in metas]
         return self._load(named, body["weight_version"])
 
     def _load(self, named, version):
+        with self.sched:  # between decode steps
+            try:
+                return self._load_locked(named, version)
+            finally:
+                self.sched.notify_all()
+
+    def _load_locked(self, named, version):
         if "weights" not in self.resident:
             return {"success": False, "message": "weights are released"}
+        if version is not None and version != self.weight_version:  # record_weight_version_change
+            for req in self.live:
+                req["events"].append((self.weight_version, len(req["out"])))
+            self.weight_version = version
         state = self.model.state_dict()
         for name, tensor in named:
             if name not in self.expected:
@@ -242,7 +361,7 @@ class StandIn:
         return {"success": True, "message": ""}
 
     def r_flush_cache(self, body):
-        if self.busy:
+        if not self._idle():
             raise Refused("requests are running")
         self.calls.append(("flush",))
         return "Cache flushed."
@@ -252,7 +371,7 @@ class StandIn:
     def _memory(self, body, release: bool):
         tags = set(body["tags"] or TAGS)
         with self.lock:
-            if release and self.busy:  # weight_updater.release_memory_occupation asserts the server is idle
+            if release and not self._idle():  # weight_updater.release_memory_occupation asserts the server is idle
                 self.dead = "release_memory_occupation should be called only when server is idle"
                 raise Dead(self.dead)
             if not tags <= TAGS:
@@ -272,30 +391,84 @@ class StandIn:
             p.copy_(torch.randn(p.shape, generator=garbage) * 3)
 
     @torch.no_grad()
-    def _sample(self, prompt: List[int], params: Dict) -> dict:
-        ids = list(prompt)
-        out, logprobs, finish = [], [], {"type": "length", "length": params["max_new_tokens"]}
-        for _ in range(params["max_new_tokens"]):
-            logits = self.model(torch.tensor([ids])).logits[0, -1].float()
-            greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
-            logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
-            if greedy:
-                token = int(logp.argmax())
-            elif self.deterministic:  # sampler.multinomial_with_seed: noise from (seed, position) only
-                seed = params.get("sampling_seed")
-                noise = torch.Generator().manual_seed(hash((42 if seed is None else seed, len(ids) - 1)) & (2**63 - 1))
-                u = torch.rand(logp.shape, generator=noise, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-                token = int((logp.double() - torch.log(-torch.log(u))).argmax())
-            else:
-                token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
-            out.append(token)
-            logprobs.append([float(logp[token]), token, None])
-            ids.append(token)
+    def _sample(self, prompt: List[int], params: Dict, req: dict) -> dict:
+        ids, out, logprobs = list(prompt), req["out"], []
+        finish = {"type": "length", "length": params["max_new_tokens"]}
+        past, retracts, retractions = None, self.retracts, 0
+        req["active"] = True
+        for position in range(params["max_new_tokens"]):
+            with self.sched:  # one decode step, never across a pause or a weight load
+                if req["gated"] and position == 0:
+                    req["waits"] = True
+                    if not self.sched.wait_for(lambda: self.hold_reached, timeout=120):
+                        raise RuntimeError(f"gated row: no held row reached its hold point; calls {self.calls[-8:]}")
+                    req["waits"] = False
+                if req["held"] and position == self.hold[1]:
+                    req["waits"], self.hold_reached = True, True
+                    self.sched.notify_all()
+                    if not self.sched.wait_for(lambda: self.weight_version != req["started"], timeout=120):
+                        raise RuntimeError(f"held row: no weight update; calls {self.calls[-8:]}")
+                    req["waits"] = False
+                # first come, first served, a row at a time (a held row steps aside): requests finish in
+                # the order they came
+                self.sched.wait_for(lambda: (self.paused is None and self._next() is req) or req["abort"])
+                if req["abort"]:
+                    finish = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+                    break
+                if self.retracts != retracts:  # retracted: its KV cache was freed
+                    past, retracts, retractions = None, self.retracts, retractions + 1
+                step = self.model(torch.tensor([ids]) if past is None else torch.tensor([ids[-1:]]),
+                                  past_key_values=past, use_cache=True)
+                past, logits = step.past_key_values, step.logits[0, -1].float()
+                greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
+                logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
+                if greedy:
+                    token = int(logp.argmax())
+                elif self.deterministic:  # sampler.multinomial_with_seed: noise from (seed, position) only
+                    seed = params.get("sampling_seed")
+                    noise = torch.Generator().manual_seed(hash((42 if seed is None else seed, len(ids) - 1)) &
+                                                          (2**63 - 1))
+                    u = torch.rand(logp.shape, generator=noise, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+                    token = int((logp.double() - torch.log(-torch.log(u))).argmax())
+                else:
+                    token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+                out.append(token)
+                logprobs.append([float(logp[token]), token, None])
+                ids.append(token)
             if token in params["stop_token_ids"]:
                 finish = {"type": "stop", "matched": token}
                 break
-        return {"output_ids": out, "meta_info": {"finish_reason": finish, "output_token_logprobs": logprobs,
-                                                  "completion_tokens": len(out)}}
+        with self.sched:
+            self.live = [r for r in self.live if r is not req]
+            self.sched.notify_all()
+        meta = {"finish_reason": finish, "output_token_logprobs": logprobs, "completion_tokens": len(out),
+                "weight_version": self.weight_version, "num_retractions": retractions}
+        if req["events"]:  # add_weight_versions_to_meta_info
+            spans, start = [], 0
+            for version, end in req["events"]:
+                spans.append({"version": version, "start": start, "end": end})
+                start = end
+            spans.append({"version": self.weight_version, "start": start, "end": len(out)})
+            meta["weight_versions"] = spans
+        return {"output_ids": list(out), "meta_info": meta}
+
+
+def gloo_group(master_address: str, master_port: int, world_size: int, rank: int, group_name: str,
+               timeout_s: float = 120.0):
+    """A group of its own over a TCP store (rank 0 hosts it), as SGLang's init_custom_process_group makes
+    one, on gloo; the trainer's side in tests too (NcclTransport's init_group)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore(group_name, store), rank, world_size, timeout)
+
+
+def trainer_group(master_address: str, master_port: int, world_size: int, group_name: str):
+    """NcclTransport's init_group on CPU: the trainer's end (rank 0) of gloo_group."""
+    return gloo_group(master_address, master_port, world_size, 0, group_name)
 
 
 def _reconstruct(payload) -> List[tuple]:
@@ -350,8 +523,9 @@ def serve(standin: StandIn) -> ThreadingHTTPServer:
     return server
 
 
-def start_standins(registry: dict):
-    """A replacement for r1mega.rollout.sglang.launch.start_servers: stand-ins in this process."""
+def start_standins(registry: dict, **knobs):
+    """A replacement for r1mega.rollout.sglang.launch.start_servers: stand-ins in this process. `knobs` are
+    set on each (hold, die_at)."""
     import torch.distributed as dist
 
     from r1mega.rollout.sglang.launch import share_urls
@@ -361,6 +535,7 @@ def start_standins(registry: dict):
         mine = {}
         for e in topo.owned_engines(dist.get_rank()):
             standin = StandIn(cfg.model, topo.tp, seed=100 + e, server_args=dict(cfg.rollout.sglang.server_args))
+            standin.__dict__.update(knobs)
             server = serve(standin)
             registry[e] = standin
             mine[e] = f"http://127.0.0.1:{server.server_address[1]}"

@@ -97,6 +97,19 @@ class SGLangClient:
                 time.sleep(1.0)
         self.request("/flush_cache", method="POST", timeout_s=30)
 
+    def alive(self) -> None:
+        """Raises unless the server answers /model_info within 5 s. (Not /health: in 0.5.23 that runs a
+        one-token generation, which waits out every pause and weight update.)"""
+        self.request("/model_info", method="GET", timeout_s=5)
+
+    def pause_generation(self, mode: str) -> None:
+        """Stop scheduling (abort: end every request; retract: free their KV, to be computed again under
+        the weights current at /continue_generation; in_place: keep it). New /generate calls wait."""
+        self.request("/pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self.request("/continue_generation", {})
+
     def begin_weight_update(self) -> None:
         self._checked("/begin_weight_update", {"selector": "all"})
 

@@ -73,6 +73,28 @@ def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[
     return ids, logprobs, reasons
 
 
+def token_versions(outputs: List[dict], url: str) -> List[List[int]]:
+    """The weight version that sampled each output token, from meta_info: `weight_versions`, spans
+    [{"version", "start", "end"}] over output positions that SGLang 0.5.23 adds to every finished request
+    (split where an update changed weight_version mid-request), else `weight_version` for all of them."""
+    out = []
+    for o in outputs:
+        meta, length = o["meta_info"], len(o["output_ids"])
+        try:
+            spans = meta.get("weight_versions") or [{"version": meta["weight_version"], "start": 0, "end": length}]
+            versions = [-1] * length
+            for span in spans:
+                versions[int(span["start"]):int(span["end"])] = [int(span["version"])] * (int(span["end"]) -
+                                                                                         int(span["start"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SGLangError(f"{url}/generate: no usable weight version in meta_info ({type(err).__name__}: {err}); "
+                              f"weight_version={meta.get('weight_version')!r}") from None
+        if len(versions) != length or -1 in versions:
+            raise SGLangError(f"{url}/generate: weight_versions {spans} do not cover the {length} output tokens")
+        out.append(versions)
+    return out
+
+
 class SGLangEngine:
     """RolloutEngine over SGLang servers; `transport` sends weight buckets (IPC or NCCL)."""
 

@@ -90,7 +90,9 @@ class NcclTransport:
         with ThreadPoolExecutor(len(self.clients)) as pool:  # the servers wait in the broadcast
             calls = [pool.submit(c.update_weights_from_distributed, names, dtypes, shapes, self.GROUP, version)
                      for c in self.clients]
-            dist.broadcast(buffer, src=0, group=self.group)
+            options = dist.BroadcastOptions()  # the group's own call: SGLang's helper group and a plain one alike
+            options.rootRank, options.rootTensor = 0, 0
+            self.group.broadcast([buffer], options).wait()
             for call in calls:
                 call.result()
 

@@ -1,30 +1,30 @@
 """Asynchronous rollouts, the trainer's side: workers generate the next steps' groups while the
 trainer trains on this step's.
 
-The trainer's first rank (the controller) runs the workers (r1mega/rollout/worker.py): it sends
+The trainer's first rank (the controller) runs a pool of workers: native-engine processes
+(r1mega/rollout/workers.py) or lanes to SGLang engines (r1mega/rollout/sglang/lanes.py). It sends
 them requests as the ledger allows (r1mega/rollout/ledger.py: the staleness gate and check, what a
 checkpoint keeps), gathers their scored results, and shares each step's with every trainer rank,
 which takes its data-parallel share.
 
 Weights go out every `weight_sync_every` steps: every trainer rank takes part in gathering them to
-HF names (the converter's plan, as for SGLang); the controller copies them and a thread of its own
-sends them over the bridge, so training goes on while the workers join.
+HF names (the converter's plan, as for SGLang); the controller copies them and the pool's push
+thread sends them, so training goes on while the workers take them.
 
 A worker that exits, raises, or shows no sign of life for `worker_timeout_s` (then it is killed) is
 lost. By default that stops the run: every trainer rank raises RolloutWorkerError (the run loop
 saves a checkpoint of the last finished step first), and no rank is left in a collective. With
 `on_worker_failure=continue` the requests it held go to the others (each worker holds at most two,
 so the controller always knows which) and the bridge regroups without it (r1mega/rollout/weights.py);
-the run stops only when no worker is left.
+the run stops only when no worker is left. SGLang engines share one weight-update group, so a lost
+engine always stops the run.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -34,14 +34,9 @@ from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.schema import R1Config
-from r1mega.platform.bridge import Bridge
-from r1mega.platform.distributed import rollout_worker_devices
-from r1mega.platform.env import free_port
-from r1mega.platform.launch import preload_modules
 from r1mega.rollout.ledger import RequestLedger, Result
 from r1mega.rollout.types import Rollouts
-from r1mega.rollout.weights import Pusher
-from r1mega.rollout.worker import WorkerSpec, worker_main
+from r1mega.rollout.workers import ProcessWorkers, WorkerLost
 from r1mega.trainer.run import AbortRun
 
 log = logging.getLogger(__name__)
@@ -54,15 +49,16 @@ class RolloutWorkerError(AbortRun):
 class AsyncRollout:
     """On every trainer rank; the first one (the controller) runs the workers."""
 
-    def __init__(self, cfg: R1Config, chunks, train_records: list, tokenizer_path: str):
-        self.cfg, self.chunks = cfg, chunks
+    def __init__(self, cfg: R1Config, chunks, train_records: list, tokenizer_path: str, sglang=None):
+        """`sglang`: the run's SGLang engine (servers and weight transport) when rollout.engine=sglang."""
+        self.cfg, self.chunks, self.sglang = cfg, chunks, sglang
         a = cfg.rollout.asynchronous
         self.per_request = a.prompts_per_request or cfg.data.prompts_per_step
         self.controller = dist.get_rank() == 0
         self.plan = None
         self.started = False
         self.trained = 0  # steps trained on so far
-        self.threads = _share_cores(a.workers)
+        self.threads = _share_cores(a.workers if sglang is None else 0)
         if not self.controller:
             return
         self.ledger = RequestLedger(train_records, cfg.data.prompts_per_step, self.per_request, cfg.data.seed,
@@ -77,12 +73,13 @@ class AsyncRollout:
             log.warning("algorithm.max_staleness=%d without algorithm.correction: the PPO ratio is taken against "
                         "the trainer's own log-probs, so samples of older policies go uncorrected; consider "
                         "correction=decoupled", al.max_staleness)
-        self.procs: list = []
+        self.alive, self.held, self.backlog, self.lost = set(), {}, [], 0
         try:
-            self._start_workers(tokenizer_path)
-        except BaseException:  # no worker outlives a failed start
-            self._kill_workers()
-            raise
+            self.pool = _make_pool(cfg, tokenizer_path, self.threads, sglang)
+        except WorkerLost as e:
+            raise RolloutWorkerError(str(e)) from None
+        self.alive, self.held = set(range(self.pool.size)), {i: [] for i in range(self.pool.size)}
+        log.info("async rollout: max_staleness %d", cfg.algorithm.max_staleness)
 
     # -- the step's side ----------------------------------------------------------------------
 
@@ -127,10 +124,11 @@ class AsyncRollout:
             self.plan = make_plan(self.chunks, self.cfg.model)
         # sent to the controller alone (nothing arrives elsewhere); a copy: the next optimizer step
         # changes the parameters in place
-        tensors = {name: t.detach().to(self.bridge.device, copy=True)
+        device = self.pool.push_device if self.controller else None
+        tensors = {name: t.detach().to(device, copy=True)
                    for name, t in world_hf_tensors(self.chunks, self.cfg.model, self.plan, dst=0)}
         if self.controller:
-            self.pusher.push(version, tensors)
+            self.pool.pusher.push(version, tensors)
 
     def _my_share(self, results: List[Result]):
         """The step's prompts split over data-parallel ranks in contiguous shares, as the synchronous
@@ -158,7 +156,7 @@ class AsyncRollout:
         """The step's results (the ledger's choice), waiting for workers as long as it takes."""
         waited = time.monotonic()
         while True:
-            self.backlog += self.ledger.to_submit(self.pusher.announced, self.trained)
+            self.backlog += self.ledger.to_submit(self.pool.pusher.announced, self.trained)
             chosen, again = self.ledger.take(step)
             self.backlog += again
             self._dispatch()
@@ -177,11 +175,11 @@ class AsyncRollout:
             worker = min(free, key=lambda i: len(self.held[i]))
             request = self.backlog.pop(0)
             self.held[worker].append(request.id)
-            self.inboxes[worker].put(request)
+            self.pool.send(worker, request)
 
     def _drain(self, timeout: float, only: Optional[int] = None) -> None:
         """Take in what the live workers (or worker `only`) have sent, waiting up to `timeout` for the first."""
-        pipes = {self.pipes[i]: i for i in (self.alive if only is None else {only})}
+        pipes = self.pool.connections(self.alive if only is None else {only})
         while pipes:
             ready = mp_connection.wait(list(pipes), timeout)
             if not ready:
@@ -197,8 +195,7 @@ class AsyncRollout:
                 if isinstance(item, tuple) and item[0] == "error":
                     del pipes[conn]
                     if i in self.alive:
-                        self._lost(i, f"rollout worker {i} (pid {self.procs[i].pid}) failed: {_last_line(item[2])}\n"
-                                      f"{item[2]}")
+                        self._lost(i, f"{self.pool.name(i)} failed: {_last_line(item[2])}\n{item[2]}")
                     continue
                 if item.request in self.held[item.worker]:
                     self.held[item.worker].remove(item.request)
@@ -210,31 +207,31 @@ class AsyncRollout:
         timeout = self.cfg.rollout.asynchronous.worker_timeout_s
         now = time.monotonic()
         for i in sorted(self.alive):
-            proc, beat = self.procs[i], self.beats[i]
-            if not proc.is_alive():
+            gone = self.pool.exited(i)
+            if gone is not None:
                 self._drain(timeout=0.5, only=i)  # its traceback, if it sent one
                 if i in self.alive:
-                    self._lost(i, f"rollout worker {i} (pid {proc.pid}) exited with code {proc.exitcode}")
-            elif now - beat.value > timeout:
-                proc.kill()
-                self._lost(i, f"rollout worker {i} (pid {proc.pid}) showed no sign of life for {now - beat.value:.0f} "
-                              f"s (rollout.asynchronous.worker_timeout_s={timeout:g}); it was killed")
-        if self.pusher.error is not None:
-            raise RolloutWorkerError(f"a weight push to the rollout workers failed: {self.pusher.error}")
+                    self._lost(i, f"{self.pool.name(i)} {gone}")
+            elif now - self.pool.last_beat(i) > timeout:
+                silent = now - self.pool.last_beat(i)
+                self.pool.kill(i)
+                self._lost(i, f"{self.pool.name(i)} showed no sign of life for {silent:.0f} s "
+                              f"(rollout.asynchronous.worker_timeout_s={timeout:g}); it was killed")
+        if self.pool.pusher.error is not None:
+            raise RolloutWorkerError(f"a weight push to the rollout workers failed: {self.pool.pusher.error}")
 
     def _lost(self, index: int, why: str) -> None:
         """A worker is gone: stop the run, or (on_worker_failure=continue, others left) send its requests to
         the others and regroup the bridge without it."""
         self.alive.discard(index)
-        if self.procs[index].is_alive():
-            self.procs[index].kill()
-        if self.starting or self.cfg.rollout.asynchronous.on_worker_failure == "stop" or not self.alive:
-            raise RolloutWorkerError(why if self.alive or len(self.procs) == 1 else f"{why}; no worker is left")
+        self.pool.kill(index)
+        if self.cfg.rollout.asynchronous.on_worker_failure == "stop" or not self.alive:
+            raise RolloutWorkerError(why if self.alive or self.pool.size == 1 else f"{why}; no worker is left")
         self.lost += 1
         log.warning("%s; going on with %d worker(s)", why, len(self.alive))
         self.backlog[:0] = self.ledger.out(self.held[index])
         self.held[index] = []
-        self.pusher.regroup(sorted(self.alive))
+        self.pool.regroup(self.alive)
 
     def _metrics(self, step: int, chosen: List[Result], waited: float) -> Dict[str, float]:
         """Staleness of the step's samples (by their first token) and tokens, each lag's share of
@@ -260,59 +257,6 @@ class AsyncRollout:
         self.busy_s = 0.0
         return out
 
-    # -- workers ------------------------------------------------------------------------------
-
-    def _start_workers(self, tokenizer_path: str) -> None:
-        a = self.cfg.rollout.asynchronous
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(preload_modules())
-        self.starting = True  # a worker lost before the bridge stands stops the run, whatever the policy
-        self.inboxes = [ctx.Queue() for _ in range(a.workers)]
-        self.pipes, ends = zip(*[ctx.Pipe(duplex=False) for _ in range(a.workers)])
-        self.alive, self.held, self.backlog, self.lost = set(range(a.workers)), {i: [] for i in range(a.workers)}, [], 0
-        port, size = free_port(), a.workers + 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-        devices, backend = rollout_worker_devices(local, a.workers)
-        self.beats = [ctx.Value("d", time.monotonic(), lock=False) for _ in range(a.workers)]
-        specs = [WorkerSpec(index=i, cfg=self.cfg, tokenizer_path=str(tokenizer_path), bridge_port=port,
-                            bridge_size=size, world_port=free_port(), threads=self.threads,
-                            device=devices[i], backend=backend, requests=self.inboxes[i], results=ends[i],
-                            heartbeat=self.beats[i]) for i in range(a.workers)]
-        self.procs = [ctx.Process(target=worker_main, args=(spec,), name=f"r1mega-rollout-{spec.index}")
-                      for spec in specs]
-        for p in self.procs:
-            p.start()
-        for end in ends:  # the workers hold the sending ends: an exit then reads as the end of its pipe
-            end.close()
-        box: dict = {}
-
-        def join_bridge():
-            try:
-                box["bridge"] = Bridge("127.0.0.1", port, 0, size, backend=backend,
-                                       timeout_s=a.worker_timeout_s)
-            except BaseException as e:  # reported by the waiting thread below
-                box["error"] = e
-
-        joiner = threading.Thread(target=join_bridge, daemon=True)
-        joiner.start()
-        while joiner.is_alive():
-            joiner.join(0.2)
-            for b in self.beats:  # start-up (imports, model) is not a hang
-                b.value = time.monotonic()
-            for i, p in enumerate(self.procs):  # one lost at start-up leaves the bridge short: stop
-                if not p.is_alive():
-                    self._drain(timeout=0.5, only=i)  # its traceback, if it sent one
-                    raise RolloutWorkerError(f"rollout worker {i} (pid {p.pid}) exited with code {p.exitcode} "
-                                             "while starting")
-        if "error" in box:
-            raise RolloutWorkerError(f"the rollout workers did not join the weight bridge: {box['error']}")
-        self.bridge = box["bridge"]
-        self.pusher = Pusher(self.bridge, a.worker_timeout_s)
-        self.pusher.start()
-        self.starting = False
-        log.info("async rollout: %d worker(s) (pids %s), max_staleness %d", a.workers,
-                 ", ".join(str(p.pid) for p in self.procs), self.cfg.algorithm.max_staleness)
-
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -324,27 +268,25 @@ class AsyncRollout:
             self.ledger.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the workers: a stop request each, then a kill for any still running after a grace period."""
-        if not self.controller:
-            return
-        for i in self.alive:
-            self.inboxes[i].put(None)
-        self.pusher.stop()
-        deadline = time.monotonic() + 30
-        for p in self.procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-        self._kill_workers()
-
-    def _kill_workers(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        """Stop the workers (the pool's own way), and SGLang's servers (every rank: each stops its own)."""
+        if self.controller:
+            self.pool.close(self.alive)
+        if self.sglang is not None:
+            self.sglang.shutdown()
 
 
 def _last_line(text: str) -> str:
     lines = [x for x in text.strip().splitlines() if x.strip()]
     return lines[-1] if lines else text
+
+
+def _make_pool(cfg: R1Config, tokenizer_path: str, threads: int, sglang):
+    """The rollout workers: native-engine processes, or lanes to SGLang engines."""
+    if sglang is not None:
+        from r1mega.rollout.sglang.lanes import SGLangLanes
+
+        return SGLangLanes(cfg, sglang, tokenizer_path, ps.get_data_parallel_world_size())
+    return ProcessWorkers(cfg, tokenizer_path, threads)
 
 
 def _share_cores(workers: int) -> int:

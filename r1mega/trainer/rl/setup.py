@@ -70,7 +70,9 @@ def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
 
 
 def build_engine(cfg: R1Config, chunks, tokenizer):
-    if cfg.rollout.engine == "sglang":
+    """The engine of synchronous rollouts and evaluation. Under rollout.mode=async evaluation decodes with
+    the policy's own parameters (the native engine): the rollout engines may lag behind them."""
+    if cfg.rollout.engine == "sglang" and chunks is None:
         return build_sglang_engine(cfg, tokenizer)
     return native_engine(cfg, chunks, tokenizer, seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank())
 
@@ -79,10 +81,12 @@ def check_whole_sequences(cfg: R1Config) -> None:
     """Under context parallelism only the trainer's THD packs are split. Transformer Engine's attention
     splits every input over the context-parallel group, so the native engine, which runs whole
     sequences through the policy, cannot run on it."""
-    if cfg.parallel.cp > 1 and cfg.rollout.engine == "native" and resolve_backend(cfg.model.attention_backend) == "te":
-        raise ValueError("parallel.cp > 1 with Transformer Engine attention: rollout.engine=native runs whole "
-                         "sequences, which TE splits over the context-parallel ranks; use rollout.engine=sglang, "
-                         "or model.attention_backend=sdpa")
+    native = cfg.rollout.engine == "native" or cfg.rollout.mode == "async"  # async evaluates on the native engine
+    if cfg.parallel.cp > 1 and native and resolve_backend(cfg.model.attention_backend) == "te":
+        raise ValueError("parallel.cp > 1 with Transformer Engine attention: the native engine (rollout.engine="
+                         "native, and evaluation under rollout.mode=async) runs whole sequences, which TE splits "
+                         "over the context-parallel ranks; use rollout.engine=sglang with rollout.mode=sync, or "
+                         "model.attention_backend=sdpa")
 
 
 def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
@@ -94,11 +98,14 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
     engine = build_engine(cfg, None, tokenizer) if separate else None
     chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
+    sglang = None
+    if separate and cfg.rollout.mode == "async":  # the async controller drives the SGLang engines
+        sglang, engine, separate = engine, None, False
     engine = engine or build_engine(cfg, chunks, tokenizer)
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())
-    workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg)) if cfg.rollout.mode == "async" else None
+    workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg), sglang) if cfg.rollout.mode == "async" else None
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
                      scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
                      engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
