@@ -89,6 +89,8 @@ def test_resumed_run_takes_the_same_requests(tmp_path):
     # thread had announced step 1's weights (the gate then held request 2 back): either way the
     # checkpoint holds what is out, and the resumed run goes on with request 2
     assert [p[0] for p in state["data"]["async"]["pending"]] in ([2], [])
+    # a synchronous resume goes on with the seed stream where the requests left it
+    assert state["data"]["engine"]["calls"] == state["data"]["async"]["next_id"] >= 2
     rest = spawn(1, run, [*common, f"trainer.load={middle}"], str(tmp_path / "rest"), 1)[0]
     assert [m["step"] for m in rest] == [3, 4]
     # one worker finishes in order: the same requests (prompts and seeds) at the same steps

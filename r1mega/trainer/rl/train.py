@@ -88,6 +88,8 @@ def job(ctx: RLContext) -> Job:
         if ctx.async_rollout is not None and ctx.async_rollout.controller:  # the rank a checkpoint keeps
             state["async"] = ctx.async_rollout.state_dict()
             state["sampler"] = state["async"]["sampler"]  # the prompt stream is the controller's
+            # and so is the sampling-seed stream (request i samples as the synchronous engine's call i)
+            state["engine"] = {**state["engine"], "calls": state["async"]["next_id"]}
         return state
 
     def load_data_state(state: dict) -> None:
