@@ -35,8 +35,6 @@ class WorkerLost(RuntimeError):
 
 
 class ProcessWorkers:
-    can_regroup = True  # the bridge regroups the survivors when one is lost
-
     def __init__(self, cfg: R1Config, tokenizer_path: str, threads: int):
         a = cfg.rollout.asynchronous
         self.size = a.workers

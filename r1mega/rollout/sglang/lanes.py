@@ -62,9 +62,6 @@ class SGLangPusher(threading.Thread):
             self.waiting = (version, tensors)
             self.cond.notify_all()
 
-    def regroup(self, members) -> None:
-        raise RuntimeError("SGLang engines share one weight-update group, which cannot drop a member")
-
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
@@ -136,7 +133,7 @@ class SGLangPusher(threading.Thread):
 
 
 class SGLangLanes:
-    can_regroup = False
+    """The SGLang engines as the async controller's worker pool (see the module docstring)."""
 
     def __init__(self, cfg: R1Config, engine: SGLangEngine, tokenizer_path: str, data_parallel: int):
         self.engine, self.size, self.dp = engine, len(engine.clients), data_parallel
@@ -188,7 +185,7 @@ class SGLangLanes:
             self.engine.processes[i].stop(grace_s=10)
 
     def regroup(self, members) -> None:
-        self.pusher.regroup(members)
+        raise RuntimeError("SGLang engines share one weight-update group, which cannot drop a member")
 
     def close(self, alive: Iterable[int]) -> None:
         """Stop the lanes and the push thread; the engine's shutdown (transport, servers) comes after."""

@@ -73,7 +73,7 @@ class AsyncRollout:
             log.warning("algorithm.max_staleness=%d without algorithm.correction: the PPO ratio is taken against "
                         "the trainer's own log-probs, so samples of older policies go uncorrected; consider "
                         "correction=decoupled", al.max_staleness)
-        self.alive, self.held, self.backlog, self.lost = set(), {}, [], 0
+        self.backlog, self.lost = [], 0
         try:
             self.pool = _make_pool(cfg, tokenizer_path, self.threads, sglang)
         except WorkerLost as e:
