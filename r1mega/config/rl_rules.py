@@ -117,10 +117,10 @@ def _check_async(cfg: R1Config) -> None:
         require(a.max_staleness == 0, f"algorithm.max_staleness={a.max_staleness} bounds rollout.mode=async; "
                                       "synchronous rollouts are on-policy (set rollout.mode=async)")
         return
+    if r.engine == "sglang" and r.sglang.mode == "colocated":
+        _check_one_step_off(cfg)
+        return
     if r.engine == "sglang":
-        require(r.sglang.mode == "disaggregated",
-                "rollout.mode=async with rollout.engine=sglang needs rollout.sglang.mode=disaggregated (engines on "
-                "GPUs of their own); colocated engines take turns with the trainer: use rollout.mode=sync")
         require(w.workers == 1, f"rollout.asynchronous.workers={w.workers}: with rollout.engine=sglang the engines are "
                                 "the rollout workers (rollout.sglang.num_gpus / tp); leave workers at 1")
         require(w.on_worker_failure == "stop", "rollout.asynchronous.on_worker_failure=continue with "
@@ -142,6 +142,25 @@ def _check_async(cfg: R1Config) -> None:
             f"+ 1 = {a.max_staleness + 1}]: between two syncs the workers' weights lag by up to k - 1 steps")
     require(not a.dynamic_sampling, "algorithm.dynamic_sampling with rollout.mode=async is not supported: the "
                                     "rollout workers generate a step's prompts ahead of time; use rollout.mode=sync")
+
+
+def _check_one_step_off(cfg: R1Config) -> None:
+    """rollout.mode=async with colocated engines: the next step's groups generate during this step's
+    scoring and log-prob passes, under the weights of the step before (trainer/rl/one_step_off.py)."""
+    a, w = cfg.algorithm, cfg.rollout.asynchronous
+    why = "with colocated engines (rollout.sglang.mode=colocated) rollout.mode=async is one step off-policy"
+    require(a.max_staleness >= 1, f"algorithm.max_staleness={a.max_staleness}: {why}, so every sample after the "
+                                  "first step's lags one version; set max_staleness=1, or use rollout.mode=sync")
+    require(not w.partial, f"rollout.asynchronous.partial=true: {why}, and a colocated engine never takes weights "
+                           "while it generates (it holds the GPUs the update needs)")
+    defaults = type(w)()
+    for key in ("workers", "prompts_per_request", "weight_sync_every", "on_worker_failure"):
+        value = getattr(w, key)
+        require(value == getattr(defaults, key), f"rollout.asynchronous.{key}={value}: {why}, with no rollout "
+                "workers: the engines generate a step's groups in one call and take the weights at every step "
+                "(leave it at its default)")
+    require(not a.dynamic_sampling, "algorithm.dynamic_sampling with rollout.mode=async is not supported: the next "
+                                    "step's groups are generated ahead of time; use rollout.mode=sync")
 
 
 def _check_sglang(cfg: R1Config, dp: Optional[int]) -> None:

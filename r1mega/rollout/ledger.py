@@ -52,6 +52,20 @@ def first_version(result: Result) -> int:
     return min(min(v) for v in result.rollouts.versions)
 
 
+def staleness_metrics(step: int, versions: List[List[int]], bound: int) -> Dict[str, float]:
+    """How far step `step`'s samples lag the policy it trains (version step - 1): the mean and most over
+    samples (by their first token) and the mean over tokens, each lag's share of samples (0..bound), and
+    the most versions one sample spans (partial rollouts)."""
+    lags = [step - 1 - min(v) for v in versions]
+    token_lags = [step - 1 - t for v in versions for t in v]
+    out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+           "async/token_staleness_mean": sum(token_lags) / len(token_lags),
+           "async/version_span_max": float(max(max(v) - min(v) for v in versions))}
+    for lag in range(bound + 1):
+        out[f"async/staleness_{lag}_share"] = sum(x == lag for x in lags) / len(lags)
+    return out
+
+
 class RequestLedger:
     def __init__(self, records: list, prompts_per_step: int, prompts_per_request: int, data_seed: int,
                  engine_seed: int, max_staleness: int, stale: str, steps: int):

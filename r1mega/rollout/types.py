@@ -84,6 +84,27 @@ class Rollouts:
             out.versions = []
         return out
 
+    def pack(self) -> dict:
+        """The rows as a few flat tensors, for a checkpoint (the log-probs in float32, as training reads
+        them); versions are not kept."""
+        flat = lambda rows, dtype: torch.tensor([x for r in rows for x in r], dtype=dtype)  # noqa: E731
+        lengths = lambda rows: torch.tensor([len(r) for r in rows], dtype=torch.int64)  # noqa: E731
+        return {"prompt_ids": flat(self.prompt_ids, torch.int64), "prompt_lens": lengths(self.prompt_ids),
+                "response_ids": flat(self.response_ids, torch.int64), "response_lens": lengths(self.response_ids),
+                "logprobs": flat(self.logprobs, torch.float32), "group_index": torch.tensor(self.group_index),
+                "truncated": torch.tensor([r == "length" for r in self.finish_reasons])}
+
+    @staticmethod
+    def unpack(packed: dict) -> "Rollouts":
+        """The rows of a pack()."""
+        def split(values: torch.Tensor, lengths: torch.Tensor) -> list:
+            return [part.tolist() for part in values.split(lengths.tolist())]
+
+        lens = packed["response_lens"]
+        reasons = ["length" if t else "stop" for t in packed["truncated"].tolist()]
+        return Rollouts(split(packed["prompt_ids"], packed["prompt_lens"]), split(packed["response_ids"], lens),
+                        split(packed["logprobs"], lens), reasons, packed["group_index"].tolist())
+
 
 class RolloutEngine(Protocol):
     """What the RL trainer needs from a generator (native megatron or SGLang)."""

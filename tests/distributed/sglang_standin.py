@@ -104,8 +104,10 @@ class StandIn:
 
         from r1mega.checkpoint.hf_config import transformers_config
 
-        torch.manual_seed(seed)
-        self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg), torch_dtype=torch.float32)
+        # a server is a process of its own: the trainer's random stream (its ranks' initial weights) stays untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg), torch_dtype=torch.float32)
         self.model.eval()
         self.expected = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()
                          if not (k == "lm_head.weight" and model_cfg.tie_word_embeddings)}

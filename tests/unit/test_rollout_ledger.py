@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from r1mega.data.prompts import PromptRecord
 from r1mega.data.sampler import PromptSampler
-from r1mega.rollout.ledger import RequestLedger, Result, first_version
+from r1mega.rollout.ledger import RequestLedger, Result, first_version, staleness_metrics
 from r1mega.rollout.native import NativeEngine
 from r1mega.rollout.types import Rollouts
 
@@ -141,3 +142,24 @@ def test_bound_holds_for_every_sample_with_workers_finishing_out_of_order(bound,
         assert seen == 0  # nothing runs ahead: nothing can be stale
     if every == 1 and bound > 0:
         assert seen > 0  # the check, not only the gate, was needed
+
+
+def test_staleness_metrics_count_samples_by_their_first_token():
+    # step 4 trains version 3: a sample of version 3, one of 2, and one started under 1 and ending under 3
+    m = staleness_metrics(4, [[3, 3], [2], [1, 2, 3]], bound=2)
+    assert m["async/staleness_max"] == 2.0 and m["async/staleness_mean"] == 1.0
+    assert m["async/token_staleness_mean"] == (0 + 0 + 1 + 2 + 1 + 0) / 6
+    assert m["async/version_span_max"] == 2.0
+    assert [m[f"async/staleness_{k}_share"] for k in range(3)] == [1 / 3, 1 / 3, 1 / 3]
+
+
+def test_packed_rollouts_come_back_whole():
+    """What a one-step-off checkpoint keeps of the groups generated ahead: every row, its finish reason,
+    and its log-probs as training reads them (float32)."""
+    r = Rollouts([[1, 2], [1, 2], [7]], [[5, 6, 9], [], [4]], [[-0.1, -2.25, -1e-8], [], [-3.0]],
+                 ["stop", "length", "length"], [0, 0, 1], versions=[[0, 0, 0], [], [0]])
+    back = Rollouts.unpack(r.pack())
+    assert (back.prompt_ids, back.response_ids, back.finish_reasons, back.group_index) == \
+        (r.prompt_ids, r.response_ids, r.finish_reasons, r.group_index)
+    assert [torch.tensor(x, dtype=torch.float32).tolist() for x in r.logprobs] == back.logprobs
+    assert back.versions == []

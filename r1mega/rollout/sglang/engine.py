@@ -8,8 +8,9 @@ else is collective, so every rank calls every method in the same order.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Sequence, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,15 @@ def token_versions(outputs: List[dict], url: str) -> List[List[int]]:
     return out
 
 
+@dataclass
+class Pending:
+    """A generation in flight (SGLangEngine.submit): its prompts, and the leader's requests."""
+
+    prompts: List[List[int]]
+    n: int
+    future: Optional[Future]  # on the group's leader, which sends the requests; None elsewhere
+
+
 class SGLangEngine:
     """RolloutEngine over SGLang servers; `transport` sends weight buckets (IPC or NCCL)."""
 
@@ -120,27 +130,53 @@ class SGLangEngine:
         self.last_sync: Dict[str, float] = {}
         self._rank = dist.get_rank()
         self._owned = [self.clients[e] for e in topology.owned_engines(self._rank)]
+        self._sender = None  # the thread that sends a submit()'s requests (the group's leader)
+        self._pending = None  # the submit() not yet collected
 
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Rollouts:
         """n samples of each prompt from this data-parallel group's engines, shared with the group.
         Collective over the world: a failed request raises on every rank."""
+        return self.collect(self.submit(prompts, params, n))
+
+    def submit(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> "Pending":
+        """Start a generate() call in the background and return at once: the group's leader sends the
+        requests from a thread while this rank goes on (scoring, the trainer's forward passes).
+        The seeds are drawn now, so the samples are those of a generate() call in this place."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        group = replica_group()
+        if self._pending is not None:
+            raise RuntimeError("a generation is already in flight; collect() it first")
         # seeded calls (evaluation) are reproducible and leave the training stream alone
         key = (1, params.seed) if params.seed is not None else (0, self.seed, self._calls)
         self._calls += params.seed is None
+        group = replica_group()
+        future = None
+        if dist.get_rank(group) == 0:
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(1, thread_name_prefix="sglang-generate")
+            future = self._sender.submit(self._request, prompts, params, n, key)
+        self._pending = Pending([list(p) for p in prompts], n, future)
+        return self._pending
+
+    def collect(self, pending: "Pending") -> Rollouts:
+        """The rollouts of a submit(), once its requests are done, shared with the group. Collective
+        over the world: a failed request raises on every rank."""
+        if pending is not self._pending:
+            raise RuntimeError("collect() takes the generation in flight, from this engine's submit()")
+        self._pending = None
+        group = replica_group()
         box: list = [None]
         with collectively():
-            if dist.get_rank(group) == 0:
-                box[0] = self._request(prompts, params, n, key)
+            if pending.future is not None:
+                box[0] = pending.future.result()
         if dist.get_world_size(group) > 1:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
         ids, logprobs, reasons = box[0]
-        rows = [list(p) for p in prompts for _ in range(n)]
-        return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(prompts)) for _ in range(n)])
+        n = pending.n
+        rows = [p for p in pending.prompts for _ in range(n)]
+        return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(pending.prompts)) for _ in range(n)])
 
     def _request(self, prompts, params, n, key: Tuple[int, ...]):
         """Each engine gets whole groups; a group's n rows go as n requests of one sample, so
@@ -165,6 +201,8 @@ class SGLangEngine:
         tags = [t for t in tags if t in self.resident]
         if not self.memory_saver or not tags:
             return
+        if self._pending is not None:  # SGLang kills its scheduler on a release while requests run
+            raise RuntimeError("release_memory with a generation in flight: collect() it first")
         dist.barrier()
         with collectively():
             for client in self._owned:
@@ -187,6 +225,8 @@ class SGLangEngine:
     def sync_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Every HF-named tensor of the model (the same on every rank), in buckets, inside one
         weight-update session per engine; the prefix cache is flushed once at the end."""
+        if self._pending is not None:  # the update would wait for the requests, or land amid them
+            raise RuntimeError("sync_weights with a generation in flight: collect() it first")
         start = time.perf_counter()
         self.version += 1
         version = str(self.version)
@@ -218,6 +258,8 @@ class SGLangEngine:
 
     def shutdown(self) -> None:
         """Close the transport and stop the servers this rank launched."""
+        if self._sender is not None:
+            self._sender.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
         for proc in self.processes:
             proc.stop()

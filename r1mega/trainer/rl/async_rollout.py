@@ -34,7 +34,7 @@ from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
 from r1mega.config.schema import R1Config
-from r1mega.rollout.ledger import RequestLedger, Result
+from r1mega.rollout.ledger import RequestLedger, Result, staleness_metrics
 from r1mega.rollout.types import Rollouts
 from r1mega.rollout.workers import ProcessWorkers, WorkerLost
 from r1mega.trainer.run import AbortRun
@@ -65,14 +65,6 @@ class AsyncRollout:
                                     cfg.trainer.seed * 1000, cfg.algorithm.max_staleness,
                                     cfg.algorithm.stale_samples, cfg.trainer.steps)
         self.busy_s, self.window_start = 0.0, time.monotonic()
-        al = cfg.algorithm
-        if al.max_staleness and al.correction.weight is None and al.correction.reject is None \
-                and not al.use_rollout_logprobs:
-            # measured on the built-in task at staleness 1: 13 points of held-out accuracy lost without a
-            # correction, 1 with correction=decoupled (README, Performance)
-            log.warning("algorithm.max_staleness=%d without algorithm.correction: the PPO ratio is taken against "
-                        "the trainer's own log-probs, so samples of older policies go uncorrected; consider "
-                        "correction=decoupled", al.max_staleness)
         self.backlog, self.lost = [], 0
         try:
             self.pool = _make_pool(cfg, tokenizer_path, self.threads, sglang)
@@ -234,26 +226,16 @@ class AsyncRollout:
         self.pool.regroup(self.alive)
 
     def _metrics(self, step: int, chosen: List[Result], waited: float) -> Dict[str, float]:
-        """Staleness of the step's samples (by their first token) and tokens, each lag's share of
-        samples, the versions a partial rollout spans, groups over the bound, and how busy each side was."""
-        lags, token_lags, spans = [], [], []
-        for res in chosen:
-            for versions in res.rollouts.versions:
-                lags.append(step - 1 - min(versions))
-                token_lags += [step - 1 - v for v in versions]
-                spans.append(max(versions) - min(versions))
+        """Staleness of the step's samples, groups over the bound, and how busy each side was."""
         now = time.monotonic()
         window, self.window_start = now - self.window_start, now
         workers = len(self.alive)
-        out = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
-               "async/token_staleness_mean": sum(token_lags) / len(token_lags),
-               "async/version_span_max": float(max(spans)), "async/over_bound": float(self.ledger.over_bound),
-               "async/first_request": float(chosen[0].request),
+        versions = [v for res in chosen for v in res.rollouts.versions]
+        out = {**staleness_metrics(step, versions, self.cfg.algorithm.max_staleness),
+               "async/over_bound": float(self.ledger.over_bound), "async/first_request": float(chosen[0].request),
                "async/trainer_wait_s": waited, "async/workers_alive": float(len(self.alive)),
                "async/workers_lost": float(self.lost),
                "async/rollout_busy_share": min(1.0, self.busy_s / max(window * workers, 1e-9))}
-        for lag in range(self.cfg.algorithm.max_staleness + 1):
-            out[f"async/staleness_{lag}_share"] = sum(x == lag for x in lags) / len(lags)
         self.busy_s = 0.0
         return out
 

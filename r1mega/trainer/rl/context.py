@@ -32,6 +32,7 @@ class RLContext:
     weights_version: int = 0  # optimizer steps taken; the engine holds weights_version == synced_version
     synced_version: int = -1
     async_rollout: Any = None  # AsyncRollout under rollout.mode=async: workers generate, the engine only evaluates
+    one_step_off: Any = None  # OneStepOff under rollout.mode=async with colocated engines
 
     @property
     def temperature(self) -> float:

@@ -24,6 +24,7 @@ from r1mega.trainer.model_setup import (build_kl_reference, build_policy, initia
                                         tokenizer_path)
 from r1mega.trainer.rl.async_rollout import AsyncRollout
 from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.one_step_off import OneStepOff
 from r1mega.trainer.rl.offload import TrainState
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def build_rewards(cfg: R1Config) -> Tuple[Optional[RewardStack], List[str]]:
 
 
 def build_engine(cfg: R1Config, chunks, tokenizer):
-    """The engine of synchronous rollouts and evaluation. Under rollout.mode=async evaluation decodes with
-    the policy's own parameters (the native engine): the rollout engines may lag behind them."""
+    """The engine of synchronous rollouts and evaluation. With rollout workers evaluation decodes with the
+    policy's own parameters (the native engine): the workers' engines may lag behind them."""
     if cfg.rollout.engine == "sglang" and chunks is None:
         return build_sglang_engine(cfg, tokenizer)
     return native_engine(cfg, chunks, tokenizer, seed=cfg.trainer.seed * 1000 + ps.get_data_parallel_rank())
@@ -81,7 +82,7 @@ def check_whole_sequences(cfg: R1Config) -> None:
     """Under context parallelism only the trainer's THD packs are split. Transformer Engine's attention
     splits every input over the context-parallel group, so the native engine, which runs whole
     sequences through the policy, cannot run on it."""
-    native = cfg.rollout.engine == "native" or cfg.rollout.mode == "async"  # async evaluates on the native engine
+    native = cfg.rollout.engine == "native" or rollout_workers(cfg)  # their runs evaluate on the native engine
     if cfg.parallel.cp > 1 and native and resolve_backend(cfg.model.attention_backend) == "te":
         raise ValueError("parallel.cp > 1 with Transformer Engine attention: the native engine (rollout.engine="
                          "native, and evaluation under rollout.mode=async) runs whole sequences, which TE splits "
@@ -99,18 +100,43 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     engine = build_engine(cfg, None, tokenizer) if separate else None
     chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
     sglang = None
-    if separate and cfg.rollout.mode == "async":  # the async controller drives the SGLang engines
+    if separate and rollout_workers(cfg):  # the async controller drives the SGLang engines
         sglang, engine, separate = engine, None, False
     engine = engine or build_engine(cfg, chunks, tokenizer)
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())
-    workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg), sglang) if cfg.rollout.mode == "async" else None
+    if cfg.rollout.mode == "async":
+        warn_if_uncorrected(cfg)
+    workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg), sglang) if rollout_workers(cfg) else None
+    sampling = sampling_params(cfg)
+    ahead = None
+    if cfg.rollout.mode == "async" and workers is None:  # colocated engines: one step off-policy
+        ahead = OneStepOff(engine, sampler, sampling, cfg.algorithm.group_size, cfg.trainer.steps)
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
                      scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
                      engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
-                     test_records=test, sampling=sampling_params(cfg),
-                     train_state=train_state(cfg, ddp, optimizer), async_rollout=workers)
+                     test_records=test, sampling=sampling, train_state=train_state(cfg, ddp, optimizer),
+                     async_rollout=workers, one_step_off=ahead)
+
+
+def rollout_workers(cfg: R1Config) -> bool:
+    """Whether rollout workers of their own generate (rollout.mode=async on the native engine or on
+    disaggregated SGLang engines); colocated engines generate one step ahead instead (OneStepOff)."""
+    return cfg.rollout.mode == "async" and not (cfg.rollout.engine == "sglang" and
+                                                cfg.rollout.sglang.mode == "colocated")
+
+
+def warn_if_uncorrected(cfg: R1Config) -> None:
+    """Off-policy samples without a correction train against the trainer's own log-probs."""
+    a = cfg.algorithm
+    if dist.get_rank() == 0 and a.max_staleness and a.correction.weight is None and a.correction.reject is None \
+            and not a.use_rollout_logprobs:
+        # measured on the built-in task at staleness 1: 13 points of held-out accuracy lost without a
+        # correction, 1 with correction=decoupled (README, Performance)
+        log.warning("algorithm.max_staleness=%d without algorithm.correction: the PPO ratio is taken against "
+                    "the trainer's own log-probs, so samples of older policies go uncorrected; consider "
+                    "correction=decoupled", a.max_staleness)
 
 
 def train_state(cfg: R1Config, ddp, optimizer) -> Optional[TrainState]:

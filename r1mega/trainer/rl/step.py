@@ -21,6 +21,7 @@ from r1mega.algorithms.off_policy import empty_histogram
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
+from r1mega.rollout.ledger import staleness_metrics
 from r1mega.rollout.setup import reward_inputs
 from r1mega.rollout.types import Rollouts
 from r1mega.trainer.forward_backward import run_schedule, train_step
@@ -55,12 +56,23 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     """Weight sync -> generate -> score -> advantages -> log-probs -> update; `step` counts from 1.
 
     The sync (a no-op for the native engine) opens the engine's turn on the GPUs; the release
-    after scoring gives them back to training."""
+    after scoring gives them back to training. Under rollout.mode=async the groups come from the
+    rollout workers, or (colocated engines) were generated during the step before."""
     timer, start = PhaseTimer(), time.perf_counter()
     lr = current_lr(ctx.optimizer)
+    ahead = ctx.one_step_off
     if ctx.async_rollout is not None:  # workers generated and scored this step's groups already (or still do)
         with timer("wait"):
             gen, sync = from_workers(ctx, step)
+    elif ahead is not None:  # this step's groups came during the last step; the next step's start now
+        with timer("sync"):
+            sync = rollout_turn(ctx)
+        records, rollouts = ahead.this_step(step, timer)
+        with timer("score"):
+            gen = Generated(records, rollouts, score(ctx, records, rollouts))
+        sync.update(staleness_metrics(step, rollouts.versions, ctx.cfg.algorithm.max_staleness))
+        if ctx.cfg.rollout.sglang.offload_params:  # the log-prob passes need the parameters back first
+            hand_back(ctx, step, timer)
     else:
         with timer("sync"):
             sync = rollout_turn(ctx)
@@ -75,6 +87,8 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
             batch = balance_over_dp(batch)
     with timer("logprobs"):
         logprobs(ctx, batch)
+    if ahead is not None:
+        hand_back(ctx, step, timer)
     with timer("update"):
         stats = update(ctx, batch, step)
     every = ctx.cfg.algorithm.ref_reset_every
@@ -83,8 +97,20 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     if ctx.async_rollout is not None:
         with timer("sync"):
             ctx.async_rollout.after_update(step)
+    if ahead is not None:
+        ahead.step_done()
     return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
+
+
+def hand_back(ctx: RLContext, step: int, timer: PhaseTimer) -> None:
+    """One step off-policy: once the next step's groups are in, the engine gives the GPUs back."""
+    if ctx.one_step_off.in_flight:
+        with timer("wait"):
+            ctx.one_step_off.collect(step)
+    if ctx.train_state is not None and ctx.train_state.offloaded:
+        with timer("release"):
+            training_turn(ctx)
 
 
 # -- generate and score ----------------------------------------------------------------------

@@ -85,6 +85,10 @@ def job(ctx: RLContext) -> Job:
 
     def data_state() -> dict:
         state = {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()}
+        if ctx.one_step_off is not None:  # collective
+            state["one_step_off"] = ctx.one_step_off.state_dict()
+            if state["one_step_off"]:  # the next step's prompts are drawn and sampled: the stream before them
+                state["sampler"] = state["one_step_off"]["sampler"]
         if ctx.async_rollout is not None and ctx.async_rollout.controller:  # the rank a checkpoint keeps
             state["async"] = ctx.async_rollout.state_dict()
             state["sampler"] = state["async"]["sampler"]  # the prompt stream is the controller's
@@ -101,6 +105,8 @@ def job(ctx: RLContext) -> Job:
                              "resume it with rollout.mode=async, which sends those first")
         ctx.sampler.load_state_dict(state["sampler"])
         ctx.engine.load_state_dict(state["engine"])
+        if ctx.one_step_off is not None:  # the groups generated ahead, with their prompts drawn again
+            ctx.one_step_off.load_state_dict(state.get("one_step_off") or {})
         if ctx.async_rollout is not None:  # from a synchronous run's checkpoint: its stream and seeds go on
             ctx.async_rollout.load_state_dict(state.get("async") or {
                 "sampler": state["sampler"], "next_id": state["engine"].get("calls", 0), "pending": []})
