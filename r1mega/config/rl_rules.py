@@ -117,7 +117,7 @@ def _check_async(cfg: R1Config) -> None:
         require(a.max_staleness == 0, f"algorithm.max_staleness={a.max_staleness} bounds rollout.mode=async; "
                                       "synchronous rollouts are on-policy (set rollout.mode=async)")
         return
-    if r.engine == "sglang" and r.sglang.mode == "colocated":
+    if one_step_off_policy(cfg):
         _check_one_step_off(cfg)
         return
     if r.engine == "sglang":
@@ -144,12 +144,19 @@ def _check_async(cfg: R1Config) -> None:
                                     "rollout workers generate a step's prompts ahead of time; use rollout.mode=sync")
 
 
+def one_step_off_policy(cfg: R1Config) -> bool:
+    """rollout.mode=async on colocated SGLang engines: no rollout workers; the next step's groups are
+    generated during this step (r1mega/trainer/rl/one_step_off.py)."""
+    r = cfg.rollout
+    return r.mode == "async" and r.engine == "sglang" and r.sglang.mode == "colocated"
+
+
 def _check_one_step_off(cfg: R1Config) -> None:
     """rollout.mode=async with colocated engines: the next step's groups generate during this step's
     scoring and log-prob passes, under the weights of the step before (trainer/rl/one_step_off.py)."""
     a, w = cfg.algorithm, cfg.rollout.asynchronous
     why = "with colocated engines (rollout.sglang.mode=colocated) rollout.mode=async is one step off-policy"
-    require(a.max_staleness >= 1, f"algorithm.max_staleness={a.max_staleness}: {why}, so every sample after the "
+    require(a.max_staleness == 1, f"algorithm.max_staleness={a.max_staleness}: {why}, so every sample after the "
                                   "first step's lags one version; set max_staleness=1, or use rollout.mode=sync")
     require(not w.partial, f"rollout.asynchronous.partial=true: {why}, and a colocated engine never takes weights "
                            "while it generates (it holds the GPUs the update needs)")

@@ -85,12 +85,18 @@ class Rollouts:
         return out
 
     def pack(self) -> dict:
-        """The rows as a few flat tensors, for a checkpoint (the log-probs in float32, as training reads
-        them); versions are not kept."""
+        """The rows as a few flat tensors, for a checkpoint: each group's prompt once, token ids in int32,
+        log-probs in float32 (as training reads them); versions are not kept."""
         flat = lambda rows, dtype: torch.tensor([x for r in rows for x in r], dtype=dtype)  # noqa: E731
         lengths = lambda rows: torch.tensor([len(r) for r in rows], dtype=torch.int64)  # noqa: E731
-        return {"prompt_ids": flat(self.prompt_ids, torch.int64), "prompt_lens": lengths(self.prompt_ids),
-                "response_ids": flat(self.response_ids, torch.int64), "response_lens": lengths(self.response_ids),
+        first = {}
+        for row, g in enumerate(self.group_index):
+            first.setdefault(g, row)
+        if sorted(first) != list(range(len(first))):
+            raise ValueError(f"pack() needs groups numbered 0..{len(first) - 1}, got {sorted(first)}")
+        prompts = [self.prompt_ids[first[g]] for g in range(len(first))]
+        return {"prompt_ids": flat(prompts, torch.int32), "prompt_lens": lengths(prompts),
+                "response_ids": flat(self.response_ids, torch.int32), "response_lens": lengths(self.response_ids),
                 "logprobs": flat(self.logprobs, torch.float32), "group_index": torch.tensor(self.group_index),
                 "truncated": torch.tensor([r == "length" for r in self.finish_reasons])}
 
@@ -100,10 +106,11 @@ class Rollouts:
         def split(values: torch.Tensor, lengths: torch.Tensor) -> list:
             return [part.tolist() for part in values.split(lengths.tolist())]
 
-        lens = packed["response_lens"]
+        lens, groups = packed["response_lens"], packed["group_index"].tolist()
+        prompts = split(packed["prompt_ids"], packed["prompt_lens"])
         reasons = ["length" if t else "stop" for t in packed["truncated"].tolist()]
-        return Rollouts(split(packed["prompt_ids"], packed["prompt_lens"]), split(packed["response_ids"], lens),
-                        split(packed["logprobs"], lens), reasons, packed["group_index"].tolist())
+        return Rollouts([list(prompts[g]) for g in groups], split(packed["response_ids"], lens),
+                        split(packed["logprobs"], lens), reasons, groups)
 
 
 class RolloutEngine(Protocol):

@@ -82,6 +82,10 @@ def test_schedule_and_exact_resume(tmp_path):
     state = torch.load(middle / "common.pt", weights_only=False)["data"]
     ahead = state["one_step_off"]
     assert ahead["version"] == 1 and len(ahead["groups"]) == 2  # step 3's groups, both data-parallel ranks'
+    # the streams stand before them, where a synchronous run's step 3 starts: prompts and seed calls of two steps
+    assert state["sampler"]["position"] == 2 * 4 and state["engine"]["calls"] == 2
+    with pytest.raises(Exception, match="algorithm.group_size changed"):
+        spawn(2, _run, [*args, f"trainer.load={middle}", "algorithm.group_size=2"], str(tmp_path / "other"), 2)
     rest = spawn(2, _run, [*args, f"trainer.load={middle}"], str(tmp_path / "rest"), 2)[0][0]
     assert [m["step"] for m in rest] == [3]
     shared = [k for k in whole[2] if not k.startswith(TIMING)]

@@ -7,10 +7,11 @@ else is collective, so every rank calls every method in the same order.
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,21 @@ def token_versions(outputs: List[dict], url: str) -> List[List[int]]:
     return out
 
 
+def in_background(fn: Callable, *args) -> Future:
+    """fn(*args) on a daemon thread: a run that fails with requests out exits without waiting for them
+    (an executor's threads would be joined at exit, up to the client's time-out)."""
+    future: Future = Future()
+
+    def call():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - raised again where the result is read
+            future.set_exception(err)
+
+    threading.Thread(target=call, name="sglang-request", daemon=True).start()
+    return future
+
+
 @dataclass
 class Pending:
     """A generation in flight (SGLangEngine.submit): its prompts, and the leader's requests."""
@@ -130,7 +146,6 @@ class SGLangEngine:
         self.last_sync: Dict[str, float] = {}
         self._rank = dist.get_rank()
         self._owned = [self.clients[e] for e in topology.owned_engines(self._rank)]
-        self._sender = None  # the thread that sends a submit()'s requests (the group's leader)
         self._pending = None  # the submit() not yet collected
 
     # -- generation ------------------------------------------------------------------------
@@ -140,7 +155,7 @@ class SGLangEngine:
         Collective over the world: a failed request raises on every rank."""
         return self.collect(self.submit(prompts, params, n))
 
-    def submit(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> "Pending":
+    def submit(self, prompts: List[List[int]], params: SamplingParams, n: int = 1) -> Pending:
         """Start a generate() call in the background and return at once: the group's leader sends the
         requests from a thread while this rank goes on (scoring, the trainer's forward passes).
         The seeds are drawn now, so the samples are those of a generate() call in this place."""
@@ -151,16 +166,13 @@ class SGLangEngine:
         # seeded calls (evaluation) are reproducible and leave the training stream alone
         key = (1, params.seed) if params.seed is not None else (0, self.seed, self._calls)
         self._calls += params.seed is None
-        group = replica_group()
         future = None
-        if dist.get_rank(group) == 0:
-            if self._sender is None:
-                self._sender = ThreadPoolExecutor(1, thread_name_prefix="sglang-generate")
-            future = self._sender.submit(self._request, prompts, params, n, key)
+        if dist.get_rank(replica_group()) == 0:
+            future = in_background(self._request, prompts, params, n, key)
         self._pending = Pending([list(p) for p in prompts], n, future)
         return self._pending
 
-    def collect(self, pending: "Pending") -> Rollouts:
+    def collect(self, pending: Pending) -> Rollouts:
         """The rollouts of a submit(), once its requests are done, shared with the group. Collective
         over the world: a failed request raises on every rank."""
         if pending is not self._pending:
@@ -189,9 +201,8 @@ class SGLangEngine:
         parts = [(self.clients[e], [prompts[i] for i in r for _ in range(n)],
                   [{**payload, "sampling_seed": next(seeds)} for _ in range(len(r) * n)])
                  for e, r in zip(mine, split_even(len(prompts), len(mine))) if len(r)]
-        with ThreadPoolExecutor(len(parts)) as pool:
-            futures = [pool.submit(c.generate, rows, per_row) for c, rows, per_row in parts]
-            results = [parse_outputs(f.result(), c.url) for f, (c, _, _) in zip(futures, parts)]
+        futures = [in_background(c.generate, rows, per_row) for c, rows, per_row in parts]
+        results = [parse_outputs(f.result(), c.url) for f, (c, _, _) in zip(futures, parts)]
         return tuple(sum((r[k] for r in results), []) for k in range(3))
 
     # -- memory ----------------------------------------------------------------------------
@@ -258,8 +269,6 @@ class SGLangEngine:
 
     def shutdown(self) -> None:
         """Close the transport and stop the servers this rank launched."""
-        if self._sender is not None:
-            self._sender.shutdown(wait=False, cancel_futures=True)
         self.transport.close()
         for proc in self.processes:
             proc.stop()

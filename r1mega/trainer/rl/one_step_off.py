@@ -42,12 +42,12 @@ class OneStepOff:
         self.group_size, self.steps = group_size, steps
         self.pending = None  # the next step's generation in flight (SGLangEngine.submit)
         self.next_records: list = []  # its prompts
-        self.next_sampler: Optional[dict] = None  # the prompt stream before them
+        self.next_streams: dict = {}  # the prompt stream and the engine's seed calls before them
         # the next step's groups once in: (prompt records, rollouts, version that sampled them), and the
-        # stream before their prompts
+        # streams before them
         self.ready: Optional[Tuple[list, Rollouts, int]] = None
-        self.ready_sampler: Optional[dict] = None
-        self.kept: Optional[tuple] = None  # (ready, ready_sampler) as the last finished step left them
+        self.ready_streams: dict = {}
+        self.kept: Optional[tuple] = None  # (ready, ready_streams) as the last finished step left them
 
     def this_step(self, step: int, timer: PhaseTimer) -> Tuple[list, Rollouts]:
         """Step `step`'s prompt records (one per row) and groups, with the version of every token; the
@@ -61,7 +61,7 @@ class OneStepOff:
         else:
             (prompts, rollouts, version), self.ready = self.ready, None
         rollouts.versions = [[version] * len(r) for r in rollouts.response_ids]
-        self.next_sampler = self.sampler.state_dict()
+        self.next_streams = {"sampler": self.sampler.state_dict(), "calls": self.engine.state_dict()["calls"]}
         if step < self.steps:
             self.next_records = self.sampler.next_batch()
             self.pending = self.engine.submit([r.token_ids for r in self.next_records], self.sampling,
@@ -78,39 +78,47 @@ class OneStepOff:
             return
         rollouts = self.engine.collect(self.pending)
         self.pending = None
-        self.ready, self.ready_sampler = (self.next_records, rollouts, step - 1), self.next_sampler
+        self.ready, self.ready_streams = (self.next_records, rollouts, step - 1), self.next_streams
 
     def step_done(self) -> None:
         """The step is trained on: from now on a checkpoint keeps the groups it left for the next one."""
-        self.kept = (self.ready, self.ready_sampler) if self.ready is not None else None
+        self.kept = (self.ready, self.ready_streams) if self.ready is not None else None
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The groups the last finished step left for the next one, every data-parallel rank's in rank
-        order (= prompt order), and the prompt stream before their prompts; {} when none. Collective
-        over the data-parallel group."""
+        order (= prompt order), and the prompt stream and seed calls before them; {} when none.
+        Collective over the data-parallel group (its gloo group: host memory, not the GPUs')."""
         if self.kept is None:
             return {}
-        (_, rollouts, version), sampler = self.kept
+        (_, rollouts, version), streams = self.kept
         parts: List[Optional[dict]] = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(parts, rollouts.pack(), group=ps.get_data_parallel_group())
-        return {"sampler": sampler, "version": version, "groups": parts}
+        dist.all_gather_object(parts, rollouts.pack(), group=ps.get_data_parallel_group_gloo())
+        return {**streams, "version": version, "groups": parts}
 
     def load_state_dict(self, state: dict) -> None:
-        """Take this rank's share of the stored groups; the sampler must stand where the state's does
-        (before their prompts), and moves past them."""
+        """Take this rank's share of the stored groups. The sampler and the engine's seed calls must
+        stand where the state's do (before the groups), and move past them."""
         if not state:
             return
         whole = Rollouts.concat([Rollouts.unpack(p) for p in state["groups"]])
         prompts = self.sampler.next_batch()
         dp, me = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         total = max(whole.group_index, default=-1) + 1
-        if total != len(prompts) * dp:
-            raise ValueError(f"the checkpoint holds {total} groups generated ahead, but a step here has "
-                             f"{len(prompts) * dp} prompts (data.prompts_per_step changed?)")
+        if total != len(prompts) * dp or len(whole) != total * self.group_size:
+            raise ValueError(f"the checkpoint holds {len(whole)} samples in {total} groups generated ahead, but a "
+                             f"step here has {len(prompts) * dp} prompts x {self.group_size} (data.prompts_per_step "
+                             "or algorithm.group_size changed?)")
         first = me * len(prompts)
         mine = whole.select([i for i, g in enumerate(whole.group_index) if first <= g < first + len(prompts)])
         mine.group_index = [g - first for g in mine.group_index]
-        self.ready, self.ready_sampler = (prompts, mine, int(state["version"])), state["sampler"]
-        self.kept = (self.ready, self.ready_sampler)
+        for row, g in zip(mine.prompt_ids, mine.group_index):
+            if row != list(prompts[g].token_ids):
+                raise ValueError("the groups generated ahead in the checkpoint answer other prompts than this run "
+                                 "draws (data or data.template changed?)")
+        engine = self.engine.state_dict()
+        self.engine.load_state_dict({**engine, "calls": engine["calls"] + 1})  # their generate call
+        self.ready = (prompts, mine, int(state["version"]))
+        self.ready_streams = {"sampler": state["sampler"], "calls": state["calls"]}
+        self.kept = (self.ready, self.ready_streams)

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from r1mega.config.rl_rules import one_step_off_policy
 from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
 from r1mega.data.sampler import PromptSampler
@@ -111,7 +112,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg), sglang) if rollout_workers(cfg) else None
     sampling = sampling_params(cfg)
     ahead = None
-    if cfg.rollout.mode == "async" and workers is None:  # colocated engines: one step off-policy
+    if one_step_off_policy(cfg):
         ahead = OneStepOff(engine, sampler, sampling, cfg.algorithm.group_size, cfg.trainer.steps)
     return RLContext(cfg=cfg, tokenizer=tokenizer, chunks=chunks, ddp_chunks=ddp, optimizer=optimizer,
                      scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
@@ -123,8 +124,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
 def rollout_workers(cfg: R1Config) -> bool:
     """Whether rollout workers of their own generate (rollout.mode=async on the native engine or on
     disaggregated SGLang engines); colocated engines generate one step ahead instead (OneStepOff)."""
-    return cfg.rollout.mode == "async" and not (cfg.rollout.engine == "sglang" and
-                                                cfg.rollout.sglang.mode == "colocated")
+    return cfg.rollout.mode == "async" and not one_step_off_policy(cfg)
 
 
 def warn_if_uncorrected(cfg: R1Config) -> None:

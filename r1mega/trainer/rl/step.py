@@ -71,7 +71,7 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
         with timer("score"):
             gen = Generated(records, rollouts, score(ctx, records, rollouts))
         sync.update(staleness_metrics(step, rollouts.versions, ctx.cfg.algorithm.max_staleness))
-        if ctx.cfg.rollout.sglang.offload_params:  # the log-prob passes need the parameters back first
+        if ctx.train_state is not None and ctx.train_state.offload_params:  # the log-prob passes need them back
             hand_back(ctx, step, timer)
     else:
         with timer("sync"):

@@ -87,8 +87,9 @@ def job(ctx: RLContext) -> Job:
         state = {"sampler": ctx.sampler.state_dict(), "engine": ctx.engine.state_dict()}
         if ctx.one_step_off is not None:  # collective
             state["one_step_off"] = ctx.one_step_off.state_dict()
-            if state["one_step_off"]:  # the next step's prompts are drawn and sampled: the stream before them
+            if state["one_step_off"]:  # the next step's prompts are drawn and sampled: the streams before them
                 state["sampler"] = state["one_step_off"]["sampler"]
+                state["engine"] = {**state["engine"], "calls": state["one_step_off"]["calls"]}
         if ctx.async_rollout is not None and ctx.async_rollout.controller:  # the rank a checkpoint keeps
             state["async"] = ctx.async_rollout.state_dict()
             state["sampler"] = state["async"]["sampler"]  # the prompt stream is the controller's
