@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
-from r1mega.config.schema import ModelConfig, MoEConfig
+from r1mega.config.schema import MLAConfig, ModelConfig, MoEConfig, YarnConfig
 
 # HF architecture -> r1mega arch
 ARCHS = {
@@ -14,10 +14,12 @@ ARCHS = {
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 HF_ARCH = {v: k for k, v in ARCHS.items()}
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-MODEL_TYPE = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe"}
+MODEL_TYPE = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe",
+              "deepseek_v3": "deepseek_v3"}
 
 
 class UnsupportedModelError(ValueError):
@@ -39,10 +41,15 @@ def _rope_theta(hf: Dict[str, Any]) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _rope_scaling(hf: Dict[str, Any], where: str) -> float | None:
+def _rope_scaling_entry(hf: Dict[str, Any]) -> Tuple[str | None, Dict[str, Any]]:
     scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in (None, "default"):
+    return (None if kind in (None, "default") else kind), scaling
+
+
+def _rope_scaling(hf: Dict[str, Any], where: str) -> float | None:
+    kind, scaling = _rope_scaling_entry(hf)
+    if kind is None:
         return None
     if kind != "llama3":
         raise UnsupportedModelError(f"{where}: rope_type={kind!r} is not supported (default, llama3)")
@@ -68,6 +75,7 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
             f"r1mega converts {sorted(ARCHS)}"
         )
     heads = hf["num_attention_heads"]
+    mla = arch == "deepseek_v3"
     cfg = ModelConfig(
         name=name or Path(path).name,
         arch=arch,
@@ -76,14 +84,14 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
         ffn_hidden_size=hf["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=None if mla else hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rotary_base=_rope_theta(hf),
-        rope_scaling_factor=_rope_scaling(hf, where),
+        rope_scaling_factor=None if mla else _rope_scaling(hf, where),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         qk_layernorm=arch in ("qwen3", "qwen3_moe"),
-        add_qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+        add_qkv_bias=arch == "qwen2" or (not mla and bool(hf.get("attention_bias", False))),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "fp32"),
     )
@@ -91,7 +99,65 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
         raise UnsupportedModelError(f"{where}: hidden_act={hf['hidden_act']} (supported: silu)")
     if arch == "qwen3_moe":
         cfg.moe = _qwen3_moe(hf, where)
+    if mla:
+        cfg.mla = _mla(hf, where)
+        cfg.moe = _deepseek_moe(hf, where)
     return cfg
+
+
+def _mla(hf: Dict[str, Any], where: str) -> MLAConfig:
+    """DeepSeek-V3's multi-latent attention and its YaRN rotary scaling."""
+    if hf.get("attention_bias"):
+        raise UnsupportedModelError(f"{where}: attention_bias=true with multi-latent attention is not supported")
+    if hf.get("rope_interleave") is False:  # megatron's MLA takes rotary pairs interleaved, as DeepSeek lays them out
+        raise UnsupportedModelError(f"{where}: rope_interleave=false is not supported (DeepSeek-V3 checkpoints "
+                                    "interleave their rotary dimensions)")
+    kind, scaling = _rope_scaling_entry(hf)
+    yarn = None
+    if kind == "yarn":
+        if "attention_factor" in scaling or bool(scaling.get("truncate", True)) is False:
+            raise UnsupportedModelError(f"{where}: yarn attention_factor / truncate=false are not supported "
+                                        "(megatron derives the factor from mscale and mscale_all_dim)")
+        if ("mscale" in scaling) != ("mscale_all_dim" in scaling) and float(scaling.get("mscale", 1.0)) != 1.0:
+            # transformers then ignores mscale; megatron would apply it
+            raise UnsupportedModelError(f"{where}: yarn mscale without mscale_all_dim is not supported")
+        yarn = YarnConfig(factor=float(scaling["factor"]),
+                          original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+                          beta_fast=float(scaling.get("beta_fast", 32.0)),
+                          beta_slow=float(scaling.get("beta_slow", 1.0)),
+                          mscale=float(scaling.get("mscale", 1.0)),
+                          mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
+    elif kind is not None:
+        raise UnsupportedModelError(f"{where}: rope_type={kind!r} with multi-latent attention is not supported "
+                                    "(default, yarn)")
+    return MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
+                     qk_head_dim=hf["qk_nope_head_dim"], qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
+                     v_head_dim=hf["v_head_dim"], yarn=yarn)
+
+
+def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
+    """DeepSeekMoE: sigmoid routing with an expert bias (aux-loss-free), limited to the best groups,
+    shared experts, the first layers dense; None when every layer is dense."""
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    if first_dense >= hf["num_hidden_layers"]:
+        return None
+    for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("norm_topk_prob", True),
+                          ("moe_layer_freq", 1)):
+        if key in hf and hf[key] != expected:
+            raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r})")
+    shared = int(hf.get("n_shared_experts") or 0)
+    return MoEConfig(
+        num_experts=hf.get("n_routed_experts") or hf["num_local_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=hf["num_experts_per_tok"],
+        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * shared if shared else None,
+        score_function="sigmoid",
+        expert_bias=True,
+        topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        num_groups=hf.get("n_group"),
+        group_topk=hf.get("topk_group"),
+        first_k_dense=first_dense,
+    )
 
 
 def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:
@@ -147,7 +213,34 @@ def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
             norm_topk_prob=not e.pre_softmax, decoder_sparse_step=1, mlp_only_layers=[],
             router_aux_loss_coef=e.aux_loss_coeff, attention_bias=cfg.add_qkv_bias,
         )
+    if cfg.arch == "deepseek_v3":
+        hf.update(_deepseek_entries(cfg))
+        del hf["head_dim"]
     return hf
+
+
+def _deepseek_entries(cfg: ModelConfig) -> Dict[str, Any]:
+    m, e = cfg.mla, cfg.moe
+    out: Dict[str, Any] = {
+        "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_head_dim,
+        "qk_rope_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": True,
+        "attention_bias": False, "num_nextn_predict_layers": 0,
+    }
+    if m.yarn is not None:
+        y = m.yarn
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": y.factor, "beta_fast": y.beta_fast,
+                               "beta_slow": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                               "original_max_position_embeddings": y.original_max_position_embeddings}
+    if e is None:
+        out["first_k_dense_replace"] = cfg.num_layers
+        return out
+    shared = (e.shared_expert_ffn_hidden_size or 0) // e.ffn_hidden_size
+    out.update(n_routed_experts=e.num_experts, moe_intermediate_size=e.ffn_hidden_size,
+               num_experts_per_tok=e.router_topk, n_shared_experts=shared,
+               routed_scaling_factor=e.topk_scaling_factor or 1.0, n_group=e.num_groups or 1,
+               topk_group=e.group_topk or 1, first_k_dense_replace=e.first_k_dense, norm_topk_prob=True,
+               scoring_func="sigmoid", topk_method="noaux_tc")
+    return out
 
 
 def transformers_config(cfg: ModelConfig, **overrides: Any):

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
+from r1mega.checkpoint.hf_config import UnsupportedModelError
 from r1mega.config.schema import ModelConfig
 
 # Transformer Engine fuses norms into the next linear; these are the local-spec names.
@@ -39,6 +40,21 @@ _LAYER_RULES = {
     "mlp.shared_experts.gate_weight": ("plain", ["mlp.shared_expert_gate.weight"]),
 }
 
+# multi-latent attention (DeepSeek-V3), in place of the qkv and q/k-norm rules
+_MLA_RULES = {
+    "self_attention.linear_q_proj.weight": ("plain", ["self_attn.q_proj.weight"]),  # no query latent (q_lora_rank)
+    "self_attention.linear_q_down_proj.weight": ("plain", ["self_attn.q_a_proj.weight"]),
+    "self_attention.q_layernorm.weight": ("plain", ["self_attn.q_a_layernorm.weight"]),
+    "self_attention.linear_q_up_proj.weight": ("plain", ["self_attn.q_b_proj.weight"]),
+    "self_attention.linear_kv_down_proj.weight": ("plain", ["self_attn.kv_a_proj_with_mqa.weight"]),
+    "self_attention.kv_layernorm.weight": ("plain", ["self_attn.kv_a_layernorm.weight"]),
+    "self_attention.linear_kv_up_proj.weight": ("plain", ["self_attn.kv_b_proj.weight"]),
+}
+_MLA_TE_ALIASES = {
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+}
+
 _EXPERT_RULES = {
     "linear_fc1.weight": ("glu", ["gate_proj.weight", "up_proj.weight"]),
     "linear_fc2.weight": ("plain", ["down_proj.weight"]),
@@ -62,16 +78,20 @@ class Rule:
     is_expert: bool = False
 
 
+def check_convertible(model: ModelConfig) -> None:
+    """Raise when the model's weights have no HF mapping yet (its config may still have one)."""
+    if model.mla is not None and model.moe is not None:
+        raise UnsupportedModelError(f"model.arch={model.arch}: HF conversion of DeepSeekMoE layers (sigmoid routing "
+                                  "with an expert bias, shared experts) is not implemented yet")
+
+
 def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: ModelConfig) -> Rule:
     """HF sources of megatron parameter `name` (chunk-local name).
 
     layer_number: 1-based global layer number of the decoder layer holding `name`;
     expert_offset: global index of this rank's first local expert.
     """
-    if model.mla is not None:
-        raise NotImplementedError(
-            f"model.arch={model.arch}: HF conversion of multi-latent attention weights is not implemented"
-        )
+    check_convertible(model)
     if name in _GLOBAL_RULES:
         layout, hf = _GLOBAL_RULES[name]
         if name == "output_layer.weight" and model.tie_word_embeddings:
@@ -82,6 +102,11 @@ def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: 
         raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
     rest = _TE_ALIASES.get(match.group(2), match.group(2))
     prefix = f"model.layers.{layer_number - 1}."
+    if model.mla is not None:
+        rest = _MLA_TE_ALIASES.get(rest, rest)
+        if rest in _MLA_RULES:
+            layout, hf = _MLA_RULES[rest]
+            return Rule(layout, [prefix + n for n in hf])
     expert = _expert_rule(rest, prefix, expert_offset)
     if expert is not None:
         return expert

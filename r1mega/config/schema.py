@@ -49,12 +49,27 @@ class MoEConfig:
 
 
 @dataclass
+class YarnConfig:
+    """YaRN rotary scaling, DeepSeek-V3's (HF rope_scaling type yarn), as megatron's MLA implements it."""
+
+    factor: float = MISSING
+    original_max_position_embeddings: int = MISSING
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
 class MLAConfig:
-    q_lora_rank: Optional[int] = None
+    """Multi-latent attention (DeepSeek-V2/V3); sizes default to DeepSeek-V3's."""
+
+    q_lora_rank: Optional[int] = None  # None: queries project directly (DeepSeek-V2-Lite)
     kv_lora_rank: int = 512
-    qk_head_dim: int = 128
-    qk_pos_emb_head_dim: int = 64
+    qk_head_dim: int = 128  # the part of each query/key head without rotary embedding
+    qk_pos_emb_head_dim: int = 64  # the rotary part
     v_head_dim: int = 128
+    yarn: Optional[YarnConfig] = None  # None: plain rotary embedding
 
 
 @dataclass

@@ -80,9 +80,6 @@ def check_model(m: ModelConfig) -> None:
     _check(not m.fp8.param or m.fp8.format is not None, "model.fp8.param=true needs model.fp8.format (e4m3 or hybrid)")
     if m.fp8.format is not None:
         _check(m.dtype == "bf16", "model.fp8.format needs model.dtype=bf16")
-    if m.mla is not None:
-        _check(m.attention_backend in ("auto", "te"),
-               "model.mla (multi-latent attention) runs on the te attention backend only")
 
 
 def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = None) -> None:
@@ -126,6 +123,9 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
     if p.cp > 1:
         _check(m.attention_backend in ("auto", "te", "sdpa"),
                "parallel.cp > 1 runs on the te or sdpa attention backend, not flash")
+        # SDPA's context parallelism gathers keys and values as one tensor, of one head dim
+        _check(m.mla is None or m.attention_backend in ("auto", "te"),
+               "model.mla (multi-latent attention) with parallel.cp > 1 runs on the te attention backend only")
     model_parallel = p.tp * p.pp * p.cp
     if world_size is not None:
         _check(

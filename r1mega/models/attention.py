@@ -47,14 +47,18 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
     ):
+        """k_channels, v_channels: multi-latent attention's query/key and value head dims, which differ;
+        SDPA takes them as they come (its softmax_scale is MLA's own)."""
         super().__init__(config=config)
         tp = pg_collection.tp.size() if pg_collection is not None else _tp_world_size()
         self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         self.num_heads = divide(config.num_attention_heads, tp)
         self.num_groups = divide(config.num_query_groups, tp)
         self.attn_mask_type = attn_mask_type
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 

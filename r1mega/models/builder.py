@@ -38,7 +38,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
-        qk_layernorm=model.qk_layernorm,
+        qk_layernorm=model.qk_layernorm or model.mla is not None,  # MLA: the norms of the query and KV latents
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -89,9 +89,17 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
             qk_head_dim=mla.qk_head_dim,
             qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
             v_head_dim=mla.v_head_dim,
-            rope_type="rope",
+            rope_type="rope" if mla.yarn is None else "yarn",
             rotary_base=model.rotary_base,
         )
+        if mla.yarn is not None:
+            y = mla.yarn
+            kwargs.update(rotary_scaling_factor=y.factor,
+                          original_max_position_embeddings=y.original_max_position_embeddings,
+                          beta_fast=y.beta_fast, beta_slow=y.beta_slow, mscale=y.mscale,
+                          mscale_all_dim=y.mscale_all_dim)
+        else:  # megatron's MLA scales its softmax by YaRN's mscale whatever the rope type: make it 1
+            kwargs.update(rotary_scaling_factor=1.0, mscale_all_dim=0.0)
         return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
 
@@ -136,10 +144,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
     config = transformer_config(model, parallel)
     backend = resolve_backend(model.attention_backend)
-    if model.mla is not None and backend != "te":
-        # megatron-core's MLASelfAttention tests its projections against TELinear.
-        raise RuntimeError(f"model {model.name}: multi-latent attention needs Transformer Engine "
-                           f"(not importable here)")
+    if model.mla is not None and parallel.cp > 1 and backend != "te":
+        # SDPA's context parallelism gathers keys and values as one tensor of one head dim
+        raise RuntimeError(f"model {model.name}: multi-latent attention under parallel.cp > 1 needs Transformer "
+                           "Engine's attention (model.attention_backend=te)")
     if parallel.cp > 1 and backend == "flash":
         raise RuntimeError("parallel.cp > 1 runs on the te or sdpa attention backend; "
                            "set model.attention_backend=te or sdpa")
@@ -181,7 +189,7 @@ def check_mla_context_parallel(name: str, te_version: str | None, fp8: bool) -> 
     serves MLA under CP from Transformer Engine 2.5; 2.5 still turns it off under any FP8 autocast
     (2.6 only for FP8 attention itself). Without a backend TE would fail at the first forward."""
     if te_version is None:
-        return  # build_model has refused MLA without Transformer Engine already
+        return  # build_model has refused MLA under context parallelism without TE attention already
     release = Version(te_version).release[:2]
     if release < (2, 5):
         raise RuntimeError(f"model {name}: multi-latent attention with parallel.cp > 1 needs Transformer Engine "

@@ -15,7 +15,8 @@ class FlashAttention(SDPAttention):
     """SDPAttention's interface on flash_attn_func / flash_attn_varlen_func.
 
     flash-attn aligns the causal mask bottom-right (>= 2.1), which is what decoding with a
-    KV cache needs; an explicit padding mask falls back to SDPA.
+    KV cache needs; an explicit padding mask, fp32 and value head dims unlike the query's fall back
+    to SDPA.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -25,7 +26,8 @@ class FlashAttention(SDPAttention):
         from flash_attn import flash_attn_func, flash_attn_varlen_func
 
         mask_type = attn_mask_type or self.attn_mask_type
-        if attention_mask is not None or query.dtype == torch.float32:
+        # flash-attn's kernels take one head dim for queries, keys and values (MLA's values are narrower)
+        if attention_mask is not None or query.dtype == torch.float32 or value.size(-1) != query.size(-1):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
         dropout = self.dropout_p if self.training else 0.0

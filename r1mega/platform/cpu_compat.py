@@ -242,6 +242,20 @@ def _patch_megatron() -> None:
 
     mappings._gather_along_first_dim = _gather_along_first_dim
 
+    # models.common.embeddings.yarn_rotary_pos_embedding.YarnRotaryEmbedding.__init__ makes its tables
+    # inside `with torch.device(torch.cuda.current_device())` unless use_cpu_initialization, which
+    # transformer.multi_latent_attention.MLASelfAttention never passes (YaRN under MLA): build them on
+    # the CPU, as use_cpu_initialization would.
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+
+    upstream_yarn = yarn.YarnRotaryEmbedding.__init__
+
+    @functools.wraps(upstream_yarn)
+    def yarn_init(self, *args, **kwargs):
+        upstream_yarn(self, *args, **{**kwargs, "use_cpu_initialization": True})
+
+    yarn.YarnRotaryEmbedding.__init__ = yarn_init
+
 
 def install() -> None:
     """Apply every CPU measure once; no-op when CUDA is available."""

@@ -1,6 +1,7 @@
 """Converted megatron models reproduce transformers' logits under every layout; HF -> megatron -> HF is exact.
 
-Oracle: transformers' own Qwen2 / Qwen3 / Qwen3-MoE classes, random weights from a config.
+Oracle: transformers' own Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 classes, random weights from a config
+(DeepSeek-V3's multi-latent attention with and without a query latent, with YaRN past its original length).
 """
 
 from __future__ import annotations
@@ -24,8 +25,18 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 
 
 def _hf_model(kind: str):
-    from transformers import (Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    if kind.startswith("dsv3"):  # multi-latent attention, every layer dense
+        mla = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=4,
+                   num_key_value_heads=4)
+        if kind == "dsv3":  # query latent; YaRN, which the 12 positions outgrow (original length 8)
+            rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+            return DeepseekV3ForCausalLM(DeepseekV3Config(**{**COMMON, **mla}, q_lora_rank=20, rope_parameters=rope,
+                                                          max_position_embeddings=32))
+        return DeepseekV3ForCausalLM(DeepseekV3Config(**{**COMMON, **mla}, q_lora_rank=None))  # V2-Lite's queries
 
     if kind == "qwen2":  # qkv bias, untied head, large rope base
         return Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1e6, tie_word_embeddings=False))
@@ -40,7 +51,7 @@ def checkpoints(tmp_path_factory):
     """{kind: (hf folder, input ids, reference logits)} for random tiny models."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for i, kind in enumerate(("qwen2", "qwen3", "qwen3_moe")):
+    for i, kind in enumerate(("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")):
         torch.manual_seed(100 + i)
         model = _hf_model(kind).eval()
         with torch.no_grad():  # norms and biases start at 1 and 0: perturb them so mapping errors show
@@ -76,9 +87,9 @@ def _convert_on_ranks(kinds, tp: int, pp: int, ep: int, paths, ids, out_root: st
 
 
 LAYOUTS = [  # (tp, pp, ep), models
-    ((1, 1, 1), ("qwen2", "qwen3", "qwen3_moe")),
-    ((2, 1, 1), ("qwen2", "qwen3", "qwen3_moe")),
-    ((1, 2, 1), ("qwen2", "qwen3", "qwen3_moe")),
+    ((1, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")),
+    ((2, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")),
+    ((1, 2, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3")),
     ((2, 2, 1), ("qwen2", "qwen3")),
     ((1, 1, 2), ("qwen3_moe",)),
     ((2, 1, 2), ("qwen3_moe",)),

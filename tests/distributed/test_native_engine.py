@@ -180,3 +180,39 @@ def test_prefill_in_length_buckets_generates_the_same(runs):
         assert torch.allclose(torch.tensor(sum(three.logprobs, [])), torch.tensor(sum(other.logprobs, [])),
                               atol=1e-5), name
         assert stats["prefill_positions"] == stats["prefill_tokens"] == 14, name
+
+
+def _mla_decodes(parallel: ParallelConfig):
+    from r1mega.config.schema import MLAConfig, YarnConfig
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.rollout.native import NativeEngine
+    from r1mega.rollout.types import SamplingParams
+
+    cfg = ModelConfig(name="mla", arch="deepseek_v3", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                      num_attention_heads=4, num_query_groups=4, vocab_size=VOCAB, init_method_std=0.2,
+                      mla=MLAConfig(q_lora_rank=16, kv_lora_rank=24, qk_head_dim=16, qk_pos_emb_head_dim=8,
+                                    v_head_dim=12, yarn=YarnConfig(factor=4.0, original_max_position_embeddings=8,
+                                                                   mscale_all_dim=1.0)))
+    initialize(parallel, seed=3)
+    try:
+        chunks = build_model(cfg, parallel)
+        engine = NativeEngine(chunks, eos_token_ids=[EOS], pad_token_id=PAD, max_batch_size=5)
+        greedy = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12), n=1)
+        sampled = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, seed=8, stop_token_ids=STOPS), n=3)
+        rows = greedy.prompt_ids + sampled.prompt_ids
+        forward = [logits(chunks, torch.tensor([p + r])) for p, r in
+                   zip(rows, greedy.response_ids + sampled.response_ids)]
+        return greedy, sampled, forward
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_multi_latent_attention_decodes_as_its_forward(tp):
+    """DeepSeek-V3's attention (query and KV latents, YaRN past its original length of 8): left-padded
+    prompts in one KV cache, then decoding, give each token the log-prob a whole-sequence forward does."""
+    greedy, sampled, forward = spawn(tp, _mla_decodes, ParallelConfig(tp=tp))[0]
+    _check_logprobs(greedy, forward[:len(greedy)])
+    _check_logprobs(sampled, forward[len(greedy):])
+    assert max(len(p) + len(r) for p, r in zip(greedy.prompt_ids, greedy.response_ids)) > 8
