@@ -145,6 +145,12 @@ def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
                           ("moe_layer_freq", 1)):
         if key in hf and hf[key] != expected:
             raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r})")
+    groups, best, topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1), hf["num_experts_per_tok"]
+    if best < groups and topk // best != 2:
+        # DeepSeek ranks groups by their two best experts' scores; megatron-core by the top topk / topk_group
+        raise UnsupportedModelError(f"{where}: num_experts_per_tok={topk} with topk_group={best} of n_group={groups} "
+                                    "is not supported (megatron ranks groups by their top num_experts_per_tok / "
+                                    "topk_group experts, DeepSeek by their top 2)")
     shared = int(hf.get("n_shared_experts") or 0)
     return MoEConfig(
         num_experts=hf.get("n_routed_experts") or hf["num_local_experts"],

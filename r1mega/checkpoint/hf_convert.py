@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
-    """(name, parameter, rule) for every parameter of this rank, in a rank-independent order."""
+    """(name, parameter, rule) for every parameter (and routers' expert-bias buffer) of this rank, in a
+    rank-independent order."""
     num_local = 0
     if model.moe is not None:
         num_local = model.moe.num_experts // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local
     for chunk in map(unwrap, chunks):
-        for name, param in chunk.named_parameters():
+        # DeepSeek-V3's expert bias is a buffer (the router's aux-loss-free balancing moves it, not the optimizer)
+        biases = [(n, b) for n, b in chunk.named_buffers() if n.endswith("mlp.router.expert_bias")]
+        for name, param in [*chunk.named_parameters(), *biases]:
             layer_number = None
             if name.startswith("decoder.layers."):
                 local = int(name.split(".")[2])
@@ -64,6 +67,8 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
     """Copy this rank's shard of every parameter from the HF checkpoint folder `source`, or from
     HF-named tensors in memory (weights a trainer sent)."""
     reader = TensorReader(source) if isinstance(source, dict) else HFReader(source)
+    if isinstance(reader, HFReader):
+        _warn_unloaded_layers(reader, model)
     with reader, torch.no_grad():
         for name, param, rule in _named_params(chunks, model):
             shard = _read_shard(reader, param, rule, model)
@@ -73,6 +78,17 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
                     f"{name}, which has shape {tuple(param.shape)} here (model config or layout mismatch)"
                 )
             param.copy_(shard.to(param.dtype))
+
+
+def _warn_unloaded_layers(reader: HFReader, model: ModelConfig) -> None:
+    """Layers past the decoder's (DeepSeek-V3's multi-token-prediction layer, numbered num_hidden_layers):
+    neither loaded nor exported yet, so say so rather than drop them unseen."""
+    past = sorted({n.split(".")[2] for n in reader.files if n.startswith("model.layers.")
+                   and n.split(".")[2].isdigit() and int(n.split(".")[2]) >= model.num_layers})
+    if past and rank() == 0:
+        log.warning("%s: layer(s) %s past the model's %d decoder layers (multi-token prediction) are not loaded, "
+                    "and an HF export of this model will not hold them", reader.path, ", ".join(past),
+                    model.num_layers)
 
 
 def _read_shard(reader: HFReader, param: torch.Tensor, rule: Rule, model: ModelConfig) -> torch.Tensor:

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import List, Optional
 
-from r1mega.checkpoint.hf_config import UnsupportedModelError
 from r1mega.config.schema import ModelConfig
 
 # Transformer Engine fuses norms into the next linear; these are the local-spec names.
@@ -34,6 +33,7 @@ _LAYER_RULES = {
     "mlp.linear_fc1.weight": ("glu", ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),
     "mlp.linear_fc2.weight": ("plain", ["mlp.down_proj.weight"]),
     "mlp.router.weight": ("plain", ["mlp.gate.weight"]),
+    "mlp.router.expert_bias": ("plain", ["mlp.gate.e_score_correction_bias"]),  # a buffer (DeepSeek-V3)
     "mlp.shared_experts.linear_fc1.weight": ("glu", ["mlp.shared_expert.gate_proj.weight",
                                                      "mlp.shared_expert.up_proj.weight"]),
     "mlp.shared_experts.linear_fc2.weight": ("plain", ["mlp.shared_expert.down_proj.weight"]),
@@ -49,6 +49,12 @@ _MLA_RULES = {
     "self_attention.linear_kv_down_proj.weight": ("plain", ["self_attn.kv_a_proj_with_mqa.weight"]),
     "self_attention.kv_layernorm.weight": ("plain", ["self_attn.kv_a_layernorm.weight"]),
     "self_attention.linear_kv_up_proj.weight": ("plain", ["self_attn.kv_b_proj.weight"]),
+}
+# DeepSeek-V3 names its shared experts in the plural and has no shared-expert gate
+_DEEPSEEK_SHARED_RULES = {
+    "mlp.shared_experts.linear_fc1.weight": ("glu", ["mlp.shared_experts.gate_proj.weight",
+                                                     "mlp.shared_experts.up_proj.weight"]),
+    "mlp.shared_experts.linear_fc2.weight": ("plain", ["mlp.shared_experts.down_proj.weight"]),
 }
 _MLA_TE_ALIASES = {
     "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
@@ -78,20 +84,12 @@ class Rule:
     is_expert: bool = False
 
 
-def check_convertible(model: ModelConfig) -> None:
-    """Raise when the model's weights have no HF mapping yet (its config may still have one)."""
-    if model.mla is not None and model.moe is not None:
-        raise UnsupportedModelError(f"model.arch={model.arch}: HF conversion of DeepSeekMoE layers (sigmoid routing "
-                                  "with an expert bias, shared experts) is not implemented yet")
-
-
 def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: ModelConfig) -> Rule:
     """HF sources of megatron parameter `name` (chunk-local name).
 
     layer_number: 1-based global layer number of the decoder layer holding `name`;
     expert_offset: global index of this rank's first local expert.
     """
-    check_convertible(model)
     if name in _GLOBAL_RULES:
         layout, hf = _GLOBAL_RULES[name]
         if name == "output_layer.weight" and model.tie_word_embeddings:
@@ -102,11 +100,11 @@ def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: 
         raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
     rest = _TE_ALIASES.get(match.group(2), match.group(2))
     prefix = f"model.layers.{layer_number - 1}."
-    if model.mla is not None:
+    if model.arch == "deepseek_v3":
         rest = _MLA_TE_ALIASES.get(rest, rest)
-        if rest in _MLA_RULES:
-            layout, hf = _MLA_RULES[rest]
-            return Rule(layout, [prefix + n for n in hf])
+        own = _MLA_RULES.get(rest) or _DEEPSEEK_SHARED_RULES.get(rest)
+        if own is not None:
+            return Rule(own[0], [prefix + n for n in own[1]])
     expert = _expert_rule(rest, prefix, expert_offset)
     if expert is not None:
         return expert

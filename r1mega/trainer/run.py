@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from r1mega.checkpoint.hf_config import hf_config_from_model
-from r1mega.checkpoint.hf_mapping import check_convertible
 from r1mega.checkpoint.hf_convert import save_hf
 from r1mega.checkpoint.mcore import save_model
 from r1mega.checkpoint.staging import unwrap
@@ -108,7 +107,6 @@ def run(cfg: R1Config, runtime: Runtime, job: Job) -> List[Metrics]:
         log.info("model %s: %.2fM parameters, %.2fM active per token", cfg.model.name, total / 1e6, active / 1e6)
     if job.export is not None and cfg.trainer.export_hf:
         hf_config_from_model(cfg.model)  # no HF export for this architecture: say so before training
-        check_convertible(cfg.model)
     step = _resume(cfg, runtime, job)
     out: Optional[MetricsLog] = None
     if runtime.is_main:

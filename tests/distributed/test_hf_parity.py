@@ -28,6 +28,12 @@ def _hf_model(kind: str):
     from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
+    if kind == "dsv3_moe":  # DeepSeekMoE after a dense layer: sigmoid routing with an expert bias, 1 of 4 groups
+        moe = dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=1, n_shared_experts=1,
+                   moe_intermediate_size=16, routed_scaling_factor=2.5, first_k_dense_replace=1)
+        return DeepseekV3ForCausalLM(DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, **moe, q_lora_rank=20,
+                                                      kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                                      v_head_dim=12))
     if kind.startswith("dsv3"):  # multi-latent attention, every layer dense
         mla = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=4,
                    num_key_value_heads=4)
@@ -51,13 +57,16 @@ def checkpoints(tmp_path_factory):
     """{kind: (hf folder, input ids, reference logits)} for random tiny models."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for i, kind in enumerate(("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")):
+    for i, kind in enumerate(("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q", "dsv3_moe")):
         torch.manual_seed(100 + i)
         model = _hf_model(kind).eval()
         with torch.no_grad():  # norms and biases start at 1 and 0: perturb them so mapping errors show
             for name, p in model.named_parameters():
                 if "norm" in name or "bias" in name:
                     p.add_(0.1 * torch.randn_like(p))
+            for name, b in model.named_buffers():  # DeepSeek-V3's expert bias: enough to change the routing
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(0.5 * torch.randn_like(b))
         model.save_pretrained(root / kind)
         ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
@@ -75,7 +84,7 @@ def _convert_on_ranks(kinds, tp: int, pp: int, ep: int, paths, ids, out_root: st
     initialize(ParallelConfig(tp=tp, pp=pp, ep=ep), seed=7)
     try:
         for kind in kinds:
-            parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1 and kind == "qwen3_moe")
+            parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1 and kind.endswith("moe"))
             model_cfg = model_config_from_hf(paths[kind])
             chunks = build_model(model_cfg, parallel)
             load_hf_weights(chunks, model_cfg, paths[kind])
@@ -87,12 +96,12 @@ def _convert_on_ranks(kinds, tp: int, pp: int, ep: int, paths, ids, out_root: st
 
 
 LAYOUTS = [  # (tp, pp, ep), models
-    ((1, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")),
-    ((2, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q")),
-    ((1, 2, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3")),
+    ((1, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q", "dsv3_moe")),
+    ((2, 1, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_q", "dsv3_moe")),
+    ((1, 2, 1), ("qwen2", "qwen3", "qwen3_moe", "dsv3", "dsv3_moe")),
     ((2, 2, 1), ("qwen2", "qwen3")),
-    ((1, 1, 2), ("qwen3_moe",)),
-    ((2, 1, 2), ("qwen3_moe",)),
+    ((1, 1, 2), ("qwen3_moe", "dsv3_moe")),
+    ((2, 1, 2), ("qwen3_moe", "dsv3_moe")),
 ]
 
 

@@ -58,7 +58,7 @@ def test_missing_config(tmp_path):
 
 
 DSV3 = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-            routed_scaling_factor=2.5, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24,
+            routed_scaling_factor=2.5, n_group=4, topk_group=1, first_k_dense_replace=1, q_lora_rank=24,
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
                              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
@@ -88,15 +88,11 @@ def test_config_roundtrip_through_transformers(tmp_path, kind):
     if kind == "deepseek_v3":
         assert cfg.mla.yarn.factor == 40.0 and cfg.mla.yarn.mscale_all_dim == 1.0 and cfg.mla.q_lora_rank == 24
         assert cfg.moe.score_function == "sigmoid" and cfg.moe.expert_bias and cfg.moe.first_k_dense == 1
-        from r1mega.checkpoint.hf_mapping import check_convertible
-
-        with pytest.raises(UnsupportedModelError, match="DeepSeekMoE layers"):  # their weights: not yet
-            check_convertible(cfg)
 
 
 @pytest.mark.parametrize("key,value", [("topk_method", "greedy"), ("scoring_func", "softmax"),
                                        ("norm_topk_prob", False), ("rope_interleave", False),
-                                       ("hidden_act", "gelu")])
+                                       ("hidden_act", "gelu"), ("topk_group", 2)])
 def test_unsupported_deepseek_options_are_named(tmp_path, key, value):
     hf = {"architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, **DSV3, key: value}
@@ -105,3 +101,19 @@ def test_unsupported_deepseek_options_are_named(tmp_path, key, value):
     with pytest.raises(UnsupportedModelError) as err:
         model_config_from_hf(tmp_path)
     assert f"{key}=" in str(err.value) and "config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_layers_past_the_decoder_are_named_not_dropped_unseen(tmp_path, caplog):
+    """DeepSeek-V3 checkpoints hold their multi-token-prediction layer at index num_hidden_layers."""
+    import logging
+
+    from r1mega.checkpoint.hf_convert import _warn_unloaded_layers
+    from r1mega.config.schema import ModelConfig
+
+    save_file({"model.layers.1.mlp.down_proj.weight": torch.zeros(2, 2), "model.layers.2.eh_proj.weight":
+               torch.zeros(2, 2), "model.norm.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    model = ModelConfig(name="m", num_layers=2, hidden_size=2, ffn_hidden_size=2, num_attention_heads=1,
+                        num_query_groups=1, vocab_size=2)
+    with caplog.at_level(logging.WARNING):
+        _warn_unloaded_layers(HFReader(tmp_path), model)
+    assert "layer(s) 2 past the model's 2 decoder layers" in caplog.text
