@@ -71,6 +71,25 @@ def _mla_without_te() -> None:
         multi_latent_attention.TELinear = _NoTELinear
 
 
+def _duplicated_down_projections(attn) -> None:
+    """MLA's down-projections as one whole weight on every TP rank (Transformer Engine's spec has
+    TELinear in "duplicated" mode), in place of the local spec's ColumnParallelLinear.
+
+    With a column-split down-projection, megatron-core 0.16's MLASelfAttention.get_query_key_value_tensors
+    gathers the KV latent and its rotary key part (k_pos_emb) from the TP ranks' shards
+    (gather_from_tensor_model_parallel_region), and k_pos_emb goes to every rank whole. Each rank's
+    gradient of it covers only that rank's heads, and the gather's backward splits it back without a
+    sum: the rotary rows of linear_kv_down_proj got 1/TP of their gradient (GRPO steps under TP=2
+    drifted from one rank's by 0.3% in the gradient norm). megatron's local `Linear` is duplicated
+    as TELinear is: under sequence parallelism its input is this rank's tokens, k_pos_emb is gathered
+    over the sequence (whose backward sums), and the weight carries `sequence_parallel`, so
+    finalize_model_grads all-reduces its gradient over the TP group."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    attn.linear_q_down_proj = Linear
+    attn.linear_kv_down_proj = Linear
+
+
 def _core_attention_module(backend: str) -> type:
     if backend == "flash":
         return FlashAttention
@@ -85,6 +104,8 @@ def _localize(layer: ModuleSpec, core: type) -> None:
     sub.pre_mlp_layernorm = RMSNorm
     attn = sub.self_attention.submodules
     attn.core_attention = core
+    if hasattr(attn, "linear_kv_down_proj"):  # multi-latent attention
+        _duplicated_down_projections(attn)
     for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
         if getattr(attn, name, None) not in (None, IdentityOp):
             setattr(attn, name, RMSNorm)
