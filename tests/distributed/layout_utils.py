@@ -52,7 +52,7 @@ def logits(chunks: List[torch.nn.Module], ids: torch.Tensor) -> Optional[torch.T
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 
     def step(data_iterator, model):
         out = model(ids, positions, None)
