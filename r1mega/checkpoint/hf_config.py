@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -100,9 +101,18 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
     if arch == "qwen3_moe":
         cfg.moe = _qwen3_moe(hf, where)
     if mla:
+        # transformers' DeepseekV3Config fills absent keys with DeepSeek-V3's sizes; reading them raw would not
+        missing = [k for k in DEEPSEEK_KEYS if k not in hf]
+        if missing:
+            raise UnsupportedModelError(f"{where}: DeepSeek-V3 config without {', '.join(missing)}")
         cfg.mla = _mla(hf, where)
         cfg.moe = _deepseek_moe(hf, where)
     return cfg
+
+
+DEEPSEEK_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "first_k_dense_replace", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group")
 
 
 def _mla(hf: Dict[str, Any], where: str) -> MLAConfig:
@@ -115,24 +125,42 @@ def _mla(hf: Dict[str, Any], where: str) -> MLAConfig:
     kind, scaling = _rope_scaling_entry(hf)
     yarn = None
     if kind == "yarn":
-        if "attention_factor" in scaling or bool(scaling.get("truncate", True)) is False:
-            raise UnsupportedModelError(f"{where}: yarn attention_factor / truncate=false are not supported "
-                                        "(megatron derives the factor from mscale and mscale_all_dim)")
-        if ("mscale" in scaling) != ("mscale_all_dim" in scaling) and float(scaling.get("mscale", 1.0)) != 1.0:
-            # transformers then ignores mscale; megatron would apply it
-            raise UnsupportedModelError(f"{where}: yarn mscale without mscale_all_dim is not supported")
-        yarn = YarnConfig(factor=float(scaling["factor"]),
-                          original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-                          beta_fast=float(scaling.get("beta_fast", 32.0)),
-                          beta_slow=float(scaling.get("beta_slow", 1.0)),
-                          mscale=float(scaling.get("mscale", 1.0)),
-                          mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
+        yarn = _yarn(hf, scaling, where)
     elif kind is not None:
         raise UnsupportedModelError(f"{where}: rope_type={kind!r} with multi-latent attention is not supported "
                                     "(default, yarn)")
     return MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                      qk_head_dim=hf["qk_nope_head_dim"], qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
                      v_head_dim=hf["v_head_dim"], yarn=yarn)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(hf: Dict[str, Any], scaling: Dict[str, Any], where: str) -> YarnConfig:
+    """YaRN as transformers reads it (modeling_rope_utils._compute_yarn_parameters), refused where
+    megatron's YarnRotaryEmbedding would scale otherwise."""
+    if scaling.get("attention_factor") is not None or scaling.get("truncate", True) is False:
+        raise UnsupportedModelError(f"{where}: yarn attention_factor / truncate=false are not supported "
+                                    "(megatron derives the factor from mscale and mscale_all_dim)")
+    if "original_max_position_embeddings" not in scaling:
+        raise UnsupportedModelError(f"{where}: yarn rope scaling without original_max_position_embeddings")
+    original = int(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or hf.get("max_position_embeddings", original) / original)
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    # transformers scales cos/sin by mscale(f, m) / mscale(f, m_all) only when both are set (and
+    # non-zero), else by mscale(f); megatron always by the ratio, so the two must agree
+    theirs = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+              else _yarn_mscale(factor))
+    m = 1.0 if mscale is None else float(mscale)
+    m_all = 0.0 if mscale_all_dim is None else float(mscale_all_dim)
+    if abs(_yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) - theirs) > 1e-12:
+        raise UnsupportedModelError(f"{where}: yarn mscale={mscale} with mscale_all_dim={mscale_all_dim} is not "
+                                    "supported (transformers and megatron scale the rotary embedding differently)")
+    return YarnConfig(factor=factor, original_max_position_embeddings=original,
+                      beta_fast=float(scaling.get("beta_fast") or 32.0),
+                      beta_slow=float(scaling.get("beta_slow") or 1.0), mscale=m, mscale_all_dim=m_all)
 
 
 def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:

@@ -107,6 +107,11 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
     if m.moe is not None and p.tp > 1:
         _check(p.sequence_parallel, "an MoE model with parallel.tp > 1 needs parallel.sequence_parallel=true "
                "(megatron's MoE layer requires it under tensor parallelism)")
+    if m.mla is not None and p.tp > 1:
+        # without it megatron's MLA leaves each rank the gradient of the rotary key from its own heads only
+        _check(p.sequence_parallel, "multi-latent attention (model.mla) with parallel.tp > 1 needs "
+               "parallel.sequence_parallel=true (megatron's MLA sums the rotary key's gradient over the TP ranks "
+               "only then)")
     if p.pipeline_layout is not None:
         _check(len(p.pipeline_layout) == p.pp,
                f"parallel.pipeline_layout has {len(p.pipeline_layout)} stages but parallel.pp={p.pp}")

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from packaging.version import Version
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.models import megatron_fixes
 from r1mega.models.specs import decoder_block_spec, resolve_backend
 from r1mega.platform import installed
 
@@ -143,6 +144,7 @@ def _pipeline_layout(layers_per_stage: List[int]) -> list:
 def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
     config = transformer_config(model, parallel)
+    megatron_fixes.apply(config)
     backend = resolve_backend(model.attention_backend)
     if model.mla is not None and parallel.cp > 1 and backend != "te":
         # SDPA's context parallelism gathers keys and values as one tensor of one head dim

@@ -39,8 +39,6 @@ def decoder_block_spec(
 ) -> TransformerBlockSubmodules:
     """Per-layer specs of this pipeline stage, dense and MoE layers as config.moe_layer_freq says."""
     use_te = backend == "te"
-    if getattr(config, "multi_latent_attention", False) and not installed.transformer_engine():
-        _mla_without_te()
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
@@ -53,22 +51,6 @@ def decoder_block_spec(
             _localize(layer, core)
         block.layer_norm = RMSNorm
     return block
-
-
-class _NoTELinear:
-    """Stands for TELinear where Transformer Engine is absent: nothing is one."""
-
-
-def _mla_without_te() -> None:
-    """megatron-core's MLASelfAttention.__init__ (transformer/multi_latent_attention.py) asks
-    `isinstance(self.linear_proj, TELinear)` whenever megatron.core.extensions.transformer_engine
-    imports, which it does without Transformer Engine too, binding TELinear to a MagicMock stub that
-    isinstance refuses. A class in its place answers False there, and its down-projection checks
-    (`in [TELinear]`) stay False, so the local spec's ColumnParallelLinear is taken."""
-    from megatron.core.transformer import multi_latent_attention
-
-    if not isinstance(multi_latent_attention.TELinear, type):
-        multi_latent_attention.TELinear = _NoTELinear
 
 
 def _duplicated_down_projections(attn) -> None:

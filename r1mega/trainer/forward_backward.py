@@ -33,10 +33,6 @@ def _model_inputs(model: torch.nn.Module, micro) -> dict:
     config = get_model_config(model)
     if config.num_moe_experts is None or inputs.get("padding_mask") is None:
         inputs.pop("padding_mask", None)  # dense layers never read it
-    elif config.moe_router_enable_expert_bias:
-        # megatron (0.16 to 0.19) masks the expert-bias counts with the flat [tokens] mask against the
-        # [tokens, experts] routing map, which fails to broadcast; without the mask padding counts there
-        inputs.pop("padding_mask")
     elif config.sequence_parallel and not unwrap_model(model).pre_process:
         # megatron scatters the mask to the sequence-parallel layout only on the embedding's stage;
         # later stages' routers see this rank's slice of the sequence as well

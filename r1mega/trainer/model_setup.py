@@ -89,12 +89,18 @@ def build_kl_reference(cfg: R1Config, source: Optional[str], policy: list) -> Op
 
 
 def copy_weights(src: list, dst: list) -> None:
-    """dst's parameters := src's (same layout): the reference reset of R1."""
+    """dst's parameters := src's (same layout), and the routers' expert bias (DeepSeek-V3's, a buffer
+    that routes as much as the weights do): the KL reference's start and R1's reference reset."""
     with torch.no_grad():
         for a, b in zip(src, dst):
-            for (name, p), (name_b, q) in zip(a.named_parameters(), b.named_parameters()):
+            for (name, p), (name_b, q) in zip([*a.named_parameters(), *_expert_biases(a)],
+                                              [*b.named_parameters(), *_expert_biases(b)]):
                 assert name == name_b, (name, name_b)
                 q.copy_(p)
+
+
+def _expert_biases(chunk) -> list:
+    return [(n, t) for n, t in chunk.named_buffers() if n.endswith("router.expert_bias")]
 
 
 def _exchange_shapes(chunks) -> None:

@@ -82,6 +82,8 @@ def test_moe_preset_is_typed():
     (["rollout.mode=async", "algorithm.dynamic_sampling=true"], None, "algorithm.dynamic_sampling with rollout"),
     (["rollout.mode=async", "rollout.asynchronous.workers=0"], None, "rollout.asynchronous.workers=0"),
     (["rollout.mode=asap"], None, "rollout.mode='asap' is not one of"),
+    (["model=tiny_dsv3", "model.moe=null", "parallel.tp=2"], 2, "multi-latent attention (model.mla) with "
+                                                                  "parallel.tp > 1 needs parallel.sequence_parallel"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:

@@ -117,3 +117,34 @@ def test_layers_past_the_decoder_are_named_not_dropped_unseen(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _warn_unloaded_layers(HFReader(tmp_path), model)
     assert "layer(s) 2 past the model's 2 decoder layers" in caplog.text
+
+
+@pytest.mark.parametrize("scaling,refused", [
+    ({"mscale": 1.0, "mscale_all_dim": 1.0}, None),  # DeepSeek-V3's
+    ({}, None),
+    ({"mscale_all_dim": 1.0}, "mscale=None with mscale_all_dim=1.0"),  # transformers: mscale(f); megatron: 1
+    ({"mscale": 0.707, "mscale_all_dim": 0}, "mscale=0.707 with mscale_all_dim=0"),
+    ({"attention_factor": 1.2}, "attention_factor"),
+])
+def test_yarn_is_read_as_transformers_reads_it(tmp_path, scaling, refused):
+    """Where transformers and megatron would scale the rotary embedding differently, the config is refused."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
+            **scaling}
+    hf = {"architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, **DSV3, "rope_parameters": rope}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    if refused is None:
+        assert model_config_from_hf(tmp_path).mla.yarn.factor == 40.0
+        return
+    with pytest.raises(UnsupportedModelError, match=refused):
+        model_config_from_hf(tmp_path)
+
+
+def test_deepseek_config_without_its_sizes_is_refused(tmp_path):
+    """transformers would fill them with DeepSeek-V3's own sizes (n_group 8, q_lora_rank 1536, ...)."""
+    hf = {"architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, **DSV3}
+    del hf["n_group"], hf["q_lora_rank"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(UnsupportedModelError, match="without q_lora_rank, n_group"):
+        model_config_from_hf(tmp_path)
