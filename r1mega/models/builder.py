@@ -144,7 +144,7 @@ def _pipeline_layout(layers_per_stage: List[int]) -> list:
 def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
     config = transformer_config(model, parallel)
-    megatron_fixes.apply(config)
+    megatron_fixes.apply(config, f"model {model.name}")
     backend = resolve_backend(model.attention_backend)
     if model.mla is not None and parallel.cp > 1 and backend != "te":
         # SDPA's context parallelism gathers keys and values as one tensor of one head dim

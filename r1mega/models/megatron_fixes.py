@@ -9,13 +9,29 @@ from __future__ import annotations
 import functools
 
 import torch
+from packaging.version import Version
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.platform import installed
 
 
-def apply(config: TransformerConfig) -> None:
+def mla_builds_here() -> bool:
+    """Whether multi-latent attention builds with what is installed: with Transformer Engine, or on
+    megatron-core 0.16. From 0.17 on, MLA's QK-norm resolver (transformer/mla_qk_norm_config.py) takes
+    its norm-fused projections from the backend of config.transformer_impl; r1mega's local path for
+    it is not written yet."""
+    if installed.transformer_engine():
+        return True
+    release = Version(installed.version("megatron-core") or "0").release[:2]
+    return release < (0, 17)
+
+
+def apply(config: TransformerConfig, name: str = "model") -> None:
     if getattr(config, "multi_latent_attention", False) and not installed.transformer_engine():
+        if not mla_builds_here():
+            raise RuntimeError(f"{name}: multi-latent attention without Transformer Engine runs on megatron-core "
+                               f"0.16 (installed: {installed.version('megatron-core')}); install Transformer "
+                               "Engine, or megatron-core 0.16.1")
         _mla_without_te()
     if config.moe_router_enable_expert_bias:
         _expert_bias_counts_with_padding_mask()

@@ -48,7 +48,7 @@ def decoder_block_spec(
     if not use_te:
         core = _core_attention_module(backend)
         for layer in block.layer_specs:
-            _localize(layer, core)
+            _localize(layer, core, config)
         block.layer_norm = RMSNorm
     return block
 
@@ -79,7 +79,7 @@ def _core_attention_module(backend: str) -> type:
     return SDPAttention
 
 
-def _localize(layer: ModuleSpec, core: type) -> None:
+def _localize(layer: ModuleSpec, core: type, config: TransformerConfig) -> None:
     """Our core attention and RMSNorm in place of megatron's local ones (see their docstrings)."""
     sub = layer.submodules
     sub.input_layernorm = RMSNorm
@@ -88,6 +88,8 @@ def _localize(layer: ModuleSpec, core: type) -> None:
     attn.core_attention = core
     if hasattr(attn, "linear_kv_down_proj"):  # multi-latent attention
         _duplicated_down_projections(attn)
+        if config.q_lora_rank is None:  # no query latent to normalise (megatron 0.19 refuses a norm there)
+            attn.q_layernorm = IdentityOp
     for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
         if getattr(attn, name, None) not in (None, IdentityOp):
             setattr(attn, name, RMSNorm)

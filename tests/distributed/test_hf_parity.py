@@ -114,6 +114,9 @@ def _tensors(folder: Path) -> dict:
 
 @pytest.mark.parametrize("layout,kinds", LAYOUTS, ids=[f"tp{t}pp{p}ep{e}" for (t, p, e), _ in LAYOUTS])
 def test_logits_and_roundtrip(checkpoints, tmp_path, layout, kinds):
+    from r1mega.models.megatron_fixes import mla_builds_here
+
+    kinds = tuple(k for k in kinds if mla_builds_here() or not k.startswith("dsv3"))
     tp, pp, ep = layout
     paths = {k: str(checkpoints[k][0]) for k in kinds}
     ids = {k: checkpoints[k][1] for k in kinds}
