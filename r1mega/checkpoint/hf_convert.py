@@ -20,7 +20,7 @@ from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_files import carry_with_tokenizer, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
 from r1mega.checkpoint.hf_mapping import Rule, rule_for
-from r1mega.checkpoint.staging import staging_dir, unwrap
+from r1mega.checkpoint.staging import expert_biases, staging_dir, unwrap
 from r1mega.platform.atomic import publish
 from r1mega.platform.distributed import barrier, rank
 from r1mega.config.schema import ModelConfig
@@ -37,9 +37,7 @@ def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator
         num_local = model.moe.num_experts // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local
     for chunk in map(unwrap, chunks):
-        # DeepSeek-V3's expert bias is a buffer (the router's aux-loss-free balancing moves it, not the optimizer)
-        biases = [(n, b) for n, b in chunk.named_buffers() if n.endswith("mlp.router.expert_bias")]
-        for name, param in [*chunk.named_parameters(), *biases]:
+        for name, param in [*chunk.named_parameters(), *expert_biases(chunk)]:
             layer_number = None
             if name.startswith("decoder.layers."):
                 local = int(name.split(".")[2])

@@ -17,6 +17,12 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+def expert_biases(chunk: torch.nn.Module) -> list:
+    """(name, buffer) of the routers' expert bias (DeepSeek-V3's aux-loss-free balancing): state that
+    routes as much as the weights do, though a buffer the optimizer never sees."""
+    return [(n, b) for n, b in chunk.named_buffers() if n.endswith("router.expert_bias")]
+
+
 def staging_dir(final: Path) -> Path:
     """A fresh `<final>.tmp` folder, made by rank 0 and visible to every rank on return."""
     tmp = final.with_name(final.name + ".tmp")

@@ -13,6 +13,7 @@ from megatron.core.utils import get_model_config
 
 from r1mega.checkpoint.hf_convert import load_hf_weights
 from r1mega.checkpoint.mcore import check_model_matches, load_model
+from r1mega.checkpoint.staging import expert_biases
 from r1mega.config.schema import R1Config
 from r1mega.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from r1mega.models.builder import build_model
@@ -93,14 +94,10 @@ def copy_weights(src: list, dst: list) -> None:
     that routes as much as the weights do): the KL reference's start and R1's reference reset."""
     with torch.no_grad():
         for a, b in zip(src, dst):
-            for (name, p), (name_b, q) in zip([*a.named_parameters(), *_expert_biases(a)],
-                                              [*b.named_parameters(), *_expert_biases(b)]):
+            for (name, p), (name_b, q) in zip([*a.named_parameters(), *expert_biases(a)],
+                                              [*b.named_parameters(), *expert_biases(b)]):
                 assert name == name_b, (name, name_b)
                 q.copy_(p)
-
-
-def _expert_biases(chunk) -> list:
-    return [(n, t) for n, t in chunk.named_buffers() if n.endswith("router.expert_bias")]
 
 
 def _exchange_shapes(chunks) -> None:
