@@ -15,12 +15,14 @@ ARCHS = {
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
 }
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # multi-latent attention, DeepSeekMoE
 HF_ARCH = {v: k for k, v in ARCHS.items()}
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MODEL_TYPE = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe",
-              "deepseek_v3": "deepseek_v3"}
+              "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3"}
 
 
 class UnsupportedModelError(ValueError):
@@ -76,7 +78,7 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
             f"r1mega converts {sorted(ARCHS)}"
         )
     heads = hf["num_attention_heads"]
-    mla = arch == "deepseek_v3"
+    mla = arch in DEEPSEEK
     cfg = ModelConfig(
         name=name or Path(path).name,
         arch=arch,
@@ -101,18 +103,21 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
     if arch == "qwen3_moe":
         cfg.moe = _qwen3_moe(hf, where)
     if mla:
-        # transformers' DeepseekV3Config fills absent keys with DeepSeek-V3's sizes; reading them raw would not
-        missing = [k for k in DEEPSEEK_KEYS if k not in hf]
+        # transformers' DeepSeek configs fill absent keys with the released models' sizes; reading them raw
+        # would not
+        missing = [k for k in DEEPSEEK_KEYS[arch] if k not in hf]
         if missing:
-            raise UnsupportedModelError(f"{where}: DeepSeek-V3 config without {', '.join(missing)}")
+            raise UnsupportedModelError(f"{where}: {HF_ARCH[arch]} config without {', '.join(missing)}")
         cfg.mla = _mla(hf, where)
-        cfg.moe = _deepseek_moe(hf, where)
+        cfg.moe = _deepseek_moe(hf, where) if arch == "deepseek_v3" else _deepseek_v2_moe(hf, where)
     return cfg
 
 
-DEEPSEEK_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                 "first_k_dense_replace", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-                 "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group")
+_DEEPSEEK_COMMON = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "first_k_dense_replace", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "n_shared_experts", "routed_scaling_factor")
+DEEPSEEK_KEYS = {"deepseek_v3": _DEEPSEEK_COMMON + ("n_group", "topk_group"),
+                 "deepseek_v2": _DEEPSEEK_COMMON + ("topk_method",)}
 
 
 def _mla(hf: Dict[str, Any], where: str) -> MLAConfig:
@@ -164,7 +169,7 @@ def _yarn(hf: Dict[str, Any], scaling: Dict[str, Any], where: str) -> YarnConfig
 
 
 def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
-    """DeepSeekMoE: sigmoid routing with an expert bias (aux-loss-free), limited to the best groups,
+    """DeepSeek-V3's MoE: sigmoid routing with an expert bias (aux-loss-free), limited to the best groups,
     shared experts, the first layers dense; None when every layer is dense."""
     first_dense = int(hf.get("first_k_dense_replace") or 0)
     if first_dense >= hf["num_hidden_layers"]:
@@ -174,6 +179,9 @@ def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
         if key in hf and hf[key] != expected:
             raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r})")
     groups, best, topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1), hf["num_experts_per_tok"]
+    if topk == 1:  # DeepSeek renormalises one weight to 1; megatron-core renormalises only top-k > 1
+        raise UnsupportedModelError(f"{where}: num_experts_per_tok=1 is not supported (megatron keeps the sigmoid "
+                                    "score of a single expert, DeepSeek-V3 renormalises it to 1)")
     if best < groups and topk // best != 2:
         # DeepSeek ranks groups by their two best experts' scores; megatron-core by the top topk / topk_group
         raise UnsupportedModelError(f"{where}: num_experts_per_tok={topk} with topk_group={best} of n_group={groups} "
@@ -194,6 +202,44 @@ def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
     )
 
 
+def _deepseek_v2_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
+    """DeepSeek-V2's MoE (transformers' DeepseekV2TopkRouter): softmax over all experts, the top k taken
+    without renormalising and scaled by routed_scaling_factor; `greedy` over all experts (V2-Lite) or
+    `group_limited_greedy` over the best topk_group groups; shared experts, the first layers dense."""
+    first_dense = int(hf.get("first_k_dense_replace") or 0)
+    if first_dense >= hf["num_hidden_layers"]:
+        return None
+    for key, expected in (("scoring_func", "softmax"), ("norm_topk_prob", False), ("moe_layer_freq", 1)):
+        if key in hf and hf[key] != expected:
+            raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r}; transformers' "
+                                        "DeepSeek-V2 reads no other)")
+    method, topk = hf["topk_method"], hf["num_experts_per_tok"]
+    groups = best = None
+    if method == "group_limited_greedy":
+        groups, best = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+        if best < groups and topk // best != 1:
+            # DeepSeek-V2 ranks groups by their best expert's score; megatron-core by the top topk / topk_group
+            raise UnsupportedModelError(f"{where}: topk_method='group_limited_greedy' with num_experts_per_tok={topk} "
+                                        f"and topk_group={best} is not supported (megatron ranks groups by their top "
+                                        "num_experts_per_tok / topk_group experts, DeepSeek-V2 by its best one)")
+    elif method != "greedy":
+        raise UnsupportedModelError(f"{where}: topk_method={method!r} is not supported for DeepSeek-V2 "
+                                    "(greedy, group_limited_greedy)")
+    shared = int(hf.get("n_shared_experts") or 0)
+    return MoEConfig(
+        num_experts=hf["n_routed_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=topk,
+        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * shared if shared else None,
+        score_function="softmax",
+        pre_softmax=True,
+        topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        num_groups=groups if groups and best < groups else None,
+        group_topk=best if groups and best < groups else None,
+        first_k_dense=first_dense,
+    )
+
+
 def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise UnsupportedModelError(f"{where}: dense layers inside Qwen3-MoE (mlp_only_layers, "
@@ -209,8 +255,9 @@ def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:
     )
 
 
-def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
-    """config.json content for exporting `cfg` in HF format."""
+def hf_config_from_model(cfg: ModelConfig, mtp_layers: int = 0) -> Dict[str, Any]:
+    """config.json content for exporting `cfg` in HF format, with `mtp_layers` multi-token-prediction
+    layers carried past the decoder (DeepSeek)."""
     if cfg.arch not in HF_ARCH:
         raise UnsupportedModelError(f"model.arch={cfg.arch} has no HF export (supported: {sorted(HF_ARCH)})")
     hf: Dict[str, Any] = {
@@ -247,19 +294,22 @@ def hf_config_from_model(cfg: ModelConfig) -> Dict[str, Any]:
             norm_topk_prob=not e.pre_softmax, decoder_sparse_step=1, mlp_only_layers=[],
             router_aux_loss_coef=e.aux_loss_coeff, attention_bias=cfg.add_qkv_bias,
         )
-    if cfg.arch == "deepseek_v3":
-        hf.update(_deepseek_entries(cfg))
+    if cfg.arch in DEEPSEEK:
+        hf.update(_deepseek_entries(cfg, mtp_layers))
         del hf["head_dim"]
     return hf
 
 
-def _deepseek_entries(cfg: ModelConfig) -> Dict[str, Any]:
+def _deepseek_entries(cfg: ModelConfig, mtp_layers: int) -> Dict[str, Any]:
     m, e = cfg.mla, cfg.moe
+    if m is None:
+        raise UnsupportedModelError(f"model.arch={cfg.arch} without model.mla has no HF export")
     out: Dict[str, Any] = {
         "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_head_dim,
-        "qk_rope_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": True,
-        "attention_bias": False, "num_nextn_predict_layers": 0,
+        "qk_rope_head_dim": m.qk_pos_emb_head_dim, "v_head_dim": m.v_head_dim, "attention_bias": False,
     }
+    if cfg.arch == "deepseek_v3":
+        out.update(rope_interleave=True, num_nextn_predict_layers=mtp_layers)
     if m.yarn is not None:
         y = m.yarn
         out["rope_scaling"] = {"rope_type": "yarn", "factor": y.factor, "beta_fast": y.beta_fast,
@@ -268,13 +318,38 @@ def _deepseek_entries(cfg: ModelConfig) -> Dict[str, Any]:
     if e is None:
         out["first_k_dense_replace"] = cfg.num_layers
         return out
+    _check_deepseek_routing(cfg)
     shared = (e.shared_expert_ffn_hidden_size or 0) // e.ffn_hidden_size
     out.update(n_routed_experts=e.num_experts, moe_intermediate_size=e.ffn_hidden_size,
                num_experts_per_tok=e.router_topk, n_shared_experts=shared,
                routed_scaling_factor=e.topk_scaling_factor or 1.0, n_group=e.num_groups or 1,
-               topk_group=e.group_topk or 1, first_k_dense_replace=e.first_k_dense, norm_topk_prob=True,
-               scoring_func="sigmoid", topk_method="noaux_tc")
+               topk_group=e.group_topk or 1, first_k_dense_replace=e.first_k_dense)
+    if cfg.arch == "deepseek_v3":
+        out.update(norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc")
+    else:
+        out.update(norm_topk_prob=False, scoring_func="softmax",
+                   topk_method="group_limited_greedy" if e.num_groups else "greedy")
     return out
+
+
+def _check_deepseek_routing(cfg: ModelConfig) -> None:
+    """Refuse an export whose routing the HF family's router would not reproduce."""
+    e = cfg.moe
+    if cfg.arch == "deepseek_v3":
+        ok, rule = e.score_function == "sigmoid" and e.expert_bias and e.router_topk > 1, \
+            "score_function=sigmoid, expert_bias=true, router_topk > 1"
+        if ok and e.num_groups and e.group_topk and e.group_topk < e.num_groups:
+            ok = e.router_topk // e.group_topk == 2
+            rule += ", router_topk / group_topk == 2"
+    else:
+        ok, rule = e.score_function == "softmax" and e.pre_softmax and not e.expert_bias, \
+            "score_function=softmax, pre_softmax=true, expert_bias=false"
+        if ok and e.num_groups and e.group_topk and e.group_topk < e.num_groups:
+            ok = e.router_topk // e.group_topk == 1
+            rule += ", router_topk / group_topk == 1"
+    if not ok:
+        raise UnsupportedModelError(f"model.moe of {cfg.name} routes otherwise than {HF_ARCH[cfg.arch]} "
+                                    f"(exportable: {rule})")
 
 
 def transformers_config(cfg: ModelConfig, **overrides: Any):

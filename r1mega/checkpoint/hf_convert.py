@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from r1mega.checkpoint.hf_carried import layer_count, layers_past, write_carried
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_files import carry_with_tokenizer, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
@@ -66,7 +67,7 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
     HF-named tensors in memory (weights a trainer sent)."""
     reader = TensorReader(source) if isinstance(source, dict) else HFReader(source)
     if isinstance(reader, HFReader):
-        _warn_unloaded_layers(reader, model)
+        _note_carried_layers(reader, model)
     with reader, torch.no_grad():
         for name, param, rule in _named_params(chunks, model):
             shard = _read_shard(reader, param, rule, model)
@@ -78,15 +79,12 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
             param.copy_(shard.to(param.dtype))
 
 
-def _warn_unloaded_layers(reader: HFReader, model: ModelConfig) -> None:
-    """Layers past the decoder's (DeepSeek-V3's multi-token-prediction layer, numbered num_hidden_layers):
-    neither loaded nor exported yet, so say so rather than drop them unseen."""
-    past = sorted({n.split(".")[2] for n in reader.files if n.startswith("model.layers.")
-                   and n.split(".")[2].isdigit() and int(n.split(".")[2]) >= model.num_layers})
+def _note_carried_layers(reader: HFReader, model: ModelConfig) -> None:
+    """Layers past the decoder's (DeepSeek-V3's multi-token prediction) are not trained: say where they go."""
+    past = layers_past(reader.files, model.num_layers)
     if past and rank() == 0:
-        log.warning("%s: layer(s) %s past the model's %d decoder layers (multi-token prediction) are not loaded, "
-                    "and an HF export of this model will not hold them", reader.path, ", ".join(past),
-                    model.num_layers)
+        log.info("%s: %d layer(s) past the model's %d decoder layers (multi-token prediction) are not trained; "
+                 "exports carry them unchanged", reader.path, layer_count(past), model.num_layers)
 
 
 def _read_shard(reader: HFReader, param: torch.Tensor, rule: Rule, model: ModelConfig) -> torch.Tensor:
@@ -199,7 +197,8 @@ def _folder_tokenizer(folder: Path):
 def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Path, tokenizer=None,
             carry_from: Sequence[Optional[str | Path]] = (), max_shard_bytes: int = 2 << 30) -> None:
     """Write the model as a complete HF folder: safetensors shards, their index, config.json, the
-    carried files of the `carry_from` folders (tokenizer, chat template, licence, ...: hf_files),
+    layers past the decoder that the first `carry_from` folder (the weights' origin) holds (hf_carried),
+    the carried files of the `carry_from` folders (tokenizer, chat template, licence, ...: hf_files),
     `tokenizer` where none of them holds one, and generation_config.json where none came along.
 
     Every rank calls this. Files go to `<out_dir>.tmp` and the folder is renamed once complete.
@@ -213,6 +212,12 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
             writer.add(hf_name, tensor)
             total += tensor.numel() * tensor.element_size()
     writer.flush()
+    carried_layers = 0
+    if rank() == 0:  # the layers past the decoder, from the weights' origin (hf_carried)
+        carried, size, carried_layers = write_carried(carry_from[0] if carry_from else None, tmp, model.num_layers,
+                                                      "model-carried")
+        writer.weight_map.update(carried)
+        total += size
     maps = [(writer.weight_map, total)]
     if dist.is_initialized():
         maps = [None] * dist.get_world_size()
@@ -220,7 +225,7 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
     if rank() == 0:
         weight_map = {k: v for m, _ in maps for k, v in m.items()}
         write_index(tmp, weight_map, sum(t for _, t in maps))
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(model, carried_layers), indent=2))
         carry_with_tokenizer(carry_from, tmp, tokenizer)
         write_generation_config(tmp, tokenizer if tokenizer is not None else _folder_tokenizer(tmp))
         publish(tmp, out)

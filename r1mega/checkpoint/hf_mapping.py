@@ -100,7 +100,7 @@ def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: 
         raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
     rest = _TE_ALIASES.get(match.group(2), match.group(2))
     prefix = f"model.layers.{layer_number - 1}."
-    if model.arch == "deepseek_v3":
+    if model.mla is not None:  # DeepSeek-V2 and V3
         rest = _MLA_TE_ALIASES.get(rest, rest)
         own = _MLA_RULES.get(rest) or _DEEPSEEK_SHARED_RULES.get(rest)
         if own is not None:

@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
+from r1mega.checkpoint.hf_carried import save_carried
 from r1mega.checkpoint.hf_files import carry_with_tokenizer
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
@@ -37,8 +38,9 @@ def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | 
                carry_from: Sequence[Optional[str | Path]] = ()) -> None:
     """Every rank calls this; the folder appears only once complete. The carried files of the
     `carry_from` folders (tokenizer, chat template, generation config, licence: hf_files) come
-    along unchanged; `tokenizer` is saved only where none of them holds one (the next stage, SFT,
-    RL or sampling, reads text with it)."""
+    along unchanged, and so do the layers past the decoder that the first of them (the weights'
+    origin) holds (hf_carried); `tokenizer` is saved only where none of them holds one (the next
+    stage, SFT, RL or sampling, reads text with it)."""
     final = Path(folder)
     tmp = staging_dir(final)
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
@@ -46,6 +48,7 @@ def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | 
     if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
         carry_with_tokenizer(carry_from, tmp, tokenizer)
+        save_carried(carry_from[0] if carry_from else None, tmp, model.num_layers)
         publish(tmp, final)
     barrier()
 

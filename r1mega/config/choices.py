@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, Literal, Optional, Tuple, get_args, get_
 from r1mega.config.errors import one_of
 
 # model
-Arch = Literal["qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v3"]
+Arch = Literal["qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 AttentionBackend = Literal["auto", "te", "flash", "sdpa"]
 ScoreFunction = Literal["softmax", "sigmoid"]

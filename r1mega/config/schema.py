@@ -84,7 +84,7 @@ class FP8Config:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    arch: Annotated[str, Arch] = "qwen2"  # qwen2 | qwen3 | llama | qwen3_moe | deepseek_v3 (HF family)
+    arch: Annotated[str, Arch] = "qwen2"  # qwen2 | qwen3 | llama | qwen3_moe | deepseek_v2 | deepseek_v3 (HF family)
     num_layers: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
