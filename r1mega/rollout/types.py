@@ -52,6 +52,9 @@ class Rollouts:
     # policy version (trainer steps) each token was sampled under; empty: the engine's current weights
     # (asynchronous rollouts fill it; with partial rollouts a row's tokens can span versions)
     versions: List[List[int]] = field(default_factory=list)
+    # MoE routing replay (algorithm.routing_replay=rollout): the experts each input position (prompt and
+    # response but the last token) was routed to in every MoE layer, [len - 1, M, k] int16; empty: none
+    routing: List[torch.Tensor] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -64,7 +67,8 @@ class Rollouts:
         """The given rows, in order."""
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return Rollouts(pick(self.prompt_ids), pick(self.response_ids), pick(self.logprobs),
-                        pick(self.finish_reasons), pick(self.group_index), pick(self.versions) if self.versions else [])
+                        pick(self.finish_reasons), pick(self.group_index), pick(self.versions) if self.versions else [],
+                        pick(self.routing) if self.routing else [])
 
     @staticmethod
     def concat(parts: Sequence["Rollouts"]) -> "Rollouts":
@@ -79,9 +83,12 @@ class Rollouts:
             out.finish_reasons += part.finish_reasons
             out.group_index += [g + offset for g in part.group_index]
             out.versions += part.versions
+            out.routing += part.routing
             offset += max(part.group_index, default=-1) + 1
         if any(len(p.versions) != len(p) for p in parts):
             out.versions = []
+        if any(len(p.routing) != len(p) for p in parts):
+            out.routing = []
         return out
 
     def pack(self) -> dict:
@@ -95,10 +102,13 @@ class Rollouts:
         if sorted(first) != list(range(len(first))):
             raise ValueError(f"pack() needs groups numbered 0..{len(first) - 1}, got {sorted(first)}")
         prompts = [self.prompt_ids[first[g]] for g in range(len(first))]
-        return {"prompt_ids": flat(prompts, torch.int32), "prompt_lens": lengths(prompts),
-                "response_ids": flat(self.response_ids, torch.int32), "response_lens": lengths(self.response_ids),
-                "logprobs": flat(self.logprobs, torch.float32), "group_index": torch.tensor(self.group_index),
-                "truncated": torch.tensor([r == "length" for r in self.finish_reasons])}
+        out = {"prompt_ids": flat(prompts, torch.int32), "prompt_lens": lengths(prompts),
+               "response_ids": flat(self.response_ids, torch.int32), "response_lens": lengths(self.response_ids),
+               "logprobs": flat(self.logprobs, torch.float32), "group_index": torch.tensor(self.group_index),
+               "truncated": torch.tensor([r == "length" for r in self.finish_reasons])}
+        if self.routing:  # rows' positions back to back
+            out["routing"] = torch.cat(self.routing)
+        return out
 
     @staticmethod
     def unpack(packed: dict) -> "Rollouts":
@@ -109,8 +119,12 @@ class Rollouts:
         lens, groups = packed["response_lens"], packed["group_index"].tolist()
         prompts = split(packed["prompt_ids"], packed["prompt_lens"])
         reasons = ["length" if t else "stop" for t in packed["truncated"].tolist()]
-        return Rollouts([list(prompts[g]) for g in groups], split(packed["response_ids"], lens),
+        rows = Rollouts([list(prompts[g]) for g in groups], split(packed["response_ids"], lens),
                         split(packed["logprobs"], lens), reasons, groups)
+        if "routing" in packed:
+            positions = [len(p) + len(r) - 1 for p, r in zip(rows.prompt_ids, rows.response_ids)]
+            rows.routing = list(packed["routing"].split(positions))
+        return rows
 
 
 class RolloutEngine(Protocol):

@@ -9,6 +9,7 @@ into (loss, report).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -18,13 +19,24 @@ from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.utils import get_model_config, unwrap_model
 
 from r1mega.models.logits_window import logits_from
+from r1mega.models.routing_replay import replaying, replays_here
 
 
 def _forward_step(data_iterator, model, loss_fn):
     micro = next(data_iterator).to(next(model.parameters()).device)
-    with logits_from(model, getattr(micro, "logits_window", 0)):
+    with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro):
         logits = model(**_model_inputs(model, micro))
     return logits, partial(loss_fn, micro)
+
+
+def _routing(model: torch.nn.Module, micro):
+    """MoE routing replay for this forward where the micro-batch carries routing and the model's
+    routers replay (r1mega.models.routing_replay); nothing otherwise."""
+    chunk = unwrap_model(model)
+    routing = getattr(micro, "routing", None)
+    if routing is None or not replays_here(chunk):
+        return nullcontext()
+    return replaying(chunk, routing, micro.pad)
 
 
 def _model_inputs(model: torch.nn.Module, micro) -> dict:

@@ -21,13 +21,17 @@ logits_from ... L - 1.
 
 Either way the padding positions are marked (`pad`, megatron's MoE padding mask): routers leave them
 out of their load-balancing losses, which then do not depend on the layout.
+
+With MoE routing replay a row also has the experts of each of its input positions in every MoE layer
+([len_i - 1, M, k]); a micro-batch lays them out like its tokens (`routing`, [b, L, M, k]), padding
+positions taking experts 0..k-1, which no loss reads.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from megatron.core import parallel_state as ps
@@ -52,12 +56,15 @@ class StepBatch:
     rollout_logp: List[torch.Tensor]  # [R_i] the engine's log-probs of the response tokens
     old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
     ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
+    # experts each input position is routed to in every MoE layer, [len_i - 1, M, k], for replay
+    routing: Optional[List[torch.Tensor]] = None
 
     @staticmethod
     def from_rollouts(rollouts: Rollouts, advantages: torch.Tensor) -> "StepBatch":
         tokens = [torch.tensor(p + r, dtype=torch.long) for p, r in zip(rollouts.prompt_ids, rollouts.response_ids)]
         return StepBatch(tokens, [len(p) for p in rollouts.prompt_ids], advantages.float(),
-                         [torch.tensor(lp, dtype=torch.float32) for lp in rollouts.logprobs])
+                         [torch.tensor(lp, dtype=torch.float32) for lp in rollouts.logprobs],
+                         routing=list(rollouts.routing) if rollouts.routing else None)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -69,7 +76,8 @@ class StepBatch:
         """The rollouts' fields of `rows` (before the log-prob passes fill the others)."""
         rows = list(rows)
         return StepBatch([self.tokens[i] for i in rows], [self.prompt_lens[i] for i in rows], self.advantages[rows],
-                         [self.rollout_logp[i] for i in rows])
+                         [self.rollout_logp[i] for i in rows],
+                         routing=[self.routing[i] for i in rows] if self.routing is not None else None)
 
     def model_lengths(self) -> List[int]:
         """Positions each row takes in a forward (its tokens but the last)."""
@@ -84,12 +92,13 @@ def balance_over_dp(batch: StepBatch) -> StepBatch:
     different ranks; their advantages are already computed, and every loss denominator is a sum
     over all ranks, so the optimizer step does not depend on who holds which row.
     """
-    mine = (batch.tokens, batch.prompt_lens, batch.advantages, batch.rollout_logp)
+    mine = (batch.tokens, batch.prompt_lens, batch.advantages, batch.rollout_logp, batch.routing)
     everyone = dp_all_gather(mine)
     if len(everyone) == 1:
         return batch
     whole = StepBatch([t for r in everyone for t in r[0]], [n for r in everyone for n in r[1]],
-                      torch.cat([r[2] for r in everyone]), [lp for r in everyone for lp in r[3]])
+                      torch.cat([r[2] for r in everyone]), [lp for r in everyone for lp in r[3]],
+                      routing=[x for r in everyone for x in r[4]] if batch.routing is not None else None)
     parts = balanced_parts(whole.model_lengths(), len(everyone))
     if any(not p for p in parts):  # fewer rows than ranks: every rank keeps its own
         return batch
@@ -125,6 +134,16 @@ class MicroBatch:
     logits_at: Optional[torch.Tensor] = None  # [K]
     row_of: Optional[torch.Tensor] = None  # [K]
     col_of: Optional[torch.Tensor] = None  # [K]
+    routing: Optional[torch.Tensor] = None  # like tokens, [b, L, M, k]: experts to replay
+
+    def input_spans(self) -> List[Tuple[int, int, int]]:
+        """(b index, first position, positions) of each row's input tokens in `tokens` (whole packs)."""
+        lengths = (~self.pad).sum(dim=1).tolist() if self.cu_seqlens is None else None
+        if lengths is not None:
+            return [(j, 0, n) for j, n in enumerate(lengths)]
+        real = (~self.pad[0]).long()
+        return [(0, int(a), int(real[a:b].sum())) for a, b in zip(self.cu_seqlens[:len(self.rows)].tolist(),
+                                                                    self.cu_seqlens[1:len(self.rows) + 1].tolist())]
 
     @property
     def logits_window(self) -> Union[int, torch.Tensor]:
@@ -165,6 +184,20 @@ def _per_token_fields(batch: StepBatch) -> Dict[str, List[torch.Tensor]]:
     return {k: v for k, v in fields_.items() if v is not None}
 
 
+def _routing_layout(batch: StepBatch, rows: List[int], lengths: List[int]) -> Optional[torch.Tensor]:
+    """[rows, max(lengths), M, k] of the rows' routing, each row from position 0, padding experts 0..k-1."""
+    if batch.routing is None:
+        return None
+    _, m, k = batch.routing[rows[0]].shape
+    out = torch.arange(k, dtype=batch.routing[rows[0]].dtype).expand(len(rows), max(lengths), m, k).clone()
+    for j, i in enumerate(rows):
+        n = len(batch.tokens[i]) - 1
+        if batch.routing[i].shape[0] != n:
+            raise ValueError(f"row {i}: routing for {batch.routing[i].shape[0]} positions, the row has {n}")
+        out[j, :n] = batch.routing[i]
+    return out
+
+
 def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     """Right-padded tensors of `rows`; the length is rounded up to `multiple` (sequence parallelism)."""
     width = max(len(batch.tokens[i]) for i in rows) - 1
@@ -187,7 +220,8 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     start = min(min(batch.prompt_lens[i] for i in rows) - 1, width - 1)
     window = {k: v[:, start:] for k, v in padded.items()}
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
-                      window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad)
+                      window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad,
+                      routing=_routing_layout(batch, rows, [width] * len(rows)))
 
 
 def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
@@ -225,13 +259,19 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         cu.append(cu[-1] + pad)
         real.append(real[-1] + pad)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
+    routing = _routing_layout(batch, rows, lengths[:len(rows)])
+    if routing is not None:  # each row's span, then the padding segment's (experts 0..k-1)
+        parts = [routing[j, :n] for j, n in enumerate(lengths[:len(rows)])]
+        if pad:
+            parts.append(torch.arange(routing.size(-1), dtype=routing.dtype).expand(pad, *routing.shape[2:]))
+        routing = torch.cat(parts).unsqueeze(0)
     micro = MicroBatch(
         rows, torch.cat(tokens).unsqueeze(0), torch.cat(targets).unsqueeze(0), mask, batch.advantages[rows],
         layout["rollout_logp"], layout.get("old_logp"), layout.get("ref_logp"),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths),
         positions=torch.cat(positions).unsqueeze(0), pad=torch.cat(pads).unsqueeze(0),
         logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
-        col_of=torch.cat([torch.arange(r) for r in responses]))
+        col_of=torch.cat([torch.arange(r) for r in responses]), routing=routing)
     return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
 
 
@@ -243,7 +283,7 @@ def _cp_part(micro: MicroBatch, cu_real: torch.Tensor, size: int, rank: int) -> 
     at = local[micro.logits_at]
     kept = at >= 0
     return replace(micro, tokens=micro.tokens[:, held], positions=micro.positions[:, held],
-                   pad=micro.pad[:, held],
+                   pad=micro.pad[:, held], routing=micro.routing[:, held] if micro.routing is not None else None,
                    targets=micro.targets[:, kept], logits_at=at[kept], row_of=micro.row_of[kept],
                    col_of=micro.col_of[kept], cu_seqlens_unpadded=cu_real, cp_size=size)
 
