@@ -46,6 +46,7 @@ RatioLevel = Literal["token", "sequence"]
 CorrectionLevel = Literal["token", "sequence", "geometric"]  # of pi_prox / pi_rollout (algorithms.off_policy)
 KLEstimator = Literal["k1", "k2", "k3"]
 AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+RoutingReplay = Literal["none", "rollout", "old"]  # MoE routing in training: own | rollout (R3) | old policy (R2)
 # rollout, reward
 Engine = Literal["native", "sglang"]
 SGLangMode = Literal["colocated", "disaggregated"]

@@ -75,6 +75,26 @@ def _check_algorithm(cfg: R1Config) -> None:
     require(not a.use_rollout_logprobs or a.correction == CorrectionConfig(),
             "algorithm.use_rollout_logprobs takes the engine's log-probs as the old policy, so "
             "algorithm.correction has no trainer log-probs to correct them with (every ratio would be 1)")
+    _check_routing_replay(cfg)
+
+
+def _check_routing_replay(cfg: R1Config) -> None:
+    a, mode = cfg.algorithm, cfg.algorithm.routing_replay
+    if mode == "none":
+        return
+    key = f"algorithm.routing_replay={mode}"
+    require(cfg.model.moe is not None, f"{key}: model {cfg.model.name} has no MoE layers to route")
+    if mode == "old":
+        require((a.ppo_epochs > 1 or a.minibatches > 1) and not a.use_rollout_logprobs,
+                f"{key} replays the old policy's log-prob pass in later minibatches; with one minibatch, one "
+                "epoch, or algorithm.use_rollout_logprobs there is no such pass (the update routes as the old "
+                "policy does anyway)")
+        require(cfg.parallel.cp == 1, f"{key}: recording routing under context parallelism is not supported "
+                                      "(each rank routes only its chunks of a row); use parallel.cp=1")
+    else:
+        require(cfg.rollout.mode == "sync",
+                f"{key}: rollouts carry their routing in rollout.mode=sync only so far (rollout workers and the "
+                "one-step-off engine do not); use routing_replay=old")
 
 
 def _check_correction(a) -> None:

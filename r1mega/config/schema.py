@@ -20,7 +20,8 @@ from r1mega.config.bench_schema import BenchConfig
 from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
                                    CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
                                    KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel,
-                                   PartialKV, RolloutMode, ScoreFunction, SFTTemplate, StageKind, StaleSamples,
+                                   PartialKV, RolloutMode, RoutingReplay, ScoreFunction, SFTTemplate, StageKind,
+                                   StaleSamples,
                                    StdConvention, TokenDispatcher, WarningSignal, WorkerFailure)
 from r1mega.config.sglang_schema import SGLangConfig
 
@@ -224,6 +225,9 @@ class AlgorithmConfig:
     max_staleness: int = 0
     stale_samples: Annotated[str, StaleSamples] = "drop"  # drop | regenerate (its prompts go out again)
     use_rollout_logprobs: bool = False  # take the engine's log-probs as the old policy (no recompute)
+    # MoE: the routers of the log-prob passes and the update take the experts the rollout engine chose
+    # (rollout: R3), or those of the old policy's log-prob pass (old: R2); none routes afresh
+    routing_replay: Annotated[str, RoutingReplay] = "none"
 
 
 @dataclass

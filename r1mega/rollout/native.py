@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +26,8 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from r1mega.models.attention import SDPAttention
+from r1mega.models.routing_replay import moe_layer_numbers, recording
+from r1mega.rollout.routing_record import RoutingRecord
 from r1mega.rollout.sampling import sample_next
 from r1mega.rollout.types import Rollouts, SamplingParams
 
@@ -75,6 +77,9 @@ class NativeEngine:
         self.version = 0
         self.between_tokens: Optional[Callable[[], bool]] = None
         self.recompute_after_update = False
+        # MoE routing replay (algorithm.routing_replay=rollout): the rows carry the experts their routers
+        # chose for every fed token (rollout.routing_record); the routers need replay objects installed
+        self.record_routing = False
         config = self.chunks[0].config
         self._hidden = config.hidden_size
         self._dtype = config.params_dtype
@@ -95,7 +100,7 @@ class NativeEngine:
         seed = params.seed if params.seed is not None else self.stream_seed(self.seed, self._calls)
         self._calls += params.seed is None
         generator = torch.Generator(device=self._device()).manual_seed(seed)
-        responses, logprobs, reasons, versions = [], [], [], []
+        responses, logprobs, reasons, versions, routing = [], [], [], [], []
         self.last_stats = {"prefill_positions": 0, "prefill_tokens": 0, "prefill_s": 0.0}
         start_time = self._clock()
         per_call = max(1, self.max_batch_size // n)  # prompts per decoding batch (each gives n rows)
@@ -104,13 +109,14 @@ class NativeEngine:
             per_call -= per_call % multiple
         with self._inference_mode():
             for start in self._batch_starts(len(prompts), per_call):
-                r, lp, fr, v = self._generate_batch(prompts[start:start + per_call], n, params, generator)
+                r, lp, fr, v, rt = self._generate_batch(prompts[start:start + per_call], n, params, generator)
                 responses += r
                 logprobs += lp
                 reasons += fr
                 versions += v
+                routing += rt
         self.last_stats["generate_s"] = self._clock() - start_time
-        return Rollouts(rows, responses, logprobs, reasons, group_index, versions)
+        return Rollouts(rows, responses, logprobs, reasons, group_index, versions, routing)
 
     @staticmethod
     def stream_seed(engine_seed: int, call: int) -> int:
@@ -164,7 +170,10 @@ class NativeEngine:
         width = buckets[0][1]
         pad = torch.tensor([width - len(r) for r in prompts], device=device)
         ctx = StaticInferenceContext(len(prompts), width + params.max_new_tokens)
-        logits = self._prefill(prompts, buckets, pad, ctx)
+        config = self.chunks[0].config
+        record = RoutingRecord(len(prompts), len(moe_layer_numbers(config)), config.moe_router_topk) \
+            if self.record_routing else None
+        logits = self._prefill(prompts, buckets, pad, ctx, record)
         b = len(prompts) * n
         alive = torch.arange(b, device=device)  # original row of each cache row
         out_ids = [[] for _ in range(b)]
@@ -176,6 +185,8 @@ class NativeEngine:
         # to the cache width, then every token fed to it
         fed = [[self.pad_token_id] * (width - len(prompts[row // n])) + list(prompts[row // n]) for row in range(b)] \
             if self.recompute_after_update and self.between_tokens is not None else None
+        if record is not None:
+            record.start_rows(n)
         if n > 1:
             copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
             logits = logits[copies] if logits is not None else None
@@ -205,7 +216,10 @@ class NativeEngine:
             offset = ctx.sequence_len_offset
             positions = (offset - pad)[:, None]
             mask = (torch.arange(offset + 1, device=device)[None] < pad[:, None])[:, None, None, :]
-            logits = self._forward(next_ids[:, None], positions, mask, ctx)
+            recorded = {} if record is not None else None
+            logits = self._forward(next_ids[:, None], positions, mask, ctx, recorded)
+            if record is not None:
+                record.decode(alive.tolist(), [not done[row] for row in alive.tolist()], recorded)
             ctx.sequence_len_offset += 1
             if fed is not None:
                 for row, token in zip(alive.tolist(), next_ids.tolist()):
@@ -214,7 +228,8 @@ class NativeEngine:
         rank = {i: k for k, i in enumerate(order)}
         rows = [rank[i] * n + j for i in range(real) for j in range(n)]
         pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
-        return pick(out_ids), pick(out_lp), pick(reasons), pick(out_version)
+        routing = [record.row(r) for r in rows] if record is not None else []
+        return pick(out_ids), pick(out_lp), pick(reasons), pick(out_version), routing
 
     def _prefill_buckets(self, lengths: List[int]) -> List[Tuple[int, int]]:
         """(rows, width) of each prefill forward over prompts sorted longest first, right-aligned in
@@ -244,8 +259,10 @@ class NativeEngine:
             a = t
         return buckets if len(buckets) > 1 else whole
 
-    def _prefill(self, prompts: List[List[int]], buckets, pad: torch.Tensor, ctx) -> Optional[torch.Tensor]:
-        """Last-position logits of every prompt (last stage; None elsewhere), filling the KV cache."""
+    def _prefill(self, prompts: List[List[int]], buckets, pad: torch.Tensor, ctx,
+                 record: Optional[RoutingRecord] = None) -> Optional[torch.Tensor]:
+        """Last-position logits of every prompt (last stage; None elsewhere), filling the KV cache (and
+        `record` with the prompts' routing)."""
         device, width = pad.device, buckets[0][1]
         started, outs, row = self._clock(), [], 0
         for rows, w in buckets:
@@ -255,7 +272,11 @@ class NativeEngine:
             cache_pos = torch.arange(width - w, width, device=device)
             positions = (cache_pos[None] - pad[row:row + rows, None]).clamp(min=0)
             ctx.batch_size_offset, ctx.sequence_len_offset = row, width - w
-            outs.append(self._forward(tokens, positions, _prefill_mask(pad[row:row + rows], cache_pos, width), ctx))
+            recorded = {} if record is not None else None
+            outs.append(self._forward(tokens, positions, _prefill_mask(pad[row:row + rows], cache_pos, width), ctx,
+                                      recorded))
+            if record is not None:
+                record.prefill(row, [len(r) for r in prompts[row:row + rows]], recorded)
             if row == 0 and len(buckets) > 1:
                 # the cache is allocated uninitialised; the later buckets leave their rows' leading
                 # positions unwritten, masked but multiplied by zero attention weights (0 x NaN = NaN)
@@ -300,15 +321,17 @@ class NativeEngine:
 
     # -- model-parallel plumbing ---------------------------------------------------------
 
-    def _forward(self, tokens, positions, mask, ctx) -> Optional[torch.Tensor]:
-        """Logits [b, v] of the last position on the last stage; None on other stages."""
+    def _forward(self, tokens, positions, mask, ctx, recorded: Optional[dict] = None) -> Optional[torch.Tensor]:
+        """Logits [b, v] of the last position on the last stage; None on other stages. With `recorded`,
+        also the experts this rank's routers chose: recorded[MoE layer] = [b, s, k]."""
         b, s = tokens.shape
         for chunk in self.chunks:
             if not chunk.pre_process:
                 hidden = torch.empty(s, b, self._hidden, dtype=self._dtype, device=tokens.device)
                 dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
                 chunk.set_input_tensor(hidden)
-            out = chunk(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
+            with recording(chunk, recorded, b) if recorded is not None else nullcontext():
+                out = chunk(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
             if not chunk.post_process:
                 dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             else:

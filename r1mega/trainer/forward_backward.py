@@ -22,9 +22,11 @@ from r1mega.models.logits_window import logits_from
 from r1mega.models.routing_replay import replaying, replays_here
 
 
-def _forward_step(data_iterator, model, loss_fn):
+def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = None):
+    """The next micro-batch through `model`; `around(micro)`, when given, is a context the forward runs in."""
     micro = next(data_iterator).to(next(model.parameters()).device)
-    with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro):
+    with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro), \
+            (around(micro) if around is not None else nullcontext()):
         logits = model(**_model_inputs(model, micro))
     return logits, partial(loss_fn, micro)
 
@@ -54,18 +56,18 @@ def _model_inputs(model: torch.nn.Module, micro) -> dict:
 
 
 def run_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list, loss_fn: Optional[Callable],
-                 forward_only: bool, forward_step: Optional[Callable] = None,
+                 forward_only: bool, step: Optional[Callable] = None,
                  shape: Optional[Tuple[int, int]] = None) -> List[dict]:
     """Every micro-batch through the model chunks; the reports of the last pipeline stage.
 
-    `forward_step(data_iterator, model)` replaces the default one (model inputs, then loss_fn);
+    `step(data_iterator, model)` replaces the default forward step (model inputs, then loss_fn);
     `shape` = (seq_length, micro_batch_size) when every micro-batch has it, else the largest.
     """
     iterators = [iter(micro_batches) for _ in chunks]  # interleaved pipelining pulls per chunk
     if shape is None:  # shapes are exchanged per micro-batch (variable_seq_lengths)
         shape = (max(m.tokens.size(1) for m in micro_batches), max(m.tokens.size(0) for m in micro_batches))
     return get_forward_backward_func()(
-        forward_step_func=forward_step or partial(_forward_step, loss_fn=loss_fn),
+        forward_step_func=step or partial(forward_step, loss_fn=loss_fn),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=list(chunks),
         num_microbatches=len(micro_batches),

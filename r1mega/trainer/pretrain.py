@@ -146,7 +146,7 @@ def train_step(ddp_chunks: List[torch.nn.Module], optimizer, scheduler, micro_ba
     micro_batches = [b.to(current_device(), non_blocking=True) for b in micro_batches]
     lr = current_lr(optimizer)
     outputs, grad_norm, update_ok = forward_backward_step(
-        ddp_chunks, optimizer, scheduler, micro_batches, None, forward_step=_forward_step,
+        ddp_chunks, optimizer, scheduler, micro_batches, None, step=_forward_step,
         shape=(seq_length, micro_batch_size))
     total = torch.zeros(2, dtype=torch.float64)
     for out in outputs or []:

@@ -26,7 +26,15 @@ It also does what 0.5.23 does to the weights and to sampling:
   a finished request reports meta_info weight_version and, if it saw a change, weight_versions spans;
 - flush_cache and release_memory_occupation need an idle server, where a retract pause leaves the
   waiting requests out of account (they hold no KV);
-- init_weights_update_group joins the trainer's group at rank_offset over a TCP store (gloo here).
+- init_weights_update_group joins the trainer's group at rank_offset over a TCP store (gloo here);
+- MoE experts load by their checkpoint names, one tensor per expert (transformers holds them fused);
+  DeepSeek's q_a_proj and kv_a_proj_with_mqa load only when one call brings both, as the DeepSeek
+  loader fuses them (deepseek_weight_loader.py); a half that comes alone is dropped without a word
+  (the contract check at end_weight_update then finds it missing);
+- with --enable-return-routed-experts, a request with return_routed_experts gets meta_info
+  routed_experts: base64 of int32 [prompt + output - 1, num_hidden_layers, top-k], each position's
+  experts from the forward that computed its KV cache, dense layers 0 (state_capturer/routed_experts.py);
+  without the flag the field is absent.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import base64
 import io
 import json
 import pickle
+import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +59,39 @@ SAMPLING_KEYS = {"max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temp
                  "custom_params", "beam_width", "watermark", "choice"}
 INT_KEYS = {"max_new_tokens", "top_k", "min_new_tokens", "n", "stream_interval", "sampling_seed", "beam_width"}
 TAGS = {"weights", "kv_cache", "cuda_graph"}
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+FUSED_PAIR = ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight")
+
+
+def checkpoint_names(state: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+    """(shape, dtype) of every tensor by its checkpoint name: transformers 5 holds a layer's experts fused
+    (experts.gate_up_proj [E, 2I, H], experts.down_proj [E, H, I]), checkpoints and SGLang per expert."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[:-len(".gate_up_proj")]
+            for e in range(t.shape[0]):
+                for part in ("gate", "up"):
+                    out[f"{prefix}.{e}.{part}_proj.weight"] = ((t.shape[1] // 2, t.shape[2]), t.dtype)
+        elif name.endswith(".mlp.experts.down_proj"):
+            prefix = name[:-len(".down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight"] = ((t.shape[1], t.shape[2]), t.dtype)
+        else:
+            out[name] = (tuple(t.shape), t.dtype)
+    return out
+
+
+def checkpoint_view(state: Dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The part of the model's tensors that checkpoint tensor `name` is."""
+    expert = _EXPERT.match(name)
+    if expert is None:
+        return state[name]
+    prefix, e, part = expert.group(1), int(expert.group(2)), expert.group(3)
+    if part == "down":
+        return state[prefix + ".down_proj"][e]
+    gate, up = state[prefix + ".gate_up_proj"][e].chunk(2, dim=0)
+    return gate if part == "gate" else up
 
 
 class Refused(Exception):
@@ -109,10 +151,18 @@ class StandIn:
             torch.manual_seed(seed)
             self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg), torch_dtype=torch.float32)
         self.model.eval()
-        self.expected = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()
+        self.expected = {k: v for k, v in checkpoint_names(self.model.state_dict()).items()
                          if not (k == "lm_head.weight" and model_cfg.tie_word_embeddings)}
+        self.fuses_a_proj = model_cfg.mla is not None and model_cfg.mla.q_lora_rank is not None
         self.tp = tp
         args = {str(k).replace("-", "_"): v for k, v in (server_args or {}).items()}
+        self.return_routed_experts = bool(args.get("enable_return_routed_experts"))
+        self.topk = model_cfg.moe.router_topk if model_cfg.moe is not None else 0
+        self.routed: Dict[int, torch.Tensor] = {}  # layer -> experts [tokens, k] of the forward running now
+        for i, layer in enumerate(self.model.model.layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and type(gate).__name__.lower().endswith("topkrouter"):
+                gate.register_forward_hook(lambda mod, args, out, i=i: self.routed.__setitem__(i, out[2].detach()))
         self.weights_cpu_backup = bool(args.get("enable_weights_cpu_backup"))
         self.deterministic = bool(args.get("enable_deterministic_inference"))
         self.dead = None  # why the scheduler died: every request fails from then on
@@ -251,7 +301,8 @@ class StandIn:
             self.live += reqs
         try:
             rows = [(p, params) for p, params in zip(prompts, per_prompt) for _ in range(params["n"])]
-            return [self._sample(p, params, req) for (p, params), req in zip(rows, reqs)]
+            routed = bool(body.get("return_routed_experts")) and self.return_routed_experts
+            return [self._sample(p, params, req, routed) for (p, params), req in zip(rows, reqs)]
         finally:
             with self.sched:
                 self.live = [r for r in self.live if not any(r is q for q in reqs)]
@@ -336,6 +387,11 @@ class StandIn:
                 req["events"].append((self.weight_version, len(req["out"])))
             self.weight_version = version
         state = self.model.state_dict()
+        if self.fuses_a_proj:  # the DeepSeek loader drops a fused half that comes without its partner
+            layers = {n[:-len(s)] for n, _ in named for s in FUSED_PAIR if n.endswith(s)}
+            pairs = {layer for layer in layers if all(layer + s in dict(named) for s in FUSED_PAIR)}
+            named = [(n, t) for n, t in named if not any(n.endswith(s) and n[:-len(s)] not in pairs
+                                                         for s in FUSED_PAIR)]
         for name, tensor in named:
             if name not in self.expected:
                 return {"success": False, "message": f"{name} is not a parameter of the HF model"}
@@ -348,7 +404,7 @@ class StandIn:
                 return {"success": False, "message": f"{name} sent twice in one session"}
             self.session.add(name)
             with torch.no_grad():
-                state[name].copy_(tensor)
+                checkpoint_view(state, name).copy_(tensor)
         self.calls.append(("update", len(named), version))
         return {"success": True, "message": "Success"}
 
@@ -393,8 +449,10 @@ class StandIn:
             p.copy_(torch.randn(p.shape, generator=garbage) * 3)
 
     @torch.no_grad()
-    def _sample(self, prompt: List[int], params: Dict, req: dict) -> dict:
+    def _sample(self, prompt: List[int], params: Dict, req: dict, routed: bool = False) -> dict:
         ids, out, logprobs = list(prompt), req["out"], []
+        experts: Dict[int, torch.Tensor] = {}  # position -> [num_hidden_layers, k], from the forward that cached it
+        layers = len(self.model.model.layers)
         finish = {"type": "length", "length": params["max_new_tokens"]}
         past, retracts, retractions = None, self.retracts, 0
         req["active"] = True
@@ -419,8 +477,13 @@ class StandIn:
                     break
                 if self.retracts != retracts:  # retracted: its KV cache was freed
                     past, retracts, retractions = None, self.retracts, retractions + 1
-                step = self.model(torch.tensor([ids]) if past is None else torch.tensor([ids[-1:]]),
-                                  past_key_values=past, use_cache=True)
+                first = 0 if past is None else len(ids) - 1
+                self.routed = {}
+                step = self.model(torch.tensor([ids[first:]]), past_key_values=past, use_cache=True)
+                for p in range(first, len(ids)):
+                    experts[p] = torch.zeros(layers, self.topk, dtype=torch.int32)
+                    for layer, chosen in self.routed.items():
+                        experts[p][layer] = chosen[p - first].int()
                 past, logits = step.past_key_values, step.logits[0, -1].float()
                 greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
                 logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
@@ -452,6 +515,9 @@ class StandIn:
                 start = end
             spans.append({"version": self.weight_version, "start": start, "end": len(out)})
             meta["weight_versions"] = spans
+        if routed:  # every position but the last token's (sampled, never fed)
+            rows = torch.stack([experts[p] for p in range(len(prompt) + len(out) - 1)])
+            meta["routed_experts"] = base64.b64encode(rows.numpy().tobytes()).decode()
         return {"output_ids": list(out), "meta_info": meta}
 
 
@@ -530,13 +596,13 @@ def start_standins(registry: dict, **knobs):
     set on each (hold, die_at)."""
     import torch.distributed as dist
 
-    from r1mega.rollout.sglang.launch import share_urls
+    from r1mega.rollout.sglang.launch import server_args, share_urls
 
     def start(cfg, topo):
         use_stub_metadata()
         mine = {}
         for e in topo.owned_engines(dist.get_rank()):
-            standin = StandIn(cfg.model, topo.tp, seed=100 + e, server_args=dict(cfg.rollout.sglang.server_args))
+            standin = StandIn(cfg.model, topo.tp, seed=100 + e, server_args=server_args(cfg))
             standin.__dict__.update(knobs)
             server = serve(standin)
             registry[e] = standin

@@ -1,6 +1,8 @@
 """GRPO on the tiny DeepSeek-V3 model (multi-latent attention, DeepSeekMoE with its expert bias): two
 steps with the experts split over two ranks (TP=2 x EP=2, so the same data-parallel rank holds every
-prompt) take the single rank's steps, from one set of weights."""
+prompt), or the layers over two pipeline stages, take the single rank's steps, from one set of weights.
+(EP=2 alone would take two data-parallel ranks, which sample other prompts; EP=2 x CP=2 needs
+Transformer Engine for MLA's context parallelism.)"""
 
 from __future__ import annotations
 
@@ -25,13 +27,20 @@ def _mla_builds():
 MODEL = ["model=tiny_dsv3", "model.num_query_groups=4", "model.moe.aux_loss_coeff=0.05"]
 
 
-def test_expert_parallel_steps_match_single_rank(tmp_path):
+LAYOUTS = {  # ranks, overrides
+    "tp2ep2": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pp=2"]),  # the dense layer on one stage, the MoE layer on the other
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_parallel_steps_match_single_rank(tmp_path, layout):
     init = str(tmp_path / "init")
     spawn(1, _save_init, init, MODEL)
     common = [*MODEL, *ALGO, f"model.mcore_path={init}", "trainer.steps=2"]
     ref = spawn(1, run, common, str(tmp_path / "ref"), 1)[0]
-    split = spawn(2, run, [*common, "parallel.tp=2", "parallel.ep=2", "parallel.etp=1",
-                           "parallel.sequence_parallel=true"], str(tmp_path / "tp2ep2"), 2)[0]
+    ranks, extra = LAYOUTS[layout]
+    split = spawn(ranks, run, [*common, *extra], str(tmp_path / layout), ranks)[0]
     assert [m["step"] for m in split] == [1, 2]
     for a, b in zip(split, ref):
         for key in COMPARED:

@@ -82,6 +82,24 @@ def test_buckets_keep_order_and_budget():
     assert sum(sizes) == sum(t.numel() * t.element_size() for b in buckets(named, 10**9) for _, t in b)
 
 
+def test_buckets_never_split_a_layers_fused_latent_projections():
+    """SGLang fuses q_a_proj with kv_a_proj_with_mqa only when one load call brings both: whatever the budget,
+    a layer's pair shares a bucket; every other tensor keeps its order."""
+    t = torch.zeros(10)  # 40 bytes each
+    layer = lambda i, n: (f"model.layers.{i}.self_attn.{n}.weight", t)  # noqa: E731
+    named = [layer(0, "q_a_proj"), layer(0, "q_b_proj"), layer(0, "kv_a_proj_with_mqa"),
+             layer(1, "kv_a_proj_with_mqa"), layer(1, "o_proj"), layer(1, "q_a_proj"), layer(2, "q_proj")]
+    for budget in (1, 40, 80, 120, 10**6):
+        got = list(buckets(named, budget))
+        assert sorted(n for b in got for n, _ in b) == sorted(n for n, _ in named)
+        for i in (0, 1):
+            where = {n: k for k, b in enumerate(got) for n, _ in b if n.startswith(f"model.layers.{i}.")
+                     and ("q_a_proj" in n or "kv_a_proj" in n)}
+            assert len(set(where.values())) == 1, (budget, where)
+        others = [n for b in got for n, _ in b if "a_proj" not in n]
+        assert others == [n for n, _ in named if "a_proj" not in n]
+
+
 def test_pack_is_sglangs_flattened_layout(stub_metadata):
     named = _named(1)
     flat, meta = pack(named)

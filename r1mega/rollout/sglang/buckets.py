@@ -4,6 +4,11 @@ The packed layout is SGLang's flattened bucket (weight_sync/tensor_bucket.py): t
 back as bytes, each described by (name, shape, dtype, start, end, byte count). Tensors are
 ordered by element size, widest first, so every start is a multiple of its dtype's size, which
 SGLang's receiving side of an NCCL broadcast requires.
+
+Multi-latent attention with a query latent: SGLang 0.5.23's DeepSeek loader
+(deepseek_common/deepseek_weight_loader.py) fuses a layer's `q_a_proj` and `kv_a_proj_with_mqa` into
+one parameter only when a single load call brings both; a half that arrives alone is dropped without
+a word. So the two always share a bucket.
 """
 
 from __future__ import annotations
@@ -19,16 +24,38 @@ import torch.multiprocessing  # noqa: F401  (registers torch's tensor and storag
 Named = Tuple[str, torch.Tensor]
 
 
+FUSED_PAIR = ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight")
+
+
+def _units(named: Iterable[Named]) -> Iterator[List[Named]]:
+    """The tensors in order, a layer's q_a_proj held back until its kv_a_proj_with_mqa comes (whichever is
+    first) so that the two form one unit."""
+    held: dict = {}
+    for name, t in named:
+        half = next((i for i, suffix in enumerate(FUSED_PAIR) if name.endswith(suffix)), None)
+        if half is None:
+            yield [(name, t)]
+            continue
+        layer = name[:-len(FUSED_PAIR[half])]
+        if layer in held:
+            yield [held.pop(layer), (name, t)]
+        else:
+            held[layer] = (name, t)
+    for rest in held.values():  # no partner (V2-Lite's q_proj layout has no q_a_proj)
+        yield [rest]
+
+
 def buckets(named: Iterable[Named], max_bytes: int) -> Iterator[List[Named]]:
-    """Consecutive runs of `named` of at most `max_bytes` each; a larger tensor travels alone."""
+    """Consecutive runs of `named` of at most `max_bytes` each; a larger tensor (or fused pair) travels
+    alone."""
     bucket: List[Named] = []
     size = 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
+    for unit in _units(named):
+        nbytes = sum(t.numel() * t.element_size() for _, t in unit)
         if bucket and size + nbytes > max_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket += unit
         size += nbytes
     if bucket:
         yield bucket

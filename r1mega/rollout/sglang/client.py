@@ -71,12 +71,17 @@ class SGLangClient:
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any] | List[Dict[str, Any]]
-                 ) -> List[dict]:
+    def generate(self, input_ids: List[List[int]], sampling_params: Dict[str, Any] | List[Dict[str, Any]],
+                 routed_experts: bool = False) -> List[dict]:
         """One output dict per sample, prompt-major (all n samples of prompt 0 first); sampling_params
-        is one dict for every prompt, or a list with one per prompt."""
-        out = self.request("/generate", {"input_ids": input_ids, "sampling_params": sampling_params,
-                                         "return_logprob": True, "logprob_start_len": -1, "stream": False})
+        is one dict for every prompt, or a list with one per prompt. With routed_experts, each output's
+        meta_info also has the experts every position was routed to (a server started with
+        --enable-return-routed-experts)."""
+        body = {"input_ids": input_ids, "sampling_params": sampling_params, "return_logprob": True,
+                "logprob_start_len": -1, "stream": False}
+        if routed_experts:
+            body["return_routed_experts"] = True
+        out = self.request("/generate", body)
         return out if isinstance(out, list) else [out]
 
     # -- memory and weights ------------------------------------------------------------------

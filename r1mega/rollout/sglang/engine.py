@@ -7,6 +7,7 @@ else is collective, so every rank calls every method in the same order.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from concurrent.futures import Future
@@ -73,6 +74,33 @@ def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[
         logprobs.append(lps)
         reasons.append(FINISH[kind])
     return ids, logprobs, reasons
+
+
+def routed_experts(outputs: List[dict], prompts: List[List[int]], url: str, layers: List[int],
+                   topk: int) -> List[torch.Tensor]:
+    """Each output's routing [len - 1, M, k] (int16) from meta_info routed_experts: SGLang 0.5.23 sends
+    base64 of int32 [prompt + output - 1, num_hidden_layers, k] (state_capturer/routed_experts.py), dense
+    layers 0; `layers` are the MoE layers' indices."""
+    out = []
+    for o, prompt in zip(outputs, prompts):
+        encoded = o["meta_info"].get("routed_experts")
+        if encoded is None:
+            raise SGLangError(f"{url}/generate: no routed_experts in meta_info; was the server started with "
+                              "--enable-return-routed-experts?")
+        positions = len(prompt) + len(o["output_ids"]) - 1
+        try:
+            raw = base64.b64decode(encoded)
+        except ValueError as err:
+            raise SGLangError(f"{url}/generate: routed_experts is not base64 ({err})") from None
+        if positions < 1 or len(raw) % (4 * positions * topk):
+            raise SGLangError(f"{url}/generate: routed_experts of {len(raw)} bytes is not int32 [{positions} "
+                              f"positions, layers, {topk}]")
+        experts = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(positions, -1, topk)
+        if experts.shape[1] <= max(layers):
+            raise SGLangError(f"{url}/generate: routed_experts for {experts.shape[1]} layers, the model's MoE layers "
+                              f"go up to {max(layers)}")
+        out.append(experts[:, layers].to(torch.int16))
+    return out
 
 
 def token_versions(outputs: List[dict], url: str) -> List[List[int]]:
@@ -147,6 +175,11 @@ class SGLangEngine:
         self._rank = dist.get_rank()
         self._owned = [self.clients[e] for e in topology.owned_engines(self._rank)]
         self._pending = None  # the submit() not yet collected
+        # MoE routing replay (algorithm.routing_replay=rollout): each row carries its routing, for the MoE
+        # layers `routing_layers` (0-based decoder layers) of top-k `routing_topk`
+        self.record_routing = False
+        self.routing_layers: List[int] = []
+        self.routing_topk = 0
 
     # -- generation ------------------------------------------------------------------------
 
@@ -185,10 +218,11 @@ class SGLangEngine:
                 box[0] = pending.future.result()
         if dist.get_world_size(group) > 1:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        ids, logprobs, reasons = box[0]
+        ids, logprobs, reasons, routing = box[0]
         n = pending.n
         rows = [p for p in pending.prompts for _ in range(n)]
-        return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(pending.prompts)) for _ in range(n)])
+        return Rollouts(rows, ids, logprobs, reasons, [i for i in range(len(pending.prompts)) for _ in range(n)],
+                        routing=routing)
 
     def _request(self, prompts, params, n, key: Tuple[int, ...]):
         """Each engine gets whole groups; a group's n rows go as n requests of one sample, so
@@ -201,9 +235,14 @@ class SGLangEngine:
         parts = [(self.clients[e], [prompts[i] for i in r for _ in range(n)],
                   [{**payload, "sampling_seed": next(seeds)} for _ in range(len(r) * n)])
                  for e, r in zip(mine, split_even(len(prompts), len(mine))) if len(r)]
-        futures = [in_background(c.generate, rows, per_row) for c, rows, per_row in parts]
-        results = [parse_outputs(f.result(), c.url) for f, (c, _, _) in zip(futures, parts)]
-        return tuple(sum((r[k] for r in results), []) for k in range(3))
+        futures = [in_background(c.generate, rows, per_row, self.record_routing) for c, rows, per_row in parts]
+        outputs = [f.result() for f in futures]
+        results = [parse_outputs(o, c.url) for o, (c, _, _) in zip(outputs, parts)]
+        routing = []
+        if self.record_routing:
+            for o, (c, rows, _) in zip(outputs, parts):
+                routing += routed_experts(o, rows, c.url, self.routing_layers, self.routing_topk)
+        return (*(sum((r[k] for r in results), []) for k in range(3)), routing)
 
     # -- memory ----------------------------------------------------------------------------
 

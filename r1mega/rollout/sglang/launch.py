@@ -48,13 +48,22 @@ def start_servers(cfg: R1Config, topo: Topology) -> Tuple[List[str], List[Server
             port = g.port + e
             model_dir = write_model_dir(folder / f"model-{e}", hf_config_from_model(cfg.model))
             cmd = server_command(model_dir, g, topo.engine_gpu(e), bind, port, cfg.model.dtype, cfg.trainer.seed + e,
-                                 memory_saver(cfg))
+                                 memory_saver(cfg), server_args(cfg))
             procs.append(ServerProcess(cmd, folder / f"engine-{e}.log", f"http://{host}:{port}", g.request_timeout_s))
             mine[e] = procs[-1].client.url
         for p in procs:  # started together, waited on together
             p.wait_ready(g.startup_timeout_s)
             log.info("sglang engine ready at %s (sglang %s)", p.client.url, p.client.server_version())
     return share_urls(mine, topo.num_engines), procs
+
+
+def server_args(cfg: R1Config) -> dict:
+    """rollout.sglang.server_args, and the flags r1mega's own settings need: routing replay of the rollout's
+    routing (algorithm.routing_replay=rollout) needs the routed experts returned."""
+    args = dict(cfg.rollout.sglang.server_args)
+    if cfg.algorithm.routing_replay == "rollout":
+        args["enable_return_routed_experts"] = True
+    return args
 
 
 def share_urls(mine: Dict[int, str], num_engines: int) -> List[str]:

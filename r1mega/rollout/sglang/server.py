@@ -43,13 +43,14 @@ def check_version(version: Optional[str] = None) -> str:
 
 
 def server_command(model_dir: str, g: SGLangConfig, base_gpu_id: int, host: str, port: int, dtype: str, seed: int,
-                   memory_saver: bool) -> List[str]:
-    """The launch_server command line of one engine (weights arrive by sync, so load_format=dummy)."""
+                   memory_saver: bool, server_args: Optional[Dict] = None) -> List[str]:
+    """The launch_server command line of one engine (weights arrive by sync, so load_format=dummy);
+    `server_args` (default rollout.sglang.server_args) become its flags and options."""
     args = {"model-path": model_dir, "tp-size": g.tp, "base-gpu-id": base_gpu_id,
             "mem-fraction-static": g.mem_fraction_static, "host": host, "port": port,
             "dtype": DTYPES[dtype], "random-seed": seed, "load-format": "dummy"}
     flags = ["skip-tokenizer-init"] + (["enable-memory-saver"] if memory_saver else [])
-    for key, value in g.server_args.items():
+    for key, value in (g.server_args if server_args is None else server_args).items():
         key = str(key).replace("_", "-")
         if value is True:
             flags.append(key)

@@ -16,7 +16,14 @@ from r1mega.trainer.rl.step import score
 
 def _accuracy(ctx: RLContext, prompts: list, params: SamplingParams, n: int) -> torch.Tensor:
     """Accuracy [prompts, n] of n responses per prompt."""
-    rollouts = ctx.engine.generate([r.token_ids for r in prompts], params, n=n)
+    recording = getattr(ctx.engine, "record_routing", False)
+    if recording:  # no training on these rows: their routing is not kept
+        ctx.engine.record_routing = False
+    try:
+        rollouts = ctx.engine.generate([r.token_ids for r in prompts], params, n=n)
+    finally:
+        if recording:
+            ctx.engine.record_routing = True
     records = [prompts[g] for g in rollouts.group_index]
     scores = score(ctx, records, rollouts)
     lengths = torch.tensor(rollouts.response_lengths, dtype=torch.float32)

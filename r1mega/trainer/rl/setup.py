@@ -27,6 +27,7 @@ from r1mega.trainer.rl.async_rollout import AsyncRollout
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.one_step_off import OneStepOff
 from r1mega.trainer.rl.offload import TrainState
+from r1mega.trainer.rl import routing
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     if separate and rollout_workers(cfg):  # the async controller drives the SGLang engines
         sglang, engine, separate = engine, None, False
     engine = engine or build_engine(cfg, chunks, tokenizer)
+    routing.enable(cfg, chunks, engine)
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())

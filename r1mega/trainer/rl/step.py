@@ -32,6 +32,7 @@ from r1mega.trainer.rl.batch import (MicroBatch, StepBatch, balance_over_dp, lay
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.loss import LossSettings, policy_loss, ratio_quantiles, reduce_stats
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
+from r1mega.trainer.rl.routing import record_old_routing, recording_forward_step, replay_metrics
 from r1mega.trainer.timing import PhaseTimer
 
 
@@ -99,6 +100,8 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
             ctx.async_rollout.after_update(step)
     if ahead is not None:
         ahead.step_done()
+    if ctx.cfg.algorithm.routing_replay != "none":
+        stats.update(replay_metrics(ctx.chunks))
     return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
@@ -224,7 +227,11 @@ def logprobs(ctx: RLContext, batch: StepBatch) -> None:
         return
     micro = micro_batches(ctx.cfg, batch, list(range(len(batch))))
     if need_old:
-        batch.old_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ddp_chunks, micro, ctx.temperature))
+        recorded = {} if a.routing_replay == "old" else None  # R2: the update replays this pass's routing
+        batch.old_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ddp_chunks, micro, ctx.temperature,
+                                                                      recorded))
+        if recorded is not None:
+            record_old_routing(batch, micro, recorded, ctx.chunks[0].config)
     if ctx.ref_chunks is not None:
         batch.ref_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ref_chunks, micro, ctx.temperature))
 
@@ -274,16 +281,19 @@ def batch_metrics(layout: Dict[str, float]) -> Dict[str, float]:
             "batch/tokens_per_microbatch_max": most}
 
 
-def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float) -> Optional[List[torch.Tensor]]:
+def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float,
+                     recorded: Optional[dict] = None) -> Optional[List[torch.Tensor]]:
     """Log-probs per micro-batch in the [b, W] layout of its mask, without gradients, on the last
-    pipeline stage; None on others."""
+    pipeline stage; None on others. With `recorded`, the experts the routers chose go there as well
+    (routing.recording_forward_step)."""
 
     def collect(m, logits):
         logp, _ = target_logprobs(logits, m.targets, temperature, with_entropy=False)
         return logits.new_zeros(()), {"logp": m.per_row(logp).detach().float().cpu()}
 
+    step = recording_forward_step(recorded, collect) if recorded is not None else None
     with torch.no_grad():
-        out = run_schedule(chunks, micro, collect, forward_only=True)
+        out = run_schedule(chunks, micro, collect, forward_only=True, step=step)
     return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
 
 
