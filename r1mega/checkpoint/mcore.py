@@ -62,18 +62,27 @@ def read_model_config(folder: str | Path) -> ModelConfig:
 
 
 SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-              "head_dim", "vocab_size", "moe", "mla")
+              "head_dim", "vocab_size", "mla")
+# the MoE keys that shape the weights (routing and balancing settings may change between runs)
+MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size", "shared_expert_ffn_hidden_size", "shared_expert_gate",
+                  "expert_bias", "first_k_dense", "dense_ffn_hidden_size")
+
+
+def _shape(model: ModelConfig) -> dict:
+    out = {k: getattr(model, k) for k in SHAPE_KEYS}
+    out["moe"] = None if model.moe is None else {k: getattr(model.moe, k) for k in MOE_SHAPE_KEYS}
+    return out
 
 
 def check_model_matches(folder: str | Path, model: ModelConfig) -> None:
     """Refuse, naming the differing keys, weights saved for another architecture than `model`."""
     if not (Path(folder) / MODEL_YAML).is_file():
         return
-    saved = read_model_config(folder)
-    diff = [f"{k}: {getattr(saved, k)} there, {getattr(model, k)} here" for k in SHAPE_KEYS
-            if getattr(saved, k) != getattr(model, k)]
+    config = read_model_config(folder)
+    saved, here = _shape(config), _shape(model)
+    diff = [f"{k}: {saved[k]} there, {here[k]} here" for k in saved if saved[k] != here[k]]
     if diff:
-        raise CheckpointError(f"{folder} holds model {saved.name!r}, not the configured {model.name!r} "
+        raise CheckpointError(f"{folder} holds model {config.name!r}, not the configured {model.name!r} "
                               f"({'; '.join(diff)}); choose the matching model= preset")
 
 

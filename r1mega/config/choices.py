@@ -26,6 +26,7 @@ from r1mega.config.errors import one_of
 Arch = Literal["qwen2", "qwen3", "llama", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 Dtype = Literal["fp32", "bf16", "fp16"]
 AttentionBackend = Literal["auto", "te", "flash", "sdpa"]
+LoadBalancing = Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"]  # megatron's
 ScoreFunction = Literal["softmax", "sigmoid"]
 TokenDispatcher = Literal["allgather", "alltoall"]
 FP8Format = Literal["hybrid", "e4m3"]

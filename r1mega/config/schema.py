@@ -17,11 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
-from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus,
-                                   CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
-                                   KLEstimator, Launcher, OnBadRow, OptimizerName, PromptTemplate, RatioLevel,
-                                   PartialKV, RolloutMode, RoutingReplay, ScoreFunction, SFTTemplate, StageKind,
-                                   StaleSamples,
+from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus, CorrectionLevel,
+                                   DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator, Launcher,
+                                   LoadBalancing, OnBadRow, OptimizerName, PartialKV, PromptTemplate, RatioLevel,
+                                   RolloutMode, RoutingReplay, SFTTemplate, ScoreFunction, StageKind, StaleSamples,
                                    StdConvention, TokenDispatcher, WarningSignal, WorkerFailure)
 from r1mega.config.sglang_schema import SGLangConfig
 
@@ -36,11 +35,16 @@ class MoEConfig:
     score_function: Annotated[str, ScoreFunction] = "softmax"  # softmax | sigmoid
     pre_softmax: bool = False  # softmax over all experts before top-k (else over the top-k)
     expert_bias: bool = False  # aux-loss-free balancing bias (DeepSeek-V3)
+    # each optimizer step moves every expert's bias by this toward balance (+ when under-loaded, - when over;
+    # DeepSeek-V3's gamma); 0 freezes the bias
+    expert_bias_update_rate: float = 1e-3
     topk_scaling_factor: Optional[float] = None
     num_groups: Optional[int] = None  # node-limited routing (DeepSeek-V3)
     group_topk: Optional[int] = None
     aux_loss_coeff: float = 0.0
-    load_balancing_type: str = "aux_loss"  # megatron's moe_router_load_balancing_type, e.g. seq_aux_loss
+    # megatron's moe_router_load_balancing_type: aux_loss (per micro-batch) | seq_aux_loss (DeepSeek's, per row) |
+    # global_aux_loss | sinkhorn | none
+    load_balancing_type: Annotated[str, LoadBalancing] = "aux_loss"
     z_loss_coeff: Optional[float] = None
     first_k_dense: int = 0  # leading dense layers before MoE layers start
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of those dense layers

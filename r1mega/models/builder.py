@@ -117,6 +117,7 @@ def _moe_kwargs(model: ModelConfig) -> dict:
         moe_router_score_function=e.score_function,
         moe_router_pre_softmax=e.pre_softmax,
         moe_router_enable_expert_bias=e.expert_bias,
+        moe_router_bias_update_rate=e.expert_bias_update_rate,
         moe_router_topk_scaling_factor=e.topk_scaling_factor,
         moe_router_num_groups=e.num_groups,
         moe_router_group_topk=e.group_topk,

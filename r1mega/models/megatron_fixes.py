@@ -12,6 +12,8 @@ import torch
 from packaging.version import Version
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from r1mega.models import seq_aux_loss
+
 from r1mega.platform import installed
 
 
@@ -35,6 +37,9 @@ def apply(config: TransformerConfig, name: str = "model") -> None:
         _mla_without_te()
     if config.moe_router_enable_expert_bias:
         _expert_bias_counts_with_padding_mask()
+    balancing = config.moe_router_load_balancing_type
+    if "seq_aux_loss" in (balancing if isinstance(balancing, list) else [balancing]):
+        seq_aux_loss.apply()  # per row of a THD pack, not the whole pack
 
 
 class _NoTELinear:

@@ -9,7 +9,7 @@ into (loss, report).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -19,7 +19,8 @@ from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.utils import get_model_config, unwrap_model
 
 from r1mega.models.logits_window import logits_from
-from r1mega.models.routing_replay import replaying, replays_here
+from r1mega.models.routing_replay import replaying, replays_here, router_order
+from r1mega.models.seq_aux_loss import rows_of
 
 
 def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = None):
@@ -31,14 +32,19 @@ def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = Non
     return logits, partial(loss_fn, micro)
 
 
+@contextmanager
 def _routing(model: torch.nn.Module, micro):
-    """MoE routing replay for this forward where the micro-batch carries routing and the model's
-    routers replay (r1mega.models.routing_replay); nothing otherwise."""
+    """MoE routers during this forward: they replay the micro-batch's routing where it carries some
+    and they replay (r1mega.models.routing_replay), and a pack's sequence-wise load-balancing loss is
+    taken per row (r1mega.models.seq_aux_loss)."""
     chunk = unwrap_model(model)
-    routing = getattr(micro, "routing", None)
-    if routing is None or not replays_here(chunk):
-        return nullcontext()
-    return replaying(chunk, routing, micro.pad)
+    routing, rows = getattr(micro, "routing", None), getattr(micro, "row_index", None)
+    with ExitStack() as stack:
+        if routing is not None and replays_here(chunk):
+            stack.enter_context(replaying(chunk, routing, micro.pad))
+        if rows is not None and chunk.config.num_moe_experts:
+            stack.enter_context(rows_of(router_order(rows, chunk.config.sequence_parallel), len(micro.rows)))
+        yield
 
 
 def _model_inputs(model: torch.nn.Module, micro) -> dict:

@@ -7,6 +7,7 @@ Transformer Engine for MLA's context parallelism.)"""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rl_helpers import run
 from test_rl_run import ALGO, COMPARED, _close, _save_init
@@ -74,3 +75,30 @@ def test_kl_reference_routes_as_the_policy(tmp_path):
     """The reference copy (its start, and R1's resets) takes the routers' expert bias, a buffer, with the weights."""
     count, equal = spawn(1, _reference_takes_the_bias, str(tmp_path))[0]
     assert count == 1 and equal  # the tests' two-layer tiny_dsv3: a dense layer, then an MoE one
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01])
+def test_expert_bias_moves_by_its_update_rate(tmp_path, rate):
+    """DeepSeek-V3's aux-loss-free balancing: after each optimizer step every expert's bias moved by exactly
+    the rate (toward balance) or not at all (an expert at the mean load); rate 0 freezes it. Read from the
+    exported HF checkpoint's e_score_correction_bias, starting from 0."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    init = str(tmp_path / "init")
+    spawn(1, _save_init, init, MODEL)
+    spawn(1, run, [*MODEL, *ALGO, f"model.mcore_path={init}", "trainer.steps=2", "trainer.export_hf=true",
+                   f"model.moe.expert_bias_update_rate={rate}"], str(tmp_path / "run"), 1)
+    tensors = {}
+    for f in glob.glob(str(tmp_path / "run" / "hf" / "*.safetensors")):
+        tensors.update(load_file(f))
+    bias = tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    steps = 2 * 2  # trainer.steps x algorithm.minibatches optimizer steps
+    if rate == 0:
+        assert torch.equal(bias, torch.zeros_like(bias))
+        return
+    multiples = bias / rate
+    assert torch.allclose(multiples, multiples.round(), atol=1e-4)  # whole steps of the rate
+    assert multiples.abs().max() <= steps and multiples.abs().max() >= 1
+    assert (multiples < 0).any() and (multiples > 0).any()  # over-loaded experts down, under-loaded up

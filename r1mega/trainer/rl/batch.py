@@ -135,6 +135,7 @@ class MicroBatch:
     row_of: Optional[torch.Tensor] = None  # [K]
     col_of: Optional[torch.Tensor] = None  # [K]
     routing: Optional[torch.Tensor] = None  # like tokens, [b, L, M, k]: experts to replay
+    row_index: Optional[torch.Tensor] = None  # a pack's, like tokens: the row of each position, -1 at padding
 
     def input_spans(self) -> List[Tuple[int, int, int]]:
         """(b index, first position, positions) of each row's input tokens in `tokens` (whole packs)."""
@@ -234,13 +235,14 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
     layout = {k: torch.zeros(len(rows), width) for k in per_token}
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     tokens, positions, targets, logits_at, row_of, cu, real = [], [], [], [], [], [0], [0]
-    pads = []
+    pads, row_index = [], []
     row_multiple = 2 * cp_size if cp_size > 1 else 1
     for j, (i, r) in enumerate(zip(rows, responses)):
         seq, start, n = batch.tokens[i], cu[-1], len(batch.tokens[i]) - 1
         span = n + (-n % row_multiple)
         tokens += [seq[:-1], torch.zeros(span - n, dtype=torch.long)]
         pads += [torch.zeros(n, dtype=torch.bool), torch.ones(span - n, dtype=torch.bool)]
+        row_index += [torch.full((n,), j), torch.full((span - n,), -1)]
         positions.append(torch.arange(span))
         targets.append(seq[n + 1 - r:])  # the response (seq[-r:] would be all of it when r = 0)
         logits_at.append(torch.arange(start + n - r, start + n))
@@ -255,6 +257,7 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
     if pad:
         tokens.append(torch.zeros(pad, dtype=torch.long))
         pads.append(torch.ones(pad, dtype=torch.bool))
+        row_index.append(torch.full((pad,), -1))
         positions.append(torch.arange(pad))
         cu.append(cu[-1] + pad)
         real.append(real[-1] + pad)
@@ -271,7 +274,8 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(lengths),
         positions=torch.cat(positions).unsqueeze(0), pad=torch.cat(pads).unsqueeze(0),
         logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
-        col_of=torch.cat([torch.arange(r) for r in responses]), routing=routing)
+        col_of=torch.cat([torch.arange(r) for r in responses]), routing=routing,
+        row_index=torch.cat(row_index).unsqueeze(0))
     return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
 
 
@@ -284,6 +288,7 @@ def _cp_part(micro: MicroBatch, cu_real: torch.Tensor, size: int, rank: int) -> 
     kept = at >= 0
     return replace(micro, tokens=micro.tokens[:, held], positions=micro.positions[:, held],
                    pad=micro.pad[:, held], routing=micro.routing[:, held] if micro.routing is not None else None,
+                   row_index=micro.row_index[:, held],
                    targets=micro.targets[:, kept], logits_at=at[kept], row_of=micro.row_of[kept],
                    col_of=micro.col_of[kept], cu_seqlens_unpadded=cu_real, cp_size=size)
 
