@@ -13,28 +13,18 @@ from packaging.version import Version
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models import seq_aux_loss
-
 from r1mega.platform import installed
 
 
-def mla_builds_here() -> bool:
-    """Whether multi-latent attention builds with what is installed: with Transformer Engine, or on
-    megatron-core 0.16. From 0.17 on, MLA's QK-norm resolver (transformer/mla_qk_norm_config.py) takes
-    its norm-fused projections from the backend of config.transformer_impl; r1mega's local path for
-    it is not written yet."""
-    if installed.transformer_engine():
-        return True
-    release = Version(installed.version("megatron-core") or "0").release[:2]
-    return release < (0, 17)
+def _after_0_16() -> bool:
+    return Version(installed.version("megatron-core") or "0").release[:2] >= (0, 17)
 
 
 def apply(config: TransformerConfig, name: str = "model") -> None:
     if getattr(config, "multi_latent_attention", False) and not installed.transformer_engine():
-        if not mla_builds_here():
-            raise RuntimeError(f"{name}: multi-latent attention without Transformer Engine runs on megatron-core "
-                               f"0.16 (installed: {installed.version('megatron-core')}); install Transformer "
-                               "Engine, or megatron-core 0.16.1")
         _mla_without_te()
+        if _after_0_16():
+            _mla_query_without_norm()
     if config.moe_router_enable_expert_bias:
         _expert_bias_counts_with_padding_mask()
     balancing = config.moe_router_load_balancing_type
@@ -63,6 +53,30 @@ def _mla_without_te() -> None:
         multi_latent_attention.TELinear = _NoTELinear
     if getattr(multi_latent_attention, "Linear", None) is None:
         multi_latent_attention.Linear = Linear
+
+
+def _mla_query_without_norm() -> None:
+    """transformer/mla_qk_norm_config.py (0.17+), QKNormConfigResolver._resolve_mla_qk_layernorm: without
+    a query latent (q_lora_rank None, DeepSeek-V2-Lite) and with qk_layernorm on, it makes the query
+    projection the backend's fused norm+linear whatever the spec says: a norm DeepSeek's q_proj does
+    not have, and without Transformer Engine a stub class that cannot be built. r1mega's local spec
+    gives a plain ColumnParallelLinear there, which this keeps."""
+    from megatron.core.transformer.mla_qk_norm_config import QKNormConfigResolver
+
+    upstream = QKNormConfigResolver._resolve_mla_qk_layernorm
+    if getattr(upstream, "_r1mega_fix", False):
+        return
+
+    @functools.wraps(upstream)
+    def _resolve_mla_qk_layernorm(self):
+        out = upstream(self)
+        spec = self.submodules.linear_q_proj
+        if not self.has_q_lora and spec is not None and not self._is_fused_norm_linear(spec):
+            out["linear_q_proj"] = spec
+        return out
+
+    _resolve_mla_qk_layernorm._r1mega_fix = True
+    QKNormConfigResolver._resolve_mla_qk_layernorm = _resolve_mla_qk_layernorm
 
 
 def _expert_bias_counts_with_padding_mask() -> None:

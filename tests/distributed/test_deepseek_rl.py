@@ -16,13 +16,6 @@ from r1mega.platform.launch import spawn
 pytestmark = pytest.mark.distributed
 
 
-@pytest.fixture(autouse=True)
-def _mla_builds():
-    from r1mega.models.megatron_fixes import mla_builds_here
-
-    if not mla_builds_here():
-        pytest.skip("multi-latent attention without Transformer Engine needs megatron-core 0.16")
-
 # a load-balancing loss large enough to move the router: under sequence parallelism the packs of the
 # TP pair end in padding, which must count neither for it nor for the expert bias
 MODEL = ["model=tiny_dsv3", "model.num_query_groups=4", "model.moe.aux_loss_coeff=0.05"]

@@ -212,10 +212,6 @@ def _mla_decodes(parallel: ParallelConfig):
 def test_multi_latent_attention_decodes_as_its_forward(tp):
     """DeepSeek-V3's attention (query and KV latents, YaRN past its original length of 8): left-padded
     prompts in one KV cache, then decoding, give each token the log-prob a whole-sequence forward does."""
-    from r1mega.models.megatron_fixes import mla_builds_here
-
-    if not mla_builds_here():
-        pytest.skip("multi-latent attention without Transformer Engine needs megatron-core 0.16")
     greedy, sampled, forward = spawn(tp, _mla_decodes, ParallelConfig(tp=tp))[0]
     _check_logprobs(greedy, forward[:len(greedy)])
     _check_logprobs(sampled, forward[len(greedy):])

@@ -111,10 +111,6 @@ def test_sglang_routing_replay(tmp_path, model):
     replaying them, find its own routing the same. DeepSeek-V3 (MLA with a query latent, expert bias) also
     checks the weight names against SGLang's loader, in buckets small enough to split any layer: a fused
     q_a_proj / kv_a_proj_with_mqa half sent alone would be dropped, and the sync fail."""
-    from r1mega.models.megatron_fixes import mla_builds_here
-
-    if model == "dsv3" and not mla_builds_here():
-        pytest.skip("multi-latent attention does not build on this stack")
     arch = MOE if model == "qwen3_moe" else ["model=tiny_dsv3", "model.num_query_groups=4"]
     history, calls = spawn(1, _sglang_run, [*arch, *SGLANG, "algorithm.routing_replay=rollout"],
                            str(tmp_path), 1)[0]

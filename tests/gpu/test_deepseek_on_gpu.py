@@ -20,13 +20,6 @@ from test_hf_parity import VOCAB, _hf_model  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _mla_builds():
-    from r1mega.models.megatron_fixes import mla_builds_here
-
-    if not mla_builds_here():
-        pytest.skip("multi-latent attention without Transformer Engine needs megatron-core 0.16")
-
 KINDS = ("dsv3", "dsv3_moe")
 
 
