@@ -13,6 +13,7 @@ from packaging.version import Version
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models import seq_aux_loss
+from r1mega.models.duplicated_linear import DuplicatedLinear
 from r1mega.platform import installed
 
 
@@ -43,16 +44,15 @@ def _mla_without_te() -> None:
       megatron.core.extensions.transformer_engine imports, which it does without TE too (0.16),
       binding TELinear to a MagicMock stub that isinstance refuses. A class in its place answers
       False there, and the down-projection checks (`in [TELinear]`) stay False.
-    - The module imports modelopt's `Linear` (the duplicated down-projection r1mega's local spec
-      gives MLA, r1mega/models/specs.py) only along with TE from 0.19 on, leaving it None, so its
-      check `in [Linear, TEColumnParallelLinear, ColumnParallelLinear]` would refuse it."""
-    from megatron.core.post_training.modelopt.layers import Linear
+    - Its down-projection check `in [Linear, TEColumnParallelLinear, ColumnParallelLinear]` takes
+      modelopt's `Linear` by identity (and from 0.19 on the module imports it only along with TE,
+      leaving None): r1mega's local spec gives MLA DuplicatedLinear (r1mega/models/specs.py), a Linear
+      initialised as TELinear is, so the name is bound to that class."""
     from megatron.core.transformer import multi_latent_attention
 
     if not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.TELinear = _NoTELinear
-    if getattr(multi_latent_attention, "Linear", None) is None:
-        multi_latent_attention.Linear = Linear
+    multi_latent_attention.Linear = DuplicatedLinear
 
 
 def _mla_query_without_norm() -> None:

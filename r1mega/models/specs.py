@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1mega.models.attention import SDPAttention
+from r1mega.models.duplicated_linear import DuplicatedLinear
 from r1mega.models.flash_attention import FlashAttention
 from r1mega.models.norm import RMSNorm
 from r1mega.models.self_attention import RotatedCacheSelfAttention
@@ -62,14 +63,13 @@ def _duplicated_down_projections(attn) -> None:
     (gather_from_tensor_model_parallel_region), and k_pos_emb goes to every rank whole. Each rank's
     gradient of it covers only that rank's heads, and the gather's backward splits it back without a
     sum: the rotary rows of linear_kv_down_proj got 1/TP of their gradient (GRPO steps under TP=2
-    drifted from one rank's by 0.3% in the gradient norm). megatron's local `Linear` is duplicated
+    drifted from one rank's by 0.3% in the gradient norm). megatron's local `Linear` (modelopt) is duplicated
     as TELinear is: under sequence parallelism its input is this rank's tokens, k_pos_emb is gathered
     over the sequence (whose backward sums), and the weight carries `sequence_parallel`, so
-    finalize_model_grads all-reduces its gradient over the TP group."""
-    from megatron.core.post_training.modelopt.layers import Linear
-
-    attn.linear_q_down_proj = Linear
-    attn.linear_kv_down_proj = Linear
+    finalize_model_grads all-reduces its gradient over the TP group. (DuplicatedLinear is that Linear,
+    initialised with the config's init_method.)"""
+    attn.linear_q_down_proj = DuplicatedLinear
+    attn.linear_kv_down_proj = DuplicatedLinear
 
 
 def _core_attention_module(backend: str) -> type:

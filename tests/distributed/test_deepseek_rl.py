@@ -95,3 +95,31 @@ def test_expert_bias_moves_by_its_update_rate(tmp_path, rate):
     assert torch.allclose(multiples, multiples.round(), atol=1e-4)  # whole steps of the rate
     assert multiples.abs().max() <= steps and multiples.abs().max() >= 1
     assert (multiples < 0).any() and (multiples > 0).any()  # over-loaded experts down, under-loaded up
+
+
+def _down_projections(folder: str, tp: int):
+    from rl_helpers import config
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+
+    extra = ["model=tiny_dsv3", "model.num_query_groups=4", "model.init_method_std=0.02"]
+    if tp > 1:
+        extra += ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    cfg = config(folder, extra, world_size=tp)
+    initialize(cfg.parallel, seed=5)
+    try:
+        chunk = build_model(cfg.model, cfg.parallel)[0]
+        return {n: p.detach().clone() for n, p in chunk.named_parameters() if "down_proj" in n}
+    finally:
+        destroy()
+
+
+def test_down_projections_start_as_the_init_method_says(tmp_path):
+    """MLA's duplicated down-projections (megatron's local Linear, which ignores init_method) are drawn
+    from the configured normal, and start equal on both tensor-parallel ranks."""
+    one = spawn(1, _down_projections, str(tmp_path / "a"), 1)[0]
+    two = spawn(2, _down_projections, str(tmp_path / "b"), 2)
+    assert len(one) == 4  # q and kv down-projections of both layers
+    for name, weight in one.items():
+        assert abs(float(weight.std()) - 0.02) < 0.004, (name, float(weight.std()))
+        assert torch.equal(two[0][name], two[1][name]), name
