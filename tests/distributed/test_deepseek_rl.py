@@ -1,6 +1,7 @@
 """GRPO on the tiny DeepSeek-V3 model (multi-latent attention, DeepSeekMoE with its expert bias): two
 steps with the experts split over two ranks (TP=2 x EP=2, so the same data-parallel rank holds every
-prompt), or the layers over two pipeline stages, take the single rank's steps, from one set of weights.
+prompt), TP=2 alone, or the layers over two pipeline stages, take the single rank's steps, from one set of
+weights.
 (EP=2 alone would take two data-parallel ranks, which sample other prompts; EP=2 x CP=2 needs
 Transformer Engine for MLA's context parallelism.)"""
 
@@ -24,6 +25,7 @@ MODEL = ["model=tiny_dsv3", "model.num_query_groups=4", "model.moe.aux_loss_coef
 LAYOUTS = {  # ranks, overrides
     "tp2ep2": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pp=2"]),  # the dense layer on one stage, the MoE layer on the other
+    "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),  # MLA under TP needs SP
 }
 
 
@@ -40,6 +42,15 @@ def test_parallel_steps_match_single_rank(tmp_path, layout):
         for key in COMPARED:
             assert _close(a[key], b[key], 1e-4, key), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
     assert any(m["grad_norm"] > 0 for m in ref) and any(m["advantage/abs_mean"] > 0 for m in ref)
+
+
+def test_expert_parallel_over_data_parallel_ranks_runs(tmp_path):
+    """EP=2 alone: two data-parallel ranks (other prompts than one rank's), four experts each; the steps
+    run and train."""
+    history = spawn(2, run, [*MODEL, *ALGO, "trainer.steps=2", "parallel.ep=2"], str(tmp_path), 2)[0]
+    assert [m["step"] for m in history] == [1, 2]
+    for m in history:
+        assert m["grad_norm"] > 0 and m["loss"] == m["loss"] and m["logprob_gap"] < 1e-4
 
 
 def _reference_takes_the_bias(folder: str):
