@@ -335,6 +335,9 @@ def _deepseek_entries(cfg: ModelConfig, mtp_layers: int) -> Dict[str, Any]:
 def _check_deepseek_routing(cfg: ModelConfig) -> None:
     """Refuse an export whose routing the HF family's router would not reproduce."""
     e = cfg.moe
+    if bool(e.num_groups) != bool(e.group_topk):  # megatron limits groups only with both set; HF always would
+        raise UnsupportedModelError(f"model.moe of {cfg.name}: num_groups={e.num_groups} with group_topk="
+                                    f"{e.group_topk}: set both (group-limited routing) or neither for an HF export")
     if cfg.arch == "deepseek_v3":
         ok, rule = e.score_function == "sigmoid" and e.expert_bias and e.router_topk > 1, \
             "score_function=sigmoid, expert_bias=true, router_topk > 1"

@@ -84,6 +84,9 @@ def _check_routing_replay(cfg: R1Config) -> None:
         return
     key = f"algorithm.routing_replay={mode}"
     require(cfg.model.moe is not None, f"{key}: model {cfg.model.name} has no MoE layers to route")
+    require(cfg.model.moe.load_balancing_type != "sinkhorn",
+            f"{key}: sinkhorn routing (model.moe.load_balancing_type) does not go through megatron's top-k "
+            "routing, where replay happens")
     if mode == "old":
         require((a.ppo_epochs > 1 or a.minibatches > 1) and not a.use_rollout_logprobs,
                 f"{key} replays the old policy's log-prob pass in later minibatches; with one minibatch, one "

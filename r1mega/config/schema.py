@@ -42,9 +42,8 @@ class MoEConfig:
     num_groups: Optional[int] = None  # node-limited routing (DeepSeek-V3)
     group_topk: Optional[int] = None
     aux_loss_coeff: float = 0.0
-    # megatron's moe_router_load_balancing_type: aux_loss (per micro-batch) | seq_aux_loss (DeepSeek's, per row) |
-    # global_aux_loss | sinkhorn | none
-    load_balancing_type: Annotated[str, LoadBalancing] = "aux_loss"
+    # aux_loss | seq_aux_loss (DeepSeek's: per row, a THD pack's rows too) | global_aux_loss | sinkhorn | none
+    load_balancing_type: Annotated[str, LoadBalancing] = "aux_loss"  # megatron's moe_router_load_balancing_type
     z_loss_coeff: Optional[float] = None
     first_k_dense: int = 0  # leading dense layers before MoE layers start
     dense_ffn_hidden_size: Optional[int] = None  # FFN width of those dense layers

@@ -22,9 +22,11 @@ def _after_0_16() -> bool:
 
 
 def apply(config: TransformerConfig, name: str = "model") -> None:
-    if getattr(config, "multi_latent_attention", False) and not installed.transformer_engine():
-        _mla_without_te()
-        if _after_0_16():
+    if getattr(config, "multi_latent_attention", False):
+        _mla_local_down_projections()
+        if not installed.transformer_engine():
+            _mla_without_te()
+        if _after_0_16():  # with TE too: its spec's q_proj is a plain TEColumnParallelLinear
             _mla_query_without_norm()
     if config.moe_router_enable_expert_bias:
         _expert_bias_counts_with_padding_mask()
@@ -38,20 +40,25 @@ class _NoTELinear:
 
 
 def _mla_without_te() -> None:
-    """transformer/multi_latent_attention.py without Transformer Engine:
-
-    - MLASelfAttention.__init__ asks `isinstance(self.linear_proj, TELinear)` whenever
-      megatron.core.extensions.transformer_engine imports, which it does without TE too (0.16),
-      binding TELinear to a MagicMock stub that isinstance refuses. A class in its place answers
-      False there, and the down-projection checks (`in [TELinear]`) stay False.
-    - Its down-projection check `in [Linear, TEColumnParallelLinear, ColumnParallelLinear]` takes
-      modelopt's `Linear` by identity (and from 0.19 on the module imports it only along with TE,
-      leaving None): r1mega's local spec gives MLA DuplicatedLinear (r1mega/models/specs.py), a Linear
-      initialised as TELinear is, so the name is bound to that class."""
+    """transformer/multi_latent_attention.py without Transformer Engine: MLASelfAttention.__init__ asks
+    `isinstance(self.linear_proj, TELinear)` whenever megatron.core.extensions.transformer_engine
+    imports, which it does without TE too (0.16), binding TELinear to a MagicMock stub that isinstance
+    refuses. A class in its place answers False there, and the down-projection checks
+    (`in [TELinear]`) stay False."""
     from megatron.core.transformer import multi_latent_attention
 
     if not isinstance(multi_latent_attention.TELinear, type):
         multi_latent_attention.TELinear = _NoTELinear
+
+
+def _mla_local_down_projections() -> None:
+    """transformer/multi_latent_attention.py: the down-projection check `in [Linear,
+    TEColumnParallelLinear, ColumnParallelLinear]` takes modelopt's `Linear` by identity (and from
+    0.19 on the module imports it only along with TE, leaving None). r1mega's local spec (any backend
+    but TE's, which gives TELinear and is checked first) gives MLA DuplicatedLinear
+    (r1mega/models/specs.py), a Linear initialised as TELinear is, so the name is bound to that class."""
+    from megatron.core.transformer import multi_latent_attention
+
     multi_latent_attention.Linear = DuplicatedLinear
 
 

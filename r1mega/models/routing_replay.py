@@ -130,15 +130,15 @@ def replaying(chunk, routing: torch.Tensor, pad: Optional[torch.Tensor]) -> Iter
 
 @contextmanager
 def recording(chunk, out: Dict[int, torch.Tensor], b: int) -> Iterator[None]:
-    """During one forward, the experts the chunk's routers choose: out[MoE layer index] = [b, s, k]."""
+    """During one forward, the experts the chunk's routers choose: out[MoE layer index] = [b, s, k] (int16, CPU)."""
     sp = chunk.config.sequence_parallel
     replays = _replays(chunk)
     for _, replay in replays:
         replay.set_router_replay_action(RouterReplayAction.RECORD)
     try:
         yield
-        for index, replay in replays:
-            out[index] = from_router_order(replay.get_recorded_indices(), b, sp)
+        for index, replay in replays:  # int16 on the host: a long pass holds every token's experts
+            out[index] = from_router_order(replay.get_recorded_indices(), b, sp).to(torch.int16).cpu()
     finally:
         for _, replay in replays:
             replay.clear_indices()

@@ -38,13 +38,29 @@ def _routing(model: torch.nn.Module, micro):
     and they replay (r1mega.models.routing_replay), and a pack's sequence-wise load-balancing loss is
     taken per row (r1mega.models.seq_aux_loss)."""
     chunk = unwrap_model(model)
-    routing, rows = getattr(micro, "routing", None), getattr(micro, "row_index", None)
+    routing = getattr(micro, "routing", None)
     with ExitStack() as stack:
         if routing is not None and replays_here(chunk):
             stack.enter_context(replaying(chunk, routing, micro.pad))
-        if rows is not None and chunk.config.num_moe_experts:
-            stack.enter_context(rows_of(router_order(rows, chunk.config.sequence_parallel), len(micro.rows)))
+        rows = _pack_rows(micro) if chunk.config.num_moe_experts else None
+        if rows is not None:
+            stack.enter_context(rows_of(router_order(rows[0], chunk.config.sequence_parallel), rows[1]))
         yield
+
+
+def _pack_rows(micro):
+    """(the row of every position [1, T], -1 at padding; the number of rows) of a THD pack; None for
+    padded rows. An RL pack says (its context-parallel part holds only some positions); an SFT pack's
+    follow from its boundaries."""
+    rows = getattr(micro, "row_index", None)
+    if rows is not None:
+        return rows, len(micro.rows)
+    cu = getattr(micro, "cu_seqlens", None)
+    if cu is None or micro.pad is None:
+        return None
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), (cu[1:] - cu[:-1]).long())
+    segment = torch.where(micro.pad[0], -1, segment)
+    return segment.unsqueeze(0), int(segment.max()) + 1
 
 
 def _model_inputs(model: torch.nn.Module, micro) -> dict:

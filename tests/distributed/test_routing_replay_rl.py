@@ -81,6 +81,7 @@ def test_old_policy_replay_in_later_minibatches(tmp_path):
     ([*MOE, "algorithm.routing_replay=old"], "one minibatch"),
     ([*MOE, "algorithm.routing_replay=old", "algorithm.minibatches=2", "parallel.cp=2"], "context parallelism"),
     ([*MOE, "algorithm.routing_replay=rollout", "rollout.mode=async"], "rollout.mode=sync only"),
+    ([*MOE, "algorithm.routing_replay=rollout", "model.moe.load_balancing_type=sinkhorn"], "sinkhorn"),
 ])
 def test_refusals_name_the_key(tmp_path, extra, named):
     from r1mega.config.errors import ConfigError

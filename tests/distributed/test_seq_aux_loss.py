@@ -43,8 +43,10 @@ def _grads(folder, tp, per_row_packs):
         if per_row_packs == "pack":
             micro = [pack(batch, rows, multiple=2 * tp)]
         elif per_row_packs == "pack_wide":  # the pack as megatron would see it: one sequence
+            import r1mega.trainer.forward_backward as fb
+
             micro = [pack(batch, rows, multiple=2 * tp)]
-            micro[0].row_index = None
+            fb._pack_rows = lambda m: None
         else:
             micro = [collate(batch, [r], multiple=tp) for r in rows]
 

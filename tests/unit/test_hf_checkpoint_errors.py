@@ -145,6 +145,10 @@ def test_export_refuses_routing_the_family_would_not_reproduce(tmp_path):
     cfg.moe.score_function = "softmax"
     with pytest.raises(UnsupportedModelError, match="score_function=sigmoid"):
         hf_config_from_model(cfg)
+    cfg = model_config_from_hf(tmp_path)
+    cfg.moe.group_topk = None  # megatron then routes over every group; HF's router would limit them
+    with pytest.raises(UnsupportedModelError, match="set both"):
+        hf_config_from_model(cfg)
 
 
 def _carried_source(folder, num_layers=2):

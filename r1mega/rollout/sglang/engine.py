@@ -76,11 +76,11 @@ def parse_outputs(outputs: List[dict], url: str) -> Tuple[List[List[int]], List[
     return ids, logprobs, reasons
 
 
-def routed_experts(outputs: List[dict], prompts: List[List[int]], url: str, layers: List[int],
+def routed_experts(outputs: List[dict], prompts: List[List[int]], url: str, num_layers: int, layers: List[int],
                    topk: int) -> List[torch.Tensor]:
     """Each output's routing [len - 1, M, k] (int16) from meta_info routed_experts: SGLang 0.5.23 sends
     base64 of int32 [prompt + output - 1, num_hidden_layers, k] (state_capturer/routed_experts.py), dense
-    layers 0; `layers` are the MoE layers' indices."""
+    layers 0; `layers` are the MoE layers' indices among the num_layers."""
     out = []
     for o, prompt in zip(outputs, prompts):
         encoded = o["meta_info"].get("routed_experts")
@@ -92,13 +92,10 @@ def routed_experts(outputs: List[dict], prompts: List[List[int]], url: str, laye
             raw = base64.b64decode(encoded)
         except ValueError as err:
             raise SGLangError(f"{url}/generate: routed_experts is not base64 ({err})") from None
-        if positions < 1 or len(raw) % (4 * positions * topk):
+        if positions < 1 or len(raw) != 4 * positions * num_layers * topk:
             raise SGLangError(f"{url}/generate: routed_experts of {len(raw)} bytes is not int32 [{positions} "
-                              f"positions, layers, {topk}]")
-        experts = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(positions, -1, topk)
-        if experts.shape[1] <= max(layers):
-            raise SGLangError(f"{url}/generate: routed_experts for {experts.shape[1]} layers, the model's MoE layers "
-                              f"go up to {max(layers)}")
+                              f"positions, {num_layers} layers, {topk}]")
+        experts = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(positions, num_layers, topk)
         out.append(experts[:, layers].to(torch.int16))
     return out
 
@@ -178,6 +175,7 @@ class SGLangEngine:
         # MoE routing replay (algorithm.routing_replay=rollout): each row carries its routing, for the MoE
         # layers `routing_layers` (0-based decoder layers) of top-k `routing_topk`
         self.record_routing = False
+        self.routing_num_layers = 0
         self.routing_layers: List[int] = []
         self.routing_topk = 0
 
@@ -241,7 +239,8 @@ class SGLangEngine:
         routing = []
         if self.record_routing:
             for o, (c, rows, _) in zip(outputs, parts):
-                routing += routed_experts(o, rows, c.url, self.routing_layers, self.routing_topk)
+                routing += routed_experts(o, rows, c.url, self.routing_num_layers, self.routing_layers,
+                                          self.routing_topk)
         return (*(sum((r[k] for r in results), []) for k in range(3)), routing)
 
     # -- memory ----------------------------------------------------------------------------

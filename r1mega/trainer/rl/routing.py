@@ -34,6 +34,7 @@ def enable(cfg, chunks, engine) -> None:
         config = chunks[0].config
         engine.record_routing = True
         # SGLang returns every decoder layer's experts (dense ones 0): the engine keeps the MoE layers'
+        engine.routing_num_layers = config.num_layers
         engine.routing_layers = [n - 1 for n in moe_layer_numbers(config)]
         engine.routing_topk = config.moe_router_topk
 
