@@ -109,7 +109,7 @@ def model_config_from_hf(path: str | Path, name: str | None = None) -> ModelConf
         if missing:
             raise UnsupportedModelError(f"{where}: {HF_ARCH[arch]} config without {', '.join(missing)}")
         cfg.mla = _mla(hf, where)
-        cfg.moe = _deepseek_moe(hf, where) if arch == "deepseek_v3" else _deepseek_v2_moe(hf, where)
+        cfg.moe = _deepseek_moe(hf, where, arch)
     return cfg
 
 
@@ -168,16 +168,39 @@ def _yarn(hf: Dict[str, Any], scaling: Dict[str, Any], where: str) -> YarnConfig
                       beta_slow=float(scaling.get("beta_slow") or 1.0), mscale=m, mscale_all_dim=m_all)
 
 
-def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
-    """DeepSeek-V3's MoE: sigmoid routing with an expert bias (aux-loss-free), limited to the best groups,
-    shared experts, the first layers dense; None when every layer is dense."""
+# what the family's router reads (transformers' DeepseekV3TopkRouter, DeepseekV2TopkRouter); megatron routes so
+_DEEPSEEK_ROUTER = {
+    "deepseek_v3": (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("norm_topk_prob", True),
+                    ("moe_layer_freq", 1)),
+    "deepseek_v2": (("scoring_func", "softmax"), ("norm_topk_prob", False), ("moe_layer_freq", 1)),
+}
+
+
+def _deepseek_moe(hf: Dict[str, Any], where: str, arch: str) -> MoEConfig | None:
+    """DeepSeekMoE: routed experts (routing by family) and shared experts after the first, dense, layers;
+    None when every layer is dense."""
     first_dense = int(hf.get("first_k_dense_replace") or 0)
     if first_dense >= hf["num_hidden_layers"]:
         return None
-    for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("norm_topk_prob", True),
-                          ("moe_layer_freq", 1)):
+    for key, expected in _DEEPSEEK_ROUTER[arch]:
         if key in hf and hf[key] != expected:
             raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r})")
+    shared = int(hf.get("n_shared_experts") or 0)
+    routing = _v3_routing(hf, where) if arch == "deepseek_v3" else _v2_routing(hf, where)
+    return MoEConfig(
+        num_experts=hf["n_routed_experts"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        router_topk=hf["num_experts_per_tok"],
+        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * shared if shared else None,
+        topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        first_k_dense=first_dense,
+        **routing,
+    )
+
+
+def _v3_routing(hf: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """DeepSeek-V3: sigmoid scores with an expert bias (aux-loss-free balancing), the top k of the best
+    groups, renormalised."""
     groups, best, topk = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1), hf["num_experts_per_tok"]
     if topk == 1:  # DeepSeek renormalises one weight to 1; megatron-core renormalises only top-k > 1
         raise UnsupportedModelError(f"{where}: num_experts_per_tok=1 is not supported (megatron keeps the sigmoid "
@@ -187,32 +210,13 @@ def _deepseek_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
         raise UnsupportedModelError(f"{where}: num_experts_per_tok={topk} with topk_group={best} of n_group={groups} "
                                     "is not supported (megatron ranks groups by their top num_experts_per_tok / "
                                     "topk_group experts, DeepSeek by their top 2)")
-    shared = int(hf.get("n_shared_experts") or 0)
-    return MoEConfig(
-        num_experts=hf.get("n_routed_experts") or hf["num_local_experts"],
-        ffn_hidden_size=hf["moe_intermediate_size"],
-        router_topk=hf["num_experts_per_tok"],
-        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * shared if shared else None,
-        score_function="sigmoid",
-        expert_bias=True,
-        topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        num_groups=hf.get("n_group"),
-        group_topk=hf.get("topk_group"),
-        first_k_dense=first_dense,
-    )
+    return dict(score_function="sigmoid", expert_bias=True, num_groups=hf.get("n_group"),
+                group_topk=hf.get("topk_group"))
 
 
-def _deepseek_v2_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
-    """DeepSeek-V2's MoE (transformers' DeepseekV2TopkRouter): softmax over all experts, the top k taken
-    without renormalising and scaled by routed_scaling_factor; `greedy` over all experts (V2-Lite) or
-    `group_limited_greedy` over the best topk_group groups; shared experts, the first layers dense."""
-    first_dense = int(hf.get("first_k_dense_replace") or 0)
-    if first_dense >= hf["num_hidden_layers"]:
-        return None
-    for key, expected in (("scoring_func", "softmax"), ("norm_topk_prob", False), ("moe_layer_freq", 1)):
-        if key in hf and hf[key] != expected:
-            raise UnsupportedModelError(f"{where}: {key}={hf[key]!r} is not supported ({expected!r}; transformers' "
-                                        "DeepSeek-V2 reads no other)")
+def _v2_routing(hf: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """DeepSeek-V2: softmax over all experts, the top k taken without renormalising; `greedy` over all
+    experts (V2-Lite) or `group_limited_greedy` over the best topk_group groups."""
     method, topk = hf["topk_method"], hf["num_experts_per_tok"]
     groups = best = None
     if method == "group_limited_greedy":
@@ -225,19 +229,9 @@ def _deepseek_v2_moe(hf: Dict[str, Any], where: str) -> MoEConfig | None:
     elif method != "greedy":
         raise UnsupportedModelError(f"{where}: topk_method={method!r} is not supported for DeepSeek-V2 "
                                     "(greedy, group_limited_greedy)")
-    shared = int(hf.get("n_shared_experts") or 0)
-    return MoEConfig(
-        num_experts=hf["n_routed_experts"],
-        ffn_hidden_size=hf["moe_intermediate_size"],
-        router_topk=topk,
-        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * shared if shared else None,
-        score_function="softmax",
-        pre_softmax=True,
-        topk_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        num_groups=groups if groups and best < groups else None,
-        group_topk=best if groups and best < groups else None,
-        first_k_dense=first_dense,
-    )
+    limited = groups is not None and best < groups
+    return dict(score_function="softmax", pre_softmax=True, num_groups=groups if limited else None,
+                group_topk=best if limited else None)
 
 
 def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:

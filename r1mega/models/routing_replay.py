@@ -54,6 +54,12 @@ class Replay(RouterReplay):
         return super().get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)
 
 
+def unrouted(positions: int, layers: int, topk: int) -> torch.Tensor:
+    """[positions, layers, topk] int16 of experts 0..k-1: the routing of positions (padding) or layers
+    (another pipeline stage's) that no router here reads."""
+    return torch.arange(topk, dtype=torch.int16).expand(positions, layers, topk).clone()
+
+
 def moe_layer_numbers(config) -> List[int]:
     """1-based numbers of the decoder layers with a router (megatron TransformerConfig), in order;
     routing tensors index them 0..M-1."""

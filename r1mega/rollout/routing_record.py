@@ -14,6 +14,8 @@ from typing import Dict, List
 
 import torch
 
+from r1mega.models.routing_replay import unrouted
+
 
 class RoutingRecord:
     """The routing of one decoding batch: prompts in the engine's (sorted) order, rows = prompt x n."""
@@ -23,15 +25,13 @@ class RoutingRecord:
         self.prompts: List[torch.Tensor] = [torch.empty(0)] * num_prompts
         self.responses: List[List[torch.Tensor]] = []
 
-    def _blank(self, positions: int) -> torch.Tensor:
-        return torch.arange(self.topk, dtype=torch.int16).expand(positions, self.moe_layers, self.topk).clone()
-
     def prefill(self, first: int, lengths: List[int], recorded: Dict[int, torch.Tensor]) -> None:
-        """Prompts first, first + 1, ... right-aligned in a bucket forward: recorded[layer] = [rows, width, k]."""
+        """Prompts first, first + 1, ... right-aligned in a bucket forward: recorded[layer] = [rows, width, k]
+        (int16 on the host, as routing_replay.recording gives them)."""
         for i, n in enumerate(lengths):
-            out = self._blank(n)
+            out = unrouted(n, self.moe_layers, self.topk)
             for layer, experts in recorded.items():
-                out[:, layer] = experts[i, experts.shape[1] - n:].to(torch.int16).cpu()
+                out[:, layer] = experts[i, experts.shape[1] - n:]
             self.prompts[first + i] = out
 
     def start_rows(self, n: int) -> None:
@@ -42,9 +42,9 @@ class RoutingRecord:
     def decode(self, rows: List[int], fed: List[bool], recorded: Dict[int, torch.Tensor]) -> None:
         """One token fed to each cache row (original row numbers `rows`); kept where `fed` (a row still
         running; finished rows' tokens are filler). recorded[layer] = [rows, 1, k]."""
-        step = self._blank(len(rows))
+        step = unrouted(len(rows), self.moe_layers, self.topk)
         for layer, experts in recorded.items():
-            step[:, layer] = experts[:, 0].to(torch.int16).cpu()
+            step[:, layer] = experts[:, 0]
         for j, (row, keep) in enumerate(zip(rows, fed)):
             if keep:
                 self.responses[row].append(step[j])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sglang_standin import checkpoint_view
+
 from r1mega.config.schema import ParallelConfig
 from r1mega.platform.launch import spawn
 
@@ -122,20 +124,6 @@ def _replayed_on_ranks(folder, tokens, routing, weights, tp):
         destroy()
 
 
-def _hf_grad(name: str, grads: dict) -> torch.Tensor:
-    """The reference gradient of checkpoint tensor `name` (transformers holds experts fused in memory)."""
-    import re
-
-    expert = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
-    if expert is None:
-        return grads[name]
-    prefix, e, part = expert.group(1), int(expert.group(2)), expert.group(3)
-    if part == "down":
-        return grads[prefix + ".down_proj"][e]
-    gate, up = grads[prefix + ".gate_up_proj"][e].chunk(2, dim=0)
-    return gate if part == "gate" else up
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_replayed_routing_equals_hand_routed_reference(tmp_path, tp):
     model = _hf_model()
@@ -152,7 +140,7 @@ def test_replayed_routing_equals_hand_routed_reference(tmp_path, tp):
     for name, grad in grads.items():
         if name.endswith("e_score_correction_bias"):  # a buffer
             continue
-        ref = _hf_grad(name, ref_grads)
+        ref = checkpoint_view(ref_grads, name)  # transformers holds experts fused in memory
         assert torch.allclose(grad, ref, rtol=1e-4, atol=1e-6), f"{name}: {(grad - ref).abs().max():.2e}"
     # every router used the crafted experts: on each rank, its slice of the pack (real tokens first)
     pack_routing = torch.cat(routing)  # [real positions, M, K]

@@ -59,9 +59,12 @@ def test_engine_records_what_the_trainer_routes(tmp_path, layout):
         assert any(len(set(r[:, 0].flatten().tolist())) > 2 for r in engine)  # the routers do route
 
 
-def test_rollout_replay_trains_on_the_sampled_routing(tmp_path):
-    """R3: every token of the log-prob pass and the update takes the experts it was sampled with."""
-    metrics = spawn(1, run, [*MOE, "algorithm.routing_replay=rollout", "trainer.steps=2"], str(tmp_path), 1)[0]
+@pytest.mark.parametrize("pack", ["true", "false"])
+def test_rollout_replay_trains_on_the_sampled_routing(tmp_path, pack):
+    """R3: every token of the log-prob pass and the update takes the experts it was sampled with, in THD packs
+    and in right-padded rows alike (a misplaced layout would route tokens otherwise)."""
+    metrics = spawn(1, run, [*MOE, "algorithm.routing_replay=rollout", "trainer.steps=2", f"trainer.pack={pack}"],
+                    str(tmp_path), 1)[0]
     for m in metrics:
         assert m["routing/replay_mismatch_share"] == 0.0 and abs(m["logprob_gap"]) < 1e-5
 

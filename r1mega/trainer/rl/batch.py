@@ -41,6 +41,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.balance import balanced_parts, token_bins
 from r1mega.data.packing import split_rows, thd_params
 from r1mega.models.context_parallel import local_positions
+from r1mega.models.routing_replay import unrouted
 from r1mega.platform.distributed import dp_all_gather, dp_max
 from r1mega.platform.fp8 import sequence_multiple
 from r1mega.rollout.types import Rollouts
@@ -185,18 +186,12 @@ def _per_token_fields(batch: StepBatch) -> Dict[str, List[torch.Tensor]]:
     return {k: v for k, v in fields_.items() if v is not None}
 
 
-def _routing_layout(batch: StepBatch, rows: List[int], lengths: List[int]) -> Optional[torch.Tensor]:
-    """[rows, max(lengths), M, k] of the rows' routing, each row from position 0, padding experts 0..k-1."""
-    if batch.routing is None:
-        return None
-    _, m, k = batch.routing[rows[0]].shape
-    out = torch.arange(k, dtype=batch.routing[rows[0]].dtype).expand(len(rows), max(lengths), m, k).clone()
-    for j, i in enumerate(rows):
-        n = len(batch.tokens[i]) - 1
-        if batch.routing[i].shape[0] != n:
-            raise ValueError(f"row {i}: routing for {batch.routing[i].shape[0]} positions, the row has {n}")
-        out[j, :n] = batch.routing[i]
-    return out
+def _padded_routing(batch: StepBatch, i: int, width: int) -> torch.Tensor:
+    """Row i's routing [width, M, k]: its input positions', then padding's (experts 0..k-1)."""
+    routing, n = batch.routing[i], len(batch.tokens[i]) - 1
+    if routing.shape[0] != n:
+        raise ValueError(f"row {i}: routing for {routing.shape[0]} positions, the row has {n}")
+    return torch.cat([routing, unrouted(width - n, *routing.shape[1:])])
 
 
 def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
@@ -222,7 +217,8 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     window = {k: v[:, start:] for k, v in padded.items()}
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
                       window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad,
-                      routing=_routing_layout(batch, rows, [width] * len(rows)))
+                      routing=torch.stack([_padded_routing(batch, i, width) for i in rows])
+                      if batch.routing is not None else None)
 
 
 def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
@@ -262,11 +258,11 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         cu.append(cu[-1] + pad)
         real.append(real[-1] + pad)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    routing = _routing_layout(batch, rows, lengths[:len(rows)])
-    if routing is not None:  # each row's span, then the padding segment's (experts 0..k-1)
-        parts = [routing[j, :n] for j, n in enumerate(lengths[:len(rows)])]
+    routing = None
+    if batch.routing is not None:  # each row's span, then the padding segment's
+        parts = [_padded_routing(batch, i, span) for i, span in zip(rows, lengths)]
         if pad:
-            parts.append(torch.arange(routing.size(-1), dtype=routing.dtype).expand(pad, *routing.shape[2:]))
+            parts.append(unrouted(pad, *parts[0].shape[1:]))
         routing = torch.cat(parts).unsqueeze(0)
     micro = MicroBatch(
         rows, torch.cat(tokens).unsqueeze(0), torch.cat(targets).unsqueeze(0), mask, batch.advantages[rows],

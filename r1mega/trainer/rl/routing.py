@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.utils import unwrap_model
 
-from r1mega.models.routing_replay import install, mismatch_counts, moe_layer_numbers, recording
+from r1mega.models.routing_replay import install, mismatch_counts, moe_layer_numbers, recording, unrouted
 from r1mega.platform.distributed import current_device
 from r1mega.trainer.forward_backward import forward_step
 
@@ -60,9 +60,9 @@ def rows_from_recorded(micro, recorded: Dict[int, torch.Tensor], config) -> List
     m, k = len(moe_layer_numbers(config)), config.moe_router_topk
     out = []
     for j, start, n in micro.input_spans():
-        row = torch.arange(k, dtype=torch.int16).expand(n, m, k).clone()
-        for layer, experts in recorded.items():
-            row[:, layer] = experts[j, start:start + n].to(torch.int16).cpu()
+        row = unrouted(n, m, k)
+        for layer, experts in recorded.items():  # int16 on the host already (routing_replay.recording)
+            row[:, layer] = experts[j, start:start + n]
         out.append(row)
     return out
 
