@@ -249,11 +249,15 @@ def _qwen3_moe(hf: Dict[str, Any], where: str) -> MoEConfig:
     )
 
 
-def hf_config_from_model(cfg: ModelConfig, mtp_layers: int = 0) -> Dict[str, Any]:
-    """config.json content for exporting `cfg` in HF format, with `mtp_layers` multi-token-prediction
-    layers carried past the decoder (DeepSeek)."""
+def hf_config_from_model(cfg: ModelConfig, carried_layers: int = 0) -> Dict[str, Any]:
+    """config.json content for exporting `cfg` in HF format: its multi-token-prediction layers (model.mtp)
+    and `carried_layers` more carried past them (DeepSeek-V3) count in num_nextn_predict_layers."""
     if cfg.arch not in HF_ARCH:
         raise UnsupportedModelError(f"model.arch={cfg.arch} has no HF export (supported: {sorted(HF_ARCH)})")
+    if cfg.mtp is not None and cfg.arch != "deepseek_v3":
+        raise UnsupportedModelError(f"model.mtp: multi-token-prediction layers have an HF layout in deepseek_v3 "
+                                    f"checkpoints only, not model.arch={cfg.arch}")
+    mtp_layers = (cfg.mtp.num_layers if cfg.mtp is not None else 0) + carried_layers
     hf: Dict[str, Any] = {
         "architectures": [HF_ARCH[cfg.arch]],
         "model_type": MODEL_TYPE[cfg.arch],

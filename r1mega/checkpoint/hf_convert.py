@@ -20,7 +20,7 @@ from r1mega.checkpoint.hf_carried import layer_count, layers_past, write_carried
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_files import carry_with_tokenizer, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
-from r1mega.checkpoint.hf_mapping import Rule, rule_for
+from r1mega.checkpoint.hf_mapping import MTP_SHARED_COPIES, Rule, mtp_layers, rule_for
 from r1mega.checkpoint.staging import expert_biases, staging_dir, unwrap
 from r1mega.platform.atomic import publish
 from r1mega.platform.distributed import barrier, rank
@@ -30,9 +30,10 @@ from r1mega.data.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule]]:
-    """(name, parameter, rule) for every parameter (and routers' expert-bias buffer) of this rank, in a
-    rank-independent order."""
+def _named_params(chunks: List[torch.nn.Module],
+                  model: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, Rule, torch.nn.Module]]:
+    """(name, parameter, rule, its chunk) for every parameter (and routers' expert-bias buffer) of this
+    rank, in a rank-independent order."""
     num_local = 0
     if model.moe is not None:
         num_local = model.moe.num_experts // ps.get_expert_model_parallel_world_size()
@@ -43,7 +44,7 @@ def _named_params(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterator
             if name.startswith("decoder.layers."):
                 local = int(name.split(".")[2])
                 layer_number = chunk.decoder.layers[local].layer_number
-            yield name, param, rule_for(name, layer_number, expert_offset, model)
+            yield name, param, rule_for(name, layer_number, expert_offset, model), chunk
 
 
 def _tp(rule: Rule) -> Tuple[int, int, object]:
@@ -69,7 +70,9 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
     if isinstance(reader, HFReader):
         _note_carried_layers(reader, model)
     with reader, torch.no_grad():
-        for name, param, rule in _named_params(chunks, model):
+        if isinstance(reader, HFReader) and any(getattr(unwrap(c), "mtp_process", False) for c in chunks):
+            _check_mtp_shares(reader, model)
+        for name, param, rule, _ in _named_params(chunks, model):
             shard = _read_shard(reader, param, rule, model)
             if tuple(shard.shape) != tuple(param.shape):
                 raise CheckpointError(
@@ -80,11 +83,28 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
 
 
 def _note_carried_layers(reader: HFReader, model: ModelConfig) -> None:
-    """Layers past the decoder's (DeepSeek-V3's multi-token prediction) are not trained: say where they go."""
-    past = layers_past(reader.files, model.num_layers)
+    """Layers past the decoder's and the model's MTP layers (DeepSeek-V3's multi-token prediction) are not
+    trained: say where they go."""
+    first = model.num_layers + mtp_layers(model)
+    past = layers_past(reader.files, first)
     if past and rank() == 0:
-        log.info("%s: %d layer(s) past the model's %d decoder layers (multi-token prediction) are not trained; "
-                 "exports carry them unchanged", reader.path, layer_count(past), model.num_layers)
+        log.info("%s: %d layer(s) past the model's %d decoder and %d multi-token-prediction layers are not "
+                 "trained; exports carry them unchanged (set model.mtp to train them)", reader.path,
+                 layer_count(past), model.num_layers, mtp_layers(model))
+
+
+def _check_mtp_shares(reader: HFReader, model: ModelConfig) -> None:
+    """megatron's MTP layers share the model's embedding and output layer; an HF checkpoint repeats them in
+    each MTP layer. Refuse copies that differ: loading would silently drop them."""
+    for depth in range(mtp_layers(model)):
+        prefix = f"model.layers.{model.num_layers + depth}."
+        for own, main in MTP_SHARED_COPIES.items():
+            if main == "lm_head.weight" and model.tie_word_embeddings:
+                main = "model.embed_tokens.weight"
+            if prefix + own in reader and not torch.equal(reader.read(prefix + own), reader.read(main)):
+                raise CheckpointError(f"{reader.path}: {prefix + own} differs from {main}; r1mega's multi-token "
+                                      f"prediction (model.mtp) shares the model's, so it cannot load these "
+                                      f"(unset model.mtp to carry the layer unchanged)")
 
 
 def _read_shard(reader: HFReader, param: torch.Tensor, rule: Rule, model: ModelConfig) -> torch.Tensor:
@@ -148,13 +168,30 @@ def hf_tensors_by_param(chunks: List[torch.nn.Module],
     writer_dense = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(
         with_context_parallel=True) == 0
     writer_expert = ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
-    for name, param, rule in _named_params(chunks, model):
+    for name, param, rule, chunk in _named_params(chunks, model):
         if name == "output_layer.weight" and model.tie_word_embeddings:
             yield [], False
             continue
         full = _gather(param, rule)
         writes = writer_expert if rule.is_expert else writer_dense
-        yield list(zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1]))), writes
+        tensors = list(zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1])))
+        if name == "embedding.word_embeddings.weight" and not chunk.pre_process:
+            tensors = []  # the MTP stage's copy of the first stage's embedding
+        if getattr(chunk, "mtp_process", False):
+            tensors += _mtp_copies(name, full, model)
+        yield tensors, writes
+
+
+def _mtp_copies(name: str, full: torch.Tensor, model: ModelConfig) -> List[Tuple[str, torch.Tensor]]:
+    """The copies of the embedding and output layer that an HF checkpoint keeps in each MTP layer."""
+    copies = []
+    if name == "embedding.word_embeddings.weight":
+        copies = ["embed_tokens.weight"] + (["shared_head.head.weight"] if model.tie_word_embeddings else [])
+    elif name == "output_layer.weight":
+        copies = ["shared_head.head.weight"]
+    # clones: safetensors refuses tensors that share memory in one file
+    return [(f"model.layers.{model.num_layers + d}.{c}", full.clone()) for d in range(mtp_layers(model))
+            for c in copies]
 
 
 def _gather(param: torch.Tensor, rule: Rule) -> torch.Tensor:
@@ -215,7 +252,7 @@ def save_hf(chunks: List[torch.nn.Module], model: ModelConfig, out_dir: str | Pa
     carried_layers = 0
     if rank() == 0:  # the layers past the decoder, from the weights' origin (hf_carried)
         carried, size, carried_layers = write_carried(carry_from[0] if carry_from else None, tmp, model.num_layers,
-                                                      "model-carried")
+                                                      "model-carried", mtp_layers(model))
         writer.weight_map.update(carried)
         total += size
     maps = [(writer.weight_map, total)]

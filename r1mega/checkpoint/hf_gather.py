@@ -11,7 +11,7 @@ tensors there alone instead of to the world.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,11 @@ class Plan:
         return [e for stage in self.stages for param in stage for e in param]
 
 
-def make_plan(chunks: List[torch.nn.Module], model: ModelConfig) -> Plan:
-    """What every rank writes, gathered once (runs the tensor-parallel gathers; collective)."""
+def make_plan(chunks: List[torch.nn.Module], model: ModelConfig, keep: Optional[Callable[[str], bool]] = None) -> Plan:
+    """What every rank writes, gathered once (runs the tensor-parallel gathers; collective); only the
+    HF tensors `keep` accepts, when given."""
     rank = dist.get_rank()
-    mine = [[Entry(n, tuple(t.shape), t.dtype, rank) for n, t in tensors] if writes else []
+    mine = [[Entry(n, tuple(t.shape), t.dtype, rank) for n, t in tensors if keep is None or keep(n)] if writes else []
             for tensors, writes in hf_tensors_by_param(chunks, model)]
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, (ps.get_pipeline_model_parallel_rank(), mine))

@@ -72,7 +72,21 @@ _GLOBAL_RULES = {
     "output_layer.weight": ("plain", ["lm_head.weight"]),
 }
 
+# a multi-token-prediction layer (DeepSeek-V3's, HF layer num_hidden_layers + d): its own norms and
+# projection, around a decoder layer (megatron-core 0.16 names it transformer_layer, 0.17+ mtp_model_layer);
+# it shares the model's embedding and output layer, which HF checkpoints repeat in each MTP layer
+_MTP_OWN_RULES = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "final_layernorm.weight": "shared_head.norm.weight",
+}
+_MTP_INNER = ("transformer_layer.", "mtp_model_layer.")
+MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_MTP_RE = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 _LOCAL_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 _GROUPED_EXPERT_RE = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
@@ -95,11 +109,39 @@ def rule_for(name: str, layer_number: Optional[int], expert_offset: int, model: 
         if name == "output_layer.weight" and model.tie_word_embeddings:
             hf = ["model.embed_tokens.weight"]
         return Rule(layout, hf)
+    mtp = _MTP_RE.match(name)
+    if mtp is not None:
+        return _mtp_rule(name, int(mtp.group(1)), mtp.group(2), expert_offset, model)
     match = _LAYER_RE.match(name)
     if match is None or layer_number is None:
         raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
-    rest = _TE_ALIASES.get(match.group(2), match.group(2))
-    prefix = f"model.layers.{layer_number - 1}."
+    return _layer_rule(name, match.group(2), f"model.layers.{layer_number - 1}.", expert_offset, model)
+
+
+def mtp_layers(model: ModelConfig) -> int:
+    """Multi-token-prediction layers the model holds (HF layers num_layers .. num_layers + this - 1)."""
+    return model.mtp.num_layers if model.mtp is not None else 0
+
+
+def decoder_tensor(hf_name: str, model: ModelConfig) -> bool:
+    """Is HF tensor `hf_name` not one of the MTP layers' (what an engine decoding without them needs)?"""
+    match = _HF_LAYER_RE.match(hf_name)
+    return match is None or int(match.group(1)) < model.num_layers
+
+
+def _mtp_rule(name: str, depth: int, rest: str, expert_offset: int, model: ModelConfig) -> Rule:
+    prefix = f"model.layers.{model.num_layers + depth}."
+    if rest in _MTP_OWN_RULES:
+        return Rule("plain", [prefix + _MTP_OWN_RULES[rest]])
+    for inner in _MTP_INNER:
+        if rest.startswith(inner):
+            return _layer_rule(name, rest[len(inner):], prefix, expert_offset, model)
+    raise KeyError(f"megatron parameter {name!r} has no HF counterpart")
+
+
+def _layer_rule(name: str, rest: str, prefix: str, expert_offset: int, model: ModelConfig) -> Rule:
+    """The rule of a decoder layer's parameter `rest`, the layer's HF names starting with `prefix`."""
+    rest = _TE_ALIASES.get(rest, rest)
     if model.mla is not None:  # DeepSeek-V2 and V3
         rest = _MLA_TE_ALIASES.get(rest, rest)
         own = _MLA_RULES.get(rest) or _DEEPSEEK_SHARED_RULES.get(rest)

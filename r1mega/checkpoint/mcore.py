@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from r1mega.checkpoint.hf_carried import save_carried
+from r1mega.checkpoint.hf_mapping import mtp_layers
 from r1mega.checkpoint.hf_files import carry_with_tokenizer
 from r1mega.checkpoint.hf_io import CheckpointError
 from r1mega.checkpoint.staging import error_line, staging_dir, unwrap
@@ -48,7 +49,7 @@ def save_model(chunks: List[torch.nn.Module], model: ModelConfig, folder: str | 
     if rank() == 0:
         (tmp / MODEL_YAML).write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
         carry_with_tokenizer(carry_from, tmp, tokenizer)
-        save_carried(carry_from[0] if carry_from else None, tmp, model.num_layers)
+        save_carried(carry_from[0] if carry_from else None, tmp, model.num_layers, mtp_layers(model))
         publish(tmp, final)
     barrier()
 
@@ -71,6 +72,7 @@ MOE_SHAPE_KEYS = ("num_experts", "ffn_hidden_size", "shared_expert_ffn_hidden_si
 def _shape(model: ModelConfig) -> dict:
     out = {k: getattr(model, k) for k in SHAPE_KEYS}
     out["moe"] = None if model.moe is None else {k: getattr(model.moe, k) for k in MOE_SHAPE_KEYS}
+    out["mtp.num_layers"] = mtp_layers(model)
     return out
 
 

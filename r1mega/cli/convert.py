@@ -2,6 +2,9 @@
 
     r1mega-convert hf-to-mcore src=/ckpt/Qwen3-8B dst=/ckpt/qwen3-8b-mcore parallel.tp=2 parallel.nproc=2
     r1mega-convert mcore-to-hf src=/ckpt/qwen3-8b-mcore dst=/ckpt/Qwen3-8B-export
+
+A DeepSeek-V3 checkpoint's multi-token-prediction layers are carried unchanged, or with `mtp=true`
+loaded into megatron's MTP block (model.mtp), as training would.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from r1mega.checkpoint.hf_config import model_config_from_hf
+from r1mega.checkpoint.hf_config import model_config_from_hf, read_hf_config
 from r1mega.checkpoint.hf_convert import load_hf_weights, save_hf
 from r1mega.checkpoint.mcore import load_model, read_model_config, save_model
 from r1mega.cli.exit import fail
 from r1mega.config.loader import compose_config, to_config
-from r1mega.config.schema import ModelConfig, ParallelConfig
+from r1mega.config.schema import ModelConfig, MTPConfig, ParallelConfig
 from r1mega.config.validate import ConfigError, check_layout, check_model
 from r1mega.models.builder import build_model
 from r1mega.platform.distributed import running
@@ -32,11 +35,21 @@ class ConvertConfig:
     dst: str = "???"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
+    mtp: bool = False  # hf-to-mcore: the checkpoint's MTP layers into megatron's MTP block
 
 
 def source_model(direction: str, cfg: ConvertConfig, world_size: int) -> ModelConfig:
     """The model config of the source checkpoint, checked against the layout before any rank starts."""
-    model = model_config_from_hf(cfg.src) if direction == "hf-to-mcore" else read_model_config(cfg.src)
+    if direction == "hf-to-mcore":
+        model = model_config_from_hf(cfg.src)
+        if cfg.mtp:
+            layers = read_hf_config(cfg.src).get("num_nextn_predict_layers") or 0
+            if not layers:
+                raise ConfigError(f"mtp=true: {cfg.src} has no multi-token-prediction layers "
+                                  f"(num_nextn_predict_layers: {layers})")
+            model.mtp = MTPConfig(num_layers=layers)
+    else:
+        model = read_model_config(cfg.src)
     check_model(model)
     check_layout(model, cfg.parallel, world_size)
     return model

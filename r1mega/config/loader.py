@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from dataclasses import is_dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -32,13 +35,80 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
     """The composed (not yet typed-out) config for these command-line overrides."""
     register()
     GlobalHydra.instance().clear()
+    # the run config's optional sections (other entry points' schemas have none)
+    hydra_overrides, later = _split_optional_sections(overrides) if config_name == "config" else (list(overrides), [])
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name=config_name, overrides=list(overrides))
+            cfg = compose(config_name=config_name, overrides=hydra_overrides)
     except Exception as e:  # Hydra raises several types for bad overrides and unknown keys
         raise ConfigError(_one_line(e)) from None
     finally:
         GlobalHydra.instance().clear()
+    for key, value in later:
+        try:
+            _set_in_optional_section(cfg, key, value)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}={value!r}: {_one_line(e)}") from None
+    return cfg
+
+
+def _split_optional_sections(overrides: Sequence[str]) -> Tuple[List[str], List[Tuple[str, Any]]]:
+    """(what Hydra applies, (key, value) r1mega applies after it). An optional section that is off
+    (model.moe, model.mtp, ...: None) cannot take a value through Hydra (OmegaConf merges into the None
+    node and fails), so `model.mtp.num_layers=1` or `model.mtp={num_layers: 1}` on a preset without MTP
+    goes to _set_in_optional_section, which switches the section on with its schema defaults first."""
+    parser = OverridesParser.create()
+    hydra_overrides, later = [], []
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:
+            hydra_overrides.append(text)  # Hydra reports the syntax error
+            continue
+        key = override.key_or_group
+        if override.type == OverrideType.CHANGE and override.package is None and _in_optional_section(key) \
+                and override.value() is not None:
+            later.append((key, override.value()))
+        else:
+            hydra_overrides.append(text)
+    return hydra_overrides, later
+
+
+def _in_optional_section(key: str) -> bool:
+    """Does `key` lie in, or name, an Optional[dataclass] field of the schema (with a dotted key below it)?"""
+    node: Any = R1Config
+    for part in key.split("."):
+        hints = get_type_hints(node) if is_dataclass(node) else {}
+        if part not in hints:
+            return False
+        if _optional_dataclass(hints[part]) is not None:
+            return True
+        node = hints[part]
+    return False
+
+
+def _optional_dataclass(hint) -> Optional[type]:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is Union and len(args) == 1 and is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _set_in_optional_section(cfg: DictConfig, key: str, value: Any) -> None:
+    """Switch on the optional sections `key` names or lies in (with their schema defaults), then set `key`."""
+    node: Any = R1Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hint = get_type_hints(node).get(part) if is_dataclass(node) else None
+        if hint is None:
+            break  # an unknown key: OmegaConf names it below
+        section = _optional_dataclass(hint)
+        if section is not None:
+            path = ".".join(parts[:i + 1])
+            if OmegaConf.select(cfg, path) is None:
+                OmegaConf.update(cfg, path, OmegaConf.structured(section), merge=False)
+        node = section or hint
+    OmegaConf.update(cfg, key, value, merge=True)
 
 
 def to_config(cfg: DictConfig) -> R1Config:

@@ -77,6 +77,18 @@ class MLAConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3): megatron-core's MTP block after the decoder. Each layer
+    predicts one token further ahead from the previous depth's hidden state and the next token's
+    embedding, sharing the embedding and output layer. Training adds its cross-entropy, scaled by
+    loss_scale / num_layers; in RL steps the decoder is detached from it, so the policy's gradient is
+    the RL objective's alone and only the MTP layers learn from the samples. Generation never runs it."""
+
+    num_layers: int = 1
+    loss_scale: float = 0.1  # megatron's mtp_loss_scaling_factor (DeepSeek-V3: 0.3 early, 0.1 later)
+
+
+@dataclass
 class FP8Config:
     format: Optional[Annotated[str, FP8Format]] = None  # None (off) | hybrid | e4m3
     recipe: Annotated[str, FP8Recipe] = "delayed"  # delayed | tensorwise | blockwise | mxfp8
@@ -108,6 +120,8 @@ class ModelConfig:
     attention_backend: Annotated[str, AttentionBackend] = "auto"  # auto | te | flash | sdpa
     moe: Optional[MoEConfig] = None
     mla: Optional[MLAConfig] = None
+    # None: no MTP layers; an HF checkpoint's (layers numbered num_layers and up) are carried unchanged
+    mtp: Optional[MTPConfig] = None
     fp8: FP8Config = field(default_factory=FP8Config)
     hf_path: Optional[str] = None  # local HF checkpoint to load (r1mega-convert or training)
     mcore_path: Optional[str] = None  # r1mega model checkpoint (megatron dist format) to start from

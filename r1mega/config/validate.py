@@ -77,6 +77,10 @@ def check_model(m: ModelConfig) -> None:
                f"model.moe.router_topk={e.router_topk} must be in [1, model.moe.num_experts={e.num_experts}]")
         _check(0 <= e.first_k_dense < m.num_layers,
                f"model.moe.first_k_dense={e.first_k_dense} must be below model.num_layers={m.num_layers}")
+    if m.mtp is not None:
+        _check(m.mtp.num_layers >= 1,
+               f"model.mtp.num_layers={m.mtp.num_layers} must be >= 1 (model.mtp=null for none)")
+        _check(m.mtp.loss_scale >= 0, f"model.mtp.loss_scale={m.mtp.loss_scale} must be >= 0")
     _check(not m.fp8.param or m.fp8.format is not None, "model.fp8.param=true needs model.fp8.format (e4m3 or hybrid)")
     if m.fp8.format is not None:
         _check(m.dtype == "bf16", "model.fp8.format needs model.dtype=bf16")
@@ -131,6 +135,11 @@ def check_layout(m: ModelConfig, p: ParallelConfig, world_size: Optional[int] = 
         # SDPA's context parallelism gathers keys and values as one tensor, of one head dim
         _check(m.mla is None or m.attention_backend in ("auto", "te"),
                "model.mla (multi-latent attention) with parallel.cp > 1 runs on the te attention backend only")
+    if m.mtp is not None:
+        # the MTP layers shift each row's tokens by one; megatron does it across context-parallel ranks in
+        # its own split of a pack, and r1mega has not checked it against one rank there or with virtual stages
+        _check(p.cp == 1, "model.mtp (multi-token prediction) with parallel.cp > 1 is not supported")
+        _check(p.vpp is None, "model.mtp (multi-token prediction) with parallel.vpp is not supported")
     model_parallel = p.tp * p.pp * p.cp
     if world_size is not None:
         _check(

@@ -9,7 +9,7 @@ Padded rows are the unpacked reference: same samples, same targets, right paddin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -32,6 +32,10 @@ class SFTMicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return SFTMicroBatch(move(self.tokens), move(self.targets), move(self.mask), move(self.positions),
                              move(self.cu_seqlens), self.max_seqlen, move(self.pad))
+
+    def targets_by_position(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(next token, whether the loss reads it) at every input position, [b, L]."""
+        return self.targets, self.mask
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of GPTModel.forward for this micro-batch."""

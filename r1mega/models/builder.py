@@ -14,6 +14,7 @@ from packaging.version import Version
 
 from r1mega.config.schema import ModelConfig, ParallelConfig
 from r1mega.models import megatron_fixes
+from r1mega.models.mtp import MTPGPTModel, mtp_block_spec
 from r1mega.models.specs import decoder_block_spec, resolve_backend
 from r1mega.platform import installed
 
@@ -73,6 +74,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         kwargs["pipeline_model_parallel_layout"] = _pipeline_layout(parallel.pipeline_layout)
     if model.moe is not None:
         kwargs.update(_moe_kwargs(model))
+    if model.mtp is not None:
+        kwargs.update(mtp_num_layers=model.mtp.num_layers, mtp_loss_scaling_factor=model.mtp.loss_scale)
     if model.fp8.format is not None:
         kwargs.update(
             fp8=model.fp8.format,
@@ -161,9 +164,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
     chunks = []
     for vp_stage in range(vpp):
         vp = vp_stage if parallel.vpp else None
-        chunk = GPTModel(
+        spec = decoder_block_spec(config, backend, pp_rank=pp_rank, vp_stage=vp)
+        mtp_spec = None if model.mtp is None else mtp_block_spec(config, spec, backend, pp_rank, vp)
+        chunk = (GPTModel if model.mtp is None else MTPGPTModel)(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, backend, pp_rank=pp_rank, vp_stage=vp),
+            transformer_layer_spec=spec,
+            mtp_block_spec=mtp_spec,
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -214,7 +220,8 @@ def attention_weights(model: ModelConfig) -> int:
 
 
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:
-    """(total, active per token) parameters of the full model, from the config alone."""
+    """(total, active per token) parameters of the full model, from the config alone (MTP layers included:
+    each is a copy of the last decoder layer, two norms, a [2h -> h] projection and a final norm)."""
     h, L, V = model.hidden_size, model.num_layers, model.vocab_size
     head_dim = model.head_dim or h // model.num_attention_heads
     attn = attention_weights(model)
@@ -224,9 +231,12 @@ def parameter_counts(model: ModelConfig) -> tuple[int, int]:
         attn += 2 * head_dim
     norms = 2 * h
     embed = V * h * (1 if model.tie_word_embeddings else 2) + h
+    mtp = model.mtp.num_layers if model.mtp is not None else 0
+    mtp_own = 2 * h * h + 3 * h
     if model.moe is None:
-        dense = L * (attn + 3 * h * model.ffn_hidden_size + norms)
-        return embed + dense, embed + dense
+        layer = attn + 3 * h * model.ffn_hidden_size + norms
+        total = embed + L * layer + mtp * (layer + mtp_own)
+        return total, total
     e = model.moe
     k = e.first_k_dense
     dense_ffn = 3 * h * (e.dense_ffn_hidden_size or model.ffn_hidden_size)
@@ -236,8 +246,8 @@ def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     moe_layer_total = attn + norms + router + shared + e.num_experts * expert
     moe_layer_active = attn + norms + router + shared + e.router_topk * expert
     dense_layers = k * (attn + norms + dense_ffn)
-    total = embed + dense_layers + (L - k) * moe_layer_total
-    active = embed + dense_layers + (L - k) * moe_layer_active
+    total = embed + dense_layers + (L - k) * moe_layer_total + mtp * (moe_layer_total + mtp_own)
+    active = embed + dense_layers + (L - k) * moe_layer_active + mtp * (moe_layer_active + mtp_own)
     return total, active
 
 

@@ -80,7 +80,9 @@ class Worker:
         self.beat()
         tokenizer = load_tokenizer(spec.tokenizer_path)
         self.decode = tokenizer.decode
-        self.chunks = build_model(cfg.model, ParallelConfig())
+        # generation never runs multi-token prediction: the trainer sends the decoder's weights only
+        self.model = replace(cfg.model, mtp=None)
+        self.chunks = build_model(self.model, ParallelConfig())
         self.engine = native_engine(cfg, self.chunks, tokenizer)
         self.engine.recompute_after_update = cfg.rollout.asynchronous.partial_kv == "recompute"
         self.params = sampling_params(cfg)
@@ -95,7 +97,7 @@ class Worker:
         self.spec.heartbeat.value = time.monotonic()
 
     def load(self, version: int, tensors: dict) -> None:
-        load_hf_weights(self.chunks, self.cfg.model, tensors)
+        load_hf_weights(self.chunks, self.model, tensors)
         self.engine.version = version
 
     def between_tokens(self) -> bool:

@@ -3,8 +3,8 @@ optimizer step after them.
 
 Shared by the RL, SFT and pre-training steps. A micro-batch knows its model inputs
 (`model_inputs()`, and optionally `logits_window`: the first position any loss reads, or the
-positions it reads); a loss function turns (micro-batch, this rank's vocab slice of the logits)
-into (loss, report).
+positions it reads; `targets_by_position()` where the model has MTP layers); a loss function turns
+(micro-batch, this rank's vocab slice of the logits) into (loss, report).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.utils import get_model_config, unwrap_model
 
 from r1mega.models.logits_window import logits_from
+from r1mega.models.mtp import predicting_further, runs_mtp
 from r1mega.models.routing_replay import replaying, replays_here, router_order
 from r1mega.models.seq_aux_loss import rows_of
 
@@ -26,7 +27,10 @@ from r1mega.models.seq_aux_loss import rows_of
 def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = None):
     """The next micro-batch through `model`; `around(micro)`, when given, is a context the forward runs in."""
     micro = next(data_iterator).to(next(model.parameters()).device)
-    with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro), \
+    # a training forward trains the MTP layers where the loss reads (r1mega.models.mtp)
+    mtp = predicting_further(model, *micro.targets_by_position()) if runs_mtp(model) and torch.is_grad_enabled() \
+        else nullcontext()
+    with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro), mtp, \
             (around(micro) if around is not None else nullcontext()):
         logits = model(**_model_inputs(model, micro))
     return logits, partial(loss_fn, micro)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -28,6 +29,7 @@ from r1mega.data.corpus import TaskCorpus, corpus_tokens
 from r1mega.data.synthetic import SyntheticLM
 from r1mega.data.tasks import make_task
 from r1mega.models.builder import build_model
+from r1mega.models.mtp import mtp_metrics, predicting_further, runs_mtp
 from r1mega.platform.distributed import Runtime, current_device, reduce_last_stage, seed_everything
 from r1mega.trainer.forward_backward import train_step as forward_backward_step
 from r1mega.trainer.optimizer import build_optimizer, current_lr
@@ -122,7 +124,9 @@ def _forward_step(data_iterator, model):
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # Every pipeline stage reads the batch: the first for tokens, all for rotary positions,
     # the last for labels. Non-last stages return hidden states and ignore the loss function.
-    output = model(tokens, positions, attention_mask=None, labels=labels)
+    with predicting_further(model, labels, torch.ones_like(labels, dtype=torch.bool)) if runs_mtp(model) \
+            else nullcontext():  # every position trains the MTP layers too
+        output = model(tokens, positions, attention_mask=None, labels=labels)
     return output, _loss_func
 
 
@@ -153,4 +157,4 @@ def train_step(ddp_chunks: List[torch.nn.Module], optimizer, scheduler, micro_ba
         total += out["lm_loss"].double().cpu()
     total = reduce_last_stage(total)
     return {"loss": (total[0] / total[1].clamp(min=1)).item(), "grad_norm": grad_norm, "lr": lr,
-            "skipped": float(not update_ok)}
+            "skipped": float(not update_ok), **mtp_metrics(ddp_chunks)}

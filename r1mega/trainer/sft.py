@@ -23,6 +23,7 @@ from r1mega.data.conversations import SFTSample, load_conversations, tokenize_al
 from r1mega.data.packing import SFTMicroBatch, pack, pad_rows
 from r1mega.data.sampler import PromptSampler
 from r1mega.ops.logprobs import target_logprobs
+from r1mega.models.mtp import mtp_metrics
 from r1mega.platform.distributed import Runtime, dp_max, dp_share, dp_sum, reduce_last_stage
 from r1mega.platform.fp8 import sequence_multiple
 from r1mega.trainer.forward_backward import run_schedule, train_step
@@ -139,7 +140,7 @@ def sft_step(ddp_chunks, optimizer, scheduler, parts: List[SFTMicroBatch]) -> Di
                                            partial(nll_loss, num_tokens=num_tokens, scale=scale))
     sums = _sums(out)
     return {"loss": float(sums[0] / sums[1].clamp(min=1)), "tokens": float(sums[1]), "grad_norm": grad_norm,
-            "update_skipped": float(not update_ok)}
+            "update_skipped": float(not update_ok), **mtp_metrics(ddp_chunks)}
 
 
 def eval_loss(chunks, parts: List[SFTMicroBatch]) -> Dict[str, float]:

@@ -44,7 +44,7 @@ def _save_tiny(kind, folder, with_files=False):
     torch.manual_seed(0)
     if kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
-    elif kind == "dsv3":
+    elif kind.startswith("dsv3"):
         model = DeepseekV3ForCausalLM(DeepseekV3Config(
             **{**common, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -58,11 +58,16 @@ def _save_tiny(kind, folder, with_files=False):
         if hasattr(module, "e_score_correction_bias"):
             module.e_score_correction_bias = module.e_score_correction_bias.float()
     model.save_pretrained(folder)
-    if kind == "dsv3":  # its multi-token-prediction layer (layer 2 of 2), which transformers does not build
+    if kind.startswith("dsv3"):  # its multi-token-prediction layer (layer 2 of 2), which transformers does not build
         tensors = load_file(folder / "model.safetensors")
         mtp = {"model.layers.2." + n[len("model.layers.1."):]: torch.randn_like(t)
                for n, t in tensors.items() if n.startswith("model.layers.1.")}
         mtp["model.layers.2.eh_proj.weight"] = torch.randn(32, 64, dtype=torch.bfloat16)
+        if kind == "dsv3_mtp":  # the whole layer, as DeepSeek ships it, to load into megatron's MTP block
+            mtp.update({f"model.layers.2.{n}.weight": torch.randn(32, dtype=torch.bfloat16)
+                        for n in ("enorm", "hnorm", "shared_head.norm")})
+            mtp["model.layers.2.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+            mtp["model.layers.2.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
         save_file({**tensors, **mtp}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if with_files:
         tokenizer = build_tiny_tokenizer(folder.parent / "tokenizer", vocab_size=128)
@@ -72,14 +77,18 @@ def _save_tiny(kind, folder, with_files=False):
             (folder / name).write_text(text)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "dsv3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "dsv3", "dsv3_mtp"])
 def test_roundtrip_under_tp2(tmp_path, kind):
+    """dsv3 carries its MTP layer through the model folder; dsv3_mtp (mtp=true) loads it into megatron's MTP
+    block and exports it from there."""
     hf, mcore, back = tmp_path / "hf", tmp_path / "mcore", tmp_path / "back"
     _save_tiny(kind, hf, with_files=True)
     extra = ["parallel.sequence_parallel=true"] if kind != "qwen3" else []
+    extra += ["mtp=true"] if kind == "dsv3_mtp" else []
     code, errors, log = _convert("hf-to-mcore", f"src={hf}", f"dst={mcore}", "parallel.tp=2", "parallel.nproc=2",
                                  *extra)
     assert code == 0, log[-3000:]
+    assert any(f.name.startswith("carried") for f in mcore.iterdir()) == (kind == "dsv3")
     code, errors, log = _convert("mcore-to-hf", f"src={mcore}", f"dst={back}")  # read back at TP=1
     assert code == 0, log[-3000:]
     original, exported = _tensors(hf), _tensors(back)
@@ -97,7 +106,7 @@ def test_roundtrip_under_tp2(tmp_path, kind):
     for key in ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings", "num_nextn_predict_layers"):
         assert config.get(key) == source.get(key), key
-    if kind != "dsv3":  # transformers derives DeepSeek's head_dim (qk_rope_head_dim)
+    if not kind.startswith("dsv3"):  # transformers derives DeepSeek's head_dim (qk_rope_head_dim)
         assert config["head_dim"] == source["head_dim"]
     assert config["torch_dtype"] == "bfloat16"
 

@@ -78,7 +78,7 @@ def _reference_takes_the_bias(folder: str):
 def test_kl_reference_routes_as_the_policy(tmp_path):
     """The reference copy (its start, and R1's resets) takes the routers' expert bias, a buffer, with the weights."""
     count, equal = spawn(1, _reference_takes_the_bias, str(tmp_path))[0]
-    assert count == 1 and equal  # the tests' two-layer tiny_dsv3: a dense layer, then an MoE one
+    assert count == 2 and equal  # the tests' two-layer tiny_dsv3: a dense layer, an MoE one, an MoE MTP layer
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.01])
@@ -130,7 +130,7 @@ def test_down_projections_start_as_the_init_method_says(tmp_path):
     from the configured normal, and start equal on both tensor-parallel ranks."""
     one = spawn(1, _down_projections, str(tmp_path / "a"), 1)[0]
     two = spawn(2, _down_projections, str(tmp_path / "b"), 2)
-    assert len(one) == 4  # q and kv down-projections of both layers
+    assert len(one) == 6  # q and kv down-projections of both layers and of the MTP layer
     for name, weight in one.items():
         assert abs(float(weight.std()) - 0.02) < 0.004, (name, float(weight.std()))
         assert torch.equal(two[0][name], two[1][name]), name

@@ -84,6 +84,10 @@ def test_moe_preset_is_typed():
     (["rollout.mode=asap"], None, "rollout.mode='asap' is not one of"),
     (["model=tiny_dsv3", "model.moe=null", "parallel.tp=2"], 2, "multi-latent attention (model.mla) with "
                                                                   "parallel.tp > 1 needs parallel.sequence_parallel"),
+    (["model=tiny_dsv3", "model.mtp.num_layers=0"], None, "model.mtp.num_layers=0 must be >= 1"),
+    (["model=tiny_dsv3", "model.mtp.loss_scale=-1"], None, "model.mtp.loss_scale=-1.0 must be >= 0"),
+    (["model=tiny_dsv3", "parallel.cp=2", "model.attention_backend=te"], 2,
+     "model.mtp (multi-token prediction) with parallel.cp > 1 is not supported"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -110,3 +114,19 @@ def test_cli_exits_with_one_line(args, needle):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("r1mega: error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+
+
+def test_an_optional_section_is_switched_on_from_the_command_line():
+    """A section a preset leaves off (None) takes values from an override, starting from its schema
+    defaults; its missing and unknown keys are named."""
+    assert load_config(["model=tiny_moe", "model.mtp.num_layers=2"]).model.mtp.num_layers == 2
+    mtp = load_config(["model=tiny_moe", "model.mtp={loss_scale: 0.3}"]).model.mtp
+    assert (mtp.num_layers, mtp.loss_scale) == (1, 0.3)
+    assert load_config(["model=tiny_dsv3", "model.mtp=null"]).model.mtp is None
+    yarn = load_config(["model=tiny_dsv3", "model.mla.yarn.factor=4",
+                        "model.mla.yarn.original_max_position_embeddings=64"]).model.mla.yarn
+    assert (yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast) == (4.0, 64, 32.0)
+    with pytest.raises(ConfigError, match="model.moe.ffn_hidden_size: .*missing mandatory value"):
+        load_config(["model=tiny", "model.moe.num_experts=4"])
+    with pytest.raises(ConfigError, match="model.mtp.nope=1: Key 'nope' not in 'MTPConfig'"):
+        load_config(["model=tiny", "model.mtp.nope=1"])

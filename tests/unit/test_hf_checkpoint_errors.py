@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from r1mega.checkpoint.hf_config import UnsupportedModelError, hf_config_from_model, model_config_from_hf
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader
+from r1mega.config.loader import compose_config, to_config
 
 
 def test_missing_folder(tmp_path):
@@ -149,6 +150,24 @@ def test_export_refuses_routing_the_family_would_not_reproduce(tmp_path):
     cfg.moe.group_topk = None  # megatron then routes over every group; HF's router would limit them
     with pytest.raises(UnsupportedModelError, match="set both"):
         hf_config_from_model(cfg)
+
+
+def test_mtp_export_is_deepseek_v3s_only(tmp_path):
+    """Only DeepSeek-V3 checkpoints have an HF layout for multi-token-prediction layers; a V3 export counts
+    the model's MTP layers and those carried past them."""
+    from transformers import DeepseekV3Config
+
+    from r1mega.config.schema import MTPConfig
+
+    cfg = to_config(compose_config(["model=tiny_moe", "model.mtp.num_layers=1"])).model
+    with pytest.raises(UnsupportedModelError, match="model.mtp: .* deepseek_v3 checkpoints only, not model.arch"):
+        hf_config_from_model(cfg)
+    DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, **DSV3).save_pretrained(tmp_path)
+    cfg = model_config_from_hf(tmp_path)
+    assert cfg.mtp is None and hf_config_from_model(cfg, 1)["num_nextn_predict_layers"] == 1
+    cfg.mtp = MTPConfig(num_layers=2)
+    assert hf_config_from_model(cfg, 1)["num_nextn_predict_layers"] == 3
 
 
 def _carried_source(folder, num_layers=2):

@@ -26,6 +26,7 @@ import logging
 import multiprocessing.connection as mp_connection
 import os
 import time
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
+from r1mega.checkpoint.hf_mapping import decoder_tensor
 from r1mega.config.schema import R1Config
 from r1mega.rollout.ledger import RequestLedger, Result, staleness_metrics
 from r1mega.rollout.types import Rollouts
@@ -113,7 +115,8 @@ class AsyncRollout:
     def push(self, version: int) -> None:
         """Gather the weights to HF names (every rank takes part) and hand a copy to the push thread."""
         if self.plan is None:
-            self.plan = make_plan(self.chunks, self.cfg.model)
+            # workers decode without multi-token prediction: its layers stay here
+            self.plan = make_plan(self.chunks, self.cfg.model, partial(decoder_tensor, model=self.cfg.model))
         # sent to the controller alone (nothing arrives elsewhere); a copy: the next optimizer step
         # changes the parameters in place
         device = self.pool.push_device if self.controller else None

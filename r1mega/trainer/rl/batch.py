@@ -164,6 +164,16 @@ class MicroBatch:
         return {"input_ids": self.tokens, "position_ids": positions, "attention_mask": None,
                 "packed_seq_params": params, "padding_mask": self.pad}
 
+    def targets_by_position(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(next token, whether a loss reads it) at every input position, [b, L] like tokens: the
+        response tokens' predictions (targets elsewhere are unknown here and left 0)."""
+        targets, mask = torch.zeros_like(self.tokens), torch.zeros_like(self.tokens, dtype=torch.bool)
+        if self.logits_at is None:
+            targets[:, self.logits_from:], mask[:, self.logits_from:] = self.targets, self.mask
+        else:
+            targets[0, self.logits_at], mask[0, self.logits_at] = self.targets[0], self.mask[self.row_of, self.col_of]
+        return targets, mask
+
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token values aligned with `targets` in the [b, W] layout of the mask (differentiable).
         Under context parallelism the ranks' parts are summed (all-reduce forward, identity backward:

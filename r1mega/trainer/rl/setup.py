@@ -17,6 +17,7 @@ from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import make_task
 from r1mega.data.templates import render_prompt
 from r1mega.platform.distributed import Runtime, rank, replica_group
+from r1mega.models.mtp import detach_from_trunk
 from r1mega.models.specs import resolve_backend
 from r1mega.rewards.stack import RewardStack
 from r1mega.rollout.setup import make_reward_stack, native_engine, reward_names, sampling_params
@@ -101,6 +102,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
     engine = build_engine(cfg, None, tokenizer) if separate else None
     chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
+    detach_from_trunk(chunks)  # the MTP layers learn from the samples; the policy from the RL loss alone
     sglang = None
     if separate and rollout_workers(cfg):  # the async controller drives the SGLang engines
         sglang, engine, separate = engine, None, False

@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from r1mega.algorithms.advantages import group_advantages
 from r1mega.algorithms.filtering import varied_groups
 from r1mega.algorithms.off_policy import empty_histogram
+from r1mega.models.mtp import mtp_metrics
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
@@ -308,7 +309,8 @@ def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSetti
     out, grad_norm, update_ok = train_step(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, micro,
                                            partial(policy_loss, s=settings, scale=scale))
     stats, hist = reduce_stats(out)
-    return {**stats, "grad_norm": grad_norm, "update_skipped": float(not update_ok)}, hist
+    out = {**stats, "grad_norm": grad_norm, "update_skipped": float(not update_ok), **mtp_metrics(ctx.ddp_chunks)}
+    return out, hist
 
 
 # -- metrics ------------------------------------------------------------------------------------
