@@ -5,8 +5,8 @@ A model with `model.mtp` loads the first model.mtp.num_layers of them into megat
 checkpoint's mapping, hf_mapping); any others, and all of them for a model without, travel unchanged
 HF -> megatron -> HF rather than being dropped: an r1mega model folder keeps them as HF-named
 safetensors (carried-*.safetensors and their index, CARRIED_INDEX), and an HF export writes them back
-beside the trained layers, with `num_nextn_predict_layers` counting them. An fp8 source's carried layers are dequantized as its
-decoder is, so an export is in one precision.
+beside the trained layers, with `num_nextn_predict_layers` counting them. An fp8 source's carried
+layers are dequantized as its decoder is, so an export is in one precision.
 """
 
 from __future__ import annotations

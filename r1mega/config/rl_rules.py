@@ -95,9 +95,11 @@ def _check_routing_replay(cfg: R1Config) -> None:
         require(cfg.parallel.cp == 1, f"{key}: recording routing under context parallelism is not supported "
                                       "(each rank routes only its chunks of a row); use parallel.cp=1")
     else:
-        require(cfg.rollout.mode == "sync",
-                f"{key}: rollouts carry their routing in rollout.mode=sync only so far (rollout workers and the "
-                "one-step-off engine do not); use routing_replay=old")
+        r = cfg.rollout.asynchronous
+        require(cfg.rollout.mode == "sync" or not (r.partial and r.partial_kv == "recompute"),
+                f"{key} with rollout.asynchronous.partial_kv=recompute: after a weight update a position's cached "
+                "keys come from new routing and its sampled token from the old, so no one routing reproduces the "
+                "row; use partial_kv=keep")
 
 
 def _check_correction(a) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, List, Sequence, Tuple
 
 from r1mega.config.schema import R1Config
+from r1mega.models.routing_replay import install, moe_layer_numbers
 from r1mega.platform.fp8 import token_multiple
 from r1mega.rewards.stack import RewardInput, RewardStack
 from r1mega.rollout.native import NativeEngine
@@ -24,6 +25,19 @@ def native_engine(cfg: R1Config, chunks, tokenizer, seed: int = 0) -> NativeEngi
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     return NativeEngine(chunks, eos, pad, detokenize=tokenizer.decode, max_batch_size=cfg.rollout.max_batch_size,
                         seed=seed, row_multiple=token_multiple(cfg.model.fp8))
+
+
+def record_routing(engine, chunks) -> None:
+    """The engine (native or SGLang) records every fed token's experts with its rows (MoE routing replay,
+    algorithm.routing_replay=rollout). The native engine's recording reads the routers' replay objects,
+    installed here on `chunks` (the policy's, or a rollout worker's copy)."""
+    install(chunks)
+    config = chunks[0].config
+    engine.record_routing = True
+    # SGLang returns every decoder layer's experts (dense ones 0): the engine keeps the MoE layers'
+    engine.routing_num_layers = config.num_layers
+    engine.routing_layers = [n - 1 for n in moe_layer_numbers(config)]
+    engine.routing_topk = config.moe_router_topk
 
 
 def reward_inputs(records: Sequence, rollouts: Rollouts, decode: Callable[..., str]) -> List[RewardInput]:

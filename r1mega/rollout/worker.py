@@ -29,7 +29,7 @@ from r1mega.platform.bridge import Bridge
 from r1mega.platform.distributed import destroy, initialize
 from r1mega.platform.logs import setup_logging
 from r1mega.rollout.ledger import Request, Result
-from r1mega.rollout.setup import make_reward_stack, native_engine, reward_inputs, sampling_params
+from r1mega.rollout.setup import make_reward_stack, native_engine, record_routing, reward_inputs, sampling_params
 from r1mega.rollout.weights import Receiver
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class Worker:
         self.chunks = build_model(self.model, ParallelConfig())
         self.engine = native_engine(cfg, self.chunks, tokenizer)
         self.engine.recompute_after_update = cfg.rollout.asynchronous.partial_kv == "recompute"
+        if cfg.algorithm.routing_replay == "rollout":  # rows carry their experts back to the trainer
+            record_routing(self.engine, self.chunks)
         self.params = sampling_params(cfg)
         self.rewards, self.names = make_reward_stack(cfg)
         timeout = cfg.rollout.asynchronous.worker_timeout_s

@@ -1,7 +1,8 @@
 """Routing replay in RL runs: the native engine records, for every token it feeds, the experts the
 trainer's own full forward routes it to (the oracle: the log-prob pass's recording, at TP=1 and under
-TP=2 with sequence parallelism); R3 runs train with no token routed otherwise than it was sampled; R2
-replays the old policy's routing in the later minibatch; bad combinations are refused by key."""
+TP=2 with sequence parallelism); R3 runs train with no token routed otherwise than it was sampled, with
+the routing carried from rollout workers, asynchronous SGLang engines and the one-step-off engine as
+well; R2 replays the old policy's routing in the later minibatch; bad combinations are refused by key."""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def test_old_policy_replay_in_later_minibatches(tmp_path):
     (["model=tiny", "algorithm.routing_replay=rollout"], "has no MoE layers"),
     ([*MOE, "algorithm.routing_replay=old"], "one minibatch"),
     ([*MOE, "algorithm.routing_replay=old", "algorithm.minibatches=2", "parallel.cp=2"], "context parallelism"),
-    ([*MOE, "algorithm.routing_replay=rollout", "rollout.mode=async"], "rollout.mode=sync only"),
+    ([*MOE, "algorithm.routing_replay=rollout", "rollout.mode=async", "algorithm.max_staleness=1",
+      "rollout.asynchronous.partial=true", "rollout.asynchronous.partial_kv=recompute"], "use partial_kv=keep"),
     ([*MOE, "algorithm.routing_replay=rollout", "model.moe.load_balancing_type=sinkhorn"], "sinkhorn"),
 ])
 def test_refusals_name_the_key(tmp_path, extra, named):
@@ -131,3 +133,52 @@ def test_sglang_without_the_server_flag_is_named(tmp_path):
     with pytest.raises(Exception) as err:
         spawn(1, _sglang_run, [*MOE, *SGLANG, "algorithm.routing_replay=rollout"], str(tmp_path), 1, True)
     assert "--enable-return-routed-experts" in str(err.value) and "/generate" in str(err.value)
+
+
+R3 = [*MOE, "algorithm.routing_replay=rollout", "trainer.steps=2"]
+
+
+def _same_steps(got, sync, timing):
+    assert [m["step"] for m in got] == [1, 2]
+    for a, b in zip(got, sync):
+        # logprob_gap is float32 rounding (~1e-7); a worker's engine runs in a process of its own
+        shared = [k for k in b if not k.startswith(timing) and k != "logprob_gap"]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}, a["step"]
+        assert abs(a["logprob_gap"] - b["logprob_gap"]) < 1e-6
+        assert a["routing/replay_mismatch_share"] == 0.0
+
+
+def test_rollout_workers_carry_their_routing(tmp_path):
+    """Asynchronous rollout workers (native engines of their own, staleness 0) record the experts on their
+    copy of the policy and send them with the rows: the run takes the synchronous run's steps."""
+    from test_async_rl import ASYNC, TIMING, _run_at_async_threads
+
+    sync = spawn(1, _run_at_async_threads, R3, str(tmp_path / "sync"))[0]
+    got = spawn(1, _run_at_async_threads, [*R3, *ASYNC], str(tmp_path / "async"))[0]
+    _same_steps(got, sync, TIMING)
+
+
+def test_sglang_lanes_carry_their_routing(tmp_path):
+    """rollout.mode=async on SGLang engines of their own (stand-ins): each request asks for the routed
+    experts and its rows carry them; the run takes the synchronous SGLang run's steps."""
+    from test_async_sglang import TIMING, _common, _run
+
+    common = [*_common(), *R3]
+    sync, _ = spawn(1, _run, common, str(tmp_path / "sync"), None, 1)[0]
+    got, _ = spawn(1, _run, [*common, "rollout.mode=async"], str(tmp_path / "async"), None, 1)[0]
+    assert not isinstance(sync, Exception) and not isinstance(got, Exception), (sync, got)
+    _same_steps(got, sync, TIMING)
+
+
+def test_one_step_off_carries_its_routing(tmp_path):
+    """The one-step-off engine (colocated SGLang stand-ins, two ranks) generates the next step's rows during
+    this step, their routing with them: with weights that cannot move, its steps are the synchronous ones."""
+    from test_one_step_off import AHEAD, COMMON, TIMING, _run
+
+    still = [*COMMON, *R3, "optimizer.lr=1e-30"]
+    sync = spawn(2, _run, still, str(tmp_path / "sync"), 2)[0][0]
+    ahead = spawn(2, _run, [*still, *AHEAD], str(tmp_path / "ahead"), 2)[0][0]
+    for a, b in zip(ahead, sync):
+        shared = [k for k in b if not k.startswith(TIMING)]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}, a["step"]
+        assert a["routing/replay_mismatch_share"] == 0.0

@@ -36,7 +36,8 @@ from r1mega.data.tokenizer import load_tokenizer
 from r1mega.rollout.ledger import Request, Result
 from r1mega.rollout.setup import make_reward_stack, reward_inputs, sampling_params
 from r1mega.rollout.sglang.buckets import buckets
-from r1mega.rollout.sglang.engine import SGLangEngine, parse_outputs, sample_seeds, sampling_payload, token_versions
+from r1mega.rollout.sglang.engine import (SGLangEngine, parse_outputs, routed_experts, sample_seeds, sampling_payload,
+                                          token_versions)
 from r1mega.rollout.types import Rollouts
 
 log = logging.getLogger(__name__)
@@ -221,13 +222,17 @@ class SGLangLanes:
                 if self.stopping.is_set():
                     return
                 start = time.perf_counter()
-                outputs = client.generate(rows, [{**self.payload, "sampling_seed": s} for s in self._seeds(request)])
+                e = self.engine
+                outputs = client.generate(rows, [{**self.payload, "sampling_seed": s} for s in self._seeds(request)],
+                                          e.record_routing)
             finally:
                 self.pusher.leave()
             ids, logprobs, reasons = parse_outputs(outputs, client.url)
+            routing = routed_experts(outputs, rows, client.url, e.routing_num_layers, e.routing_layers,
+                                     e.routing_topk) if e.record_routing else []
             rollouts = Rollouts(rows, ids, logprobs, reasons, [g for g in range(len(request.records))
                                                                for _ in range(self.n)],
-                                token_versions(outputs, client.url))
+                                token_versions(outputs, client.url), routing)
             generated = time.perf_counter()
             records = [request.records[g] for g in rollouts.group_index]
             with self.score_lock:

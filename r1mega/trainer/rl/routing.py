@@ -21,22 +21,19 @@ from megatron.core.utils import unwrap_model
 
 from r1mega.models.routing_replay import install, mismatch_counts, moe_layer_numbers, recording, unrouted
 from r1mega.platform.distributed import current_device
+from r1mega.rollout.setup import record_routing
 from r1mega.trainer.forward_backward import forward_step
 
 
 def enable(cfg, chunks, engine) -> None:
-    """Replay objects on the policy's routers; with `rollout`, the engine (native or SGLang) records routing."""
+    """Replay objects on the policy's routers; with `rollout`, `engine` (native or SGLang; None: rollout
+    workers, which record on their own copies, rollout.worker) records routing."""
     mode = cfg.algorithm.routing_replay
     if mode == "none":
         return
     install(chunks)
-    if mode == "rollout":
-        config = chunks[0].config
-        engine.record_routing = True
-        # SGLang returns every decoder layer's experts (dense ones 0): the engine keeps the MoE layers'
-        engine.routing_num_layers = config.num_layers
-        engine.routing_layers = [n - 1 for n in moe_layer_numbers(config)]
-        engine.routing_topk = config.moe_router_topk
+    if mode == "rollout" and engine is not None:
+        record_routing(engine, chunks)
 
 
 def recording_forward_step(recorded: Dict[tuple, Dict[int, torch.Tensor]], loss_fn):

@@ -107,7 +107,8 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     if separate and rollout_workers(cfg):  # the async controller drives the SGLang engines
         sglang, engine, separate = engine, None, False
     engine = engine or build_engine(cfg, chunks, tokenizer)
-    routing.enable(cfg, chunks, engine)
+    # routing replay: the engine whose rows train records their experts (rollout workers record on their own)
+    routing.enable(cfg, chunks, sglang if sglang is not None else None if rollout_workers(cfg) else engine)
     rewards, names = build_rewards(cfg)
     sampler = PromptSampler(train, cfg.data.prompts_per_step, cfg.data.seed, ps.get_data_parallel_rank(),
                             ps.get_data_parallel_world_size())

@@ -85,6 +85,8 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
     with timer("advantages"):
         adv = advantages(ctx, gen)
         batch = StepBatch.from_rollouts(gen.rollouts, adv)
+        if ctx.cfg.algorithm.routing_replay == "rollout" and batch.routing is None:
+            raise RuntimeError(f"step {step}: algorithm.routing_replay=rollout but the rollouts carry no routing")
         if ctx.cfg.trainer.pack:
             batch = balance_over_dp(batch)
     with timer("logprobs"):
