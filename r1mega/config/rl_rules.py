@@ -92,8 +92,6 @@ def _check_routing_replay(cfg: R1Config) -> None:
                 f"{key} replays the old policy's log-prob pass in later minibatches; with one minibatch, one "
                 "epoch, or algorithm.use_rollout_logprobs there is no such pass (the update routes as the old "
                 "policy does anyway)")
-        require(cfg.parallel.cp == 1, f"{key}: recording routing under context parallelism is not supported "
-                                      "(each rank routes only its chunks of a row); use parallel.cp=1")
     else:
         r = cfg.rollout.asynchronous
         require(cfg.rollout.mode == "sync" or not (r.partial and r.partial_kv == "recompute"),

@@ -17,8 +17,10 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.utils import unwrap_model
 
+from r1mega.models.context_parallel import local_positions
 from r1mega.models.routing_replay import install, mismatch_counts, moe_layer_numbers, recording, unrouted
 from r1mega.platform.distributed import current_device
 from r1mega.rollout.setup import record_routing
@@ -53,15 +55,34 @@ def recording_forward_step(recorded: Dict[tuple, Dict[int, torch.Tensor]], loss_
 
 def rows_from_recorded(micro, recorded: Dict[int, torch.Tensor], config) -> List[torch.Tensor]:
     """Each row's routing [len - 1, M, k] of a micro-batch's recorded experts (layers recorded elsewhere,
-    on other pipeline stages, hold experts 0..k-1, which nothing here reads)."""
+    on other pipeline stages, hold experts 0..k-1, which nothing here reads). Under context parallelism
+    each rank recorded its chunks of the pack; a rank holds the same chunks of a row in any pack, so its
+    own part would serve its replay, but the parts are gathered so that every row is whole on every rank,
+    as without context parallelism, and nothing downstream depends on which rank holds what."""
     m, k = len(moe_layer_numbers(config)), config.moe_router_topk
+    spans = micro.input_spans()
+    if micro.cp_size > 1:
+        recorded = {layer: _whole_pack(micro, experts) for layer, experts in recorded.items()}
+        real = micro.cu_seqlens_unpadded.tolist()
+        spans = [(0, int(start), real[j + 1] - real[j]) for j, start in enumerate(micro.cu_seqlens[:len(micro.rows)])]
     out = []
-    for j, start, n in micro.input_spans():
+    for j, start, n in spans:
         row = unrouted(n, m, k)
         for layer, experts in recorded.items():  # int16 on the host already (routing_replay.recording)
             row[:, layer] = experts[j, start:start + n]
         out.append(row)
     return out
+
+
+def _whole_pack(micro, experts: torch.Tensor) -> torch.Tensor:
+    """[1, T, k]: the whole pack's experts from every context-parallel rank's chunks [1, T / cp, k]."""
+    group, size = ps.get_context_parallel_group(), micro.cp_size
+    parts: List[Optional[torch.Tensor]] = [None] * size
+    dist.all_gather_object(parts, experts, group=group)  # int16 host tensors: any backend takes objects
+    whole = torch.empty(1, micro.cu_seqlens[-1], experts.shape[-1], dtype=experts.dtype)
+    for rank, part in enumerate(parts):
+        whole[0, local_positions(micro.cu_seqlens, rank, size)] = part[0]
+    return whole
 
 
 def replay_metrics(chunks) -> Dict[str, float]:
