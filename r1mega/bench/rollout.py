@@ -173,7 +173,7 @@ def _sglang(cfg: R1Config, chunks, tokenizer):
     cfg.trainer.output_dir = str(Path(cfg.bench.output_dir) / "sglang-run")
     engine = build_sglang_engine(cfg, tokenizer)
     engine.ignore_eos = True
-    plan = make_plan(chunks, cfg.model)
+    plan = make_plan(chunks, cfg.model, decoder_only=True)
     for _ in range(2):  # the first sync warms up
         engine.sync_weights(world_hf_tensors(chunks, cfg.model, plan))
     s = engine.last_sync

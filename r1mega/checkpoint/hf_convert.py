@@ -20,7 +20,7 @@ from r1mega.checkpoint.hf_carried import layer_count, layers_past, write_carried
 from r1mega.checkpoint.hf_config import hf_config_from_model
 from r1mega.checkpoint.hf_files import carry_with_tokenizer, has_tokenizer, write_generation_config
 from r1mega.checkpoint.hf_io import CheckpointError, HFReader, ShardWriter, TensorReader, write_index
-from r1mega.checkpoint.hf_mapping import MTP_SHARED_COPIES, Rule, mtp_layers, rule_for
+from r1mega.checkpoint.hf_mapping import MTP_SHARED_COPIES, Rule, decoder_tensor, mtp_layers, rule_for
 from r1mega.checkpoint.staging import expert_biases, staging_dir, unwrap
 from r1mega.platform.atomic import publish
 from r1mega.platform.distributed import barrier, rank
@@ -70,8 +70,8 @@ def load_hf_weights(chunks: List[torch.nn.Module], model: ModelConfig,
     if isinstance(reader, HFReader):
         _note_carried_layers(reader, model)
     with reader, torch.no_grad():
-        if isinstance(reader, HFReader) and any(getattr(unwrap(c), "mtp_process", False) for c in chunks):
-            _check_mtp_shares(reader, model)
+        if isinstance(reader, HFReader) and mtp_layers(model):
+            _check_mtp_shares(reader, model, any(getattr(unwrap(c), "mtp_process", False) for c in chunks))
         for name, param, rule, _ in _named_params(chunks, model):
             shard = _read_shard(reader, param, rule, model)
             if tuple(shard.shape) != tuple(param.shape):
@@ -93,18 +93,31 @@ def _note_carried_layers(reader: HFReader, model: ModelConfig) -> None:
                  layer_count(past), model.num_layers, mtp_layers(model))
 
 
-def _check_mtp_shares(reader: HFReader, model: ModelConfig) -> None:
+def _check_mtp_shares(reader: HFReader, model: ModelConfig, holds_mtp: bool) -> None:
     """megatron's MTP layers share the model's embedding and output layer; an HF checkpoint repeats them in
-    each MTP layer. Refuse copies that differ: loading would silently drop them."""
-    for depth in range(mtp_layers(model)):
+    each MTP layer. Refuse copies that differ: loading would silently drop them. Each rank holding MTP
+    layers compares its tensor-parallel share of the vocabulary rows; every rank (collective) learns
+    the verdict, so all of them stop together."""
+    differing = ""
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    for depth in range(mtp_layers(model) if holds_mtp else 0):
         prefix = f"model.layers.{model.num_layers + depth}."
         for own, main in MTP_SHARED_COPIES.items():
             if main == "lm_head.weight" and model.tie_word_embeddings:
                 main = "model.embed_tokens.weight"
-            if prefix + own in reader and not torch.equal(reader.read(prefix + own), reader.read(main)):
-                raise CheckpointError(f"{reader.path}: {prefix + own} differs from {main}; r1mega's multi-token "
-                                      f"prediction (model.mtp) shares the model's, so it cannot load these "
-                                      f"(unset model.mtp to carry the layer unchanged)")
+            if prefix + own not in reader:
+                continue
+            rows = _rows(reader.shape(main)[0], rank, size)
+            if not torch.equal(reader.read(prefix + own, 0, *rows), reader.read(main, 0, *rows)):
+                differing = differing or f"{prefix + own} differs from {main}"
+    found = [differing]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, differing)
+    differing = next((d for d in found if d), "")
+    if differing:
+        raise CheckpointError(f"{reader.path}: {differing}; r1mega's multi-token prediction (model.mtp) shares "
+                              f"the model's, so it cannot load these (model.mtp=null carries the layer unchanged)")
 
 
 def _read_shard(reader: HFReader, param: torch.Tensor, rule: Rule, model: ModelConfig) -> torch.Tensor:
@@ -161,10 +174,12 @@ def iter_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig) -> Iterat
             yield hf_name, tensor, writes
 
 
-def hf_tensors_by_param(chunks: List[torch.nn.Module],
-                        model: ModelConfig) -> Iterator[Tuple[List[Tuple[str, torch.Tensor]], bool]]:
+def hf_tensors_by_param(chunks: List[torch.nn.Module], model: ModelConfig,
+                        decoder_only: bool = False) -> Iterator[Tuple[List[Tuple[str, torch.Tensor]], bool]]:
     """For each parameter of this rank, in order: its HF tensors (one, or the q/k/v or gate/up parts)
-    and whether this rank writes them. Each HF tensor has exactly one writer in the world."""
+    and whether this rank writes them. Each HF tensor has exactly one writer in the world. With
+    `decoder_only` (what an engine decoding without MTP layers needs), the MTP layers' parameters and
+    copies are left out before any gather (every rank of a stage leaves out the same ones)."""
     writer_dense = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(
         with_context_parallel=True) == 0
     writer_expert = ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
@@ -172,12 +187,13 @@ def hf_tensors_by_param(chunks: List[torch.nn.Module],
         if name == "output_layer.weight" and model.tie_word_embeddings:
             yield [], False
             continue
+        copy = name == "embedding.word_embeddings.weight" and not chunk.pre_process  # the MTP stage's
+        if decoder_only and (copy or not decoder_tensor(rule.hf_names[0], model)):
+            continue
         full = _gather(param, rule)
         writes = writer_expert if rule.is_expert else writer_dense
-        tensors = list(zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1])))
-        if name == "embedding.word_embeddings.weight" and not chunk.pre_process:
-            tensors = []  # the MTP stage's copy of the first stage's embedding
-        if getattr(chunk, "mtp_process", False):
+        tensors = [] if copy else list(zip(rule.hf_names, _split_hf(full, rule, model, _tp(rule)[1])))
+        if getattr(chunk, "mtp_process", False) and not decoder_only:
             tensors += _mtp_copies(name, full, model)
         yield tensors, writes
 

@@ -11,7 +11,7 @@ tensors there alone instead of to the world.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,24 +35,25 @@ class Plan:
     """Per pipeline stage, per local parameter: the HF tensors it gives, in order."""
 
     stages: List[List[List[Entry]]]
+    decoder_only: bool = False  # the MTP layers left out (hf_convert.hf_tensors_by_param)
 
     def entries(self) -> List[Entry]:
         return [e for stage in self.stages for param in stage for e in param]
 
 
-def make_plan(chunks: List[torch.nn.Module], model: ModelConfig, keep: Optional[Callable[[str], bool]] = None) -> Plan:
-    """What every rank writes, gathered once (runs the tensor-parallel gathers; collective); only the
-    HF tensors `keep` accepts, when given."""
+def make_plan(chunks: List[torch.nn.Module], model: ModelConfig, decoder_only: bool = False) -> Plan:
+    """What every rank writes, gathered once (runs the tensor-parallel gathers; collective); with
+    `decoder_only`, without the MTP layers (for engines, which decode without them)."""
     rank = dist.get_rank()
-    mine = [[Entry(n, tuple(t.shape), t.dtype, rank) for n, t in tensors if keep is None or keep(n)] if writes else []
-            for tensors, writes in hf_tensors_by_param(chunks, model)]
+    mine = [[Entry(n, tuple(t.shape), t.dtype, rank) for n, t in tensors] if writes else []
+            for tensors, writes in hf_tensors_by_param(chunks, model, decoder_only)]
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, (ps.get_pipeline_model_parallel_rank(), mine))
     stages = []
     for stage in range(ps.get_pipeline_model_parallel_world_size()):
         lists = [params for s, params in every if s == stage]
         stages.append([[e for params in lists for e in params[i]] for i in range(len(lists[0]))])
-    return Plan(stages)
+    return Plan(stages, decoder_only)
 
 
 def world_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig, plan: Plan,
@@ -62,7 +63,7 @@ def world_hf_tensors(chunks: List[torch.nn.Module], model: ModelConfig, plan: Pl
     my_stage, me = ps.get_pipeline_model_parallel_rank(), dist.get_rank()
     device = current_device()
     for stage, params in enumerate(plan.stages):
-        local = hf_tensors_by_param(chunks, model) if stage == my_stage else None
+        local = hf_tensors_by_param(chunks, model, plan.decoder_only) if stage == my_stage else None
         for entries in params:
             own = dict(next(local)[0]) if local is not None else {}
             for e in entries:

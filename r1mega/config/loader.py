@@ -66,8 +66,8 @@ def _split_optional_sections(overrides: Sequence[str]) -> Tuple[List[str], List[
             hydra_overrides.append(text)  # Hydra reports the syntax error
             continue
         key = override.key_or_group
-        if override.type == OverrideType.CHANGE and override.package is None and _in_optional_section(key) \
-                and override.value() is not None:
+        # all of them, null too, so they apply in their order (`model.mtp.num_layers=2 model.mtp=null`: off)
+        if override.type == OverrideType.CHANGE and override.package is None and _in_optional_section(key):
             later.append((key, override.value()))
         else:
             hydra_overrides.append(text)
@@ -95,7 +95,11 @@ def _optional_dataclass(hint) -> Optional[type]:
 
 
 def _set_in_optional_section(cfg: DictConfig, key: str, value: Any) -> None:
-    """Switch on the optional sections `key` names or lies in (with their schema defaults), then set `key`."""
+    """Switch on the optional sections `key` names or lies in (with their schema defaults), then set `key`;
+    `key` = None switches the section it names off."""
+    if value is None:
+        OmegaConf.update(cfg, key, None, merge=False)
+        return
     node: Any = R1Config
     parts = key.split(".")
     for i, part in enumerate(parts):

@@ -81,8 +81,9 @@ class MTPConfig:
     """Multi-token prediction (DeepSeek-V3): megatron-core's MTP block after the decoder. Each layer
     predicts one token further ahead from the previous depth's hidden state and the next token's
     embedding, sharing the embedding and output layer. Training adds its cross-entropy, scaled by
-    loss_scale / num_layers; in RL steps the decoder is detached from it, so the policy's gradient is
-    the RL objective's alone and only the MTP layers learn from the samples. Generation never runs it."""
+    loss_scale / num_layers; in RL steps the decoder, embedding and head are detached from it, so only
+    the MTP layers learn from the samples (the global grad-norm clip still counts their gradients).
+    Generation never runs it."""
 
     num_layers: int = 1
     loss_scale: float = 0.1  # megatron's mtp_loss_scaling_factor (DeepSeek-V3: 0.3 early, 0.1 later)

@@ -71,7 +71,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         cross_entropy_loss_fusion=False,
     )
     if parallel.pipeline_layout is not None:
-        kwargs["pipeline_model_parallel_layout"] = _pipeline_layout(parallel.pipeline_layout)
+        kwargs["pipeline_model_parallel_layout"] = _pipeline_layout(
+            parallel.pipeline_layout, model.mtp.num_layers if model.mtp is not None else 0)
     if model.moe is not None:
         kwargs.update(_moe_kwargs(model))
     if model.mtp is not None:
@@ -137,11 +138,11 @@ def _moe_kwargs(model: ModelConfig) -> dict:
     return out
 
 
-def _pipeline_layout(layers_per_stage: List[int]) -> list:
-    """[2, 3, 3] -> megatron layout: embedding on the first stage, loss on the last."""
+def _pipeline_layout(layers_per_stage: List[int], mtp_layers: int = 0) -> list:
+    """[2, 3, 3] -> megatron layout: embedding on the first stage, the MTP layers and the loss on the last."""
     stages = [["decoder"] * n for n in layers_per_stage]
     stages[0].insert(0, "embedding")
-    stages[-1].append("loss")
+    stages[-1] += ["mtp"] * mtp_layers + ["loss"]
     return stages
 
 

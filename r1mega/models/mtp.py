@@ -11,17 +11,19 @@ labels from the input when none are given. MTPGPTModel runs the block itself, on
 forwards (below), and then leaves the output layer to GPTModel as for a model without MTP: every
 forward returns the main logits, and generation and log-prob passes never run the MTP layers.
 
-A training step opens `predicting_further(model, targets, mask)` around its forward: each input
-position's next token and whether a loss reads it. The next tokens cannot be derived from the input
-(the last input position's target is not in it, nor a right-padded row's last). The MTP loss is
-megatron's: at depth k, position i predicts targets[i + k] where mask[i + k] (shifted within each row of
-a THD pack); the cross-entropy is averaged over those positions, times loss_scale / depths, and carried
-into backward by megatron's MTPLossAutoScaler, whose scale the pipeline schedule sets per micro-batch.
+A training step opens `predicting_further(model, targets, mask, token_weight)` around its forward: each
+input position's next token and whether a loss reads it. The next tokens cannot be derived from the
+input (the last input position's target is not in it, nor a right-padded row's last). At depth k,
+position i predicts targets[i + k] where mask[i + k] (shifted within each row of a THD pack). The loss
+is loss_scale / depths times the cross-entropy summed over those positions and weighted as the step's
+own loss weights a token (`token_weight`: RL and SFT divide by the step's global token count, as
+DeepSeek-V3 divides each depth's sum by the sequence length), or without a weight averaged per
+micro-batch, megatron's own choice (pre-training, whose loss megatron averages the same way). It reaches
+backward through megatron's MTPLossAutoScaler, whose scale the pipeline schedule sets per micro-batch.
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
@@ -51,10 +53,11 @@ def mtp_block_spec(config, decoder_spec, backend: str, pp_rank: Optional[int], v
 class MTPGPTModel(GPTModel):
     """GPTModel whose MTP layers run only in training forwards that ask for them (see the module doc)."""
 
-    _targets: Optional[tuple] = None  # (next tokens, mask) [b, s] while predicting_further is open
+    _targets: Optional[tuple] = None  # (next tokens, mask [b, s], token weight) while predicting_further is open
 
     # RL sets this: the MTP loss then reaches the MTP layers only (the decoder's hidden states, the
-    # embedding and the output layer enter it detached), so the policy's gradient is the RL objective's
+    # embedding and the output layer enter it detached), so no policy weight gets a gradient from it
+    # (the optimizer's global grad-norm clip still counts the MTP layers' gradients)
     detach_trunk: bool = False
 
     def __init__(self, *args, **kwargs):
@@ -85,20 +88,22 @@ class MTPGPTModel(GPTModel):
                        rest: dict) -> torch.Tensor:
         packed = rest.get("packed_seq_params")
         detach = self.detach_trunk
-        extra = {k: rest[k] for k in ("padding_mask",) if k in rest and k in _mtp_forward_args(self.mtp)}
+        # no padding_mask (which megatron 0.17+ takes): under sequence parallelism it arrives split over the
+        # TP ranks, and the MTP layer would shift the slice with the whole pack's boundaries. So the MTP
+        # layer's router counts padding in its balancing statistics, as on 0.16, which takes none
         stacked = self.mtp(
             input_ids=input_ids, position_ids=position_ids, hidden_states=hidden.detach() if detach else hidden,
             attention_mask=rest.get("attention_mask"), rotary_pos_emb=rotary_pos_emb,
             rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin, packed_seq_params=packed,
             sequence_len_offset=rest.get("sequence_len_offset"),
-            embedding=_DetachedEmbedding(self.embedding) if detach else self.embedding, **extra)
+            embedding=_DetachedEmbedding(self.embedding) if detach else self.embedding)
         depth_states = torch.chunk(stacked, 1 + self.config.mtp_num_layers, dim=0)[1:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         if detach:
             weight = (weight if weight is not None else self.output_layer.weight).detach()
-        targets, mask = self._targets
+        targets, mask, token_weight = self._targets
         mask = mask.float()
-        means = []
+        sums, counts = [], []
         for states in depth_states:
             targets, _ = roll_tensor(targets, shifts=-1, dims=-1, packed_seq_params=packed)
             mask, count = roll_tensor(mask, shifts=-1, dims=-1, packed_seq_params=packed)
@@ -106,10 +111,13 @@ class MTPGPTModel(GPTModel):
             logits, _ = self.output_layer.forward(states, weight=weight,
                                                   runtime_gather_output=rest.get("runtime_gather_output"))
             ce = self.compute_language_model_loss(targets, logits)  # [b, s]
-            means.append((ce * mask).sum() / count.clamp(min=1))
-        means = torch.stack(means)
-        self.mtp_losses.append(means.detach())
-        loss = self.config.mtp_loss_scaling_factor / len(means) * means.sum()
+            sums.append((ce * mask).sum())
+            counts.append(count.clamp(min=1))
+        sums = torch.stack(sums)
+        counts = torch.stack(counts).to(sums.dtype)
+        self.mtp_losses.append((sums / counts).detach())
+        per_depth = sums * token_weight if token_weight is not None else sums / counts
+        loss = self.config.mtp_loss_scaling_factor / len(sums) * per_depth.sum()
         return MTPLossAutoScaler.apply(hidden, loss)
 
 
@@ -124,16 +132,14 @@ class _DetachedEmbedding(torch.nn.Module):
         return self.inner[0](**kwargs).detach()
 
 
-def _mtp_forward_args(block) -> set:
-    return set(inspect.signature(block.forward).parameters)
-
-
 @contextmanager
-def predicting_further(model: torch.nn.Module, targets: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
+def predicting_further(model: torch.nn.Module, targets: torch.Tensor, mask: torch.Tensor,
+                       token_weight: Optional[float] = None) -> Iterator[None]:
     """While open, `model`'s forward (a chunk with MTP layers, wrapped or not) trains them: `targets` [b, s]
-    is each input position's next token, `mask` [b, s] where a loss reads it."""
+    is each input position's next token, `mask` [b, s] where a loss reads it, `token_weight` what the
+    step's loss multiplies a token's loss by (None: a per-micro-batch mean; see the module doc)."""
     chunk = unwrap_model(model)
-    chunk._targets = (targets, mask)
+    chunk._targets = (targets, mask, token_weight)
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ no optimizer: an RLContext whose training fields are empty, so evaluation code i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
 from r1mega.config.schema import R1Config
@@ -29,7 +30,7 @@ def inference_context(cfg: R1Config, runtime: Runtime, components: Optional[Dict
         cfg.reward.components = dict(components)
     tokenizer = run_tokenizer(cfg)
     train, test = prompts(cfg, tokenizer)
-    chunks = build_model(cfg.model, cfg.parallel)
+    chunks = build_model(replace(cfg.model, mtp=None), cfg.parallel)  # generation never runs MTP layers
     load_weights(chunks, cfg, initial_weights(cfg, runtime, tokenizer))
     for chunk in chunks:
         chunk.eval()

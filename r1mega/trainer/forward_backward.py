@@ -24,12 +24,15 @@ from r1mega.models.routing_replay import replaying, replays_here, router_order
 from r1mega.models.seq_aux_loss import rows_of
 
 
-def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = None):
-    """The next micro-batch through `model`; `around(micro)`, when given, is a context the forward runs in."""
+def forward_step(data_iterator, model, loss_fn, around: Optional[Callable] = None,
+                 mtp_token_weight: Optional[float] = None):
+    """The next micro-batch through `model`; `around(micro)`, when given, is a context the forward runs in.
+    A training forward also trains the MTP layers where the loss reads, each token weighted by
+    `mtp_token_weight` as the loss weights it (r1mega.models.mtp)."""
     micro = next(data_iterator).to(next(model.parameters()).device)
-    # a training forward trains the MTP layers where the loss reads (r1mega.models.mtp)
-    mtp = predicting_further(model, *micro.targets_by_position()) if runs_mtp(model) and torch.is_grad_enabled() \
-        else nullcontext()
+    mtp = nullcontext()
+    if runs_mtp(model) and torch.is_grad_enabled():
+        mtp = predicting_further(model, *micro.targets_by_position(), mtp_token_weight)
     with logits_from(model, getattr(micro, "logits_window", 0)), _routing(model, micro), mtp, \
             (around(micro) if around is not None else nullcontext()):
         logits = model(**_model_inputs(model, micro))
@@ -83,17 +86,18 @@ def _model_inputs(model: torch.nn.Module, micro) -> dict:
 
 def run_schedule(chunks: Sequence[torch.nn.Module], micro_batches: list, loss_fn: Optional[Callable],
                  forward_only: bool, step: Optional[Callable] = None,
-                 shape: Optional[Tuple[int, int]] = None) -> List[dict]:
+                 shape: Optional[Tuple[int, int]] = None, mtp_token_weight: Optional[float] = None) -> List[dict]:
     """Every micro-batch through the model chunks; the reports of the last pipeline stage.
 
     `step(data_iterator, model)` replaces the default forward step (model inputs, then loss_fn);
-    `shape` = (seq_length, micro_batch_size) when every micro-batch has it, else the largest.
+    `shape` = (seq_length, micro_batch_size) when every micro-batch has it, else the largest;
+    `mtp_token_weight`: see forward_step.
     """
     iterators = [iter(micro_batches) for _ in chunks]  # interleaved pipelining pulls per chunk
     if shape is None:  # shapes are exchanged per micro-batch (variable_seq_lengths)
         shape = (max(m.tokens.size(1) for m in micro_batches), max(m.tokens.size(0) for m in micro_batches))
     return get_forward_backward_func()(
-        forward_step_func=step or partial(forward_step, loss_fn=loss_fn),
+        forward_step_func=step or partial(forward_step, loss_fn=loss_fn, mtp_token_weight=mtp_token_weight),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=list(chunks),
         num_microbatches=len(micro_batches),

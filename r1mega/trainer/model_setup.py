@@ -5,6 +5,7 @@ reference model. Shared by the RL and SFT runs and by generation-only stages.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -80,7 +81,7 @@ def build_kl_reference(cfg: R1Config, source: Optional[str], policy: list) -> Op
     """The KL reference model: a frozen copy of the initial policy (none when kl_beta = 0)."""
     if cfg.algorithm.kl_beta == 0:
         return None
-    ref = build_model(cfg.model, cfg.parallel)
+    ref = build_model(replace(cfg.model, mtp=None), cfg.parallel)  # its log-probs never run MTP layers
     copy_weights(policy, ref)
     _exchange_shapes(ref)
     for chunk in ref:
@@ -91,13 +92,13 @@ def build_kl_reference(cfg: R1Config, source: Optional[str], policy: list) -> Op
 
 def copy_weights(src: list, dst: list) -> None:
     """dst's parameters := src's (same layout), and the routers' expert bias (DeepSeek-V3's, a buffer
-    that routes as much as the weights do): the KL reference's start and R1's reference reset."""
+    that routes as much as the weights do): the KL reference's start and R1's reference reset. src may
+    hold more (the policy's MTP layers, which the reference is built without); dst nothing src lacks."""
     with torch.no_grad():
         for a, b in zip(src, dst):
-            for (name, p), (name_b, q) in zip([*a.named_parameters(), *expert_biases(a)],
-                                              [*b.named_parameters(), *expert_biases(b)]):
-                assert name == name_b, (name, name_b)
-                q.copy_(p)
+            theirs = dict([*a.named_parameters(), *expert_biases(a)])
+            for name, q in [*b.named_parameters(), *expert_biases(b)]:
+                q.copy_(theirs[name])
 
 
 def _exchange_shapes(chunks) -> None:

@@ -42,8 +42,11 @@ PRETRAIN_BAR = {"loss": "loss"}
 
 def base_model_dir(cfg: R1Config, tokenizer) -> Path:
     w = cfg.pretrain
+    model = asdict(cfg.model)
+    if model["mtp"] is None:  # off: the digest of base models cached before the field existed
+        del model["mtp"]
     recipe = {
-        "model": asdict(cfg.model),
+        "model": model,
         "pretrain": {k: v for k, v in asdict(w).items() if k != "cache_dir"},
         "task": [cfg.data.name, dict(cfg.data.difficulty), cfg.data.seed, cfg.data.template, cfg.data.train_size],
         "vocab": sorted(tokenizer.get_vocab().items()),

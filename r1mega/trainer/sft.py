@@ -137,7 +137,8 @@ def sft_step(ddp_chunks, optimizer, scheduler, parts: List[SFTMicroBatch]) -> Di
     num_tokens = max(_target_count(parts), 1.0)
     scale = float(len(parts) * ps.get_data_parallel_world_size())
     out, grad_norm, update_ok = train_step(ddp_chunks, optimizer, scheduler, parts,
-                                           partial(nll_loss, num_tokens=num_tokens, scale=scale))
+                                           partial(nll_loss, num_tokens=num_tokens, scale=scale),
+                                           mtp_token_weight=scale / num_tokens)
     sums = _sums(out)
     return {"loss": float(sums[0] / sums[1].clamp(min=1)), "tokens": float(sums[1]), "grad_norm": grad_norm,
             "update_skipped": float(not update_ok), **mtp_metrics(ddp_chunks)}

@@ -134,3 +134,17 @@ def test_down_projections_start_as_the_init_method_says(tmp_path):
     for name, weight in one.items():
         assert abs(float(weight.std()) - 0.02) < 0.004, (name, float(weight.std()))
         assert torch.equal(two[0][name], two[1][name]), name
+
+
+def test_rollout_workers_decode_without_the_mtp_layer(tmp_path):
+    """Rollout workers build the model without its MTP layer and take the decoder's weights only; with
+    staleness 0 their steps are the synchronous run's (the trainer still trains the MTP layer)."""
+    from test_async_rl import ASYNC, TIMING, _run_at_async_threads
+
+    common = [*MODEL, *ALGO, "trainer.steps=2"]
+    sync = spawn(1, _run_at_async_threads, common, str(tmp_path / "sync"))[0]
+    got = spawn(1, _run_at_async_threads, [*common, *ASYNC], str(tmp_path / "async"))[0]
+    for a, b in zip(got, sync):
+        shared = [k for k in b if not k.startswith(TIMING) and k != "logprob_gap"]
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}, a["step"]
+        assert a["mtp/loss"] > 0

@@ -133,7 +133,8 @@ def _reference(folder: Path, detach: bool):
     return float(mean), grads
 
 
-def _on_ranks(folder: str, tp: int, pp: int, ep: int, packed: bool, detach: bool):
+def _on_ranks(folder: str, tp: int, pp: int, ep: int, packed: bool, detach: bool, token_weight=None,
+              layout=None):
     from megatron.core import parallel_state as ps
 
     from r1mega.checkpoint.hf_config import model_config_from_hf
@@ -145,7 +146,7 @@ def _on_ranks(folder: str, tp: int, pp: int, ep: int, packed: bool, detach: bool
     from r1mega.trainer.forward_backward import run_schedule
     from r1mega.trainer.rl.batch import StepBatch, collate, pack
 
-    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1)
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1, pipeline_layout=layout)
     initialize(parallel, seed=3)
     try:
         cfg = replace(model_config_from_hf(folder), mtp=MTPConfig(num_layers=1, loss_scale=SCALE))
@@ -160,7 +161,7 @@ def _on_ranks(folder: str, tp: int, pp: int, ep: int, packed: bool, detach: bool
         def no_main_loss(m, logits):  # the gradients are the MTP loss's alone
             return (logits * 0).sum(), {}
 
-        run_schedule(chunks, [micro], no_main_loss, forward_only=False)
+        run_schedule(chunks, [micro], no_main_loss, forward_only=False, mtp_token_weight=token_weight)
         means = [float(m) for c in mtp_chunks(chunks) for m in c.mtp_losses]
         with torch.no_grad():  # the gradients, as the parameters' values, exported under HF names
             for p in chunks[0].parameters():
@@ -188,7 +189,7 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def _check(per_rank, ref_mean, ref_grads, detach: bool):
+def _check(per_rank, ref_mean, ref_grads, detach: bool, factor: float = 1.0):
     means = [m for r in per_rank for m in r[0]]
     assert means, "no rank ran the MTP layer"
     for mean in means:
@@ -204,8 +205,7 @@ def _check(per_rank, ref_mean, ref_grads, detach: bool):
             assert not grad.any(), f"{name}: the decoder got a gradient from the MTP loss under RL"
             continue
         ref = checkpoint_view(ref_grads, name) if name in ref_grads or ".experts." in name else None
-        if ref is None:
-            ref = torch.zeros_like(grad)
+        ref = torch.zeros_like(grad) if ref is None else factor * ref
         assert torch.allclose(grad, ref, rtol=1e-4, atol=1e-7), f"{name}: {(grad - ref).abs().max():.2e}"
         checked += name.startswith(mtp)
     assert checked > 10
@@ -218,12 +218,24 @@ def test_mtp_loss_and_gradients_equal_deepseek_formula(checkpoint, packed):
     _check(per_rank, ref_mean, ref_grads, detach=False)
 
 
-@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "ep2"])
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 2, 1, [1, 1])],
+                         ids=["tp2", "pp2", "ep2", "pp2-layout"])
 def test_mtp_under_parallel_layouts(checkpoint, layout):
-    tp, pp, ep = layout
+    """pp2-layout: the stages given as parallel.pipeline_layout, which names the MTP layer's stage too."""
+    tp, pp, ep = layout[:3]
     ref_mean, ref_grads = _reference(checkpoint, detach=False)
-    per_rank = spawn(tp * pp * ep, _on_ranks, str(checkpoint), tp, pp, ep, True, False)
+    per_rank = spawn(tp * pp * ep, _on_ranks, str(checkpoint), tp, pp, ep, True, False, None,
+                     layout[3] if len(layout) > 3 else None)
     _check(per_rank, ref_mean, ref_grads, detach=False)
+
+
+def test_token_weight_weights_each_position_as_the_steps_loss(checkpoint):
+    """RL and SFT steps weight each MTP position as their loss weights a token (the step's global count),
+    not by a per-micro-batch mean: twice the mean's weight doubles every gradient, the reported loss stays."""
+    counted = sum(1 for n in LENGTHS for i in range(n - 2) if i + 1 >= PROMPT - 1)  # as _reference counts
+    ref_mean, ref_grads = _reference(checkpoint, detach=False)
+    per_rank = spawn(1, _on_ranks, str(checkpoint), 1, 1, 1, True, False, 2.0 / counted)
+    _check(per_rank, ref_mean, ref_grads, detach=False, factor=2.0)
 
 
 def test_rl_detaches_the_decoder_from_the_mtp_loss(checkpoint):

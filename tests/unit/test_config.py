@@ -123,6 +123,9 @@ def test_an_optional_section_is_switched_on_from_the_command_line():
     mtp = load_config(["model=tiny_moe", "model.mtp={loss_scale: 0.3}"]).model.mtp
     assert (mtp.num_layers, mtp.loss_scale) == (1, 0.3)
     assert load_config(["model=tiny_dsv3", "model.mtp=null"]).model.mtp is None
+    assert load_config(["model=tiny_moe", "model.mtp.num_layers=2", "model.mtp=null"]).model.mtp is None  # in order
+    assert load_config(["model=tiny_dsv3", "model.mtp=null", "model.mtp.num_layers=2"]).model.mtp.num_layers == 2
+    assert load_config(["model=tiny_moe", "model.moe=null"]).model.moe is None
     yarn = load_config(["model=tiny_dsv3", "model.mla.yarn.factor=4",
                         "model.mla.yarn.original_max_position_embeddings=64"]).model.mla.yarn
     assert (yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast) == (4.0, 64, 32.0)

@@ -26,7 +26,6 @@ import logging
 import multiprocessing.connection as mp_connection
 import os
 import time
-from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +33,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
-from r1mega.checkpoint.hf_mapping import decoder_tensor
 from r1mega.config.schema import R1Config
 from r1mega.rollout.ledger import RequestLedger, Result, staleness_metrics
 from r1mega.rollout.types import Rollouts
@@ -116,7 +114,7 @@ class AsyncRollout:
         """Gather the weights to HF names (every rank takes part) and hand a copy to the push thread."""
         if self.plan is None:
             # workers decode without multi-token prediction: its layers stay here
-            self.plan = make_plan(self.chunks, self.cfg.model, partial(decoder_tensor, model=self.cfg.model))
+            self.plan = make_plan(self.chunks, self.cfg.model, decoder_only=True)
         # sent to the controller alone (nothing arrives elsewhere); a copy: the next optimizer step
         # changes the parameters in place
         device = self.pool.push_device if self.controller else None

@@ -10,13 +10,11 @@ takes no turns.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Dict, List, Tuple
 
 import torch
 
 from r1mega.checkpoint.hf_gather import make_plan, world_hf_tensors
-from r1mega.checkpoint.hf_mapping import decoder_tensor
 from r1mega.trainer.rl.context import RLContext
 
 
@@ -35,7 +33,7 @@ def rollout_turn(ctx: RLContext) -> Dict[str, float]:
     if stale:
         if ctx.hf_plan is None:
             # the server decodes without multi-token prediction: its layers stay here
-            ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model, partial(decoder_tensor, model=ctx.cfg.model))
+            ctx.hf_plan = make_plan(ctx.chunks, ctx.cfg.model, decoder_only=True)
         ctx.engine.sync_weights(world_hf_tensors(ctx.chunks, ctx.cfg.model, ctx.hf_plan))
         ctx.synced_version = ctx.weights_version
     if ctx.train_state is not None:

@@ -102,7 +102,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
     engine = build_engine(cfg, None, tokenizer) if separate else None
     chunks, ddp, optimizer, scheduler = build_policy(cfg, source)
-    detach_from_trunk(chunks)  # the MTP layers learn from the samples; the policy from the RL loss alone
+    detach_from_trunk(chunks)  # the MTP layers learn from the samples; no policy weight gets their gradient
     sglang = None
     if separate and rollout_workers(cfg):  # the async controller drives the SGLang engines
         sglang, engine, separate = engine, None, False

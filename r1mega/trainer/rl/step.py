@@ -309,7 +309,8 @@ def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSetti
     # tokens, megatron's schedule multiplies the loss by cp, and the average divides it again.)
     scale = float(len(micro) * ps.get_data_parallel_world_size())
     out, grad_norm, update_ok = train_step(ctx.ddp_chunks, ctx.optimizer, ctx.scheduler, micro,
-                                           partial(policy_loss, s=settings, scale=scale))
+                                           partial(policy_loss, s=settings, scale=scale),
+                                           mtp_token_weight=scale / max(settings.num_tokens, 1.0))
     stats, hist = reduce_stats(out)
     out = {**stats, "grad_norm": grad_norm, "update_skipped": float(not update_ok), **mtp_metrics(ctx.ddp_chunks)}
     return out, hist
