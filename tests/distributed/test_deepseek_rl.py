@@ -44,13 +44,19 @@ def test_parallel_steps_match_single_rank(tmp_path, layout):
     assert any(m["grad_norm"] > 0 for m in ref) and any(m["advantage/abs_mean"] > 0 for m in ref)
 
 
-def test_expert_parallel_over_data_parallel_ranks_runs(tmp_path):
-    """EP=2 alone: two data-parallel ranks (other prompts than one rank's), four experts each; the steps
-    run and train."""
-    history = spawn(2, run, [*MODEL, *ALGO, "trainer.steps=2", "parallel.ep=2"], str(tmp_path), 2)[0]
-    assert [m["step"] for m in history] == [1, 2]
-    for m in history:
-        assert m["grad_norm"] > 0 and m["loss"] == m["loss"] and m["logprob_gap"] < 1e-4
+def test_expert_parallel_over_data_parallel_ranks_equals_ep1(tmp_path):
+    """EP=2 alone borrows the data-parallel ranks: two of them (other prompts than one rank's), four experts
+    each, take the steps of the same two data-parallel ranks each holding all eight experts."""
+    init = str(tmp_path / "init")
+    spawn(1, _save_init, init, MODEL)
+    common = [*MODEL, *ALGO, f"model.mcore_path={init}", "trainer.steps=2"]
+    ep1 = spawn(2, run, common, str(tmp_path / "ep1"), 2)[0]
+    ep2 = spawn(2, run, [*common, "parallel.ep=2"], str(tmp_path / "ep2"), 2)[0]
+    assert [m["step"] for m in ep2] == [1, 2]
+    for a, b in zip(ep2, ep1):
+        for key in (*COMPARED, "mtp/loss"):
+            assert _close(a[key], b[key], 1e-4, key), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+    assert all(m["grad_norm"] > 0 for m in ep2)
 
 
 def _reference_takes_the_bias(folder: str):

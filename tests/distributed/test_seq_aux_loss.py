@@ -27,8 +27,10 @@ def _grads(folder, tp, per_row_packs):
     from r1mega.trainer.forward_backward import run_schedule
     from r1mega.trainer.rl.batch import StepBatch, collate, pack
 
+    # without the MTP layer: its loss (a per-micro-batch mean without a step's token weight) would differ
+    # between one pack and one padded row per micro-batch, and this compares the balancing loss
     extra = ["model=tiny_dsv3", "model.num_query_groups=4", "model.moe.aux_loss_coeff=0.1",
-             "model.moe.load_balancing_type=seq_aux_loss"]
+             "model.moe.load_balancing_type=seq_aux_loss", "model.mtp=null"]
     if tp > 1:
         extra += ["parallel.tp=2", "parallel.sequence_parallel=true"]
     cfg = config(folder, extra, world_size=tp)
