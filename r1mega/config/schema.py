@@ -162,6 +162,15 @@ class OptimizerConfig:
 
 
 @dataclass
+class RowLimits:
+    """How large a data row may be: larger ones are bad rows (on_bad_row), named by file and line,
+    before they are parsed whole."""
+
+    max_row_bytes: int = 16 << 20  # a JSONL line or a Parquet row as stored
+    max_field_chars: int = 1 << 20  # a prompt, an answer, a message's content
+
+
+@dataclass
 class DataConfig:
     """Prompts for RL: a built-in generated task or JSONL/Parquet files."""
 
@@ -172,6 +181,7 @@ class DataConfig:
     template: Annotated[str, PromptTemplate] = "r1_zero"
     tokenizer: Optional[str] = None  # local HF tokenizer folder; default model.hf_path, else built-in
     on_bad_row: Annotated[str, OnBadRow] = "skip"  # skip (warn, with file and line) | error
+    limits: RowLimits = field(default_factory=RowLimits)
     train_size: int = 20000  # generated tasks: problems in the train split
     test_size: int = 200  # generated tasks: problems in the held-out split
     difficulty: Dict[str, Any] = field(default_factory=dict)  # task knobs, e.g. {digits: 3}
@@ -321,6 +331,7 @@ class SFTConfig:
     # chat (the tokenizer's chat template) | r1_zero (the user turn in R1-Zero's template)
     template: Annotated[str, SFTTemplate] = "chat"
     on_bad_row: Annotated[str, OnBadRow] = "skip"  # skip (warn, with file and line) | error
+    limits: RowLimits = field(default_factory=RowLimits)
     max_seq_length: int = 1024  # longer conversations are skipped with a warning
     samples_per_step: int = 32  # conversations per optimizer step, over all data-parallel ranks
     pack: bool = True  # THD packing: whole samples back to back, attention kept inside each

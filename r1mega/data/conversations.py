@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
 
+from r1mega.config.schema import RowLimits
 from r1mega.data.prompts import DataError, _messages, _optional_str, load_rows
 from r1mega.data.templates import R1_ZERO_TEMPLATE
 
@@ -28,6 +29,7 @@ class Conversation:
     messages: List[Dict[str, str]]
     data_source: str
     metadata: Dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # file:line (or file row N) it came from
 
 
 @dataclass
@@ -60,11 +62,12 @@ def parse_conversation(row: Any, default_id: str, source: str) -> Conversation:
                         _optional_str(row, "data_source", source), metadata)
 
 
-def load_conversations(paths: Sequence[str | Path], on_bad_row: str = "skip") -> List[Conversation]:
+def load_conversations(paths: Sequence[str | Path], on_bad_row: str = "skip",
+                       limits: Optional[RowLimits] = None) -> List[Conversation]:
     """Conversations of several JSONL/Parquet files, in file order (ids made unique by file)."""
     out: List[Conversation] = []
     for path in paths:
-        for conv in load_rows(path, on_bad_row, parse=parse_conversation):
+        for conv in load_rows(path, on_bad_row, parse=parse_conversation, limits=limits, columns=(("messages",),)):
             conv.metadata.setdefault("file", str(path))
             out.append(conv)
     return out

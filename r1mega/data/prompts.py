@@ -1,8 +1,11 @@
 """Prompt records from JSONL or Parquet: `prompt` or chat `messages`, ground-truth `answer`.
 
-Bad rows (invalid JSON, non-UTF-8 bytes, missing or mistyped fields, repeated ids) are
-reported with the file and line (JSONL) or row (Parquet, 1-based), then skipped with a
-warning or raised as DataError, as the caller chooses.
+Bad rows (invalid JSON, non-UTF-8 bytes, numbers Python will not convert, nesting deeper than the
+parser goes, rows or fields over the size limits, missing or mistyped fields, a conversation
+without a user turn, repeated ids) are reported with the file and line (JSONL) or row (Parquet,
+1-based), then skipped with a warning or raised as DataError, as the caller chooses. Nothing a
+row holds stops the load of the others. A Parquet file without a column every row needs is
+refused whole, naming the column.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from r1mega.config.schema import RowLimits
 
 log = logging.getLogger("r1mega.data")
 MAX_WARNINGS = 10  # individual bad-row warnings per file; the rest are only counted
@@ -33,6 +38,7 @@ class PromptRecord:
     data_source: str
     metadata: Dict[str, Any] = field(default_factory=dict)
     token_ids: Optional[List[int]] = None  # the rendered prompt's tokens, set once at a run's set-up
+    where: str = field(default="", compare=False)  # file:line (or file row N) it came from, for messages
 
 
 def _messages(value: Any) -> List[Dict[str, str]]:
@@ -76,19 +82,31 @@ def parse_row(row: Any, prompt_id: str, source: str) -> PromptRecord:
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
     answer = _answer(row.get("answer"))
+    if messages is not None:
+        messages = _messages(messages)
+        if not any(m["role"] == "user" for m in messages):
+            raise ValueError("'messages' has no user turn to answer")
     metadata = row.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"'metadata' must be an object, got {type(metadata).__name__}")
     extra = {k: v for k, v in row.items() if k not in _KNOWN}
-    return PromptRecord(_optional_str(row, "id", prompt_id), prompt,
-                        None if messages is None else _messages(messages), answer,
+    return PromptRecord(_optional_str(row, "id", prompt_id), prompt, messages, answer,
                         _optional_str(row, "data_source", source), {**extra, **(metadata or {})})
 
 
 Rows = Iterator[Tuple[str, int, Any]]  # (where, number, decoded row or the ValueError it raised)
+# columns a row needs, each a tuple of alternatives (Parquet files missing one are refused whole)
+Columns = Sequence[Tuple[str, ...]]
+PROMPT_COLUMNS: Columns = (("prompt", "messages"), ("answer",))
 
 
-def _jsonl_rows(path: Path) -> Rows:
+def _too_large(size: int, limits: RowLimits) -> Optional[ValueError]:
+    if size > limits.max_row_bytes:
+        return ValueError(f"{size} bytes, over the limit of {limits.max_row_bytes} (limits.max_row_bytes)")
+    return None
+
+
+def _jsonl_rows(path: Path, limits: RowLimits, columns: Columns) -> Rows:
     with path.open("rb") as f:  # bytes: one non-UTF-8 line must not stop the others
         for number, raw in enumerate(f, start=1):
             if number == 1:
@@ -96,31 +114,58 @@ def _jsonl_rows(path: Path) -> Rows:
             if not raw.strip():
                 continue
             where = f"{path}:{number}"
+            too_large = _too_large(len(raw), limits)
+            if too_large is not None:  # not decoded at all
+                yield where, number, too_large
+                continue
             try:
                 yield where, number, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 yield where, number, ValueError(f"not UTF-8 ({e.reason} at byte {e.start})")
             except json.JSONDecodeError as e:
                 yield where, number, ValueError(f"invalid JSON ({e.msg}, column {e.colno})")
+            except ValueError as e:  # an integer of more digits than Python converts (4300 by default)
+                yield where, number, ValueError(f"unreadable JSON ({str(e).splitlines()[0]})")
+            except RecursionError:
+                yield where, number, ValueError("JSON nested deeper than the parser goes")
 
 
-def _parquet_rows(path: Path) -> Rows:
+def _parquet_rows(path: Path, limits: RowLimits, columns: Columns) -> Rows:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    names = set(table.column_names)
+    for alternatives in columns:
+        if not names & set(alternatives):
+            raise DataError(f"{path}: no {' or '.join(repr(a) for a in alternatives)} column "
+                            f"(columns: {', '.join(table.column_names) or 'none'})")
     for number, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path} row {number}", number, row
+        size = len(json.dumps(row, default=str).encode())  # as a JSONL line would hold it
+        yield f"{path} row {number}", number, _too_large(size, limits) or row
+
+
+def _check_fields(row: Any, limits: RowLimits) -> None:
+    """Text fields over limits.max_field_chars: the row's strings, and its messages' contents."""
+    if not isinstance(row, dict):
+        return
+    texts = [(repr(k), v) for k, v in row.items()]
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        texts += [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(messages) if isinstance(m, dict)]
+    for name, value in texts:
+        if isinstance(value, str) and len(value) > limits.max_field_chars:
+            raise ValueError(f"{name} has {len(value)} characters, over the limit of {limits.max_field_chars} "
+                             f"(limits.max_field_chars)")
 
 
 READERS = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
 
 
-def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse=None) -> Tuple[list, int]:
-    """Parsed rows (parse(row, default_id, source), default parse_row) and the count of bad ones."""
-    parse = parse or parse_row
+def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse, limits: RowLimits) -> Tuple[list, int]:
+    """Parsed rows (parse(row, default_id, source); each record gets its `where`) and the count of bad ones."""
     records: list = []
     first_seen: Dict[str, str] = {}
     bad = 0
@@ -128,7 +173,9 @@ def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse=None) -
         try:
             if isinstance(row, Exception):
                 raise row
+            _check_fields(row, limits)
             record = parse(row, f"{path.stem}:{number}", source)
+            record.where = where
             # ids name prompts in logs and derived datasets: a repeat would make them ambiguous
             if record.prompt_id in first_seen:
                 raise ValueError(f"id {record.prompt_id!r} repeats the one at {first_seen[record.prompt_id]}")
@@ -144,16 +191,17 @@ def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse=None) -
     return records, bad
 
 
-def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None
-                 ) -> List[PromptRecord]:
+def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None,
+                 limits: Optional[RowLimits] = None) -> List[PromptRecord]:
     """Records of a .jsonl or .parquet file; bad rows warn and are skipped, or raise DataError."""
-    return load_rows(path, on_bad_row, default_source)
+    return load_rows(path, on_bad_row, default_source, limits=limits)
 
 
 def load_rows(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None,
-              parse=None) -> list:
-    """Rows of a .jsonl or .parquet file parsed by `parse` (default: prompt records); each needs a
-    `prompt_id`, unique in the file. Bad rows warn and are skipped, or raise DataError."""
+              parse=None, limits: Optional[RowLimits] = None, columns: Columns = PROMPT_COLUMNS) -> list:
+    """Rows of a .jsonl or .parquet file parsed by `parse` (default: prompt records, whose `columns`
+    are the default); each needs a `prompt_id`, unique in the file, and a `where`. Bad rows warn and
+    are skipped, or raise DataError. `limits`: RowLimits' defaults when None."""
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
     path = Path(path)
@@ -162,7 +210,9 @@ def load_rows(path: str | Path, on_bad_row: str = "skip", default_source: Option
         raise DataError(f"{path}: unknown data format {path.suffix!r} (use .jsonl or .parquet)")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    records, bad = _records(path, reader(path), on_bad_row, default_source or path.stem, parse)
+    limits = limits or RowLimits()
+    records, bad = _records(path, reader(path, limits, columns), on_bad_row, default_source or path.stem,
+                            parse or parse_row, limits)
     if bad > MAX_WARNINGS:
         log.warning("%s: %d bad rows skipped in all (%d valid rows kept)", path, bad, len(records))
     if not records:

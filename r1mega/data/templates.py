@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import logging
+from typing import Any, Dict, List, Tuple
 
-from r1mega.data.prompts import PromptRecord
+from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
+
+from r1mega.data.prompts import MAX_WARNINGS, DataError, PromptRecord
+
+log = logging.getLogger("r1mega.data")
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -31,14 +36,44 @@ def user_text(record: PromptRecord) -> str:
     return users[-1]
 
 
+def rendered(records: List[PromptRecord], tokenizer: Any, template: str,
+             on_bad_row: str) -> Tuple[List[PromptRecord], List[str]]:
+    """(the records that render, their texts). A record the template refuses (a chat template raising
+    on its roles, a conversation without user text) is a bad row: warned about and left out, or, with
+    on_bad_row=error, a DataError naming its file and line. A tokenizer without the template refuses
+    them all: that is said once."""
+    if template == "chat":
+        _check_chat_template(tokenizer)
+    kept, texts, bad = [], [], 0
+    for record in records:
+        try:
+            texts.append(render_prompt(record, tokenizer, template))
+        except (ValueError, TemplateError) as e:
+            message = f"{record.where or record.prompt_id}: bad row: cannot render the prompt ({e})"
+            if on_bad_row == "error":
+                raise DataError(message) from None
+            bad += 1
+            if bad <= MAX_WARNINGS:
+                log.warning("%s (skipped)", message)
+            continue
+        kept.append(record)
+    if bad > MAX_WARNINGS:
+        log.warning("%d prompts the template refuses skipped in all", bad)
+    return kept, texts
+
+
+def _check_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"template 'chat': tokenizer {name} has no chat template (use r1_zero or plain)")
+
+
 def render_prompt(record: PromptRecord, tokenizer: Any, template: str) -> str:
     """The text the model continues for this record under `template`."""
     if template == "r1_zero":
         return R1_ZERO_TEMPLATE.format(prompt=user_text(record))
     if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise ValueError(f"template 'chat': tokenizer {name} has no chat template (use r1_zero or plain)")
+        _check_chat_template(tokenizer)
         return tokenizer.apply_chat_template(_messages(record), tokenize=False, add_generation_prompt=True)
     if template == "plain":
         return user_text(record)

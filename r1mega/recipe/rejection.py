@@ -157,7 +157,7 @@ def _mixed(cfg: R1Config) -> List[Dict]:
     """The non-reasoning conversations, ids made unique over the files."""
     rows = []
     for i, path in enumerate(cfg.sample.mix_files):
-        for conv in load_conversations([path], cfg.data.on_bad_row):
+        for conv in load_conversations([path], cfg.data.on_bad_row, cfg.data.limits):
             rows.append({"id": f"mix{i}-{conv.prompt_id}", "messages": conv.messages,
                          "data_source": conv.data_source,
                          "provenance": {"source": "mix", "file": str(path), "id": conv.prompt_id}})

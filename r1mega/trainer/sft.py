@@ -69,7 +69,7 @@ def load_samples(cfg: R1Config, tokenizer) -> Tuple[List[SFTSample], List[SFTSam
     s = cfg.sft
 
     def samples(files, split):
-        convs = load_conversations(files, s.on_bad_row)
+        convs = load_conversations(files, s.on_bad_row, s.limits)
         return tokenize_all(convs, tokenizer, s.template, s.max_seq_length, s.on_bad_row, split)
 
     return samples(s.train_files, "train"), samples(s.valid_files, "valid")

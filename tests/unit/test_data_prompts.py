@@ -29,6 +29,7 @@ def test_jsonl_plain_and_chat_rows(tmp_path):
     ])
     plain, chat = load_prompts(path)
     assert plain == PromptRecord("math:1", "What is 1 + 1?", None, "2", "math", {"level": 3})
+    assert (plain.where, chat.where) == (f"{path}:1", f"{path}:2")
     assert chat.prompt is None and chat.messages[1] == {"role": "user", "content": "Pi?"}
     assert (chat.prompt_id, chat.answer, chat.data_source) == ("q7", "3.14", "gsm")
     assert chat.metadata == {"level": 5, "topic": "geometry"}  # the explicit metadata field wins
@@ -57,6 +58,7 @@ def test_parquet_rows(tmp_path):
         load_prompts(path, on_bad_row="error")
     plain, chat = load_prompts(path)
     assert plain == PromptRecord("mixed:1", "What is 2 + 3?", None, "5", "mixed", {"difficulty": 1})
+    assert plain.where == f"{path} row 1"
     assert chat.messages == [{"role": "user", "content": "Hi?"}] and chat.data_source == "chat"
     assert chat.metadata == {"difficulty": 2}
 
@@ -80,6 +82,11 @@ BAD_ROWS = {
     "metadata not an object": ({"prompt": "x", "answer": "1", "metadata": [1]}, "'metadata' must be an obj"),
     "data_source not text": ({"prompt": "x", "answer": "1", "data_source": 3}, "'data_source' must be a str"),
     "repeated id": ({"id": "a", "prompt": "x", "answer": "1"}, r"id 'a' repeats the one at .*data\.jsonl:1"),
+    # what json.loads raises outside JSONDecodeError: each used to stop the whole load
+    "integer of 5000 digits": (b'{"prompt": "x", "answer": ' + b"9" * 5000 + b"}", "unreadable JSON"),
+    "nesting 100000 deep": (b'{"prompt": "x", "answer": "1", "m": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                            "nested deeper than the parser goes"),
+    "no user turn": ({"messages": [{"role": "system", "content": "Be brief."}], "answer": "1"}, "no user turn"),
 }
 
 
@@ -135,3 +142,33 @@ def test_file_level_errors(tmp_path):
         load_prompts(broken)
     with pytest.raises(ValueError, match="on_bad_row"):
         load_prompts(csv, on_bad_row="ignore")
+
+
+def test_rows_and_fields_over_the_limits(tmp_path):
+    """A line over max_row_bytes is not even decoded; a prompt, answer or message content over
+    max_field_chars is named; both are bad rows like any other, the rest load."""
+    from r1mega.config.schema import RowLimits
+
+    limits = RowLimits(max_row_bytes=200, max_field_chars=20)
+    path = write_jsonl(tmp_path / "big.jsonl", [
+        GOOD, {"prompt": "x" * 300, "answer": "1"}, {"prompt": "y" * 21, "answer": "1"},
+        {"messages": [{"role": "user", "content": "z" * 25}], "answer": "1"}, {"prompt": "ok", "answer": "2" * 30}])
+    with pytest.raises(DataError, match=r"big\.jsonl:2: bad row: \d+ bytes, over the limit of 200 "
+                                        r"\(limits\.max_row_bytes\)"):
+        load_prompts(path, on_bad_row="error", limits=limits)
+    records = load_prompts(path, limits=limits)
+    assert [r.prompt_id for r in records] == ["big:1"]
+    for line, field in ((3, "'prompt'"), (4, r"messages\[0\]\.content"), (5, "'answer'")):
+        rows = [GOOD] * (line - 1) + [json.loads(path.read_text().splitlines()[line - 1])]
+        one = write_jsonl(tmp_path / f"one{line}.jsonl", [{**r, "id": str(i)} for i, r in enumerate(rows)])
+        with pytest.raises(DataError, match=rf":{line}: bad row: {field} has \d+ characters, over the limit of 20"):
+            load_prompts(one, on_bad_row="error", limits=limits)
+
+
+def test_parquet_missing_a_column_is_refused_whole(tmp_path):
+    for columns, named in (({"prompt": ["a", "b"], "id": ["1", "2"]}, "no 'answer' column"),
+                           ({"answer": ["1"]}, "no 'prompt' or 'messages' column")):
+        path = tmp_path / f"{len(columns)}.parquet"
+        pq.write_table(pa.table(columns), path)
+        with pytest.raises(DataError, match=rf"{path.name}: {named} \(columns: "):
+            load_prompts(path)

@@ -55,3 +55,32 @@ def test_errors(tok):
     system_only = PromptRecord("s", None, [{"role": "system", "content": "x"}], "1", "s", {})
     with pytest.raises(ValueError, match="no user message"):
         render_prompt(system_only, tok, "r1_zero")
+
+
+def test_rows_the_chat_template_refuses_are_bad_rows(tmp_path, caplog):
+    """RL prompts: a row the chat template raises on (as real templates do on roles they reject) is a bad
+    row named by its file and line, skipped or raised as data.on_bad_row says; a tokenizer without a chat
+    template is said once."""
+    import copy
+    import logging
+
+    from r1mega.data.prompts import DataError
+    from r1mega.data.templates import rendered
+
+    tok = load_tokenizer(build_tiny_tokenizer(tmp_path / "tiny"))
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    good = PromptRecord("g", "2 + 2?", None, "4", "s", {}, where="data.jsonl:1")
+    bad = PromptRecord("c", None, CHAT.messages, "4", "s", {}, where="data.jsonl:2")
+    with caplog.at_level(logging.WARNING, logger="r1mega.data"):
+        kept, texts = rendered([good, bad], strict, "chat", "skip")
+    assert kept == [good] and texts == ["2 + 2?"]
+    assert any("data.jsonl:2: bad row: cannot render the prompt (System role not supported)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(DataError, match=r"data\.jsonl:2: bad row: cannot render the prompt"):
+        rendered([good, bad], strict, "chat", "error")
+    strict.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        rendered([good, bad], strict, "chat", "skip")

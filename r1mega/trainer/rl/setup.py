@@ -15,7 +15,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
 from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import make_task
-from r1mega.data.templates import render_prompt
+from r1mega.data.templates import rendered
 from r1mega.platform.distributed import Runtime, rank, replica_group
 from r1mega.models.mtp import detach_from_trunk
 from r1mega.models.specs import resolve_backend
@@ -36,8 +36,8 @@ def load_records(cfg: R1Config) -> Tuple[list, list]:
     """(train, held-out) prompt records of the configured data."""
     d = cfg.data
     if d.name == "files":
-        train = load_prompts(d.train_path, on_bad_row=d.on_bad_row)
-        test = load_prompts(d.test_path, on_bad_row=d.on_bad_row) if d.test_path else []
+        train = load_prompts(d.train_path, on_bad_row=d.on_bad_row, limits=d.limits)
+        test = load_prompts(d.test_path, on_bad_row=d.on_bad_row, limits=d.limits) if d.test_path else []
         return train, test
     knobs = dict(d.difficulty)
     return (make_task(d.name, "train", d.train_size, d.seed, **knobs),
@@ -52,8 +52,9 @@ def prompts(cfg: R1Config, tokenizer) -> Tuple[list, list]:
 
 def tokenize_prompts(cfg: R1Config, tokenizer, records: list, split: str) -> list:
     """The records with their rendered prompt's token_ids; those over data.max_prompt_tokens are
-    dropped with a warning."""
-    texts = [render_prompt(r, tokenizer, cfg.data.template) for r in records]
+    dropped with a warning, and those the template refuses (a chat template's own checks) are bad rows
+    (data.on_bad_row), named by file and line."""
+    records, texts = rendered(records, tokenizer, cfg.data.template, cfg.data.on_bad_row)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # no held-out file: none
     keep = [replace(r, token_ids=list(seq)) for r, seq in zip(records, ids)
             if 0 < len(seq) <= cfg.data.max_prompt_tokens]
