@@ -297,7 +297,7 @@ class RewardConfig:
     components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # RewardName -> weight
     custom: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: fn, weight: w, ...}
     timeout_s: float = 5.0  # per sample
-    num_workers: int = 2  # scoring processes; 0 scores in-process (no hard deadline)
+    num_workers: int = 2  # scoring processes; 0 scores in the trainer's process, without a hard deadline: tests only
     language: str = "en"  # target language of the language-consistency reward
     overlong_max_tokens: Optional[int] = None  # DAPO soft overlong punishment; default max_new_tokens
     overlong_cache_tokens: int = 0

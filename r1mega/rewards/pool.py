@@ -4,6 +4,12 @@ Samples go to workers in chunks; a worker streams back one result per sample, so
 parent knows which sample a silent worker is stuck on. A worker that misses its deadline
 is killed (the sample times out), a new one takes its place, and its unscored samples go
 back to the front of the queue. Rows are stored by input index, so order survives kills.
+
+Nothing is ever scored in the trainer's process, where only SIGALRM could stop it and C-level
+work (sympy on a huge integer) would stall the rank while the others wait in a collective: a
+worker that dies while starting is replaced too (up to MAX_START_FAILURES in a row, then the
+run stops saying why), and a sample that cannot be sent to a worker (it does not pickle)
+scores 0 as a failure, alone.
 """
 
 from __future__ import annotations
@@ -11,10 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import pickle
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -24,6 +30,7 @@ log = logging.getLogger("r1mega.rewards")
 _CHUNK = 64  # most samples per message
 _START_S = 120.0  # a new worker's time to import math-verify and resolve the custom targets
 _READY = "ready"
+MAX_START_FAILURES = 3  # replacement workers in a row that die before they are ready: then stop
 
 
 def _worker_main(conn: Any, spec: dict[str, Any]) -> None:
@@ -77,8 +84,11 @@ class WorkerPool:
     """A fixed number of reward workers; run() scores samples and returns their rows in order."""
 
     def __init__(self, num_workers: int, spec: dict[str, Any], deadline_s: float):
+        if num_workers < 1:
+            raise ValueError(f"a worker pool needs num_workers >= 1, got {num_workers}")
         self._ctx, self._spec, self._deadline_s = _context(), spec, deadline_s
         self._width = len(spec["builtin"]) + len(spec["custom"])
+        self._start_failures = 0  # consecutive replacements that died before they were ready
         self.workers = [_Worker(self._ctx, spec) for _ in range(num_workers)]
         self._await_ready()
 
@@ -96,40 +106,49 @@ class WorkerPool:
                 raise RuntimeError(f"a reward worker failed to start: {detail}")
             w.ready, w.deadline = True, math.inf
 
-    def run(self, samples: list[Any], fallback: Callable[[], Scorer]) -> list[Row]:
+    def run(self, samples: list[Any]) -> list[Row]:
         """Rows of (values, failures, timeouts, first error), one per sample, in input order."""
         rows: list[Row | None] = [None] * len(samples)
         queue: deque[int] = deque(range(len(samples)))
-        chunk = max(1, min(_CHUNK, math.ceil(len(samples) / (4 * max(1, len(self.workers))))))
+        chunk = max(1, min(_CHUNK, math.ceil(len(samples) / (4 * len(self.workers)))))
         while queue or any(w.todo for w in self.workers):
-            if not self.workers:  # no worker could be restarted: score the rest here, timers only
-                log.error("no reward worker left; scoring %d samples in-process", len(queue))
-                for i in queue:
-                    rows[i] = score_sample(fallback(), samples[i])
-                break
-            self._dispatch(queue, samples, chunk, rows, fallback)
+            self._dispatch(queue, samples, chunk, rows)
             self._collect(rows, queue)
         return rows  # type: ignore[return-value]
 
-    def _dispatch(self, queue: deque[int], samples: list[Any], chunk: int, rows: list,
-                  fallback: Callable[[], Scorer]) -> None:
+    def _dispatch(self, queue: deque[int], samples: list[Any], chunk: int, rows: list) -> None:
         for w in list(self.workers):
             if not queue or not w.ready or w.todo:
                 continue
             indices = [queue.popleft() for _ in range(min(chunk, len(queue)))]
             try:
-                w.conn.send([(i, samples[i]) for i in indices])
+                message = pickle.dumps([(i, samples[i]) for i in indices])
+            except Exception:  # some sample does not pickle: find it, fail it alone, send the rest
+                indices = self._fail_unpicklable(indices, samples, rows)
+                if not indices:
+                    continue
+                message = pickle.dumps([(i, samples[i]) for i in indices])
+            try:
+                w.conn.send_bytes(message)
             except OSError:  # it died while idle: nothing of this chunk ran
                 queue.extendleft(reversed(indices))
                 self._lose(w, rows, queue, "died while idle")
                 continue
-            except Exception as e:  # e.g. a sample that cannot be pickled: score these here
-                log.error("cannot send samples to a reward worker (%s); scoring them in-process", e)
-                for i in indices:
-                    rows[i] = score_sample(fallback(), samples[i])
-                continue
             w.todo.extend(indices)
             w.deadline = time.monotonic() + self._deadline_s
+
+    def _fail_unpicklable(self, indices: list[int], samples: list[Any], rows: list) -> list[int]:
+        """The indices whose samples pickle; the others score 0 as failures (never here, in-process)."""
+        kept = []
+        for i in indices:
+            try:
+                pickle.dumps(samples[i])
+            except Exception as e:
+                rows[i] = ([0.0] * self._width, 1, 0, f"sample {i}: cannot be sent to a reward worker "
+                                                      f"({type(e).__name__}: {e})"[:500])
+                continue
+            kept.append(i)
+        return kept
 
     def _collect(self, rows: list, queue: deque[int]) -> None:
         active = [w for w in self.workers if w.todo or not w.ready]
@@ -150,6 +169,7 @@ class WorkerPool:
                 msg = w.conn.recv()
                 if msg == _READY:
                     w.ready, w.deadline = True, math.inf
+                    self._start_failures = 0
                 elif isinstance(msg, tuple) and msg[0] == "error":
                     self._lose(w, rows, queue, f"failed ({msg[1]})")
                     return
@@ -162,11 +182,18 @@ class WorkerPool:
             self._lose(w, rows, queue, f"died (exit code {w.proc.exitcode})")
 
     def _lose(self, w: _Worker, rows: list, queue: deque[int], why: str) -> None:
-        """Kill w; its current sample scores 0 (a time-out or a failure), the rest are queued again."""
+        """Kill w; its current sample scores 0 (a time-out or a failure), the rest are queued again;
+        a new worker takes its place."""
         w.kill()
         self.workers.remove(w)
-        if not w.ready:  # it never started: do not loop on restarts
-            log.error("a reward worker %s while starting; %d left", why, len(self.workers))
+        if not w.ready:  # a replacement that never started
+            self._start_failures += 1
+            log.error("a reward worker %s while starting (%d in a row)", why, self._start_failures)
+            if self._start_failures >= MAX_START_FAILURES:
+                self.close()
+                raise RuntimeError(f"reward workers keep failing to start ({MAX_START_FAILURES} in a row, the "
+                                   f"last {why}); scoring in the trainer's process would have no hard deadline")
+            self.workers.append(_Worker(self._ctx, self._spec))
             return
         if w.todo:
             stuck = w.todo.popleft()

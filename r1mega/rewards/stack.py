@@ -105,6 +105,9 @@ class RewardStack:
         # the inner timers allow timeout_s per component; the parent's deadline adds a margin
         deadline_s = timeout_s * len(self.names) + 2.0
         self._pool = WorkerPool(num_workers, spec, deadline_s) if num_workers > 0 else None
+        if self._pool is None:
+            log.warning("reward.num_workers=0: rewards are scored in the trainer's process, where only SIGALRM "
+                        "limits them and C-level work (sympy on a huge number) cannot be stopped; for tests only")
         self._closed = False
 
     def score(self, samples: list[RewardInput]) -> RewardScores:
@@ -112,8 +115,8 @@ class RewardStack:
         if self._closed:
             raise RuntimeError("RewardStack.score after close()")
         if self._pool is not None:
-            rows = self._pool.run(samples, self._local_scorer)
-        else:
+            rows = self._pool.run(samples)
+        else:  # num_workers=0, for tests only (see __init__)
             rows = [score_sample(self._local_scorer(), s) for s in samples]
         return self._combine(rows)
 

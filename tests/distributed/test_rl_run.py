@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
     init = str(root / "init")
     spawn(1, _save_init, init)
     common = [*ALGO, f"model.mcore_path={init}", "trainer.steps=2"]
-    out = {"ref": spawn(1, run, common, str(root / "ref"), 1)[0]}
+    # the reference scores its rewards in a worker process, the others in-process (tests only): the same steps
+    out = {"ref": spawn(1, run, [*common, "reward.num_workers=1"], str(root / "ref"), 1)[0]}
     out["tp2"] = spawn(2, run, [*common, "parallel.tp=2"], str(root / "tp2"), 2)[0]
     out["pp2"] = spawn(2, run, [*common, "parallel.pp=2"], str(root / "pp2"), 2)[0]
     out["cp2"] = spawn(2, run, [*common, "parallel.cp=2"], str(root / "cp2"), 2)[0]
@@ -92,6 +93,18 @@ def test_resume_continues_exactly(runs):
     for a, b in zip(rest, whole[2:]):
         for key in COMPARED:
             assert _close(a[key], b[key], 1e-6), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
+def test_a_reward_worker_killed_mid_step_is_replaced(tmp_path):
+    """A reward worker killed while it scores (SIGKILL, as the OOM killer would): its sample scores 0 and
+    counts as a failure, a new worker scores the rest, and the run goes on."""
+    marker = tmp_path / "killed-once"
+    kill = ["reward.num_workers=1", "+reward.custom.kill._target_=rl_helpers.KillAfter",
+            "+reward.custom.kill.weight=0.0", "+reward.custom.kill.after=5", f"+reward.custom.kill.marker={marker}"]
+    steps = [*ALGO, "trainer.steps=2", "trainer.eval_at_ends=false"]  # the 5th sample scored is step 1's
+    history = spawn(1, run, [*steps, *kill], str(tmp_path / "run"), 1)[0]
+    assert [m["step"] for m in history] == [1, 2] and marker.exists()
+    assert history[0]["reward/failures"] == 1 and history[1]["reward/failures"] == 0
 
 
 def test_metrics_cover_the_step(runs):

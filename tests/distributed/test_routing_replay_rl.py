@@ -127,7 +127,7 @@ def _sglang_run(overrides, output_dir, world, forget_flag=False):
 SGLANG = ["rollout=sglang", "rollout.sglang.bucket_mb=0.01", "trainer.steps=2"]
 
 
-@pytest.mark.parametrize("model", ["qwen3_moe", "dsv3"])
+@pytest.mark.parametrize("model", ["dsv3"])  # Qwen3-MoE's names: test_sglang_lanes_carry_their_routing
 def test_sglang_routing_replay(tmp_path, model):
     """R3 on SGLang (stand-in servers: a transformers model with SGLang 0.5.23's routed-experts return): the
     rows carry the experts the server routed each position to, and the trainer's log-prob pass and update,
@@ -152,11 +152,11 @@ def test_sglang_without_the_server_flag_is_named(tmp_path):
     assert "--enable-return-routed-experts" in str(err.value) and "/generate" in str(err.value)
 
 
-R3 = [*MOE, "algorithm.routing_replay=rollout", "trainer.steps=2"]
+R3 = [*MOE, "algorithm.routing_replay=rollout", "trainer.steps=1"]
 
 
 def _same_steps(got, sync, timing):
-    assert [m["step"] for m in got] == [1, 2]
+    assert [m["step"] for m in got] == [1]
     for a, b in zip(got, sync):
         # logprob_gap is float32 rounding (~1e-7); a worker's engine runs in a process of its own
         shared = [k for k in b if not k.startswith(timing) and k != "logprob_gap"]
@@ -192,7 +192,7 @@ def test_one_step_off_carries_its_routing(tmp_path):
     this step, their routing with them: with weights that cannot move, its steps are the synchronous ones."""
     from test_one_step_off import AHEAD, COMMON, TIMING, _run
 
-    still = [*COMMON, *R3, "optimizer.lr=1e-30"]
+    still = [*COMMON, *R3, "trainer.steps=2", "optimizer.lr=1e-30"]  # step 2's rows came during step 1
     sync = spawn(2, _run, still, str(tmp_path / "sync"), 2)[0][0]
     ahead = spawn(2, _run, [*still, *AHEAD], str(tmp_path / "ahead"), 2)[0][0]
     for a, b in zip(ahead, sync):

@@ -71,3 +71,19 @@ class BrokenInit:
 
     def __call__(self, sample) -> float:
         return 0.0
+
+
+class FlakyStart:
+    """A class target that counts its constructions in `counter` (a file) and fails those numbered in
+    `failing`; called, it dies on 'die' like `die`."""
+
+    def __init__(self, counter: str, failing: list):
+        with open(counter, "a+") as f:
+            f.seek(0)
+            number = len(f.read()) + 1
+            f.write("x")
+        if number in failing:
+            raise RuntimeError(f"start {number} fails")
+
+    def __call__(self, sample) -> float:
+        return die(sample)

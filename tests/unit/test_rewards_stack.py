@@ -98,6 +98,7 @@ def test_in_process_timer_stops_python_loops():
 def test_failures_are_counted_and_logged_briefly(caplog):
     stack = RewardStack({"format": 1.0}, custom={"boom": custom("boom"), "nan": custom("not_a_number")},
                         num_workers=0)
+    caplog.clear()  # the in-process warning of the set-up
     with caplog.at_level(logging.WARNING, logger="r1mega.rewards"):
         out = stack.score([sample(), sample()])
     assert out.failures == 4 and out.timeouts == 0
@@ -164,3 +165,35 @@ def test_many_short_samples_and_hostile_inputs():
         stack.close()  # idempotent
     with pytest.raises(RuntimeError, match="close"):
         stack.score([sample()])
+
+
+def test_workers_that_die_while_starting_are_replaced(tmp_path):
+    """A killed worker's replacement that fails to start is replaced too (the pool never shrinks, so
+    nothing is scored in the trainer's process); too many failures in a row stop the run, saying why."""
+    counter = tmp_path / "starts"
+    flaky = {"flaky": custom("FlakyStart", counter=str(counter), failing=[2, 3])}
+    with RewardStack({}, custom=flaky, timeout_s=1.0, num_workers=1) as stack:
+        out = stack.score([sample(GOOD, i=0), sample("die", i=1), sample(GOOD, i=2)])
+    assert out.components["flaky"] == [0.0, 0.0, 2.0] and out.failures == 1
+    assert counter.read_text() == "xxxx"  # the first worker, two replacements that failed, a good one
+    broken = {"flaky": custom("FlakyStart", counter=str(tmp_path / "again"), failing=[2, 3, 4, 5])}
+    with RewardStack({}, custom=broken, timeout_s=1.0, num_workers=1) as stack:
+        with pytest.raises(RuntimeError, match=r"reward workers keep failing to start \(3 in a row"):
+            stack.score([sample("die", i=0), sample(GOOD, i=1)])
+
+
+def test_a_sample_that_cannot_be_sent_fails_alone():
+    """A sample that does not pickle (a lambda in its metadata) scores 0 as a failure; the rest of its
+    chunk is scored by the workers, never in the trainer's process."""
+    with RewardStack({}, custom={"idx": custom("index_reward")}, num_workers=1) as stack:
+        samples = [sample(GOOD, i=i) for i in range(4)]
+        samples[2].metadata["f"] = lambda: 0
+        out = stack.score(samples)
+        assert stack._scorer is None  # no in-process scorer was ever built
+    assert out.components["idx"] == [0.0, 1.0, 0.0, 3.0] and out.failures == 1
+
+
+def test_in_process_scoring_says_it_is_for_tests(caplog):
+    with caplog.at_level(logging.WARNING, logger="r1mega.rewards"):
+        RewardStack({"format": 1.0}, num_workers=0)
+    assert any("for tests only" in r.getMessage() for r in caplog.records)
