@@ -106,17 +106,36 @@ def _too_large(size: int, limits: RowLimits) -> Optional[ValueError]:
     return None
 
 
+def _lines(f, limit: int) -> Iterator[Tuple[bytes, int]]:
+    """(line, its size) of a binary file; a line over `limit` bytes comes as b"" with its size, never
+    held whole (one hostile line of many GB must not take the memory)."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit:
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+            if not raw:
+                break
+            size += len(raw)
+        yield b"", size
+
+
 def _jsonl_rows(path: Path, limits: RowLimits, columns: Columns) -> Rows:
     with path.open("rb") as f:  # bytes: one non-UTF-8 line must not stop the others
-        for number, raw in enumerate(f, start=1):
+        for number, (raw, size) in enumerate(_lines(f, limits.max_row_bytes), start=1):
+            where = f"{path}:{number}"
+            too_large = _too_large(size, limits)
+            if too_large is not None:  # not decoded, nor held, at all
+                yield where, number, too_large
+                continue
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start files with a BOM
             if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            too_large = _too_large(len(raw), limits)
-            if too_large is not None:  # not decoded at all
-                yield where, number, too_large
                 continue
             try:
                 yield where, number, json.loads(raw.decode("utf-8"))

@@ -172,3 +172,15 @@ def test_parquet_missing_a_column_is_refused_whole(tmp_path):
         pq.write_table(pa.table(columns), path)
         with pytest.raises(DataError, match=rf"{path.name}: {named} \(columns: "):
             load_prompts(path)
+
+
+def test_a_line_far_over_the_limit_is_skipped_without_being_held(tmp_path):
+    """A 3 MB line against a 1 KB limit is read past in pieces (never whole), reported with its size, and
+    the lines after it keep their numbers."""
+    from r1mega.config.schema import RowLimits
+
+    path = write_jsonl(tmp_path / "huge.jsonl", [GOOD, {"prompt": "x" * (3 << 20), "answer": "1"}, GOOD])
+    with pytest.raises(DataError, match=r"huge\.jsonl:2: bad row: 31457\d\d bytes, over the limit of 1024"):
+        load_prompts(path, on_bad_row="error", limits=RowLimits(max_row_bytes=1024))
+    records = load_prompts(path, limits=RowLimits(max_row_bytes=1024))
+    assert [(r.prompt_id, r.where) for r in records] == [("huge:1", f"{path}:1"), ("huge:3", f"{path}:3")]
