@@ -32,11 +32,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 SANDBOX_UID_BASE = 200_000  # slot k runs as uid/gid 200000 + k (no account needed: ids only)
 CODE_DIR = "/code"  # the program's files, read-only
 WORK_DIR = "/work"  # its home and working directory, a fresh tmpfs
+BUILD_DIR = "/build"  # a compiled program: written by the compiler's sandbox, read by the program's
 
 
 class SandboxUnavailable(RuntimeError):
@@ -84,15 +85,17 @@ def check_available(bwrap: str) -> None:
                                  f"user.max_user_namespaces) or root")
 
 
-def command(bwrap: str, argv: Sequence[str], code_dir: str) -> List[str]:
-    """The bwrap command line around argv (run inside, from the working directory)."""
+def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tuple[str, bool]] = None) -> List[str]:
+    """The bwrap command line around argv (run inside, from the working directory); `build` = (a host
+    folder, writable) appears as BUILD_DIR: a compiler's output, read-only to the program built there."""
     links = [part for name in ("bin", "lib", "lib64", "sbin") if os.path.islink(f"/{name}")
              for part in ("--symlink", os.readlink(f"/{name}"), f"/{name}")]
+    extra = [] if build is None else ["--bind" if build[1] else "--ro-bind", build[0], BUILD_DIR]
     return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr", *links, "--proc", "/proc", "--dev", "/dev",
-            "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, "--chdir", WORK_DIR,
-            "--setenv", "HOME", WORK_DIR, "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-            "--", *argv]
+            "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra, "--chdir", WORK_DIR,
+            "--setenv", "HOME", WORK_DIR, "--setenv", "TMPDIR", WORK_DIR, "--setenv", "PATH", "/usr/bin:/bin",
+            "--setenv", "LANG", "C.UTF-8", "--", *argv]
 
 
 def _limit_child(limits: Limits, slot: int):
@@ -129,9 +132,9 @@ def _processes_of(uid: int) -> int:
 
 
 def run(bwrap: str, argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], limits: Limits,
-        slot: int = 0) -> Outcome:
-    """Run argv in a fresh sandbox with `files` under /code, `stdin` fed to it; never raises for what the
-    program does."""
+        slot: int = 0, build: Optional[Tuple[str, bool]] = None) -> Outcome:
+    """Run argv in a fresh sandbox with `files` under /code, `stdin` fed to it (and `build`, see
+    command); never raises for what the program does."""
     with tempfile.TemporaryDirectory(prefix="r1mega-code-") as code_dir:
         for name, data in files.items():
             target = Path(code_dir) / name
@@ -139,7 +142,14 @@ def run(bwrap: str, argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], 
                 raise ValueError(f"sandbox file {name!r}: a plain file name, please")
             target.write_bytes(data)
         os.chmod(code_dir, 0o755)  # readable by the slot's uid; the files are 0644
-        return _supervise(command(bwrap, argv, code_dir), stdin, limits, slot)
+        return _supervise(command(bwrap, argv, code_dir, build), stdin, limits, slot)
+
+
+def build_folder() -> tempfile.TemporaryDirectory:
+    """A host folder for one program's build (BUILD_DIR), writable by any slot's uid."""
+    folder = tempfile.TemporaryDirectory(prefix="r1mega-build-")
+    os.chmod(folder.name, 0o777)
+    return folder
 
 
 def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int) -> Outcome:
