@@ -95,4 +95,4 @@ def test_nothing_of_the_host_is_visible(bwrap):
     out = _python(bwrap, "import json, os\nprint(json.dumps([sorted(os.listdir('/')), dict(os.environ), os.getcwd()]))")
     listing, env, cwd = json.loads(out.stdout)
     assert not set(listing) & {"root", "home", "srv", "opt", "tmp", "etc", "var"}, listing
-    assert set(env) <= {"HOME", "PATH", "LANG", "PWD"} and cwd == "/work"
+    assert set(env) <= {"HOME", "PATH", "LANG", "PWD", "TMPDIR"} and cwd == "/work"
