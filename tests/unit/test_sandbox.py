@@ -12,6 +12,9 @@ import pytest
 from r1mega.rewards.sandbox import SANDBOX_UID_BASE, Limits, bwrap_path, check_available, run
 
 PYTHON = ["/usr/bin/python3", "-I", "-S", "/code/main.py"]
+# a slot (a uid) of this test process's own: pytest-xdist runs another test process beside it, and the
+# process limit and the left-running check count a uid's processes wherever they are
+SLOT = 1 + os.getpid() % 50_000
 LIMITS = Limits(wall_s=5.0, cpu_s=3, memory_mb=256, processes=32, output_bytes=1 << 16)
 
 
@@ -22,11 +25,11 @@ def bwrap():
     return path
 
 
-def _python(bwrap, source: str, stdin: bytes = b"", limits: Limits = LIMITS, slot: int = 0):
+def _python(bwrap, source: str, stdin: bytes = b"", limits: Limits = LIMITS, slot: int = SLOT):
     return run(bwrap, PYTHON, stdin, {"main.py": source.encode()}, limits, slot)
 
 
-def _left_running(slot: int = 0) -> list:
+def _left_running(slot: int = SLOT) -> list:
     """Live processes of the slot's uid (the sandbox's own, as root), after the kernel has had a moment to
     kill a dead namespace's; zombies, which hold nothing but a pid until the host's init reaps them, do
     not count."""
