@@ -201,13 +201,17 @@ def _records(path: Path, rows: Rows, on_bad_row: str, source: str, parse, limits
             first_seen[record.prompt_id] = where
             records.append(record)
         except ValueError as e:
-            message = f"{where}: bad row: {e}"
-            if on_bad_row == "error":
-                raise DataError(message) from None
-            bad += 1
-            if bad <= MAX_WARNINGS:
-                log.warning("%s (skipped)", message)
+            bad = bad_row(f"{where}: bad row: {e}", on_bad_row, bad)
     return records, bad
+
+
+def bad_row(message: str, on_bad_row: str, bad: int) -> int:
+    """A bad row: DataError with on_bad_row=error, else a warning (the first MAX_WARNINGS); the new count."""
+    if on_bad_row == "error":
+        raise DataError(message) from None
+    if bad < MAX_WARNINGS:
+        log.warning("%s (skipped)", message)
+    return bad + 1
 
 
 def load_prompts(path: str | Path, on_bad_row: str = "skip", default_source: Optional[str] = None,

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Tuple
 
 from jinja2.exceptions import TemplateError  # what chat templates raise (e.g. "roles must alternate")
 
-from r1mega.data.prompts import MAX_WARNINGS, DataError, PromptRecord
+from r1mega.data.prompts import MAX_WARNINGS, PromptRecord, bad_row
 
 log = logging.getLogger("r1mega.data")
 
@@ -49,12 +49,8 @@ def rendered(records: List[PromptRecord], tokenizer: Any, template: str,
         try:
             texts.append(render_prompt(record, tokenizer, template))
         except (ValueError, TemplateError) as e:
-            message = f"{record.where or record.prompt_id}: bad row: cannot render the prompt ({e})"
-            if on_bad_row == "error":
-                raise DataError(message) from None
-            bad += 1
-            if bad <= MAX_WARNINGS:
-                log.warning("%s (skipped)", message)
+            where = record.where or record.prompt_id
+            bad = bad_row(f"{where}: bad row: cannot render the prompt ({e})", on_bad_row, bad)
             continue
         kept.append(record)
     if bad > MAX_WARNINGS:
