@@ -35,7 +35,7 @@ FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 OptimizerName = Literal["adam", "sgd"]
 DecayStyle = Literal["constant", "linear", "cosine"]
 # data, warm-up, SFT
-DataName = Literal["arithmetic", "countdown", "files"]  # files: data.train_path; the rest are built in
+DataName = Literal["arithmetic", "countdown", "code", "files"]  # files: data.train_path; the rest are built in
 PromptTemplate = Literal["r1_zero", "chat", "plain"]
 SFTTemplate = Literal["chat", "r1_zero"]
 OnBadRow = Literal["skip", "error"]
@@ -56,6 +56,8 @@ PartialKV = Literal["keep", "recompute"]  # a partial rollout's KV cache after a
 WorkerFailure = Literal["stop", "continue"]  # a rollout worker lost: checkpoint and stop, or go on without it
 StaleSamples = Literal["drop", "regenerate"]  # a group over algorithm.max_staleness: discarded, or its prompt again
 RewardName = Literal["accuracy", "format", "language", "overlong"]  # the built-in reward components
+CodeSandbox = Literal["bwrap", "none"]  # how model-written programs run: bubblewrap, or unsandboxed (warned)
+CodeLanguage = Literal["python", "cpp"]  # r1mega.rewards.code.LANGUAGES
 # pipeline, cluster, bench
 StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]
 Launcher = Literal["torchrun", "srun"]

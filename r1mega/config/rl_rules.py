@@ -226,6 +226,15 @@ def _check_reward(cfg: R1Config) -> None:
     for name, spec in r.custom.items():
         require(isinstance(spec, dict) and "_target_" in spec,
                 f"reward.custom.{name} needs a _target_ (a dotted path to a function of a RewardInput)")
+    if r.code is not None:
+        c = r.code
+        require(c.test_timeout_s > 0 and c.budget_s > 0,
+                f"reward.code.test_timeout_s={c.test_timeout_s} and budget_s={c.budget_s} must be > 0")
+        limits = {"workers": c.workers, "cpu_s": c.cpu_s, "memory_mb": c.memory_mb, "processes": c.processes,
+                  "file_size_mb": c.file_size_mb, "open_files": c.open_files, "output_bytes": c.output_bytes,
+                  "work_mb": c.work_mb}
+        bad = [f"reward.code.{k}={v}" for k, v in limits.items() if v < 1]
+        require(not bad, f"{', '.join(bad)}: the sandbox's limits must be >= 1")
 
 
 def _check_trainer(cfg: R1Config) -> None:

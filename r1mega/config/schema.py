@@ -17,11 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from r1mega.config.bench_schema import BenchConfig
-from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, Corpus, CorrectionLevel,
-                                   DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe, KLEstimator, Launcher,
-                                   LoadBalancing, OnBadRow, OptimizerName, PartialKV, PromptTemplate, RatioLevel,
-                                   RolloutMode, RoutingReplay, SFTTemplate, ScoreFunction, StageKind, StaleSamples,
-                                   StdConvention, TokenDispatcher, WarningSignal, WorkerFailure)
+from r1mega.config.choices import (AdvantageMode, AggregationMode, Arch, AttentionBackend, CodeLanguage, CodeSandbox,
+                                   Corpus, CorrectionLevel, DataName, DecayStyle, Dtype, Engine, FP8Format, FP8Recipe,
+                                   KLEstimator, Launcher, LoadBalancing, OnBadRow, OptimizerName, PartialKV,
+                                   PromptTemplate, RatioLevel, RolloutMode, RoutingReplay, ScoreFunction, SFTTemplate,
+                                   StageKind, StaleSamples, StdConvention, TokenDispatcher, WarningSignal,
+                                   WorkerFailure)
 from r1mega.config.sglang_schema import SGLangConfig
 
 
@@ -174,7 +175,7 @@ class RowLimits:
 class DataConfig:
     """Prompts for RL: a built-in generated task or JSONL/Parquet files."""
 
-    name: Annotated[str, DataName] = "arithmetic"  # arithmetic | countdown (built in, generated) | files
+    name: Annotated[str, DataName] = "arithmetic"  # arithmetic | countdown | code (built in, generated) | files
     train_path: Optional[str] = None  # JSONL/Parquet for name=files
     test_path: Optional[str] = None  # held-out prompts for evaluation (optional for files)
     # r1_zero | chat (the tokenizer's chat template) | plain
@@ -293,6 +294,27 @@ class RolloutConfig:
 
 
 @dataclass
+class CodeRewardConfig:
+    """Accuracy of code rows (rows whose metadata has `tests`): the response's program run against the
+    tests, each run in a bubblewrap sandbox (r1mega.rewards.code, r1mega.rewards.sandbox)."""
+
+    sandbox: Annotated[str, CodeSandbox] = "bwrap"  # bwrap | none (no isolation: a warning every step)
+    bwrap: Optional[str] = None  # the bwrap executable; default bwrap on PATH
+    language: Annotated[str, CodeLanguage] = "python"  # python | cpp
+    all_or_nothing: bool = True  # 1 only when every test passes; false: the fraction passed
+    test_timeout_s: float = 5.0  # wall time of one test (a compile gets three times this)
+    budget_s: float = 20.0  # wall time of one sample's tests together; tests left over fail
+    workers: int = 1  # sandboxes one sample's tests use at once, each a slot of its own (reward workers add more)
+    cpu_s: int = 5  # RLIMIT_CPU of every process of a program
+    memory_mb: int = 1024  # RLIMIT_AS
+    processes: int = 64  # RLIMIT_NPROC of the slot
+    file_size_mb: int = 16  # RLIMIT_FSIZE
+    open_files: int = 64  # RLIMIT_NOFILE
+    output_bytes: int = 1 << 20  # stdout and stderr kept each; more fails the test
+    work_mb: int = 64  # the tmpfs home and working directory of a sandbox
+
+
+@dataclass
 class RewardConfig:
     components: Dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})  # RewardName -> weight
     custom: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: fn, weight: w, ...}
@@ -301,6 +323,7 @@ class RewardConfig:
     language: str = "en"  # target language of the language-consistency reward
     overlong_max_tokens: Optional[int] = None  # DAPO soft overlong punishment; default max_new_tokens
     overlong_cache_tokens: int = 0
+    code: Optional[CodeRewardConfig] = None  # on (reward=code): code rows are scored by running their programs
 
 
 @dataclass

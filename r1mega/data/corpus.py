@@ -4,7 +4,7 @@ A document is a rendered prompt followed by a worked response in the R1 format,
 ` <think> 47 + 385 = 432 </think> <answer> 432 </answer>` and the end-of-text token. Like
 text on the web, the corpus is not all correct: a share of the worked answers carry the
 slips people make (a digit off by one, as from a dropped carry; a countdown expression that
-misses its target). The base model therefore knows the format and both right and wrong
+misses its target; a program that forgets to convert its input). The base model therefore knows the format and both right and wrong
 answers; reinforcement learning with a correctness reward has to pick out the right ones.
 Documents are packed back to back into rows of seq_length + 1 tokens, as in pre-training.
 """
@@ -16,6 +16,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from r1mega.data.code_task import worked_program
 from r1mega.data.templates import render_prompt
 from r1mega.rewards.arith import ExpressionError, evaluate
 
@@ -66,6 +67,8 @@ def carry_columns(a: int, b: int) -> list:
 def worked_response(record, correct: bool, rng: np.random.Generator) -> str:
     """The response text of a corpus document for a built-in task record."""
     m = record.metadata
+    if record.data_source == "code":
+        return worked_program(record, correct, rng)
     if record.data_source == "arithmetic" and m["op"] == "+":
         cols = carry_columns(m["a"], m["b"])
         slip = -1 if correct or not cols else int(rng.choice(cols))

@@ -1,4 +1,5 @@
-"""Built-in tasks, generated with no download: multi-digit arithmetic and countdown.
+"""Built-in tasks, generated with no download: multi-digit arithmetic, countdown, and code
+(programs run against hidden tests: r1mega.data.code_task).
 
 Each problem belongs to the held-out split or to the train split by a hash of the problem
 itself (commuted operands and reordered numbers count as the same problem), so the splits
@@ -17,9 +18,12 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from r1mega.data.code_task import code_key, code_problem
 from r1mega.data.prompts import PromptRecord
 
 TEST_SHARE = 10  # one problem in TEST_SHARE belongs to the held-out split
+# the code task has fewer distinct problems (about 1,000): one in four is held out, some 250 of them
+TEST_SHARES = {"code": 4}
 SPLITS = ("train", "test")
 _ATTEMPTS = 200  # draws per requested problem before a split counts as exhausted
 # No final period: the R1-Zero template appends ". Assistant:" after the prompt.
@@ -31,8 +35,8 @@ COUNTDOWN_PROMPT = (
 _INT_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
-def _is_test(key: str) -> bool:
-    return int(hashlib.md5(key.encode()).hexdigest(), 16) % TEST_SHARE == 0
+def _is_test(key: str, share: int = TEST_SHARE) -> bool:
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % share == 0
 
 
 def arithmetic(rng: np.random.Generator, digits: int = 2, min_digits: int = 1, ops: str = "+-*"
@@ -109,12 +113,15 @@ def countdown(rng: np.random.Generator, count: Any = (3, 4), max_number: int = 2
                      f"max_number={max_number}")
 
 
-GENERATORS: Dict[str, Callable[..., PromptRecord]] = {"arithmetic": arithmetic, "countdown": countdown}
+GENERATORS: Dict[str, Callable[..., PromptRecord]] = {"arithmetic": arithmetic, "countdown": countdown,
+                                                      "code": code_problem}
 
 
 def problem_key(record: PromptRecord) -> str:
     """What makes two problems the same, for the split and for de-duplication."""
     m = record.metadata
+    if record.data_source == "code":
+        return code_key(record)
     if record.data_source == "countdown":
         return json.dumps(["countdown", sorted(m["numbers"]), m["target"]])
     a, b = (min(m["a"], m["b"]), max(m["a"], m["b"])) if m["op"] in "+*" else (m["a"], m["b"])
@@ -148,7 +155,7 @@ def make_task(name: str, split: str, size: int, seed: int, **difficulty: Any) ->
             break
         record = GENERATORS[name](rng, **difficulty)
         key = problem_key(record)
-        if _is_test(key) != (split == "test") or key in seen:
+        if _is_test(key, TEST_SHARES.get(name, TEST_SHARE)) != (split == "test") or key in seen:
             continue
         if split == "test":  # held-out problems count once each; train follows the task's distribution
             seen.add(key)

@@ -1,7 +1,9 @@
-"""Answer accuracy: math-verify for math, numeric and exact match, and the countdown checker.
+"""Answer accuracy: math-verify for math, numeric and exact match, the countdown checker, and
+programs run against their tests.
 
-The prediction is always the content of the last <answer>...</answer>; a response without a
-closed answer tag scores 0 (R1-Zero rewards only an answer given in the agreed format).
+The prediction is the content of the last <answer>...</answer>; a response without a closed answer
+tag scores 0 (R1-Zero rewards only an answer given in the agreed format). A code row (one whose
+metadata has `tests`) is scored by reward.code's runner on the response's final code block instead.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any
 
 from r1mega.rewards.arith import ExpressionError
 from r1mega.rewards.arith import parse as parse_expression
+from r1mega.rewards.code import is_code_row
 from r1mega.rewards.tags import extract_answer
 
 REL_TOL = Fraction(1, 10 ** 6)
@@ -111,8 +114,13 @@ def countdown_accuracy(response: str, answer: str, metadata: Mapping[str, Any]) 
     return 1.0 if parsed.value == target else 0.0
 
 
-def accuracy(sample: Any) -> float:
-    """Dispatch on sample.data_source: countdown, arithmetic (numeric), anything else math-verify."""
+def accuracy(sample: Any, code: Callable[[Any], float] | None = None) -> float:
+    """Dispatch: code rows (metadata with `tests`) to `code`, then on sample.data_source: countdown,
+    arithmetic (numeric), anything else math-verify."""
+    if is_code_row(sample.metadata):
+        if code is None:
+            raise ValueError("a code row (its metadata has tests) needs reward.code (reward=code) to be scored")
+        return code(sample)
     if sample.data_source == "countdown":
         return countdown_accuracy(sample.response, sample.answer, sample.metadata)
     if sample.data_source == "arithmetic":

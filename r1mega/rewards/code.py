@@ -12,17 +12,30 @@ Languages come from a table of compile and run commands (`Language`); Python run
 compiles with g++ inside the sandbox first. The score is the fraction of tests passed, or 1 only
 when all pass (`all_or_nothing`). Each test has its own wall limit and the whole sample a budget;
 tests left when the budget is spent count as failed.
+
+`CodeRunner` is the reward side: it reads a row's tests from its metadata and scores the response.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from r1mega.rewards.sandbox import BUILD_DIR, CODE_DIR, Limits, Outcome, build_folder, run
+from r1mega.rewards.sandbox import (BUILD_DIR, CODE_DIR, SLOTS_PER_GROUP, Limits, Outcome, build_folder, bwrap_path,
+                                    check_available, claim_slots, run)
+
+log = logging.getLogger("r1mega.rewards")
+Case = Tuple[str, Optional[str], Optional[str]]  # stdin, source appended to the program, expected stdout
+_DRIVER = (Path(__file__).parent / "code_driver.py").read_bytes()
+_FRAME = b"R1MEGA-TEST "  # the driver's frame header
+_DRIVER_START_S = 3.0  # a driver sandbox's start-up and tear-down on top of the tests' budget
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -44,6 +57,9 @@ LANGUAGES: Dict[str, Language] = {
                     ("/usr/bin/g++", "-O2", "-std=c++17", "-o", f"{BUILD_DIR}/main", f"{CODE_DIR}/main.cpp"),
                     fences=("cpp", "c++", "cc")),
 }
+
+
+OUTCOMES = ("pass", "wrong", "timeout", "error", "skipped", "no_code")  # counted per test (no_code per sample)
 
 
 @dataclass
@@ -74,11 +90,14 @@ def normalise(text: str) -> str:
     return "\n".join(lines)
 
 
-def run_tests(bwrap: str, code: str, tests: Dict[str, Any], language: str, per_test: Limits,
-              budget_s: float, slot: int = 0) -> TestReport:
+def run_tests(bwrap: Optional[str], code: str, tests: Dict[str, Any], language: str, per_test: Limits,
+              budget_s: float, slots: Sequence[int] = (0,)) -> TestReport:
     """Run `code` against the row's tests (see the module doc); never raises for what the program does.
-    A compiled language builds once, in a sandbox of its own whose only writable host folder is the
-    build's, and every test runs the result read-only."""
+    Up to len(slots) sandboxes run at once, each slot a uid of its own as root. Python tests with
+    expected outputs run in one sandbox per slot, forks of one interpreter (code_driver); the others
+    (a test program, C++) each in a sandbox of its own. A compiled language builds once, in a sandbox
+    whose only writable host folder is the build's, and every test runs the result read-only.
+    bwrap=None runs without a sandbox (reward.code.sandbox=none)."""
     lang = LANGUAGES[language]
     start = time.monotonic()
     cases = _cases(tests, language)
@@ -86,28 +105,119 @@ def run_tests(bwrap: str, code: str, tests: Dict[str, Any], language: str, per_t
     with build_folder() as build:
         if lang.compile:
             built = run(bwrap, list(lang.compile), b"", {f"main.{lang.suffix}": code.encode()},
-                        replace(per_test, wall_s=min(per_test.wall_s * 3, budget_s)), slot, (build, True))
+                        replace(per_test, wall_s=min(per_test.wall_s * 3, budget_s)), slots[0], (build, True))
             verdict, why = _judge(built, None)
             if verdict != "pass":
                 report.first_failure, report.outcomes = f"does not compile: {why}", ["error"] * len(cases)
                 report.seconds = time.monotonic() - start
                 return report
-        for stdin, source, expected in cases:
-            left = budget_s - (time.monotonic() - start)
-            if left <= 0:
-                report.outcomes.append("skipped")
-                report.first_failure = report.first_failure or f"the sample's {budget_s:g}s budget ran out"
-                continue
+        if lang.suffix == "py" and all(expected is not None for _, _, expected in cases):
+            verdicts = _driven(bwrap, code, cases, per_test, budget_s - (time.monotonic() - start), slots)
+        else:
+            verdicts = _one_sandbox_each(bwrap, code, lang, cases, per_test, budget_s, start, slots, build)
+    for verdict, why in verdicts:
+        report.outcomes.append(verdict)
+        report.passed += verdict == "pass"
+        if verdict != "pass" and not report.first_failure:
+            report.first_failure = why
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _one_sandbox_each(bwrap: Optional[str], code: str, lang: Language, cases: List[Case], per_test: Limits,
+                      budget_s: float, start: float, slots: Sequence[int], build: str) -> List[Tuple[str, str]]:
+    """Each test in a fresh sandbox of its own, up to len(slots) at once (compiled programs, and test
+    programs, which are judged by their exit status)."""
+    free: "queue.Queue[int]" = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def one(case: Case) -> Tuple[str, str]:
+        stdin, source, expected = case
+        left = budget_s - (time.monotonic() - start)
+        if left <= 0:
+            return "skipped", f"the sample's {budget_s:g}s budget ran out"
+        slot = free.get()
+        try:
             program = code if source is None else code + "\n\n" + source
             out = run(bwrap, list(lang.run), stdin.encode(), {f"main.{lang.suffix}": program.encode()},
                       replace(per_test, wall_s=min(per_test.wall_s, left)), slot, (build, False))
-            verdict, why = _judge(out, expected)
-            report.outcomes.append(verdict)
-            report.passed += verdict == "pass"
-            if verdict != "pass" and not report.first_failure:
-                report.first_failure = why
-    report.seconds = time.monotonic() - start
-    return report
+        finally:
+            free.put(slot)
+        return _judge(out, expected, as_json=source is not None)
+
+    if len(slots) > 1 and len(cases) > 1:
+        with ThreadPoolExecutor(min(len(slots), len(cases)), thread_name_prefix="r1mega-test") as pool:
+            return list(pool.map(one, cases))
+    return [one(case) for case in cases]
+
+
+def _driven(bwrap: Optional[str], code: str, cases: List[Case], per_test: Limits, budget_s: float,
+            slots: Sequence[int]) -> List[Tuple[str, str]]:
+    """Python tests with expected outputs: the tests split over up to len(slots) sandboxes at once, each
+    running its share in forks of one interpreter (r1mega.rewards.code_driver says how, and why a program
+    gains nothing by tampering with the report)."""
+    shares = [list(range(len(cases)))[j::len(slots)] for j in range(min(len(slots), len(cases)))]
+
+    def share(job: Tuple[List[int], int]) -> Dict[int, Tuple[str, str]]:
+        indices, slot = job
+        source = code if cases[indices[0]][1] is None else code + "\n\n" + cases[indices[0]][1]
+        files = {"main.py": source.encode(), "driver.py": _DRIVER,
+                 "inputs.json": json.dumps([cases[i][0] for i in indices]).encode()}
+        settings = {"wall_s": per_test.wall_s, "budget_s": budget_s, "output_bytes": per_test.output_bytes,
+                    "sweep": bwrap is not None}
+        limits = replace(per_test, wall_s=budget_s + _DRIVER_START_S,
+                         output_bytes=len(indices) * (2 * per_test.output_bytes + 256))
+        outcome = run(bwrap, ["/usr/bin/python3", "-I", "-S", f"{CODE_DIR}/driver.py", json.dumps(settings)], b"",
+                      files, limits, slot)
+        frames = _frames(outcome.stdout, len(indices))
+        verdicts = {}
+        for k, i in enumerate(indices):
+            if k not in frames:
+                why = "timed out" if outcome.timed_out else "the sandbox's report ended early"
+                verdicts[i] = ("timeout" if outcome.timed_out else "error", why)
+            elif frames[k] is None:
+                verdicts[i] = ("skipped", f"the sample's {budget_s:g}s budget ran out")
+            else:
+                verdicts[i] = _judge(frames[k], cases[i][2], as_json=cases[i][1] is not None)
+        return verdicts
+
+    jobs = list(zip(shares, slots))
+    if len(jobs) > 1:
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="r1mega-test") as pool:
+            parts = list(pool.map(share, jobs))
+    else:
+        parts = [share(job) for job in jobs]
+    merged = {i: v for part in parts for i, v in part.items()}
+    return [merged[i] for i in range(len(cases))]
+
+
+def _frames(data: bytes, count: int) -> Dict[int, Optional[Outcome]]:
+    """The driver's report: test k -> its Outcome (None: skipped). Parsing stops at the first frame that
+    is malformed, repeated or out of range; the tests it would have covered get no verdict from it."""
+    frames: Dict[int, Optional[Outcome]] = {}
+    pos = 0
+    while pos < len(data) and data.startswith(_FRAME, pos):
+        end = data.find(b"\n", pos)
+        try:
+            header = json.loads(data[pos + len(_FRAME):end]) if end > 0 else None
+            k, n_out, n_err = header["i"], header["out"], header["err"]
+        except (ValueError, TypeError, KeyError):
+            break
+        if not (isinstance(k, int) and 0 <= k < count and k not in frames and isinstance(n_out, int)
+                and isinstance(n_err, int) and 0 <= n_out and 0 <= n_err and end + 1 + n_out + n_err <= len(data)):
+            break
+        out, err = data[end + 1:end + 1 + n_out], data[end + 1 + n_out:end + 1 + n_out + n_err]
+        pos = end + 1 + n_out + n_err
+        if header.get("skipped"):
+            frames[k] = None
+            continue
+        killed = bool(header.get("timed_out")) or bool(header.get("exceeded"))
+        returncode = header.get("returncode")
+        frames[k] = Outcome(None if killed else returncode if isinstance(returncode, int) else -1, out, err,
+                            bool(header.get("timed_out")), bool(header.get("exceeded")),
+                            float(header.get("seconds", 0.0)))
+    return frames
 
 
 def score(report: TestReport, all_or_nothing: bool) -> float:
@@ -118,7 +228,7 @@ def score(report: TestReport, all_or_nothing: bool) -> float:
     return report.passed / report.total
 
 
-def _cases(tests: Dict[str, Any], language: str) -> List[Tuple[str, Optional[str], Optional[str]]]:
+def _cases(tests: Dict[str, Any], language: str) -> List[Case]:
     """(stdin, test source appended to the code or None, expected stdout or None: exit status 0 passes)."""
     if "test" in tests:  # a test program: asserts, and check(entry_point) when it defines check
         if language != "python":
@@ -149,7 +259,9 @@ def _is_method(tests: Dict[str, Any]) -> bool:
     return bool(tests.get("method"))  # LeetCode rows: fn_name is a method of class Solution
 
 
-def _judge(out: Outcome, expected: Optional[str]) -> Tuple[str, str]:
+def _judge(out: Outcome, expected: Optional[str], as_json: bool = False) -> Tuple[str, str]:
+    """(verdict, why). stdout is compared as text, whitespace-normalised ("2.0" is not "2"); an fn_name
+    call's result as a JSON value."""
     if out.timed_out:
         return "timeout", f"timed out after {out.seconds:.1f}s"
     if out.output_exceeded:
@@ -160,15 +272,80 @@ def _judge(out: Outcome, expected: Optional[str]) -> Tuple[str, str]:
     if expected is None:
         return "pass", ""
     got = out.stdout.decode(errors="replace")
-    if _same_output(got, expected):
+    if normalise(got) == normalise(expected) or (as_json and _same_json(got, expected)):
         return "pass", ""
     return "wrong", f"expected {normalise(expected)[:80]!r}, got {normalise(got)[:80]!r}"
 
 
-def _same_output(got: str, expected: str) -> bool:
-    if normalise(got) == normalise(expected):
-        return True
-    try:  # fn_name results are JSON values
+def _same_json(got: str, expected: str) -> bool:
+    try:
         return json.loads(got) == json.loads(expected)
     except (ValueError, RecursionError):
         return False
+
+
+def row_tests(metadata: Dict[str, Any]) -> Dict[str, Any]:
+    """A code row's tests: metadata["tests"], an object or its JSON text (APPS and TACO store the text)."""
+    tests = metadata.get("tests")
+    if isinstance(tests, str):
+        tests = json.loads(tests)
+    if not isinstance(tests, dict):
+        raise ValueError(f"a code row's metadata.tests must be an object, got {type(tests).__name__}")
+    return tests
+
+
+def is_code_row(metadata: Dict[str, Any]) -> bool:
+    return isinstance(metadata, dict) and "tests" in metadata
+
+
+class CodeRunner:
+    """Accuracy of a code row: its response's program against the row's tests; built from reward.code
+    (CodeRewardConfig as a dict). A response without a code block scores 0, as does every failure of the
+    program; a row whose tests are malformed raises (a failure of the reward, counted)."""
+
+    def __init__(self, sandbox: str = "bwrap", bwrap: Optional[str] = None, language: str = "python",
+                 all_or_nothing: bool = True, test_timeout_s: float = 5.0, budget_s: float = 20.0,
+                 workers: int = 1, cpu_s: int = 5, memory_mb: int = 1024, processes: int = 64,
+                 file_size_mb: int = 16, open_files: int = 64, output_bytes: int = 1 << 20, work_mb: int = 64):
+        if language not in LANGUAGES:
+            raise ValueError(f"reward.code.language={language!r}; known: {', '.join(LANGUAGES)}")
+        if not 1 <= workers <= SLOTS_PER_GROUP:
+            raise ValueError(f"reward.code.workers={workers} must be in 1..{SLOTS_PER_GROUP}")
+        if not (test_timeout_s > 0 and budget_s > 0):
+            raise ValueError("reward.code.test_timeout_s and budget_s must be > 0")
+        self.bwrap = bwrap_path(bwrap) if sandbox == "bwrap" else None
+        self.language, self.all_or_nothing, self.budget_s, self.workers = language, all_or_nothing, budget_s, workers
+        self.limits = Limits(wall_s=test_timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, processes=processes,
+                             file_size_mb=file_size_mb, open_files=open_files, output_bytes=output_bytes,
+                             work_mb=work_mb)
+        self._slots: Optional[List[int]] = None
+        self.counts: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # since the last take_counts()
+
+    def check(self) -> None:
+        """SandboxUnavailable, saying why, where bubblewrap cannot start a sandbox here."""
+        if self.bwrap is not None:
+            check_available(self.bwrap)
+
+    def time_limit_s(self) -> float:
+        """The longest one sample can take: a compile (three test limits) and the budget, with a margin
+        for starting and tearing down sandboxes."""
+        return self.budget_s + (3 * self.limits.wall_s if LANGUAGES[self.language].compile else 0) + 5.0
+
+    def __call__(self, sample: Any) -> float:
+        tests = row_tests(sample.metadata)
+        program = extract_code(sample.response, self.language)
+        if program is None:
+            self.counts["no_code"] += 1
+            return 0.0
+        if self._slots is None:  # claimed in the process that runs the programs (a reward worker)
+            base = claim_slots()
+            self._slots = [base + j for j in range(self.workers)]
+        report = run_tests(self.bwrap, program, tests, self.language, self.limits, self.budget_s, self._slots)
+        for outcome in report.outcomes:
+            self.counts[outcome] += 1
+        return score(report, self.all_or_nothing)
+
+    def take_counts(self) -> Dict[str, int]:
+        """How the tests ended since the last call (OUTCOMES), then zeros."""
+        counts, self.counts = self.counts, dict.fromkeys(OUTCOMES, 0)
+        return counts

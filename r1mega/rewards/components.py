@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 from r1mega.config.choices import RewardName
 from r1mega.rewards.accuracy import accuracy
+from r1mega.rewards.code import CodeRunner
 from r1mega.rewards.format import format_reward
 from r1mega.rewards.language import language_consistency
 from r1mega.rewards.length import overlong_penalty
@@ -21,7 +22,7 @@ RESERVED_KEYS = ("_target_", "weight")
 _MAX_ERROR_CHARS = 300
 
 Component = Callable[[Any], float]
-Row = tuple[list[float], int, int, str | None]  # values, failures, timeouts, first error
+Row = tuple[list[float], int, int, str | None, dict[str, int]]  # values, failures, timeouts, first error, code counts
 
 
 # A BaseException, so that a broad `except Exception` in math-verify or in a custom reward
@@ -46,10 +47,10 @@ class Scorer:
 
     def __init__(self, builtin: list[str], custom: dict[str, dict[str, Any]], timeout_s: float,
                  language: str = "en", overlong_max_tokens: int | None = None,
-                 overlong_cache_tokens: int = 0):
-        self.timeout_s = timeout_s
+                 overlong_cache_tokens: int = 0, code: dict[str, Any] | None = None):
+        runner = self.code = CodeRunner(**code) if code is not None else None
         table: dict[str, Component] = {
-            "accuracy": accuracy,
+            "accuracy": functools.partial(accuracy, code=runner),
             "format": lambda s: format_reward(s.response),
             "language": lambda s: language_consistency(s.response, language),
             "overlong": lambda s: overlong_penalty(s.response_tokens, overlong_max_tokens,
@@ -59,6 +60,13 @@ class Scorer:
         for name, spec in custom.items():
             self.fns[name] = resolve_custom(spec)
         self.names = list(self.fns)
+        self.limits = time_limits(self.names, timeout_s, runner)
+
+
+def time_limits(names: list[str], timeout_s: float, code: CodeRunner | None) -> dict[str, float]:
+    """Each component's time limit: timeout_s, and for accuracy at least a code row's whole run."""
+    return {name: max(timeout_s, code.time_limit_s()) if name == "accuracy" and code is not None else timeout_s
+            for name in names}
 
 
 @contextmanager
@@ -93,7 +101,7 @@ def score_sample(scorer: Scorer, sample: Any) -> Row:
     row, failures, timeouts, error = [], 0, 0, None
     for name, fn in scorer.fns.items():
         try:
-            value = _call(fn, sample, scorer.timeout_s)
+            value = _call(fn, sample, scorer.limits[name])
         except RewardTimeout as e:
             value, timeouts = 0.0, timeouts + 1
             error = error or f"{name}: {e}"
@@ -101,4 +109,4 @@ def score_sample(scorer: Scorer, sample: Any) -> Row:
             value, failures = 0.0, failures + 1
             error = error or f"{name}: {type(e).__name__}: {e}"[:_MAX_ERROR_CHARS]
         row.append(value)
-    return row, failures, timeouts, error
+    return row, failures, timeouts, error, scorer.code.take_counts() if scorer.code is not None else {}

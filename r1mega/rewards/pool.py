@@ -145,7 +145,7 @@ class WorkerPool:
                 pickle.dumps(samples[i])
             except Exception as e:
                 rows[i] = ([0.0] * self._width, 1, 0, f"sample {i}: cannot be sent to a reward worker "
-                                                      f"({type(e).__name__}: {e})"[:500])
+                                                      f"({type(e).__name__}: {e})"[:500], {})
                 continue
             kept.append(i)
         return kept
@@ -200,7 +200,7 @@ class WorkerPool:
             hung = why == "timeout"
             msg = (f"sample {stuck}: worker killed after {self._deadline_s:.1f}s without an answer" if hung
                    else f"sample {stuck}: the reward worker {why}")
-            rows[stuck] = ([0.0] * self._width, int(not hung), int(hung), msg)
+            rows[stuck] = ([0.0] * self._width, int(not hung), int(hung), msg, {})
             queue.extendleft(reversed(w.todo))
         self.workers.append(_Worker(self._ctx, self._spec))
 

@@ -18,10 +18,18 @@ only). The process limit counts a real uid's processes everywhere: as root the p
 unprivileged uid of its own per worker slot, so a fork bomb exhausts only that slot's allowance.
 Run as another user, the limit is that user's: it is raised by the user's current count, so a fork
 bomb still stops short of the trainer's processes' ceiling.
+
+The limit counts zombies too. bwrap's init inside the namespace can outlive the outer bwrap for a
+moment, so it is orphaned and left to the host's PID 1 to reap, which some inits do late or, where the
+trainer itself is PID 1 in a container, never: a slot would run out of processes after a few hundred
+programs. The process that runs sandboxes therefore makes itself a child subreaper and reaps those
+orphaned bwrap processes itself after each run (only bwrap's: other children are their owners' to wait).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import resource
 import selectors
@@ -29,12 +37,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 SANDBOX_UID_BASE = 200_000  # slot k runs as uid/gid 200000 + k (no account needed: ids only)
+MAX_SLOT_GROUPS = 4096  # processes of one host that run sandboxes at once
+SLOTS_PER_GROUP = 64  # the most sandboxes one process runs at once
 CODE_DIR = "/code"  # the program's files, read-only
 WORK_DIR = "/work"  # its home and working directory, a fresh tmpfs
 BUILD_DIR = "/build"  # a compiled program: written by the compiler's sandbox, read by the program's
@@ -53,6 +64,7 @@ class Limits:
     file_size_mb: int = 16  # RLIMIT_FSIZE: the largest file it may write
     open_files: int = 64  # RLIMIT_NOFILE
     output_bytes: int = 1 << 20  # stdout and stderr kept each; more kills the program
+    work_mb: int = 64  # the tmpfs home and working directory (it holds memory outside RLIMIT_AS)
 
 
 @dataclass
@@ -85,7 +97,36 @@ def check_available(bwrap: str) -> None:
                                  f"user.max_user_namespaces) or root")
 
 
-def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tuple[str, bool]] = None) -> List[str]:
+_claimed: Dict[int, Tuple[int, int]] = {}  # pid -> (group, its lock file's descriptor)
+
+
+def claim_slots() -> int:
+    """The first of SLOTS_PER_GROUP sandbox slots no other process of this host uses while this one lives.
+
+    Slots are claimed in groups by an exclusive lock on a file per group, which the kernel drops when
+    the process exits however it exits: two reward workers, two ranks or two jobs on one host never
+    share a uid, so one's fork bomb cannot use up another's process allowance. One group per process."""
+    pid = os.getpid()
+    if pid not in _claimed:
+        folder = Path(tempfile.gettempdir()) / "r1mega-sandbox-slots"
+        folder.mkdir(mode=0o1777, exist_ok=True)
+        for group in range(MAX_SLOT_GROUPS):
+            fd = os.open(folder / f"{group}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            _claimed[pid] = (group, fd)
+            break
+        else:
+            raise SandboxUnavailable(f"all {MAX_SLOT_GROUPS} sandbox slot groups of this host are in use "
+                                     f"({folder})")
+    return _claimed[pid][0] * SLOTS_PER_GROUP
+
+
+def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tuple[str, bool]] = None,
+            work_mb: int = 64) -> List[str]:
     """The bwrap command line around argv (run inside, from the working directory); `build` = (a host
     folder, writable) appears as BUILD_DIR: a compiler's output, read-only to the program built there."""
     links = [part for name in ("bin", "lib", "lib64", "sbin") if os.path.islink(f"/{name}")
@@ -93,7 +134,7 @@ def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tupl
     extra = [] if build is None else ["--bind" if build[1] else "--ro-bind", build[0], BUILD_DIR]
     return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr", *links, "--proc", "/proc", "--dev", "/dev",
-            "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra, "--chdir", WORK_DIR,
+            "--size", str(work_mb << 20), "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra, "--chdir", WORK_DIR,
             "--setenv", "HOME", WORK_DIR, "--setenv", "TMPDIR", WORK_DIR, "--setenv", "PATH", "/usr/bin:/bin",
             "--setenv", "LANG", "C.UTF-8", "--", *argv]
 
@@ -131,10 +172,11 @@ def _processes_of(uid: int) -> int:
     return count
 
 
-def run(bwrap: str, argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], limits: Limits,
+def run(bwrap: Optional[str], argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], limits: Limits,
         slot: int = 0, build: Optional[Tuple[str, bool]] = None) -> Outcome:
     """Run argv in a fresh sandbox with `files` under /code, `stdin` fed to it (and `build`, see
-    command); never raises for what the program does."""
+    command); never raises for what the program does. bwrap=None runs it without a sandbox
+    (reward.code.sandbox=none): the same limits and folders, and nothing else kept from it."""
     with tempfile.TemporaryDirectory(prefix="r1mega-code-") as code_dir:
         for name, data in files.items():
             target = Path(code_dir) / name
@@ -142,7 +184,21 @@ def run(bwrap: str, argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], 
                 raise ValueError(f"sandbox file {name!r}: a plain file name, please")
             target.write_bytes(data)
         os.chmod(code_dir, 0o755)  # readable by the slot's uid; the files are 0644
-        return _supervise(command(bwrap, argv, code_dir, build), stdin, limits, slot)
+        if bwrap is not None:
+            return _supervise(command(bwrap, argv, code_dir, build, limits.work_mb), stdin, limits, slot)
+        with tempfile.TemporaryDirectory(prefix="r1mega-work-") as work:
+            os.chmod(work, 0o777)
+            places = {CODE_DIR: code_dir, WORK_DIR: work, **({BUILD_DIR: build[0]} if build else {})}
+            cmd = [_relocate(arg, places) for arg in argv]
+            env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+            return _supervise(cmd, stdin, limits, slot, cwd=work, env=env)
+
+
+def _relocate(arg: str, places: Dict[str, str]) -> str:
+    for inside, outside in places.items():
+        if arg == inside or arg.startswith(inside + "/"):
+            return outside + arg[len(inside):]
+    return arg
 
 
 def build_folder() -> tempfile.TemporaryDirectory:
@@ -152,10 +208,60 @@ def build_folder() -> tempfile.TemporaryDirectory:
     return folder
 
 
-def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int) -> Outcome:
+_PR_SET_CHILD_SUBREAPER = 36
+_subreaper_of: Optional[int] = None  # the pid that made itself a subreaper (the flag is not inherited)
+_spawning = threading.Lock()  # held while a sandbox starts and while orphans are reaped
+_live: set = set()  # pids of outer bwraps that a run still waits for
+
+
+def _become_subreaper() -> None:
+    global _subreaper_of
+    if _subreaper_of != os.getpid():
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _subreaper_of = os.getpid()
+
+
+def _reap_orphans() -> None:
+    """Reap zombie bwrap processes that became this process's children (see the module doc)."""
+    me = str(os.getpid())
+    with _spawning:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in _live:
+                continue
+            try:
+                with open(f"{entry.path}/stat") as f:
+                    name, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+                state, ppid = rest.split()[:2]
+                if ppid == me and state == "Z" and name == "bwrap":
+                    os.waitpid(int(entry.name), os.WNOHANG)
+            except (OSError, IndexError, ValueError):
+                pass
+
+
+def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int, cwd: Optional[str] = None,
+               env: Optional[Dict[str, str]] = None) -> Outcome:
+    _become_subreaper()
+    with _spawning:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env or {}, start_new_session=True, preexec_fn=_limit_child(limits, slot),
+                                close_fds=True)
+        _live.add(proc.pid)
+    try:
+        return _watch(proc, stdin, limits)
+    finally:  # also when interrupted (a reward time-out): nothing of the sandbox may outlive the call
+        if proc.returncode is None:
+            _kill(proc)
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if not stream.closed:
+                stream.close()
+        with _spawning:
+            _live.discard(proc.pid)
+        _reap_orphans()
+
+
+def _watch(proc: subprocess.Popen, stdin: bytes, limits: Limits) -> Outcome:
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={}, start_new_session=True, preexec_fn=_limit_child(limits, slot), close_fds=True)
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     kept = {out_fd: bytearray(), err_fd: bytearray()}
     timed_out = exceeded = False
@@ -201,9 +307,6 @@ def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int) -> Outco
         timed_out = True
         _kill(proc)
         returncode = proc.wait()
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if not stream.closed:
-            stream.close()
     killed = timed_out or exceeded
     return Outcome(None if killed else returncode, bytes(kept[out_fd]), bytes(kept[err_fd]), timed_out, exceeded,
                    time.monotonic() - start)

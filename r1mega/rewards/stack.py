@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 from hydra.utils import get_method
 
-from r1mega.rewards.components import BUILTIN, Row, Scorer, score_sample
+from r1mega.rewards.code import CodeRunner, is_code_row
+from r1mega.rewards.components import BUILTIN, Row, Scorer, score_sample, time_limits
+from r1mega.rewards.sandbox import SandboxUnavailable
 from r1mega.rewards.language import LANGUAGES
 from r1mega.rewards.length import overlong_penalty
 from r1mega.rewards.pool import WorkerPool
@@ -46,6 +49,7 @@ class RewardScores:
     components: dict[str, list[float]]
     failures: int = 0  # components that raised
     timeouts: int = 0  # components (or whole samples, on a hard kill) that ran out of time
+    counts: dict[str, int] = field(default_factory=dict)  # code rows: how their tests ended (code.OUTCOMES)
 
 
 def _plain(spec: Any) -> dict[str, Any]:
@@ -81,13 +85,32 @@ def _check_config(components: Mapping[str, float], custom: dict[str, dict[str, A
         raise ValueError(f"need timeout_s > 0 and num_workers >= 0, got {timeout_s}, {num_workers}")
 
 
+def _code_runner(code: dict[str, Any] | None) -> CodeRunner | None:
+    """reward.code's runner, checked here: refused, saying why, where bubblewrap cannot run; without a
+    sandbox only when asked for by name."""
+    if code is None:
+        return None
+    try:
+        runner = CodeRunner(**code)
+        runner.check()
+    except SandboxUnavailable as e:
+        raise SandboxUnavailable(f"reward.code cannot run programs safely: {e}. Programs never run unsandboxed "
+                                 f"unless reward.code.sandbox=none is set") from None
+    if runner.bwrap is None:
+        log.warning("reward.code.sandbox=none: model-written programs will run without a sandbox, as the trainer's "
+                    "user, with its files and network in reach")
+    return runner
+
+
 class RewardStack:
     """score(samples) -> RewardScores, with total = sum over components of weight x value."""
 
     def __init__(self, components: Mapping[str, float], custom: Mapping[str, Any] | None = None,
                  timeout_s: float = 5.0, num_workers: int = 2, language: str = "en",
-                 overlong_max_tokens: int | None = None, overlong_cache_tokens: int = 0):
+                 overlong_max_tokens: int | None = None, overlong_cache_tokens: int = 0,
+                 code: Mapping[str, Any] | None = None):
         custom = {str(k): _plain(v) for k, v in (custom or {}).items()}
+        code = _plain(code) if code is not None else None
         _check_config(components, custom, timeout_s, num_workers, language, overlong_max_tokens,
                       overlong_cache_tokens)
         self.weights = {**{k: float(w) for k, w in components.items()},
@@ -97,14 +120,18 @@ class RewardStack:
             raise ValueError(f"reward weights must be finite numbers: {bad}")
         spec = {"builtin": list(components), "custom": custom, "timeout_s": float(timeout_s),
                 "language": language, "overlong_max_tokens": overlong_max_tokens,
-                "overlong_cache_tokens": overlong_cache_tokens}
+                "overlong_cache_tokens": overlong_cache_tokens, "code": code}
         for spec_ in custom.values():
             get_method(spec_["_target_"])  # import it here too: a bad _target_ fails at start-up
         self._spec, self._scorer = spec, None
         self.names = list(components) + list(custom)
-        # the inner timers allow timeout_s per component; the parent's deadline adds a margin
-        deadline_s = timeout_s * len(self.names) + 2.0
+        runner = _code_runner(code)
+        self._unsandboxed = runner is not None and runner.bwrap is None
+        # the inner timers allow each component its limit; the parent's deadline adds a margin
+        deadline_s = sum(time_limits(self.names, timeout_s, runner).values()) + 2.0
         self._pool = WorkerPool(num_workers, spec, deadline_s) if num_workers > 0 else None
+        # the one thread that drives the pool: scoring overlaps with whatever the caller does meanwhile
+        self._scoring = ThreadPoolExecutor(1, thread_name_prefix="r1mega-rewards")
         if self._pool is None:
             log.warning("reward.num_workers=0: rewards are scored in the trainer's process, where only SIGALRM "
                         "limits them and C-level work (sympy on a huge number) cannot be stopped; for tests only")
@@ -112,13 +139,28 @@ class RewardStack:
 
     def score(self, samples: list[RewardInput]) -> RewardScores:
         """Score every sample; results are in input order whatever happens to the workers."""
+        return self.combine(self.submit(samples).result())
+
+    def submit(self, samples: list[RewardInput]) -> Future:
+        """Start scoring in the background; the future's result is the rows (RewardStack.combine makes
+        RewardScores of them). Submissions are scored one after another, each by all the workers."""
         if self._closed:
             raise RuntimeError("RewardStack.score after close()")
+        if self._unsandboxed:
+            programs = sum(is_code_row(s.metadata) for s in samples)
+            if programs:
+                log.warning("reward.code.sandbox=none: %d model-written programs run WITHOUT a sandbox, with the "
+                            "trainer's user's access to files and network", programs)
         if self._pool is not None:
-            rows = self._pool.run(samples)
-        else:  # num_workers=0, for tests only (see __init__)
-            rows = [score_sample(self._local_scorer(), s) for s in samples]
-        return self._combine(rows)
+            return self._scoring.submit(self._pool.run, samples)
+        done: Future = Future()  # num_workers=0, for tests only (see __init__): here, now, under SIGALRM
+        done.set_result([score_sample(self._local_scorer(), s) for s in samples])
+        return done
+
+    def streaming(self, make_input: Callable[[int, list[int], str], RewardInput], chunk: int = 16
+                  ) -> "StreamingScore":
+        """A scorer of rows as a generator finishes them (see StreamingScore)."""
+        return StreamingScore(self, make_input, chunk)
 
     def _local_scorer(self) -> Scorer:
         # built on first use: a custom class may be costly to instantiate, and workers have their own
@@ -126,7 +168,7 @@ class RewardStack:
             self._scorer = Scorer(**self._spec)
         return self._scorer
 
-    def _combine(self, rows: list[Row]) -> RewardScores:
+    def combine(self, rows: list[Row]) -> RewardScores:
         failures = sum(r[1] for r in rows)
         timeouts = sum(r[2] for r in rows)
         first = next((r[3] for r in rows if r[3]), None)
@@ -136,11 +178,16 @@ class RewardStack:
         comps = {name: [r[0][j] for r in rows] for j, name in enumerate(self.names)}
         weights = [self.weights[name] for name in self.names]
         total = [sum(w * v for w, v in zip(weights, r[0], strict=True)) for r in rows]
-        return RewardScores(total, comps, failures, timeouts)
+        counts: dict[str, int] = {}
+        for r in rows:
+            for k, v in r[4].items():
+                counts[k] = counts.get(k, 0) + v
+        return RewardScores(total, comps, failures, timeouts, counts)
 
     def close(self) -> None:
         """Stop the worker processes; idempotent."""
         if self._pool is not None:
+            self._scoring.shutdown(wait=True)
             self._pool.close()
         self._closed = True
 
@@ -149,3 +196,37 @@ class RewardStack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StreamingScore:
+    """Rows scored while the rest of the batch is still generating: the engine reports each finished row
+    (row index, response tokens, finish reason), `make_input` turns it into a RewardInput, and every
+    `chunk` rows go to the workers. result(n) waits for all and gives RewardScores in row order, the same
+    as score() on the finished batch: each sample's score depends on that sample alone."""
+
+    def __init__(self, stack: RewardStack, make_input: Callable[[int, list[int], str], RewardInput], chunk: int):
+        self.stack, self.make_input, self.chunk = stack, make_input, max(1, chunk)
+        self.pending: list[tuple[int, RewardInput]] = []
+        self.submitted: list[tuple[list[int], Future]] = []
+
+    def row_done(self, row: int, response_ids: list[int], reason: str) -> None:
+        self.pending.append((row, self.make_input(row, list(response_ids), reason)))
+        if len(self.pending) >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            rows, inputs = zip(*self.pending)
+            self.submitted.append((list(rows), self.stack.submit(list(inputs))))
+            self.pending = []
+
+    def result(self, count: int) -> RewardScores:
+        self._flush()
+        by_row: dict[int, Row] = {}
+        for rows, future in self.submitted:
+            by_row.update(zip(rows, future.result()))
+        missing = [i for i in range(count) if i not in by_row]
+        if missing or len(by_row) != count:
+            raise RuntimeError(f"streamed scoring: rows {missing[:5]} were never reported finished "
+                               f"({len(by_row)} scored of {count})")
+        return self.stack.combine([by_row[i] for i in range(count)])

@@ -77,6 +77,9 @@ class NativeEngine:
         self.version = 0
         self.between_tokens: Optional[Callable[[], bool]] = None
         self.recompute_after_update = False
+        # `row_done`, when set, hears of each row as soon as it is finished, by its row index in the call's
+        # Rollouts, its response tokens and its finish reason: scoring can start while the others decode
+        self.row_done: Optional[Callable[[int, List[int], str], None]] = None
         # MoE routing replay (algorithm.routing_replay=rollout): the rows carry the experts their routers
         # chose for every fed token (rollout.routing_record); the routers need replay objects installed
         self.record_routing = False
@@ -109,7 +112,8 @@ class NativeEngine:
             per_call -= per_call % multiple
         with self._inference_mode():
             for start in self._batch_starts(len(prompts), per_call):
-                r, lp, fr, v, rt = self._generate_batch(prompts[start:start + per_call], n, params, generator)
+                r, lp, fr, v, rt = self._generate_batch(prompts[start:start + per_call], n, params, generator,
+                                                        first_row=start * n)
                 responses += r
                 logprobs += lp
                 reasons += fr
@@ -156,7 +160,7 @@ class NativeEngine:
                                  f"rank has {len(starts)} ({num_prompts} prompts, {per_call} per batch)")
         return starts
 
-    def _generate_batch(self, prompts, n: int, params: SamplingParams, generator):
+    def _generate_batch(self, prompts, n: int, params: SamplingParams, generator, first_row: int = 0):
         """n samples of each prompt. The prompts are prefilled once; their KV cache and last logits
         are then copied to each prompt's n rows (prefix sharing, as serving engines do)."""
         device = self._device()
@@ -192,6 +196,8 @@ class NativeEngine:
             logits = logits[copies] if logits is not None else None
             pad = pad[copies]
             _select_cache_rows(ctx, copies)
+        # a cache row's index in the call's Rollouts (prompt order, n rows each), for row_done
+        call_row = lambda row: first_row + order[row // n] * n + row % n  # noqa: E731
         for step in range(params.max_new_tokens):
             next_ids, next_lp = self._choose(logits, params, generator, len(alive))
             rows = alive.tolist()
@@ -204,6 +210,8 @@ class NativeEngine:
                 if self._stops(out_ids[row], params):
                     done[row] = True
                     reasons[row] = "stop"
+                    if self.row_done is not None:
+                        self.row_done(call_row(row), out_ids[row], "stop")
             if step == params.max_new_tokens - 1 or not self._any_active(done):
                 break
             if self.between_tokens is not None and self.between_tokens() and fed is not None:
@@ -224,6 +232,10 @@ class NativeEngine:
             if fed is not None:
                 for row, token in zip(alive.tolist(), next_ids.tolist()):
                     fed[row].append(token)
+        if self.row_done is not None:  # the rows the length cap stopped
+            for row in range(b):
+                if order[row // n] < real and reasons[row] == "length":
+                    self.row_done(call_row(row), out_ids[row], "length")
         # back to the caller's prompt order
         rank = {i: k for k, i in enumerate(order)}
         rows = [rank[i] * n + j for i in range(real) for j in range(n)]

@@ -4,6 +4,8 @@ evaluation) and the asynchronous rollout workers, which generate and score on th
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from typing import Callable, List, Sequence, Tuple
 
 from r1mega.config.schema import R1Config
@@ -42,10 +44,14 @@ def record_routing(engine, chunks) -> None:
 
 def reward_inputs(records: Sequence, rollouts: Rollouts, decode: Callable[..., str]) -> List[RewardInput]:
     """One RewardInput per row: the decoded response and its prompt record's ground truth."""
-    return [RewardInput(response=decode(ids, skip_special_tokens=True), answer=rec.answer,
-                        data_source=rec.data_source, metadata=rec.metadata, response_tokens=len(ids),
-                        truncated=reason == "length")
+    return [reward_input(rec, ids, reason, decode)
             for rec, ids, reason in zip(records, rollouts.response_ids, rollouts.finish_reasons)]
+
+
+def reward_input(record, response_ids: List[int], reason: str, decode: Callable[..., str]) -> RewardInput:
+    return RewardInput(response=decode(response_ids, skip_special_tokens=True), answer=record.answer,
+                       data_source=record.data_source, metadata=record.metadata, response_tokens=len(response_ids),
+                       truncated=reason == "length")
 
 
 def _components(cfg: R1Config) -> dict:
@@ -65,5 +71,6 @@ def make_reward_stack(cfg: R1Config) -> Tuple[RewardStack, List[str]]:
     stack = RewardStack(components=_components(cfg), custom=dict(r.custom), timeout_s=r.timeout_s,
                         num_workers=r.num_workers, language=r.language,
                         overlong_max_tokens=r.overlong_max_tokens or cfg.rollout.max_new_tokens,
-                        overlong_cache_tokens=r.overlong_cache_tokens)
+                        overlong_cache_tokens=r.overlong_cache_tokens,
+                        code=asdict(r.code) if r.code is not None else None)
     return stack, reward_names(cfg)

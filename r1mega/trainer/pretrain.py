@@ -63,7 +63,7 @@ def ensure_base_model(cfg: R1Config, runtime: Runtime, tokenizer) -> Path:
             log.info("base model: %s (cached)", folder)
         return folder
     w = cfg.pretrain
-    if w.corpus == "task" and cfg.data.name not in ("arithmetic", "countdown"):
+    if w.corpus == "task" and cfg.data.name not in ("arithmetic", "countdown", "code"):
         raise ValueError(f"warm-up pre-trains on a built-in task, not data.name={cfg.data.name!r}: "
                          "set model.hf_path or model.mcore_path, or pretrain.enabled=false")
     if runtime.is_main:

@@ -53,9 +53,16 @@ def _generate(layouts, root: str, moe: bool = False):
             greedy = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12), n=1)
             params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=10, seed=7,
                                     stop_token_ids=STOPS)
-            sampled = [engine.generate(PROMPTS, params, n=3) for _ in range(2)]
+            events = {"sampled": [], "other": []}
+            engine.row_done = lambda row, ids, reason: events["sampled"].append((row, list(ids), reason))
+            sampled = [engine.generate(PROMPTS, params, n=3)]
+            engine.row_done = None
+            sampled.append(engine.generate(PROMPTS, params, n=3))
             engine.max_batch_size = 12  # all four prompts prefilled together, then 3 rows each
+            engine.row_done = lambda row, ids, reason: events["other"].append((row, list(ids), reason))
             other = engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, seed=8, stop_token_ids=STOPS), n=3)
+            engine.row_done = None
+            out[f"{name}_events"] = events
             forward = [logits(chunks, torch.tensor([p + r])) for p, r in
                        zip(greedy.prompt_ids + other.prompt_ids, greedy.response_ids + other.response_ids)]
             out[name] = (greedy, sampled, other, forward)
@@ -85,6 +92,7 @@ def runs(tmp_path_factory):
     tp = spawn(2, _generate, [("tp2", ParallelConfig(tp=2))], root)
     pp = spawn(2, _generate, [("pp2", ParallelConfig(pp=2))], root)
     return {"ref": ref["ref"], "tp2": tp[0]["tp2"], "pp2": pp[1]["pp2"], "pp2_first": pp[0]["pp2"],
+            "events": ref["ref_events"],
             "padded": ref["padded"], "stats": ref["stats"],
             "buckets": {"ref": ref["ref_buckets"], "tp2": tp[0]["tp2_buckets"], "pp2": pp[1]["pp2_buckets"],
                         "pp2_first": pp[0]["pp2_buckets"]}}
@@ -216,3 +224,19 @@ def test_multi_latent_attention_decodes_as_its_forward(tp):
     _check_logprobs(greedy, forward[:len(greedy)])
     _check_logprobs(sampled, forward[len(greedy):])
     assert max(len(p) + len(r) for p, r in zip(greedy.prompt_ids, greedy.response_ids)) > 8
+
+
+def test_rows_are_reported_as_they_finish(runs):
+    """row_done (what streams rows to the reward workers) hears of every row once, with its final tokens
+    and reason and its index in the Rollouts, at the step it finishes: over several decoding batches
+    (max_batch_size=5: one prompt's 3 rows each) and in one batch with compaction."""
+    _, sampled, other, _ = runs["ref"]
+    for events, rollouts in ((runs["events"]["sampled"], sampled[0]), (runs["events"]["other"], other)):
+        assert sorted(e[0] for e in events) == list(range(len(rollouts)))
+        for row, ids, reason in events:
+            assert (ids, reason) == (rollouts.response_ids[row], rollouts.finish_reasons[row])
+    events = runs["events"]["other"]  # one decoding batch: stopped rows in the order they stopped, then the capped
+    lengths = [len(ids) for _, ids, reason in events if reason == "stop"]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    assert [reason for *_, reason in events] == sorted((reason for *_, reason in events), key=lambda r: r == "length")
+    assert "length" in {reason for *_, reason in events}

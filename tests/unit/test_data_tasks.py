@@ -76,7 +76,7 @@ def test_arithmetic_answers():
         assert r.answer == str(ops[m["op"]](m["a"], m["b"])) and int(r.answer) >= 0
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "countdown"])
+@pytest.mark.parametrize("name", ["arithmetic", "countdown", "code"])
 def test_deterministic(name):
     a = make_task(name, "train", 200, seed=11)
     assert a == make_task(name, "train", 200, seed=11)
@@ -85,7 +85,8 @@ def test_deterministic(name):
 
 
 @pytest.mark.parametrize("name,knobs", [("arithmetic", {}), ("arithmetic", {"digits": 1, "ops": "+"}),
-                                        ("countdown", {}), ("countdown", {"count": 3, "max_number": 6})])
+                                        ("countdown", {}), ("countdown", {"count": 3, "max_number": 6}),
+                                        ("code", {}), ("code", {"families": "plus,mod"})])
 def test_held_out_split_is_disjoint(name, knobs):
     test = make_task(name, "test", 5 if knobs else 200, seed=0, **knobs)
     test_keys = {problem_key(r) for r in test}

@@ -3,21 +3,20 @@ Python and C++ (where g++ is installed), per-test time limits and the sample's b
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
 from r1mega.rewards.code import extract_code, normalise, run_tests, score
-from r1mega.rewards.sandbox import Limits, bwrap_path, check_available
+from r1mega.rewards.sandbox import Limits, bwrap_path, check_available, claim_slots
 
 LIMITS = Limits(wall_s=5.0, cpu_s=5, memory_mb=512, processes=32)
-SLOT = 1 + os.getpid() % 50_000  # this test process's own uid (tests/unit/test_sandbox.py says why)
+SLOT = claim_slots()  # slots of this test process's own: no other process of the host uses them
 SUM_TESTS = {"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7", "0\n\n"]}
 
 
 def _run(*args, **kwargs):
-    return run_tests(*args, slot=SLOT, **kwargs)
+    return run_tests(*args, slots=(SLOT,), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -197,3 +197,22 @@ def test_in_process_scoring_says_it_is_for_tests(caplog):
     with caplog.at_level(logging.WARNING, logger="r1mega.rewards"):
         RewardStack({"format": 1.0}, num_workers=0)
     assert any("for tests only" in r.getMessage() for r in caplog.records)
+
+
+def test_streamed_rows_score_as_the_finished_batch(hang_stack):
+    """Rows reported as a generator finishes them (any order, in chunks scored while more come) give the
+    scores of score() on the whole batch, in row order; a row never reported is named, not scored 0."""
+    texts = [GOOD if i % 3 else GOOD + " hang" if i == 6 else "no tags" for i in range(10)]
+    whole = hang_stack.score([sample(t, i=i) for i, t in enumerate(texts)])
+    stream = hang_stack.streaming(lambda row, ids, reason: sample(texts[row], i=row), chunk=3)
+    for row in (4, 0, 9, 6, 1, 2, 8, 3, 7, 5):
+        stream.row_done(row, [], "stop")
+    assert len(stream.submitted) == 3 and len(stream.pending) == 1  # three chunks went out while rows came
+    out = stream.result(10)
+    assert (out.total, out.components, out.failures, out.timeouts) == \
+        (whole.total, whole.components, whole.failures, whole.timeouts)
+    assert out.timeouts == 1  # the hanging row, killed at its deadline, in its place
+    partial = hang_stack.streaming(lambda row, ids, reason: sample(GOOD, i=row))
+    partial.row_done(0, [], "stop")
+    with pytest.raises(RuntimeError, match=r"rows \[1\] were never reported"):
+        partial.result(2)

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from r1mega.rewards.sandbox import SANDBOX_UID_BASE, Limits, bwrap_path, check_available, run
+from r1mega.rewards.sandbox import SANDBOX_UID_BASE, Limits, bwrap_path, check_available, claim_slots, run
 
 PYTHON = ["/usr/bin/python3", "-I", "-S", "/code/main.py"]
-# a slot (a uid) of this test process's own: pytest-xdist runs another test process beside it, and the
-# process limit and the left-running check count a uid's processes wherever they are
-SLOT = 1 + os.getpid() % 50_000
+# pytest-xdist runs another test process beside this one, and the process limit and the left-running
+# check count a uid's processes wherever they are
+SLOT = claim_slots()  # slots of this test process's own: no other process of the host uses them
 LIMITS = Limits(wall_s=5.0, cpu_s=3, memory_mb=256, processes=32, output_bytes=1 << 16)
 
 
@@ -72,6 +72,8 @@ HOSTILE = {
                         "print('killed')", "any"),
     "daemon that outlives it": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
                                 "        time.sleep(60)\n    os._exit(0)\nprint('detached')", "any"),
+    "fill its tmpfs": ("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\nprint('allocated')",
+                       "fails"),  # 512 MB into a 64 MiB tmpfs, in files under the file-size limit
     "print 1 GB": ("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)",
                    "killed"),
 }

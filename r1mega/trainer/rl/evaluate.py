@@ -11,7 +11,7 @@ from r1mega.platform.distributed import dp_share, dp_sum
 from r1mega.rollout.types import SamplingParams
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
-from r1mega.trainer.rl.step import score
+from r1mega.trainer.rl.step import generate, score
 
 
 def _accuracy(ctx: RLContext, prompts: list, params: SamplingParams, n: int) -> torch.Tensor:
@@ -20,12 +20,11 @@ def _accuracy(ctx: RLContext, prompts: list, params: SamplingParams, n: int) -> 
     if recording:  # no training on these rows: their routing is not kept
         ctx.engine.record_routing = False
     try:
-        rollouts = ctx.engine.generate([r.token_ids for r in prompts], params, n=n)
+        records, rollouts, stream = generate(ctx, prompts, params, n)
     finally:
         if recording:
             ctx.engine.record_routing = True
-    records = [prompts[g] for g in rollouts.group_index]
-    scores = score(ctx, records, rollouts)
+    scores = score(ctx, records, rollouts, stream)
     lengths = torch.tensor(rollouts.response_lengths, dtype=torch.float32)
     shape = (len(prompts), n)
     return scores.components["accuracy"].view(shape), scores.total.view(shape), lengths.view(shape)

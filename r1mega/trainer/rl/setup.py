@@ -15,6 +15,7 @@ from r1mega.config.schema import R1Config
 from r1mega.data.prompts import load_prompts
 from r1mega.data.sampler import PromptSampler
 from r1mega.data.tasks import make_task
+from r1mega.rewards.code import is_code_row
 from r1mega.data.templates import rendered
 from r1mega.platform.distributed import Runtime, rank, replica_group
 from r1mega.models.mtp import detach_from_trunk
@@ -47,6 +48,11 @@ def load_records(cfg: R1Config) -> Tuple[list, list]:
 def prompts(cfg: R1Config, tokenizer) -> Tuple[list, list]:
     """(train, held-out) prompt records of the configured data, tokenized."""
     train, test = load_records(cfg)
+    if cfg.reward.code is None:
+        code_row = next((r for r in train + test if is_code_row(r.metadata)), None)
+        if code_row is not None:
+            raise ValueError(f"{code_row.where or code_row.prompt_id}: a code row (its metadata has tests) needs "
+                             f"reward.code to run its programs: add reward=code")
     return tokenize_prompts(cfg, tokenizer, train, "train"), tokenize_prompts(cfg, tokenizer, test, "test")
 
 

@@ -8,9 +8,9 @@ computed once per replica group and broadcast, so all its ranks train on identic
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state as ps
@@ -22,9 +22,11 @@ from r1mega.models.mtp import mtp_metrics
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
 from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
+from r1mega.rewards.code import OUTCOMES
+from r1mega.rewards.stack import StreamingScore
 from r1mega.rollout.ledger import staleness_metrics
-from r1mega.rollout.setup import reward_inputs
-from r1mega.rollout.types import Rollouts
+from r1mega.rollout.setup import reward_input, reward_inputs
+from r1mega.rollout.types import Rollouts, SamplingParams
 from r1mega.trainer.forward_backward import run_schedule, train_step
 from r1mega.trainer.model_setup import copy_weights
 from r1mega.trainer.optimizer import current_lr
@@ -43,6 +45,7 @@ class Scores:
     components: Dict[str, torch.Tensor]  # name -> [N], unweighted
     failures: int = 0
     timeouts: int = 0
+    code_tests: Dict[str, int] = field(default_factory=dict)  # reward.code: how the programs' tests ended
 
 
 @dataclass
@@ -121,19 +124,47 @@ def hand_back(ctx: RLContext, step: int, timer: PhaseTimer) -> None:
 
 # -- generate and score ----------------------------------------------------------------------
 
-def score(ctx: RLContext, records: list, rollouts: Rollouts) -> Scores:
-    """Rewards of every row, computed on the group's first rank and shared with the others."""
-    names = ctx.reward_names
-    packed = torch.zeros(len(names) + 1, len(rollouts) + 1, dtype=torch.float64)
+def generate(ctx: RLContext, prompts: list, params: SamplingParams, n: int) -> Tuple[list, Rollouts,
+                                                                                   Optional[StreamingScore]]:
+    """(each row's prompt record, n rows per prompt, the rows' scoring if it already runs). On the rank that
+    scores, the native engine hands each row to the reward workers as soon as it finishes, so scoring
+    overlaps with the decoding of the longer rows (programs run while others still write theirs)."""
+    stream = None
+    if ctx.rewards is not None and hasattr(ctx.engine, "row_done"):
+        decode = ctx.tokenizer.decode
+        stream = ctx.rewards.streaming(lambda row, ids, reason: reward_input(prompts[row // n], ids, reason, decode))
+        ctx.engine.row_done = stream.row_done
+    try:
+        rollouts = ctx.engine.generate([r.token_ids for r in prompts], params, n=n)
+    finally:
+        if stream is not None:
+            ctx.engine.row_done = None
+    return [prompts[g] for g in rollouts.group_index], rollouts, stream
+
+
+def score(ctx: RLContext, records: list, rollouts: Rollouts, stream: Optional[StreamingScore] = None) -> Scores:
+    """Rewards of every row, computed on the group's first rank (or collected from the scoring that
+    started during generation) and shared with the others."""
+    names, counted = ctx.reward_names, code_outcomes(ctx)
+    # one tensor to broadcast: a row per total and component, the last column for the counts
+    packed = torch.zeros(len(names) + 2 + len(counted), len(rollouts) + 1, dtype=torch.float64)
     if ctx.rewards is not None:
-        result = ctx.rewards.score(reward_inputs(records, rollouts, ctx.tokenizer.decode))
+        result = stream.result(len(rollouts)) if stream is not None else \
+            ctx.rewards.score(reward_inputs(records, rollouts, ctx.tokenizer.decode))
         packed[0, :-1] = torch.tensor(result.total, dtype=torch.float64)
         for i, name in enumerate(names):
             packed[i + 1, :-1] = torch.tensor(result.components[name], dtype=torch.float64)
-        packed[0, -1], packed[1, -1] = result.failures, result.timeouts
+        counts = [result.failures, result.timeouts, *[result.counts.get(k, 0) for k in counted]]
+        packed[:len(counts), -1] = torch.tensor(counts, dtype=torch.float64)
     packed = replica_broadcast(packed)
     comps = {name: packed[i + 1, :-1] for i, name in enumerate(names)}
-    return Scores(packed[0, :-1], comps, int(packed[0, -1]), int(packed[1, -1]))
+    return Scores(packed[0, :-1], comps, int(packed[0, -1]), int(packed[1, -1]),
+                  {k: int(packed[2 + i, -1]) for i, k in enumerate(counted)})
+
+
+def code_outcomes(ctx: RLContext) -> tuple:
+    """The test outcomes counted per step when programs are scored (reward.code), else none."""
+    return OUTCOMES if ctx.cfg.reward.code is not None else ()
 
 
 def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Generated:
@@ -142,15 +173,15 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
     a = ctx.cfg.algorithm
     target = len(prompts)
     kept, spare = [], []  # (records, rollouts, scores) of single groups
-    batch, rounds, varied_share, failures, timeouts = prompts, 0, 1.0, 0, 0
+    batch, rounds, varied_share, failures, timeouts, tests = prompts, 0, 1.0, 0, 0, {}
     while True:
         with timer("generate"):
-            rollouts = ctx.engine.generate([r.token_ids for r in batch], ctx.sampling, n=a.group_size)
-        records = [batch[g] for g in rollouts.group_index]
+            records, rollouts, stream = generate(ctx, batch, ctx.sampling, a.group_size)
         with timer("score"):
-            scores = score(ctx, records, rollouts)
+            scores = score(ctx, records, rollouts, stream)
         rounds += 1
         failures, timeouts = failures + scores.failures, timeouts + scores.timeouts
+        tests = {k: tests.get(k, 0) + v for k, v in scores.code_tests.items()}
         if not a.dynamic_sampling:
             return Generated(records, rollouts, scores)
         varied = varied_groups(scores.total, torch.tensor(rollouts.group_index), len(batch))
@@ -165,7 +196,7 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
         batch = ctx.sampler.more(need)
     groups = (kept + spare)[:target]  # short of varied groups: equal-reward ones (advantage 0) fill up
     records, rollouts, scores = _concat(groups)
-    scores.failures, scores.timeouts = failures, timeouts
+    scores.failures, scores.timeouts, scores.code_tests = failures, timeouts, tests
     return Generated(records, rollouts, scores, rounds=rounds, varied_share=varied_share)
 
 
@@ -322,10 +353,11 @@ def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[s
     """Reward (total and per component), accuracy, lengths, truncation: means over all ranks' rows."""
     s, lengths = gen.scores, torch.tensor(gen.rollouts.response_lengths, dtype=torch.float64)
     truncated = sum(r == "length" for r in gen.rollouts.finish_reasons)
-    names = list(s.components)
+    names, counted = list(s.components), code_outcomes(ctx)
     sums = dp_sum([float(s.total.sum()), *[float(s.components[k].sum()) for k in names],
                    float(lengths.sum()), float(truncated), float(len(lengths)), float(s.failures),
-                   float(s.timeouts), float(adv.abs().sum()), float(gen.varied_share), 1.0])
+                   float(s.timeouts), float(adv.abs().sum()), float(gen.varied_share), 1.0,
+                   *[float(s.code_tests.get(k, 0)) for k in counted]])
     longest = dp_max([float(lengths.max()) if len(lengths) else 0.0])[0]
     n = max(sums[len(names) + 3], 1.0)
     out = {"reward/mean": sums[0] / n}
@@ -341,6 +373,8 @@ def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[s
         "rollout/varied_group_share": sums[base + 6] / sums[base + 7],
         "rollout/rounds": float(gen.rounds),
     })
+    # programs' tests by how they ended, over all ranks (no_code: responses without a code block)
+    out.update({f"reward/code_{k}": sums[base + 8 + i] for i, k in enumerate(counted)})
     return out
 
 
