@@ -8,9 +8,13 @@ come from each family's own pure-Python function, never from running a program.
 
 For the base model's corpus each family also has subtly wrong programs, the slips people make in
 such code: `input()` left a string (so `+` concatenates and `*` repeats), `/` where `//` was meant,
-`*2` for `**2`, operands swapped, parentheses forgotten, the wrong end of a slice. The first one listed is the commonest. No slip changes
-the problem's number: a program copies it exactly, right or wrong. A worked
-response reasons in one line, then gives the program in a fenced block.
+`*2` for `**2`, operands swapped, parentheses forgotten, the wrong end of a slice. The first one
+listed is the commonest. No slip changes the problem's number: a program copies it exactly, right
+or wrong. A worked response reasons in one line, then gives the program in a fenced block.
+
+The task's preset (conf/data/code.yaml) uses the plain template: the tiny model has to copy the
+problem's number into its program, and learns that from a few tokens back far better than from
+behind R1-Zero's long preamble.
 """
 
 from __future__ import annotations

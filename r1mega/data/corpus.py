@@ -4,8 +4,9 @@ A document is a rendered prompt followed by a worked response in the R1 format,
 ` <think> 47 + 385 = 432 </think> <answer> 432 </answer>` and the end-of-text token. Like
 text on the web, the corpus is not all correct: a share of the worked answers carry the
 slips people make (a digit off by one, as from a dropped carry; a countdown expression that
-misses its target; a program that forgets to convert its input). The base model therefore knows the format and both right and wrong
-answers; reinforcement learning with a correctness reward has to pick out the right ones.
+misses its target; a program that forgets to convert its input). The base model therefore knows
+the format and both right and wrong answers; reinforcement learning with a correctness reward
+has to pick out the right ones.
 Documents are packed back to back into rows of seq_length + 1 tokens, as in pre-training.
 """
 

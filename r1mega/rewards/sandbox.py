@@ -134,7 +134,8 @@ def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tupl
     extra = [] if build is None else ["--bind" if build[1] else "--ro-bind", build[0], BUILD_DIR]
     return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--cap-drop", "ALL",
             "--ro-bind", "/usr", "/usr", *links, "--proc", "/proc", "--dev", "/dev",
-            "--size", str(work_mb << 20), "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra, "--chdir", WORK_DIR,
+            "--size", str(work_mb << 20), "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra,
+            "--chdir", WORK_DIR,
             "--setenv", "HOME", WORK_DIR, "--setenv", "TMPDIR", WORK_DIR, "--setenv", "PATH", "/usr/bin:/bin",
             "--setenv", "LANG", "C.UTF-8", "--", *argv]
 
