@@ -45,6 +45,7 @@ class Result:
     generate_s: float
     score_s: float
     records: list = field(default_factory=list)  # the request's, added by the trainer (workers do not send them back)
+    code_tests: Dict[str, int] = field(default_factory=dict)  # reward.code: how the programs' tests ended
 
 
 def first_version(result: Result) -> int:

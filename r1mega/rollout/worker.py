@@ -134,4 +134,4 @@ class Worker:
         records = [request.records[g] for g in rollouts.group_index]
         scores = self.rewards.score(reward_inputs(records, rollouts, self.decode))
         return Result(request.id, self.spec.index, rollouts, scores.total, scores.components, scores.failures,
-                      scores.timeouts, generated - start, time.perf_counter() - generated)
+                      scores.timeouts, generated - start, time.perf_counter() - generated, code_tests=scores.counts)

@@ -238,7 +238,8 @@ class SGLangLanes:
             with self.score_lock:
                 scores = self.rewards.score(reward_inputs(records, rollouts, self.decode))
             item = Result(request.id, i, rollouts, scores.total, scores.components, scores.failures,
-                          scores.timeouts, generated - start, time.perf_counter() - generated)
+                          scores.timeouts, generated - start, time.perf_counter() - generated,
+                          code_tests=scores.counts)
         except Exception:
             item = ("error", i, traceback.format_exc())
         with self.send_locks[i]:

@@ -76,9 +76,9 @@ class AsyncRollout:
     # -- the step's side ----------------------------------------------------------------------
 
     def next_batch(self, step: int) -> Tuple[list, Rollouts, torch.Tensor, Dict[str, torch.Tensor], int, int,
-                                             Dict[str, float]]:
+                                             Dict[str, int], Dict[str, float]]:
         """This data-parallel rank's share of step `step`'s groups: (records, rollouts, total rewards,
-        components, failures, timeouts, metrics). Collective over the trainer's ranks."""
+        components, failures, timeouts, code test outcomes, metrics). Collective over the trainer's ranks."""
         if not self.started:
             self.trained = step - 1
             self.push(step - 1)
@@ -140,8 +140,12 @@ class AsyncRollout:
         # the step's reward failures and time-outs, counted once (the metrics sum them over ranks)
         failures = sum(res.failures for res in results) if me == 0 else 0
         timeouts = sum(res.timeouts for res in results) if me == 0 else 0
+        tests: Dict[str, int] = {}
+        for res in results if me == 0 else []:
+            for k, v in res.code_tests.items():
+                tests[k] = tests.get(k, 0) + v
         return (records, Rollouts.concat(parts), torch.tensor(totals, dtype=torch.float64),
-                {k: torch.tensor(v, dtype=torch.float64) for k, v in comps.items()}, failures, timeouts)
+                {k: torch.tensor(v, dtype=torch.float64) for k, v in comps.items()}, failures, timeouts, tests)
 
     # -- the controller ---------------------------------------------------------------------------
 

@@ -203,8 +203,8 @@ def generate_and_score(ctx: RLContext, prompts: list, timer: PhaseTimer) -> Gene
 def from_workers(ctx: RLContext, step: int):
     """This rank's share of the step's groups from the asynchronous rollout workers, and the staleness
     metrics."""
-    records, rollouts, total, components, failures, timeouts, metrics = ctx.async_rollout.next_batch(step)
-    return Generated(records, rollouts, Scores(total, components, failures, timeouts)), metrics
+    records, rollouts, total, components, failures, timeouts, tests, metrics = ctx.async_rollout.next_batch(step)
+    return Generated(records, rollouts, Scores(total, components, failures, timeouts, tests)), metrics
 
 
 def _select(records, rollouts: Rollouts, scores: Scores, rows: List[int]):
