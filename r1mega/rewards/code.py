@@ -22,17 +22,17 @@ import json
 import logging
 import queue
 import re
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from r1mega.rewards.sandbox import (BUILD_DIR, CODE_DIR, SLOTS_PER_GROUP, Limits, Outcome, build_folder, bwrap_path,
                                     check_available, claim_slots, run)
 
 log = logging.getLogger("r1mega.rewards")
-Case = Tuple[str, Optional[str], Optional[str]]  # stdin, source appended to the program, expected stdout
 _DRIVER = (Path(__file__).parent / "code_driver.py").read_bytes()
 _FRAME = b"R1MEGA-TEST "  # the driver's frame header
 _DRIVER_START_S = 3.0  # a driver sandbox's start-up and tear-down on top of the tests' budget
@@ -51,7 +51,7 @@ class Language:
 
 
 LANGUAGES: Dict[str, Language] = {
-    "python": Language("py", ("/usr/bin/python3", "-I", "-S", f"{CODE_DIR}/main.py"),
+    "python": Language("py", ("/usr/bin/python3", "-I", f"{CODE_DIR}/main.py"),
                        fences=("python", "py", "python3")),
     "cpp": Language("cpp", (f"{BUILD_DIR}/main",),
                     ("/usr/bin/g++", "-O2", "-std=c++17", "-o", f"{BUILD_DIR}/main", f"{CODE_DIR}/main.cpp"),
@@ -60,6 +60,13 @@ LANGUAGES: Dict[str, Language] = {
 
 
 OUTCOMES = ("pass", "wrong", "timeout", "error", "skipped", "no_code")  # counted per test (no_code per sample)
+
+
+class Case(NamedTuple):
+    stdin: str
+    source: Optional[str]  # appended to the program: a test program, or the harness of an fn_name call
+    expected: str
+    compare: str = "text"  # text (whitespace-normalised) | json (an fn_name result) | marker (the last line)
 
 
 @dataclass
@@ -106,12 +113,12 @@ def run_tests(bwrap: Optional[str], code: str, tests: Dict[str, Any], language: 
         if lang.compile:
             built = run(bwrap, list(lang.compile), b"", {f"main.{lang.suffix}": code.encode()},
                         replace(per_test, wall_s=min(per_test.wall_s * 3, budget_s)), slots[0], (build, True))
-            verdict, why = _judge(built, None)
+            verdict, why = _judge(built)
             if verdict != "pass":
                 report.first_failure, report.outcomes = f"does not compile: {why}", ["error"] * len(cases)
                 report.seconds = time.monotonic() - start
                 return report
-        if lang.suffix == "py" and all(expected is not None for _, _, expected in cases):
+        if lang.suffix == "py":
             verdicts = _driven(bwrap, code, cases, per_test, budget_s - (time.monotonic() - start), slots)
         else:
             verdicts = _one_sandbox_each(bwrap, code, lang, cases, per_test, budget_s, start, slots, build)
@@ -133,7 +140,7 @@ def _one_sandbox_each(bwrap: Optional[str], code: str, lang: Language, cases: Li
         free.put(slot)
 
     def one(case: Case) -> Tuple[str, str]:
-        stdin, source, expected = case
+        stdin, source = case.stdin, case.source
         left = budget_s - (time.monotonic() - start)
         if left <= 0:
             return "skipped", f"the sample's {budget_s:g}s budget ran out"
@@ -144,7 +151,7 @@ def _one_sandbox_each(bwrap: Optional[str], code: str, lang: Language, cases: Li
                       replace(per_test, wall_s=min(per_test.wall_s, left)), slot, (build, False))
         finally:
             free.put(slot)
-        return _judge(out, expected, as_json=source is not None)
+        return _judge(out, case)
 
     if len(slots) > 1 and len(cases) > 1:
         with ThreadPoolExecutor(min(len(slots), len(cases)), thread_name_prefix="r1mega-test") as pool:
@@ -161,14 +168,14 @@ def _driven(bwrap: Optional[str], code: str, cases: List[Case], per_test: Limits
 
     def share(job: Tuple[List[int], int]) -> Dict[int, Tuple[str, str]]:
         indices, slot = job
-        source = code if cases[indices[0]][1] is None else code + "\n\n" + cases[indices[0]][1]
+        source = code if cases[indices[0]].source is None else code + "\n\n" + cases[indices[0]].source
         files = {"main.py": source.encode(), "driver.py": _DRIVER,
-                 "inputs.json": json.dumps([cases[i][0] for i in indices]).encode()}
-        settings = {"wall_s": per_test.wall_s, "budget_s": budget_s, "output_bytes": per_test.output_bytes,
-                    "sweep": bwrap is not None}
+                 **{f"in{k}": cases[i].stdin.encode() for k, i in enumerate(indices)}}
+        settings = {"tests": len(indices), "wall_s": per_test.wall_s, "budget_s": budget_s,
+                    "output_bytes": per_test.output_bytes, "sweep": bwrap is not None}
         limits = replace(per_test, wall_s=budget_s + _DRIVER_START_S,
                          output_bytes=len(indices) * (2 * per_test.output_bytes + 256))
-        outcome = run(bwrap, ["/usr/bin/python3", "-I", "-S", f"{CODE_DIR}/driver.py", json.dumps(settings)], b"",
+        outcome = run(bwrap, ["/usr/bin/python3", "-I", f"{CODE_DIR}/driver.py", json.dumps(settings)], b"",
                       files, limits, slot)
         frames = _frames(outcome.stdout, len(indices))
         verdicts = {}
@@ -179,7 +186,7 @@ def _driven(bwrap: Optional[str], code: str, cases: List[Case], per_test: Limits
             elif frames[k] is None:
                 verdicts[i] = ("skipped", f"the sample's {budget_s:g}s budget ran out")
             else:
-                verdicts[i] = _judge(frames[k], cases[i][2], as_json=cases[i][1] is not None)
+                verdicts[i] = _judge(frames[k], cases[i])
         return verdicts
 
     jobs = list(zip(shares, slots))
@@ -200,23 +207,25 @@ def _frames(data: bytes, count: int) -> Dict[int, Optional[Outcome]]:
     while pos < len(data) and data.startswith(_FRAME, pos):
         end = data.find(b"\n", pos)
         try:
-            header = json.loads(data[pos + len(_FRAME):end]) if end > 0 else None
+            header = json.loads(data[pos + len(_FRAME):end])
             k, n_out, n_err = header["i"], header["out"], header["err"]
-        except (ValueError, TypeError, KeyError):
-            break
-        if not (isinstance(k, int) and 0 <= k < count and k not in frames and isinstance(n_out, int)
-                and isinstance(n_err, int) and 0 <= n_out and 0 <= n_err and end + 1 + n_out + n_err <= len(data)):
+            flags = [header.get(key, False) for key in ("skipped", "timed_out", "exceeded")]
+            returncode, seconds = header.get("returncode"), header.get("seconds", 0.0)
+            if not (type(k) is int and 0 <= k < count and k not in frames and type(n_out) is int
+                    and type(n_err) is int and 0 <= n_out and 0 <= n_err and end > pos
+                    and end + 1 + n_out + n_err <= len(data) and all(type(f) is bool for f in flags)
+                    and (returncode is None or type(returncode) is int) and type(seconds) in (int, float)):
+                break
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             break
         out, err = data[end + 1:end + 1 + n_out], data[end + 1 + n_out:end + 1 + n_out + n_err]
         pos = end + 1 + n_out + n_err
-        if header.get("skipped"):
+        skipped, timed_out, exceeded = flags
+        if skipped:
             frames[k] = None
             continue
-        killed = bool(header.get("timed_out")) or bool(header.get("exceeded"))
-        returncode = header.get("returncode")
-        frames[k] = Outcome(None if killed else returncode if isinstance(returncode, int) else -1, out, err,
-                            bool(header.get("timed_out")), bool(header.get("exceeded")),
-                            float(header.get("seconds", 0.0)))
+        code = None if timed_out or exceeded else returncode if returncode is not None else -1
+        frames[k] = Outcome(code, out, err, timed_out, exceeded, float(seconds))
     return frames
 
 
@@ -229,7 +238,9 @@ def score(report: TestReport, all_or_nothing: bool) -> float:
 
 
 def _cases(tests: Dict[str, Any], language: str) -> List[Case]:
-    """(stdin, test source appended to the code or None, expected stdout or None: exit status 0 passes)."""
+    """The row's tests as Cases. A test program passes when it gets to its end: it prints a marker of
+    this run's own last, so a solution that exits early with status 0 (`sys.exit(0)` before the
+    asserts run) does not pass."""
     if "test" in tests:  # a test program: asserts, and check(entry_point) when it defines check
         if language != "python":
             raise ValueError(f"a 'test' program runs with Python code only, not {language}")
@@ -237,13 +248,14 @@ def _cases(tests: Dict[str, Any], language: str) -> List[Case]:
         entry = tests.get("entry_point")
         if entry and re.search(r"^def check\(", source, re.MULTILINE):
             source += f"\n\ncheck({entry})\n"
-        return [("", source, None)]
+        marker = f"r1mega-tests-passed-{secrets.token_hex(8)}"
+        return [Case("", source + f"\nprint({marker!r})\n", marker, "marker")]
     inputs, outputs = tests.get("inputs"), tests.get("outputs")
     if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
         raise ValueError("tests need 'inputs' and 'outputs' lists of one length (or a 'test' program)")
     name = tests.get("fn_name")
     if name is None:
-        return [(str(i), None, str(o)) for i, o in zip(inputs, outputs)]
+        return [Case(str(i), None, str(o)) for i, o in zip(inputs, outputs)]
     if language != "python":
         raise ValueError(f"fn_name tests run with Python code only, not {language}")
     if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?", str(name)):
@@ -252,16 +264,17 @@ def _cases(tests: Dict[str, Any], language: str) -> List[Case]:
     # the arguments and result travel as JSON on stdin and stdout: nothing of the row is pasted into code
     harness = ("import json as _j, sys as _s\n_args = _j.loads(_s.stdin.read())\n"
                f"_s.stdout.write(_j.dumps({call}(*_args)))\n")
-    return [(json.dumps(i if isinstance(i, list) else [i]), harness, json.dumps(o)) for i, o in zip(inputs, outputs)]
+    return [Case(json.dumps(i if isinstance(i, list) else [i]), harness, json.dumps(o), "json")
+            for i, o in zip(inputs, outputs)]
 
 
 def _is_method(tests: Dict[str, Any]) -> bool:
     return bool(tests.get("method"))  # LeetCode rows: fn_name is a method of class Solution
 
 
-def _judge(out: Outcome, expected: Optional[str], as_json: bool = False) -> Tuple[str, str]:
-    """(verdict, why). stdout is compared as text, whitespace-normalised ("2.0" is not "2"); an fn_name
-    call's result as a JSON value."""
+def _judge(out: Outcome, case: Optional[Case] = None) -> Tuple[str, str]:
+    """(verdict, why): a time-out, an error (the output cap, a non-zero exit), then the output against
+    the case's (none: a compile, judged by its exit status alone)."""
     if out.timed_out:
         return "timeout", f"timed out after {out.seconds:.1f}s"
     if out.output_exceeded:
@@ -269,12 +282,15 @@ def _judge(out: Outcome, expected: Optional[str], as_json: bool = False) -> Tupl
     if out.returncode != 0:
         tail = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
         return "error", f"exit code {out.returncode}: {tail[0][:200]}"
-    if expected is None:
+    if case is None:
         return "pass", ""
     got = out.stdout.decode(errors="replace")
-    if normalise(got) == normalise(expected) or (as_json and _same_json(got, expected)):
+    if case.compare == "marker":
+        lines = normalise(got).split("\n")
+        return ("pass", "") if lines[-1] == case.expected else ("error", "the test program stopped before its end")
+    if normalise(got) == normalise(case.expected) or (case.compare == "json" and _same_json(got, case.expected)):
         return "pass", ""
-    return "wrong", f"expected {normalise(expected)[:80]!r}, got {normalise(got)[:80]!r}"
+    return "wrong", f"expected {normalise(case.expected)[:80]!r}, got {normalise(got)[:80]!r}"
 
 
 def _same_json(got: str, expected: str) -> bool:
@@ -322,9 +338,17 @@ class CodeRunner:
         self.counts: Dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # since the last take_counts()
 
     def check(self) -> None:
-        """SandboxUnavailable, saying why, where bubblewrap cannot start a sandbox here."""
-        if self.bwrap is not None:
-            check_available(self.bwrap)
+        """SandboxUnavailable, saying why, where bubblewrap cannot start a sandbox here or the language's
+        tools are missing inside it (the test driver needs Python 3.9's os.pidfd_open)."""
+        if self.bwrap is None:
+            return
+        check_available(self.bwrap)
+        if self.language == "python":
+            check_available(self.bwrap, ["/usr/bin/python3", "-I", "-c", "import os; os.pidfd_open"],
+                            "/usr/bin/python3 3.9 or newer")
+        else:
+            check_available(self.bwrap, [LANGUAGES[self.language].compile[0], "--version"],
+                            LANGUAGES[self.language].compile[0])
 
     def time_limit_s(self) -> float:
         """The longest one sample can take: a compile (three test limits) and the budget, with a margin

@@ -1,7 +1,7 @@
 """Runs one Python program against several stdin inputs inside ONE sandbox (standard library only).
 
-Started by r1mega.rewards.code as `python3 -I -S /code/driver.py '<settings JSON>'` inside bubblewrap,
-with the program at /code/main.py and the inputs at /code/inputs.json beside it, in the working
+Started by r1mega.rewards.code as `python3 -I /code/driver.py '<settings JSON>'` inside bubblewrap,
+with the program at /code/main.py and test k's input at /code/in<k> beside it, in the working
 directory /work. Starting a sandbox and a Python
 interpreter costs more than a short test itself, so each test runs in a fork of this already started
 interpreter instead: the child takes the test's input as stdin and files as stdout and stderr, closes
@@ -11,54 +11,46 @@ per-test wall limit, kills its process group at the limit, then every process le
 
 The report goes to stdout, one frame per test: `R1MEGA-TEST <header JSON>\\n`, then the stdout and the
 stderr bytes the header counts. The program cannot widen its reach this way: it runs in the same
-sandbox as before, with the same limits. It could at most corrupt or imitate a frame, and a frame
-never says whether a test passed: the expected outputs are not in the sandbox, and the host compares.
-A corrupted report fails the tests it covers.
+sandbox as a program started on its own, with the same limits. The driver is not dumpable, so a
+test's process cannot reach its report through /proc; and were a frame imitated, it still would
+not say that a test passed: the expected outputs never enter the sandbox, the host compares. A
+corrupted report fails the tests it covers.
 """
 
+import ctypes
 import json
 import os
 import select
 import signal
 import sys
 import time
-import traceback
 
 _HEADER = b"R1MEGA-TEST "
+_PR_SET_DUMPABLE = 4
 _FILES = os.path.dirname(os.path.abspath(__file__))  # /code in the sandbox
 _PROGRAM = os.path.join(_FILES, "main.py")
 
 
 def _child(source, in_path, out_path, err_path):
-    status = 1
-    try:
-        os.setpgid(0, 0)
-        for fd, path, flags in ((0, in_path, os.O_RDONLY), (1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                (2, err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-            opened = os.open(path, flags, 0o600)
-            os.dup2(opened, fd)
-            os.close(opened)
-        os.closerange(3, 1 << 16)  # nothing of the driver's: not its report
-        sys.stdin = open(0, encoding="utf-8", closefd=False)
-        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
-        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-        sys.argv = [_PROGRAM]
-        code = compile(source, _PROGRAM, "exec")
-        exec(code, {"__name__": "__main__", "__file__": _PROGRAM, "__builtins__": __builtins__})
-        status = 0
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            status = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        status = status or 1
-    os._exit(status & 0xFF)
+    """The test's process: its files as stdin, stdout and stderr, nothing else of the driver's open, the
+    program run as __main__. What follows is the interpreter's own ending: an exception's traceback and
+    exit status 1, SystemExit's status, non-daemon threads joined, atexit handlers run, output flushed."""
+    os.setpgid(0, 0)
+    for fd, path, flags in ((0, in_path, os.O_RDONLY), (1, out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                            (2, err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+        opened = os.open(path, flags, 0o600)
+        os.dup2(opened, fd)
+        os.close(opened)
+    os.closerange(3, 1 << 16)  # nothing of the driver's: not its report
+    # as CPython makes them on POSIX: lines split at "\n" only
+    sys.stdin = sys.__stdin__ = open(0, encoding="utf-8", newline="\n", closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", newline="\n", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", errors="backslashreplace", newline="\n",
+                                       closefd=False)
+    sys.argv = [_PROGRAM]
+    exec(compile(source, _PROGRAM, "exec"), {"__name__": "__main__", "__file__": _PROGRAM,
+                                            "__builtins__": __builtins__})
+    sys.exit(0)
 
 
 def _read(path, limit):
@@ -69,11 +61,9 @@ def _read(path, limit):
         return b""
 
 
-def _one(index, source, stdin, wall_s, limit):
-    # the working directory: the sandbox's fresh /work
-    in_path, out_path, err_path = (f".r1mega-{kind}{index}" for kind in ("in", "out", "err"))
-    with open(in_path, "w", encoding="utf-8") as f:
-        f.write(stdin)
+def _one(index, source, wall_s, limit):
+    in_path = os.path.join(_FILES, f"in{index}")  # written by the host, read-only here
+    out_path, err_path = (f".r1mega-{kind}{index}" for kind in ("out", "err"))  # in the working directory, /work
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
@@ -93,7 +83,7 @@ def _one(index, source, stdin, wall_s, limit):
         pass
     seconds = time.monotonic() - start
     out, err = _read(out_path, limit), _read(err_path, limit)
-    for path in (in_path, out_path, err_path):
+    for path in (out_path, err_path):
         try:
             os.unlink(path)
         except OSError:
@@ -123,19 +113,19 @@ def _sweep():
 
 
 def main():
+    # not dumpable: a test's process (same uid) cannot open this one's descriptors or memory through /proc
+    ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     settings = json.loads(sys.argv[1])
-    with open(os.path.join(_FILES, "inputs.json"), encoding="utf-8") as f:
-        inputs = json.load(f)
     with open(_PROGRAM, encoding="utf-8") as f:
         source = f.read()
     report = os.dup(1)
     start = time.monotonic()
-    for index, stdin in enumerate(inputs):
+    for index in range(settings["tests"]):
         left = settings["budget_s"] - (time.monotonic() - start)
         if left <= 0:
             header, out, err = {"i": index, "skipped": True}, b"", b""
         else:
-            header, out, err = _one(index, source, stdin, min(settings["wall_s"], left), settings["output_bytes"])
+            header, out, err = _one(index, source, min(settings["wall_s"], left), settings["output_bytes"])
             if settings["sweep"]:  # only inside the sandbox's own PID namespace: outside, kill(-1) reaches far
                 _sweep()
         header["out"], header["err"] = len(out), len(err)

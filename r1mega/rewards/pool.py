@@ -108,6 +108,8 @@ class WorkerPool:
 
     def run(self, samples: list[Any]) -> list[Row]:
         """Rows of (values, failures, timeouts, first error), one per sample, in input order."""
+        if not self.workers:  # closed, by close() or after workers kept failing to start
+            raise RuntimeError("the reward worker pool is closed")
         rows: list[Row | None] = [None] * len(samples)
         queue: deque[int] = deque(range(len(samples)))
         chunk = max(1, min(_CHUNK, math.ceil(len(samples) / (4 * len(self.workers)))))

@@ -86,14 +86,18 @@ def bwrap_path(configured: Optional[str] = None) -> str:
     return path
 
 
-def check_available(bwrap: str) -> None:
-    """Start one empty sandbox; SandboxUnavailable says why it cannot (no user namespaces, say)."""
-    out = run(bwrap, ["/usr/bin/true"], b"", {}, Limits(wall_s=30.0))
+def check_available(bwrap: str, argv: Sequence[str] = ("/usr/bin/true",), what: str = "") -> None:
+    """Start one sandbox running argv; SandboxUnavailable says why it cannot (no user namespaces, a
+    bubblewrap older than 0.7 without --size, `what` missing inside). Run in a process that is not made
+    a subreaper by it: the scoring processes are."""
+    out = run(bwrap, list(argv), b"", {}, Limits(wall_s=30.0), claim_slots(), reap=False)
     if out.returncode != 0:
         lines = out.stderr.decode(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else f"exit code {out.returncode}"
-        raise SandboxUnavailable(f"bubblewrap cannot start a sandbox here ({reason}); "
-                                 f"it needs unprivileged user namespaces (kernel.unprivileged_userns_clone, "
+        if what:
+            raise SandboxUnavailable(f"the sandbox cannot run {what} ({reason})")
+        raise SandboxUnavailable(f"bubblewrap cannot start a sandbox here ({reason}); it needs bubblewrap 0.7 or "
+                                 f"newer and unprivileged user namespaces (kernel.unprivileged_userns_clone, "
                                  f"user.max_user_namespaces) or root")
 
 
@@ -109,9 +113,20 @@ def claim_slots() -> int:
     pid = os.getpid()
     if pid not in _claimed:
         folder = Path(tempfile.gettempdir()) / "r1mega-sandbox-slots"
-        folder.mkdir(mode=0o1777, exist_ok=True)
+        try:
+            folder.mkdir()
+            os.chmod(folder, 0o1777)  # every user's processes claim slots here (mkdir's mode obeys the umask)
+        except FileExistsError:
+            pass
         for group in range(MAX_SLOT_GROUPS):
-            fd = os.open(folder / f"{group}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fd = os.open(folder / f"{group}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except PermissionError:  # another user's lock file, unreadable here: a group it uses
+                continue
+            try:
+                os.fchmod(fd, 0o666)
+            except PermissionError:
+                pass
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -137,7 +152,10 @@ def command(bwrap: str, argv: Sequence[str], code_dir: str, build: Optional[Tupl
             "--size", str(work_mb << 20), "--tmpfs", WORK_DIR, "--ro-bind", code_dir, CODE_DIR, *extra,
             "--chdir", WORK_DIR,
             "--setenv", "HOME", WORK_DIR, "--setenv", "TMPDIR", WORK_DIR, "--setenv", "PATH", "/usr/bin:/bin",
-            "--setenv", "LANG", "C.UTF-8", "--", *argv]
+            "--setenv", "LANG", "C.UTF-8",
+            # bwrap's own root and /dev are tmpfs mounts of half the host's memory, writable by the program:
+            # read-only once everything is mounted (device nodes stay writable; /work is the one place to write)
+            "--remount-ro", "/dev", "--remount-ro", "/", "--", *argv]
 
 
 def _limit_child(limits: Limits, slot: int):
@@ -163,36 +181,41 @@ def _limit_child(limits: Limits, slot: int):
 
 
 def _processes_of(uid: int) -> int:
+    """Tasks of the uid (threads count: RLIMIT_NPROC counts them, and a trainer has hundreds)."""
     count = 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                count += os.stat(entry.path).st_uid == uid
+                if os.stat(entry.path).st_uid == uid:
+                    count += len(os.listdir(f"{entry.path}/task"))
             except OSError:
                 pass
     return count
 
 
 def run(bwrap: Optional[str], argv: Sequence[str], stdin: bytes, files: Dict[str, bytes], limits: Limits,
-        slot: int = 0, build: Optional[Tuple[str, bool]] = None) -> Outcome:
+        slot: int = 0, build: Optional[Tuple[str, bool]] = None, reap: bool = True) -> Outcome:
     """Run argv in a fresh sandbox with `files` under /code, `stdin` fed to it (and `build`, see
     command); never raises for what the program does. bwrap=None runs it without a sandbox
-    (reward.code.sandbox=none): the same limits and folders, and nothing else kept from it."""
+    (reward.code.sandbox=none): the same limits and folders, and nothing else kept from it.
+    reap=False for a one-off run in a process that should not become a subreaper (the trainer)."""
     with tempfile.TemporaryDirectory(prefix="r1mega-code-") as code_dir:
         for name, data in files.items():
             target = Path(code_dir) / name
             if target.parent != Path(code_dir):
                 raise ValueError(f"sandbox file {name!r}: a plain file name, please")
             target.write_bytes(data)
-        os.chmod(code_dir, 0o755)  # readable by the slot's uid; the files are 0644
+            os.chmod(target, 0o644)  # readable by the slot's uid whatever the umask
+        os.chmod(code_dir, 0o755)
         if bwrap is not None:
-            return _supervise(command(bwrap, argv, code_dir, build, limits.work_mb), stdin, limits, slot)
+            return _supervise(command(bwrap, argv, code_dir, build, limits.work_mb), stdin, limits, slot,
+                              reap=reap, name=os.path.basename(bwrap))
         with tempfile.TemporaryDirectory(prefix="r1mega-work-") as work:
             os.chmod(work, 0o777)
             places = {CODE_DIR: code_dir, WORK_DIR: work, **({BUILD_DIR: build[0]} if build else {})}
             cmd = [_relocate(arg, places) for arg in argv]
             env = {"HOME": work, "TMPDIR": work, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            return _supervise(cmd, stdin, limits, slot, cwd=work, env=env)
+            return _supervise(cmd, stdin, limits, slot, cwd=work, env=env, reap=reap)
 
 
 def _relocate(arg: str, places: Dict[str, str]) -> str:
@@ -222,8 +245,9 @@ def _become_subreaper() -> None:
         _subreaper_of = os.getpid()
 
 
-def _reap_orphans() -> None:
-    """Reap zombie bwrap processes that became this process's children (see the module doc)."""
+def _reap_orphans(name: str) -> None:
+    """Reap zombie bwrap processes (`name`: the executable's) that became this process's children (see
+    the module doc); other children are their owners' to wait for."""
     me = str(os.getpid())
     with _spawning:
         for entry in os.scandir("/proc"):
@@ -231,24 +255,34 @@ def _reap_orphans() -> None:
                 continue
             try:
                 with open(f"{entry.path}/stat") as f:
-                    name, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+                    comm, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
                 state, ppid = rest.split()[:2]
-                if ppid == me and state == "Z" and name == "bwrap":
+                if ppid == me and state == "Z" and comm == name[:15]:
                     os.waitpid(int(entry.name), os.WNOHANG)
             except (OSError, IndexError, ValueError):
                 pass
 
 
 def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int, cwd: Optional[str] = None,
-               env: Optional[Dict[str, str]] = None) -> Outcome:
-    _become_subreaper()
-    with _spawning:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env or {}, start_new_session=True, preexec_fn=_limit_child(limits, slot),
-                                close_fds=True)
-        _live.add(proc.pid)
+               env: Optional[Dict[str, str]] = None, reap: bool = True, name: str = "") -> Outcome:
+    if reap:
+        _become_subreaper()
+    main = threading.current_thread() is threading.main_thread()
+    if main:  # a reward time-out (SIGALRM) between the start and the try below would leave it unwatched
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     try:
-        return _watch(proc, stdin, limits)
+        with _spawning:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=cwd, env=env or {}, start_new_session=True,
+                                    preexec_fn=_limit_child(limits, slot), close_fds=True)
+            _live.add(proc.pid)
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    outcome = None
+    try:
+        outcome = _watch(proc, stdin, limits)
+        return outcome
     finally:  # also when interrupted (a reward time-out): nothing of the sandbox may outlive the call
         if proc.returncode is None:
             _kill(proc)
@@ -258,7 +292,32 @@ def _supervise(cmd: List[str], stdin: bytes, limits: Limits, slot: int, cwd: Opt
                 stream.close()
         with _spawning:
             _live.discard(proc.pid)
-        _reap_orphans()
+        if reap and name:
+            _reap_orphans(name)
+        if outcome is None or outcome.returncode is None:  # killed: let its processes die before the slot is reused
+            _wait_for_slot(slot)
+
+
+def _wait_for_slot(slot: int, seconds: float = 2.0) -> None:
+    """After a kill, until no process of the slot's uid is left alive (as root; its own uid otherwise)."""
+    if os.getuid() != 0:
+        return
+    uid, deadline = SANDBOX_UID_BASE + slot, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    if os.stat(entry.path).st_uid == uid:
+                        with open(f"{entry.path}/stat") as f:
+                            alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+                except OSError:
+                    continue
+                if alive:
+                    break
+        if not alive:
+            return
+        time.sleep(0.02)
 
 
 def _watch(proc: subprocess.Popen, stdin: bytes, limits: Limits) -> Outcome:

@@ -187,7 +187,7 @@ class RewardStack:
     def close(self) -> None:
         """Stop the worker processes; idempotent."""
         if self._pool is not None:
-            self._scoring.shutdown(wait=True)
+            self._scoring.shutdown(wait=True, cancel_futures=True)
             self._pool.close()
         self._closed = True
 
@@ -200,9 +200,11 @@ class RewardStack:
 
 class StreamingScore:
     """Rows scored while the rest of the batch is still generating: the engine reports each finished row
-    (row index, response tokens, finish reason), `make_input` turns it into a RewardInput, and every
-    `chunk` rows go to the workers. result(n) waits for all and gives RewardScores in row order, the same
-    as score() on the finished batch: each sample's score depends on that sample alone."""
+    (row index, response tokens, finish reason), `make_input` turns it into a RewardInput, and the rows
+    go to the workers once `chunk` have gathered and the workers are free: each submission waits for its
+    slowest sample, so the rows that finish meanwhile go together in the next, not in many small ones.
+    result(n) waits for all and gives RewardScores in row order, the same as score() on the finished
+    batch: each sample's score depends on that sample alone."""
 
     def __init__(self, stack: RewardStack, make_input: Callable[[int, list[int], str], RewardInput], chunk: int):
         self.stack, self.make_input, self.chunk = stack, make_input, max(1, chunk)
@@ -211,7 +213,7 @@ class StreamingScore:
 
     def row_done(self, row: int, response_ids: list[int], reason: str) -> None:
         self.pending.append((row, self.make_input(row, list(response_ids), reason)))
-        if len(self.pending) >= self.chunk:
+        if len(self.pending) >= self.chunk and (not self.submitted or self.submitted[-1][1].done()):
             self._flush()
 
     def _flush(self) -> None:

@@ -13,7 +13,7 @@ from r1mega.rewards.sandbox import Limits, bwrap_path, check_available, claim_sl
 
 SLOT = claim_slots()
 LIMITS = Limits(wall_s=3.0, cpu_s=3, memory_mb=512, processes=32, output_bytes=1 << 16)
-CASES = [("1 2\n", None, "3\n"), ("10 -3\n", None, "7\n"), ("0 0\n", None, "0\n")]
+CASES = [code.Case("1 2\n", None, "3\n"), code.Case("10 -3\n", None, "7\n"), code.Case("0 0\n", None, "0\n")]
 
 PROGRAMS = {
     "right": "a, b = map(int, input().split())\nprint(a + b)",
@@ -27,6 +27,11 @@ PROGRAMS = {
     "endless": "while True:\n    pass",
     "too much output": "print('x' * (1 << 20))",
     "killed by a signal": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    # the interpreter's own ending: non-daemon threads joined, atexit handlers run, exit() defined
+    "main in a thread": "import threading\ndef main():\n    a, b = map(int, input().split())\n    print(a + b)\n"
+                        "threading.stack_size(1 << 24)\nthreading.Thread(target=main).start()",
+    "printed at exit": "import atexit\na, b = map(int, input().split())\natexit.register(print, a + b)",
+    "exit()": "a, b = map(int, input().split())\nprint(a + b)\nexit()",
 }
 
 
@@ -47,6 +52,22 @@ def _each(bwrap, program, cases=CASES):
 def test_the_driver_judges_as_a_sandbox_per_test(bwrap, name):
     driven = [verdict for verdict, _ in code._driven(bwrap, PROGRAMS[name], CASES, LIMITS, 60, [SLOT])]
     assert driven == [verdict for verdict, _ in _each(bwrap, PROGRAMS[name])]
+
+
+def test_threads_atexit_and_exit_pass_as_in_a_plain_run(bwrap):
+    for name in ("main in a thread", "printed at exit", "exit()"):
+        assert [v for v, _ in code._driven(bwrap, PROGRAMS[name], CASES, LIMITS, 60, [SLOT])] == ["pass"] * 3, name
+
+
+def test_a_malformed_report_gives_no_verdict_and_never_raises():
+    frame = b'R1MEGA-TEST {"i": 0, "out": 2, "err": 0, "returncode": 0}\n3\n'
+    assert code._frames(frame, 1)[0].stdout == b"3\n"
+    for bad in (b'R1MEGA-TEST {"i": 0, "out": 2, "err": 0, "seconds": "x"}\n3\n',
+                b'R1MEGA-TEST {"i": 0, "out": 2, "err": 0, "timed_out": 1}\n3\n',
+                b'R1MEGA-TEST ' + b'[' * 100000 + b'\n', b'R1MEGA-TEST [0]\n', b'R1MEGA-TEST {"i": 0}',
+                b'R1MEGA-TEST {"i": 0, "out": 99, "err": 0}\n3\n', frame + frame):
+        frames = code._frames(bad, 1)
+        assert frames == {} or bad == frame + frame and list(frames) == [0]
 
 
 def test_function_calls_through_the_driver(bwrap):
@@ -85,7 +106,7 @@ def test_nothing_a_test_leaves_running_reaches_the_next(bwrap):
                "        open('.r1mega-out1', 'w').write('B\\n')\n        os._exit(0)\n"
                "    os.read(r, 1)\n"
                "else:\n    time.sleep(1.5)\n")
-    cases = [("a\n", None, "A\n"), ("b\n", None, "B\n")]
+    cases = [code.Case("a\n", None, "A\n"), code.Case("b\n", None, "B\n")]
     assert [v for v, _ in code._driven(bwrap, program, cases, LIMITS, 60, [SLOT])] == ["pass", "wrong"]
 
 

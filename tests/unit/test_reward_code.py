@@ -52,6 +52,17 @@ def test_stdin_stdout_right_wrong_and_partial(bwrap):
     assert crash.outcomes == ["error"] * 3 and crash.first_failure.startswith("exit code 3")
 
 
+def test_a_test_program_passes_only_when_it_reaches_its_end(bwrap):
+    """HumanEval style: a solution that exits with status 0 before the asserts run does not pass."""
+    tests = {"test": "def check(f):\n    assert f(2) == 4\n", "entry_point": "twice"}
+    assert _run(bwrap, "def twice(x):\n    return 2 * x", tests, "python", LIMITS, 30).passed == 1
+    assert _run(bwrap, "def twice(x):\n    return x", tests, "python", LIMITS, 30).passed == 0
+    for cheat in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "exit()",
+                  "import atexit, os\natexit.register(os._exit, 0)\nraise SystemExit"):
+        report = _run(bwrap, "def twice(x):\n    return x\n" + cheat, tests, "python", LIMITS, 30)
+        assert report.passed == 0, cheat
+
+
 def test_function_call_styles(bwrap):
     tests = {"fn_name": "add", "inputs": [[1, 2], [[1], [2, 3]]], "outputs": [3, [1, 2, 3]]}
     assert _run(bwrap, "def add(a, b):\n    return a + b", tests, "python", LIMITS, 30).passed == 2

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from r1mega.rewards.stack import RewardInput, RewardStack
+from r1mega.rewards.stack import RewardInput, RewardStack, StreamingScore
 
 GOOD = " <think> 2 + 2 is 4 </think> <answer> 4 </answer>"
 H = "rewards_helpers."
@@ -180,6 +180,8 @@ def test_workers_that_die_while_starting_are_replaced(tmp_path):
     with RewardStack({}, custom=broken, timeout_s=1.0, num_workers=1) as stack:
         with pytest.raises(RuntimeError, match=r"reward workers keep failing to start \(3 in a row"):
             stack.score([sample("die", i=0), sample(GOOD, i=1)])
+        with pytest.raises(RuntimeError, match="pool is closed"):  # not a hang on an empty pool
+            stack.score([sample(GOOD, i=0)])
 
 
 def test_a_sample_that_cannot_be_sent_fails_alone():
@@ -207,7 +209,7 @@ def test_streamed_rows_score_as_the_finished_batch(hang_stack):
     stream = hang_stack.streaming(lambda row, ids, reason: sample(texts[row], i=row), chunk=3)
     for row in (4, 0, 9, 6, 1, 2, 8, 3, 7, 5):
         stream.row_done(row, [], "stop")
-    assert len(stream.submitted) == 3 and len(stream.pending) == 1  # three chunks went out while rows came
+    assert stream.submitted  # the first chunk went out while rows were still coming
     out = stream.result(10)
     assert (out.total, out.components, out.failures, out.timeouts) == \
         (whole.total, whole.components, whole.failures, whole.timeouts)
@@ -216,3 +218,25 @@ def test_streamed_rows_score_as_the_finished_batch(hang_stack):
     partial.row_done(0, [], "stop")
     with pytest.raises(RuntimeError, match=r"rows \[1\] were never reported"):
         partial.result(2)
+
+
+def test_streamed_rows_wait_for_the_workers():
+    """A chunk goes out only when the last one is scored: the rows that finish meanwhile go together."""
+    from concurrent.futures import Future
+
+    class Stack:
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, inputs):
+            self.futures.append((inputs, Future()))
+            return self.futures[-1][1]
+
+    stack = Stack()
+    stream = StreamingScore(stack, lambda row, ids, reason: row, chunk=2)
+    for row in range(7):
+        stream.row_done(row, [], "stop")
+    assert [inputs for inputs, _ in stack.futures] == [[0, 1]] and len(stream.pending) == 5
+    stack.futures[0][1].set_result([])
+    stream.row_done(7, [], "stop")
+    assert [inputs for inputs, _ in stack.futures] == [[0, 1], [2, 3, 4, 5, 6, 7]] and not stream.pending

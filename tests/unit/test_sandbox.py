@@ -72,6 +72,9 @@ HOSTILE = {
                         "print('killed')", "any"),
     "daemon that outlives it": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
                                 "        time.sleep(60)\n    os._exit(0)\nprint('detached')", "any"),
+    "write to / and /dev/shm": ("for p in ('/x', '/dev/x', '/dev/shm/x'):\n    try:\n        open(p, 'w')\n"
+                                "        print('allocated', p)\n    except OSError:\n        pass\nraise SystemExit(1)",
+                                "fails"),  # bwrap's own root and /dev are tmpfs mounts: read-only
     "fill its tmpfs": ("for i in range(64):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\nprint('allocated')",
                        "fails"),  # 512 MB into a 64 MiB tmpfs, in files under the file-size limit
     "print 1 GB": ("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)",
