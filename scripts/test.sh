@@ -31,4 +31,5 @@ if [ "$STACK" = current ] && [ "$(id -u)" = 0 ] && [ -z "${SLURM_CONF:-}" ] && [
 fi
 # the CUDA sources once (current stack); the bindings against each stack's torch headers
 if [ "$STACK" = current ]; then VENV=$VENV bash scripts/compile_kernels.sh; else VENV=$VENV bash scripts/compile_kernels.sh --bindings-only; fi
-"$VENV/bin/python" -m pytest -q -n "$workers" --dist worksteal "${selection[@]}" "$@"
+# the slowest tests are listed at the end: what to trim when the suite nears CI's 30 minutes
+"$VENV/bin/python" -m pytest -q -n "$workers" --dist worksteal --durations=25 "${selection[@]}" "$@"

@@ -5,6 +5,7 @@ and what one test leaves running never reaches the next."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +13,7 @@ from r1mega.rewards import code
 from r1mega.rewards.sandbox import Limits, bwrap_path, check_available, claim_slots
 
 SLOT = claim_slots()
-LIMITS = Limits(wall_s=3.0, cpu_s=3, memory_mb=512, processes=32, output_bytes=1 << 16)
+LIMITS = Limits(wall_s=1.0, cpu_s=2, memory_mb=512, processes=32, output_bytes=1 << 16)
 CASES = [code.Case("1 2\n", None, "3\n"), code.Case("10 -3\n", None, "7\n"), code.Case("0 0\n", None, "0\n")]
 
 PROGRAMS = {
@@ -102,17 +103,17 @@ def test_nothing_a_test_leaves_running_reaches_the_next(bwrap):
     program = ("import os, time\ns = input()\n"
                "if s == 'a':\n    print('A')\n    r, w = os.pipe()\n    if os.fork() == 0:\n"
                "        os.setsid()\n        os.write(w, b'x')\n"  # out of the test's process group first
-               "        time.sleep(0.5)\n"
+               "        time.sleep(0.3)\n"
                "        open('.r1mega-out1', 'w').write('B\\n')\n        os._exit(0)\n"
                "    os.read(r, 1)\n"
-               "else:\n    time.sleep(1.5)\n")
+               "else:\n    time.sleep(0.8)\n")
     cases = [code.Case("a\n", None, "A\n"), code.Case("b\n", None, "B\n")]
     assert [v for v, _ in code._driven(bwrap, program, cases, LIMITS, 60, [SLOT])] == ["pass", "wrong"]
 
 
 def test_budget_and_shares_over_slots(bwrap):
-    slow = "import time\ntime.sleep(1.2)\na, b = map(int, input().split())\nprint(a + b)"
-    verdicts = [v for v, _ in code._driven(bwrap, slow, CASES, LIMITS, 2.0, [SLOT])]
+    slow = "import time\ntime.sleep(1.0)\na, b = map(int, input().split())\nprint(a + b)"
+    verdicts = [v for v, _ in code._driven(bwrap, slow, CASES, replace(LIMITS, wall_s=3.0), 1.6, [SLOT])]
     assert verdicts == ["pass", "timeout", "skipped"]  # the second gets what is left of the budget, the third none
     two = [v for v, _ in code._driven(bwrap, PROGRAMS["wrong on one"], CASES, LIMITS, 60, [SLOT, SLOT + 1])]
     assert two == ["pass", "wrong", "pass"]  # tests 0 and 2 in one sandbox, test 1 in the other

@@ -68,7 +68,7 @@ def _response(program: str) -> str:
 
 
 def test_hostile_programs_through_the_trainers_reward_workers(tmp_path):
-    cfg = load_config(["data=code", "reward=code", "reward.code.test_timeout_s=3", "reward.code.budget_s=8",
+    cfg = load_config(["data=code", "reward=code", "reward.code.test_timeout_s=1", "reward.code.budget_s=3",
                        "reward.code.memory_mb=512", "reward.code.processes=32"])
     try:
         stack, names = make_reward_stack(cfg)
@@ -94,7 +94,7 @@ def test_hostile_programs_through_the_trainers_reward_workers(tmp_path):
         # every hostile program was stopped by the sandbox, not by the reward deadline: no worker was lost
         assert (out.failures, out.timeouts) == (0, 0) and [w.proc.pid for w in stack._pool.workers] == workers
         counts = out.counts
-        assert counts["pass"] == 6 and counts["timeout"] >= 3 and counts["error"] >= 9  # 3 tests per program
+        assert counts["pass"] == 6 and counts["timeout"] >= 2 and counts["error"] >= 9  # 3 tests per program
         assert sum(counts.values()) == 3 * len(programs)
         assert elapsed < 600  # contained by the per-test limits, not hung on one of them
         assert not planted.exists() and secret.read_text() == "do not read"
