@@ -14,7 +14,7 @@ CODE = [
     "data=code", "reward=code", "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.head_dim=16",
     "data.train_size=64", "data.test_size=8", "data.prompts_per_step=4", "algorithm.group_size=4",
-    "rollout.eval_samples=0", "pretrain.steps=100", "pretrain.documents=2000", "pretrain.optimizer.lr=5e-3",
+    "rollout.eval_samples=0", "pretrain.steps=150", "pretrain.documents=3000", "pretrain.optimizer.lr=5e-3",
     "reward.num_workers=1", "trainer.steps=2", "trainer.tensorboard=false", "trainer.plot=false",
     "trainer.progress=false",
 ]
