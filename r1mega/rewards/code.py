@@ -175,7 +175,8 @@ def _driven(bwrap: Optional[str], code: str, cases: List[Case], per_test: Limits
                     "output_bytes": per_test.output_bytes, "sweep": bwrap is not None}
         limits = replace(per_test, wall_s=budget_s + _DRIVER_START_S,
                          output_bytes=len(indices) * (2 * per_test.output_bytes + 256))
-        outcome = run(bwrap, ["/usr/bin/python3", "-I", f"{CODE_DIR}/driver.py", json.dumps(settings)], b"",
+        interpreter = list(LANGUAGES["python"].run[:-1])  # the program's own command, the driver in its place
+        outcome = run(bwrap, [*interpreter, f"{CODE_DIR}/driver.py", json.dumps(settings)], b"",
                       files, limits, slot)
         frames = _frames(outcome.stdout, len(indices))
         verdicts = {}
@@ -344,8 +345,9 @@ class CodeRunner:
             return
         check_available(self.bwrap)
         if self.language == "python":
-            check_available(self.bwrap, ["/usr/bin/python3", "-I", "-c", "import os; os.pidfd_open"],
-                            "/usr/bin/python3 3.9 or newer")
+            interpreter = list(LANGUAGES["python"].run[:-1])
+            check_available(self.bwrap, [*interpreter, "-c", "import os; os.pidfd_open"],
+                            f"{interpreter[0]} 3.9 or newer")
         else:
             check_available(self.bwrap, [LANGUAGES[self.language].compile[0], "--version"],
                             LANGUAGES[self.language].compile[0])

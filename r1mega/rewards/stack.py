@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Self
 
 from hydra.utils import get_method
 
-from r1mega.rewards.code import CodeRunner, is_code_row
+from r1mega.rewards.code import CodeRunner
 from r1mega.rewards.components import BUILTIN, Row, Scorer, score_sample, time_limits
 from r1mega.rewards.sandbox import SandboxUnavailable
 from r1mega.rewards.language import LANGUAGES
@@ -146,11 +147,6 @@ class RewardStack:
         RewardScores of them). Submissions are scored one after another, each by all the workers."""
         if self._closed:
             raise RuntimeError("RewardStack.score after close()")
-        if self._unsandboxed:
-            programs = sum(is_code_row(s.metadata) for s in samples)
-            if programs:
-                log.warning("reward.code.sandbox=none: %d model-written programs run WITHOUT a sandbox, with the "
-                            "trainer's user's access to files and network", programs)
         if self._pool is not None:
             return self._scoring.submit(self._pool.run, samples)
         done: Future = Future()  # num_workers=0, for tests only (see __init__): here, now, under SIGALRM
@@ -178,11 +174,15 @@ class RewardStack:
         comps = {name: [r[0][j] for r in rows] for j, name in enumerate(self.names)}
         weights = [self.weights[name] for name in self.names]
         total = [sum(w * v for w, v in zip(weights, r[0], strict=True)) for r in rows]
-        counts: dict[str, int] = {}
+        counts: Counter = Counter()
         for r in rows:
-            for k, v in r[4].items():
-                counts[k] = counts.get(k, 0) + v
-        return RewardScores(total, comps, failures, timeouts, counts)
+            counts.update(r[4])
+        if self._unsandboxed:  # once per scoring of a batch: every step, however its rows were streamed
+            programs = sum(any(v for k, v in r[4].items() if k != "no_code") for r in rows)
+            if programs:
+                log.warning("reward.code.sandbox=none: %d model-written programs ran WITHOUT a sandbox, with the "
+                            "trainer's user's access to files and network", programs)
+        return RewardScores(total, comps, failures, timeouts, dict(counts))
 
     def close(self) -> None:
         """Stop the worker processes; idempotent."""

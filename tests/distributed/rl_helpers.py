@@ -24,18 +24,19 @@ def digit_share(sample) -> float:
     return sum(c.isdigit() for c in text) / max(len(text), 1)
 
 
-def config(output_dir: str, extra: Sequence[str] = (), world_size: int = 1):
+def config(output_dir: str, extra: Sequence[str] = (), world_size: int = 1, base: Sequence[str] = SMALL):
     from r1mega.config.loader import load_config
 
-    return load_config([*SMALL, f"trainer.output_dir={output_dir}", *extra], world_size=world_size)
+    return load_config([*base, f"trainer.output_dir={output_dir}", *extra], world_size=world_size)
 
 
-def run(overrides: Sequence[str], output_dir: str, world_size: int) -> List[dict]:
-    """One RL run inside a spawned rank: per-step metrics (the same on every rank)."""
+def run(overrides: Sequence[str], output_dir: str, world_size: int, base: Sequence[str] = SMALL) -> List[dict]:
+    """One RL run inside a spawned rank: per-step metrics (the same on every rank). `base`: the overrides
+    before these, SMALL unless a test brings its own."""
     from r1mega.platform.distributed import destroy, initialize, seed_everything
     from r1mega.trainer.rl.train import train
 
-    cfg = config(output_dir, overrides, world_size)
+    cfg = config(output_dir, overrides, world_size, base)
     runtime = initialize(cfg.parallel, cfg.trainer.seed)
     try:
         seed_everything(cfg.trainer.seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from rl_helpers import run
 from r1mega.platform.launch import spawn
 
 pytestmark = pytest.mark.distributed
@@ -20,22 +21,8 @@ CODE = [
 ]
 
 
-def _run(overrides, output_dir: str):
-    from r1mega.config.loader import load_config
-    from r1mega.platform.distributed import destroy, initialize, seed_everything
-    from r1mega.trainer.rl.train import train
-
-    cfg = load_config([*overrides, f"trainer.output_dir={output_dir}"])
-    runtime = initialize(cfg.parallel, cfg.trainer.seed)
-    try:
-        seed_everything(cfg.trainer.seed)
-        return train(cfg, runtime)
-    finally:
-        destroy()
-
-
 def test_programs_written_by_the_policy_run_in_the_sandbox(tmp_path):
-    history = spawn(1, _run, [*CODE, f"pretrain.cache_dir={tmp_path}/base"], str(tmp_path / "run"))[0]
+    history = spawn(1, run, [f"pretrain.cache_dir={tmp_path}/base"], str(tmp_path / "run"), 1, CODE)[0]
     steps = [h for h in history if "reward/code_pass" in h]
     assert len(steps) == 2
     for h in steps:

@@ -134,6 +134,6 @@ def test_a_missing_bwrap_refuses_reward_code_unless_unsandboxed_by_name(tmp_path
         with caplog.at_level("WARNING", logger="r1mega.rewards"):
             out = stack.score([RewardInput(_response(row.answer), row.answer, "code", row.metadata)] * 2)
         assert out.components["accuracy"] == [1.0, 1.0]
-        assert any("2 model-written programs run WITHOUT a sandbox" in r.getMessage() for r in caplog.records)
+        assert any("2 model-written programs ran WITHOUT a sandbox" in r.getMessage() for r in caplog.records)
     finally:
         stack.close()

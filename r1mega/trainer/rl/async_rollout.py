@@ -26,6 +26,7 @@ import logging
 import multiprocessing.connection as mp_connection
 import os
 import time
+from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -140,12 +141,11 @@ class AsyncRollout:
         # the step's reward failures and time-outs, counted once (the metrics sum them over ranks)
         failures = sum(res.failures for res in results) if me == 0 else 0
         timeouts = sum(res.timeouts for res in results) if me == 0 else 0
-        tests: Dict[str, int] = {}
+        tests: Counter = Counter()
         for res in results if me == 0 else []:
-            for k, v in res.code_tests.items():
-                tests[k] = tests.get(k, 0) + v
+            tests.update(res.code_tests)
         return (records, Rollouts.concat(parts), torch.tensor(totals, dtype=torch.float64),
-                {k: torch.tensor(v, dtype=torch.float64) for k, v in comps.items()}, failures, timeouts, tests)
+                {k: torch.tensor(v, dtype=torch.float64) for k, v in comps.items()}, failures, timeouts, dict(tests))
 
     # -- the controller ---------------------------------------------------------------------------
 

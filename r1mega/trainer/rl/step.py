@@ -147,7 +147,7 @@ def score(ctx: RLContext, records: list, rollouts: Rollouts, stream: Optional[St
     started during generation) and shared with the others."""
     names, counted = ctx.reward_names, code_outcomes(ctx)
     # one tensor to broadcast: a row per total and component, the last column for the counts
-    packed = torch.zeros(len(names) + 2 + len(counted), len(rollouts) + 1, dtype=torch.float64)
+    packed = torch.zeros(max(len(names) + 1, 2 + len(counted)), len(rollouts) + 1, dtype=torch.float64)
     if ctx.rewards is not None:
         result = stream.result(len(rollouts)) if stream is not None else \
             ctx.rewards.score(reward_inputs(records, rollouts, ctx.tokenizer.decode))
