@@ -16,7 +16,8 @@ from r1mega.platform.distributed import running
 from r1mega.platform.launch import spawn
 from r1mega.platform.logs import setup_logging
 from r1mega.trainer.rl.setup import setup
-from r1mega.trainer.rl.step import needs_old_logprobs, rl_step
+from r1mega.trainer.rl.logprob_passes import needs_old_logprobs
+from r1mega.trainer.rl.step import rl_step
 
 PHASES = ("sync", "generate", "score", "release", "advantages", "logprobs", "update")
 

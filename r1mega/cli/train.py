@@ -13,11 +13,12 @@ from r1mega.platform.signals import STOP
 STOP.install()
 
 from r1mega.cli.common import job_main  # noqa: E402
+from r1mega.trainer.rl.teacher_check import check_teacher  # noqa: E402
 from r1mega.trainer.rl.train import train  # noqa: E402
 
 
 def main() -> None:
-    job_main(train, None, stoppable=True)
+    job_main(train, check_teacher, stoppable=True)
 
 
 if __name__ == "__main__":

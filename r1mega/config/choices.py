@@ -59,7 +59,7 @@ RewardName = Literal["accuracy", "format", "language", "overlong"]  # the built-
 CodeSandbox = Literal["bwrap", "none"]  # how model-written programs run: bubblewrap, or unsandboxed (warned)
 CodeLanguage = Literal["python", "cpp"]  # r1mega.rewards.code.LANGUAGES
 # pipeline, cluster, bench
-StageKind = Literal["cold_start_data", "eval", "sft", "rl", "sample"]
+StageKind = Literal["cold_start_data", "eval", "sft", "rl", "opd", "sample"]  # opd: r1mega-train with algorithm=opd
 Launcher = Literal["torchrun", "srun"]
 WarningSignal = Literal["USR1", "USR2"]  # what r1mega's trainers take as the time-limit warning
 BenchSuite = Literal["step", "train", "rollout", "packing", "peer", "async"]

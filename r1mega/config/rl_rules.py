@@ -17,7 +17,7 @@ def check_rl(cfg: R1Config, dp: Optional[int]) -> None:
     """Raise ConfigError on the first RL rule the config breaks (dp None: world size unknown)."""
     _check_data(cfg, dp)
     _check_pretrain(cfg, dp)
-    _check_algorithm(cfg)
+    _check_algorithm(cfg, dp)
     _check_rollout(cfg, dp)
     _check_reward(cfg)
     _check_trainer(cfg)
@@ -60,9 +60,10 @@ def _check_pretrain(cfg: R1Config, dp: Optional[int]) -> None:
                 f"pretrain.micro_batch_size x dp = {w.micro_batch_size} x {dp}")
 
 
-def _check_algorithm(cfg: R1Config) -> None:
+def _check_algorithm(cfg: R1Config, dp: Optional[int]) -> None:
     a = cfg.algorithm
-    require(a.group_size >= 2 or a.advantage == "batch_std",
+    distilling_only = a.opd is not None and not a.opd.reward_weight  # no reward advantage to compute
+    require(a.group_size >= 2 or a.advantage == "batch_std" or distilling_only,
             f"algorithm.group_size={a.group_size}: group advantages need at least 2 responses per prompt")
     require(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low and eps_high must be >= 0")
     require(a.dual_clip is None or a.dual_clip > 1.0, f"algorithm.dual_clip={a.dual_clip} must be > 1")
@@ -76,6 +77,37 @@ def _check_algorithm(cfg: R1Config) -> None:
             "algorithm.use_rollout_logprobs takes the engine's log-probs as the old policy, so "
             "algorithm.correction has no trainer log-probs to correct them with (every ratio would be 1)")
     _check_routing_replay(cfg)
+    _check_opd(cfg, dp)
+
+
+def _check_opd(cfg: R1Config, dp: Optional[int]) -> None:
+    """On-policy distillation: a teacher to score with, in a layout of the job's ranks. Its tokenizer and
+    architecture are checked against the student's where its files are read (trainer/rl/teacher_check.py)."""
+    o = cfg.algorithm.opd
+    if o is None:
+        return
+    key, t = "algorithm.opd", cfg.algorithm.opd.teacher
+    require(bool(t.path), f"{key}.teacher.path is not set: give the teacher's model folder (an r1mega stage's "
+                          "model/ or an HF checkpoint)")
+    require(o.kl_coef >= 0 and o.reward_weight >= 0, f"{key}.kl_coef and reward_weight must be >= 0")
+    require(o.kl_coef > 0 or o.reward_weight > 0, f"{key}.kl_coef and reward_weight are both 0: nothing to learn from")
+    require(o.kl_clip is None or o.kl_clip > 0, f"{key}.kl_clip={o.kl_clip} must be > 0")
+    require(cfg.algorithm.ratio_level == "token", f"{key}: the teacher's advantages are per token; "
+            "algorithm.ratio_level=sequence (GSPO) gives a whole response one ratio")
+    p = t.parallel
+    require(p.cp == 1, f"{key}.teacher.parallel.cp={p.cp}: the teacher scores whole rows (cp 1)")
+    require(p.vpp is None and p.nproc is None and p.pipeline_layout is None,
+            f"{key}.teacher.parallel: vpp, nproc and pipeline_layout are the student's to set; the teacher takes "
+            "tp, pp, ep, etp and sequence_parallel")
+    require(min(p.tp, p.pp, p.ep) >= 1, f"{key}.teacher.parallel: tp, pp and ep must be >= 1")
+    require(t.micro_batch_tokens is None or t.micro_batch_tokens >= 1,
+            f"{key}.teacher.micro_batch_tokens={t.micro_batch_tokens} must be >= 1")
+    if dp is not None:
+        s = cfg.parallel
+        world = dp * s.tp * s.pp * s.cp
+        require(world % (p.tp * p.pp) == 0 and (world // (p.tp * p.pp)) % p.ep == 0,
+                f"{key}.teacher.parallel: tp x pp = {p.tp} x {p.pp} must divide the {world} ranks of the job, and "
+                f"ep={p.ep} the teacher's data-parallel ranks")
 
 
 def _check_routing_replay(cfg: R1Config) -> None:

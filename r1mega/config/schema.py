@@ -226,6 +226,29 @@ class CorrectionConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The teacher of on-policy distillation: a frozen model in the job that scores every token the
+    student samples. It may be larger than the student and have its own parallel layout over the same
+    ranks; it must share the student's tokenizer (refused before any process starts otherwise)."""
+
+    path: Optional[str] = None  # an r1mega model folder (a stage's model/, with model.yaml) or an HF checkpoint
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # its tp, pp, ep, etp (cp 1; nproc unused)
+    micro_batch_tokens: Optional[int] = None  # tokens of one teacher forward; default trainer.micro_batch_tokens
+
+
+@dataclass
+class OPDConfig:
+    """On-policy distillation (algorithm=opd): every sampled token's advantage is the teacher's log-prob
+    minus the student's, -(log pi_student(t) - log pi_teacher(t)), the per-token reverse KL (GKD with
+    lambda = 1), optionally plus the task reward's group advantage (r1mega.algorithms.distill)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kl_coef: float = 1.0  # weight of the reverse-KL advantage
+    kl_clip: Optional[float] = None  # each token's log-ratio clipped to [-kl_clip, kl_clip] in the advantage
+    reward_weight: float = 0.0  # weight of the task reward's group advantage added to every token's
+
+
+@dataclass
 class AlgorithmConfig:
     """GRPO and its refinements; see r1mega/algorithms for the formulas."""
 
@@ -257,6 +280,7 @@ class AlgorithmConfig:
     # MoE: the routers of the log-prob passes and the update take the experts the rollout engine chose
     # (rollout: R3), or those of the old policy's log-prob pass (old: R2); none routes afresh
     routing_replay: Annotated[str, RoutingReplay] = "none"
+    opd: Optional[OPDConfig] = None  # on-policy distillation from a teacher (algorithm=opd); None: off
 
 
 @dataclass
@@ -394,7 +418,7 @@ class ColdStartConfig:
 @dataclass
 class StageConfig:
     name: str = MISSING  # also the stage's folder under pipeline.output_dir
-    kind: Annotated[str, StageKind] = MISSING  # cold_start_data | eval | sft | rl | sample
+    kind: Annotated[str, StageKind] = MISSING  # cold_start_data | eval | sft | rl | opd | sample
     overrides: List[str] = field(default_factory=list)  # `{stage}`: that stage's folder; `{var}`: pipeline.vars
     evaluate: bool = False  # held-out accuracy of the stage's model once it finishes
 

@@ -81,6 +81,11 @@ def _train(vocab_size: int) -> Any:
     return tok
 
 
+def tiny_vocabulary(vocab_size: int) -> dict:
+    """token -> id of the built-in tiny tokenizer of this size (trained here, deterministically, not saved)."""
+    return _train(vocab_size).get_vocab(with_added_tokens=True)
+
+
 def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 256) -> Path:
     """Train (deterministically) and save the built-in tiny tokenizer in HF format; returns the folder."""
     from transformers import PreTrainedTokenizerFast

@@ -65,11 +65,13 @@ class SourceStats:
     accepted: int = 0  # passed every per-sample rule
     kept: int = 0
     prompts_kept: int = 0  # prompts with at least one kept response
+    response_tokens: int = 0  # tokens the model generated, every sample's (kept or not)
     rejected: Dict[str, int] = field(default_factory=lambda: {r: 0 for r in REASONS})
 
     def as_dict(self) -> Dict[str, object]:
         return {"prompts": self.prompts, "samples": self.samples, "accepted": self.accepted, "kept": self.kept,
-                "prompts_kept": self.prompts_kept, "rejected": dict(self.rejected),
+                "prompts_kept": self.prompts_kept, "response_tokens": self.response_tokens,
+                "rejected": dict(self.rejected),
                 "acceptance_rate": self.accepted / self.samples if self.samples else 0.0,
                 "prompt_coverage": self.prompts_kept / self.prompts if self.prompts else 0.0}
 
@@ -87,6 +89,7 @@ def select(candidates: Sequence[Candidate], rules: FilterRules) -> Tuple[List[Ca
         seen, mine = set(), []
         for c in group:
             source.samples += 1
+            source.response_tokens += c.response_tokens
             reason = reject_reason(c, rules)
             if reason is None:
                 source.accepted += 1
@@ -108,7 +111,7 @@ def select(candidates: Sequence[Candidate], rules: FilterRules) -> Tuple[List[Ca
     return kept, _with_total(stats)
 
 
-COUNTS = ("prompts", "samples", "accepted", "kept", "prompts_kept")
+COUNTS = ("prompts", "samples", "accepted", "kept", "prompts_kept", "response_tokens")
 
 
 def _add(into: SourceStats, counts: Dict) -> None:

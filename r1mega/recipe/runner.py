@@ -18,25 +18,29 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from r1mega.config.errors import ConfigError, require
 from r1mega.config.loader import load_config
-from r1mega.config.schema import PipelineConfig, StageConfig
+from r1mega.config.schema import PipelineConfig, R1Config, StageConfig
 from r1mega.config.stage_rules import check_sft_run
 from r1mega.platform.signals import STOP_SIGNALS
 from r1mega.recipe.jsonl import write_json
+from r1mega.trainer.metrics import METRICS_FILE, read_rows
+from r1mega.trainer.rl.teacher_check import check_teacher
 
 log = logging.getLogger("r1mega.recipe")
 
 ENTRY = {"cold_start_data": "r1mega.cli.cold_start", "eval": "r1mega.cli.evaluate", "sft": "r1mega.cli.sft",
-         "rl": "r1mega.cli.train", "sample": "r1mega.cli.sample"}
+         "rl": "r1mega.cli.train", "opd": "r1mega.cli.train", "sample": "r1mega.cli.sample"}
 # what a stage of each kind leaves behind once it is complete (a stopped run leaves no such file)
 PRODUCT = {"cold_start_data": "data_stats.json", "eval": "eval.json", "sft": "model/model.yaml",
-           "rl": "model/model.yaml", "sample": "stats.json"}
-RESUMABLE = {"sft", "rl"}
-MODEL_KINDS = {"sft", "rl"}  # stages that export a model (the ones `evaluate: true` applies to)
+           "rl": "model/model.yaml", "opd": "model/model.yaml", "sample": "stats.json"}
+RESUMABLE = {"sft", "rl", "opd"}
+MODEL_KINDS = {"sft", "rl", "opd"}  # stages that export a model (the ones `evaluate: true` applies to)
+RUNS = {"rl", "opd"}  # RL runs: their metrics count the tokens generated (and the teacher's scored)
 SINGLE_PROCESS = {"cold_start_data"}  # run with plain python whatever pipeline.launcher is
 DONE, SUMMARY = "stage.json", "summary.json"
 _PLACEHOLDER = re.compile(r"(?<!\$)\{([A-Za-z0-9_-]+)\}")  # not Hydra's ${...} interpolations
@@ -69,6 +73,8 @@ def expand(overrides: Sequence[str], dirs: Dict[str, Path], where: str,
 def stage_overrides(p: PipelineConfig, st: StageConfig, dirs: Dict[str, Path], extra: Sequence[str]) -> List[str]:
     """The stage's full override list: common, its own, the command line's, then where it writes."""
     own = expand([*p.common, *st.overrides], dirs, f"pipeline stage {st.name!r}", dict(p.vars))
+    if st.kind == "opd" and not any(o.startswith("algorithm=") for o in own):
+        own = ["algorithm=opd", *own]  # on-policy distillation is r1mega-train with the opd preset
     out = [*own, *extra, f"trainer.output_dir={dirs[st.name]}"]
     return out + (["trainer.load=auto"] if st.kind in RESUMABLE else [])
 
@@ -82,12 +88,16 @@ def eval_overrides(stage_args: List[str], folder: Path) -> List[str]:
 def validate_stages(p: PipelineConfig, extra: Sequence[str]) -> None:
     """Compose and validate every stage's config (and its evaluation's) before anything runs."""
     dirs = stage_dirs(p)
+    promised: Dict[Path, R1Config] = {}  # model folders of the stages before, with their configs
     for st in p.stages:
         args = stage_overrides(p, st, dirs, extra)
         try:
             require(not st.evaluate or st.kind in MODEL_KINDS,
                     f"evaluate: true needs a stage that exports a model ({', '.join(sorted(MODEL_KINDS))})")
-            load_config(args, entry_rules=check_sft_run if st.kind == "sft" else None)
+            rules = {"sft": check_sft_run, "opd": partial(check_teacher, promised=dict(promised))}.get(st.kind)
+            cfg = load_config(args, entry_rules=rules)
+            if st.kind in MODEL_KINDS:
+                promised[dirs[st.name] / "model"] = cfg
             if st.evaluate:
                 load_config(eval_overrides(args, dirs[st.name]))
         except ConfigError as e:
@@ -182,6 +192,20 @@ def _eval_of(st: StageConfig, folder: Path) -> Optional[dict]:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def _tokens(st: StageConfig, folder: Path) -> Dict[str, Optional[float]]:
+    """Tokens the stage's model generated (a sampling stage's every sample; an RL run's rollouts) and, in on-policy
+    distillation, the teacher scored: the cost of distilling either way."""
+    generated = teacher = None
+    if st.kind == "sample" and (folder / PRODUCT["sample"]).is_file():
+        generated = json.loads((folder / PRODUCT["sample"]).read_text())["all"].get("response_tokens")
+    elif st.kind in RUNS and (folder / METRICS_FILE).is_file():
+        latest = {r["step"]: r for r in read_rows(folder / METRICS_FILE) if "response/tokens" in r}  # resumed: last
+        generated = sum(r["response/tokens"] for r in latest.values())
+        if st.kind == "opd":
+            teacher = sum(r.get("opd/teacher_tokens", 0.0) for r in latest.values())
+    return {"generated_tokens": generated, "teacher_tokens": teacher}
+
+
 def summary(p: PipelineConfig) -> List[Dict]:
     """Rows of the results table: every stage with its held-out accuracy (where evaluated) and wall time."""
     dirs = stage_dirs(p)
@@ -192,7 +216,7 @@ def summary(p: PipelineConfig) -> List[Dict]:
             continue
         record = json.loads(done.read_text())
         metrics = _eval_of(st, dirs[st.name]) or {}
-        rows.append({"stage": st.name, "kind": st.kind, "seconds": record["seconds"],
+        rows.append({"stage": st.name, "kind": st.kind, "seconds": record["seconds"], **_tokens(st, dirs[st.name]),
                      "eval_seconds": record.get("eval_seconds", 0.0),
                      "greedy_accuracy": metrics.get("eval/greedy_accuracy"),
                      "mean_at_k": metrics.get("eval/mean_at_k"), "pass_at_k": metrics.get("eval/pass_at_k"),
@@ -208,13 +232,18 @@ def format_table(rows: List[Dict]) -> str:
     def clock(s):
         return f"{int(s // 60)}m{int(s % 60):02d}s"
 
-    lines = ["| stage | kind | greedy pass@1 | sampled pass@1 | pass@k | wall time (stage + eval) |",
-             "|---|---|---|---|---|---|"]
+    def count(n):
+        return "" if n is None else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+    lines = ["| stage | kind | greedy pass@1 | sampled pass@1 | pass@k | tokens generated | teacher tokens scored "
+             "| wall time (stage + eval) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = f" (k={int(r['k'])})" if r["k"] else ""
         wall = clock(r["seconds"]) + (f" + {clock(r['eval_seconds'])}" if r["eval_seconds"] else "")
         lines.append(f"| {r['stage']} | {r['kind']} | {pct(r['greedy_accuracy'])} | {pct(r['mean_at_k'])} "
-                     f"| {pct(r['pass_at_k'])}{k} | {wall} |")
+                     f"| {pct(r['pass_at_k'])}{k} | {count(r.get('generated_tokens'))} "
+                     f"| {count(r.get('teacher_tokens'))} | {wall} |")
     return "\n".join(lines)
 
 

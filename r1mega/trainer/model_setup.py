@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from megatron.core.utils import get_model_config
@@ -25,18 +25,34 @@ from r1mega.trainer.pretrain import ensure_base_model
 BUILTIN_TOKENIZER = "tokenizer-tiny"
 
 
-def tokenizer_path(cfg: R1Config) -> Path:
-    """data.tokenizer, else the HF checkpoint's or the r1mega model's, else the built-in tiny one (built once)."""
+def tokenizer_source(cfg: R1Config, promised: Optional[Dict[Path, R1Config]] = None) -> Path:
+    """data.tokenizer, else the HF checkpoint's or the r1mega model's, else the built-in tiny one's folder
+    (which may not be built yet). `promised`: model folders that pipeline stages not yet run will
+    export, with those stages' configs (such a model carries its stage's tokenizer)."""
     if cfg.data.tokenizer:
         return Path(cfg.data.tokenizer)
     if cfg.model.hf_path:
         return Path(cfg.model.hf_path)
-    if cfg.model.mcore_path and (Path(cfg.model.mcore_path) / "tokenizer.json").is_file():
-        return Path(cfg.model.mcore_path)  # a model exported by an r1mega stage carries its tokenizer
-    folder = Path(cfg.pretrain.cache_dir) / f"{BUILTIN_TOKENIZER}-{cfg.model.vocab_size}"
-    if not (folder / "tokenizer.json").is_file() and rank() == 0:
-        build_tiny_tokenizer(folder, vocab_size=cfg.model.vocab_size)
-    barrier()
+    if cfg.model.mcore_path:
+        folder = Path(cfg.model.mcore_path)
+        if (folder / "tokenizer.json").is_file():
+            return folder  # a model exported by an r1mega stage carries its tokenizer
+        if promised and not folder.exists() and folder.resolve() in promised:
+            return tokenizer_source(promised[folder.resolve()], promised)
+    return builtin_tokenizer_dir(cfg.pretrain.cache_dir, cfg.model.vocab_size)
+
+
+def builtin_tokenizer_dir(cache_dir: str, vocab_size: int) -> Path:
+    return Path(cache_dir) / f"{BUILTIN_TOKENIZER}-{vocab_size}"
+
+
+def tokenizer_path(cfg: R1Config) -> Path:
+    """tokenizer_source's folder; the built-in tokenizer is built there the first time."""
+    folder = tokenizer_source(cfg)
+    if folder == builtin_tokenizer_dir(cfg.pretrain.cache_dir, cfg.model.vocab_size):
+        if not (folder / "tokenizer.json").is_file() and rank() == 0:
+            build_tiny_tokenizer(folder, vocab_size=cfg.model.vocab_size)
+        barrier()
     return folder
 
 
@@ -72,7 +88,7 @@ def build_policy(cfg: R1Config, source: Optional[str], steps: Optional[int] = No
     (default trainer.steps)."""
     chunks = build_model(cfg.model, cfg.parallel)
     load_weights(chunks, cfg, source)
-    _exchange_shapes(chunks)
+    exchange_shapes(chunks)
     ddp, optimizer, scheduler = build_optimizer(chunks, cfg.model, cfg.optimizer, steps or cfg.trainer.steps)
     return chunks, ddp, optimizer, scheduler
 
@@ -83,7 +99,7 @@ def build_kl_reference(cfg: R1Config, source: Optional[str], policy: list) -> Op
         return None
     ref = build_model(replace(cfg.model, mtp=None), cfg.parallel)  # its log-probs never run MTP layers
     copy_weights(policy, ref)
-    _exchange_shapes(ref)
+    exchange_shapes(ref)
     for chunk in ref:
         chunk.eval()
         chunk.requires_grad_(False)
@@ -101,6 +117,6 @@ def copy_weights(src: list, dst: list) -> None:
                 q.copy_(theirs[name])
 
 
-def _exchange_shapes(chunks) -> None:
+def exchange_shapes(chunks) -> None:
     # Micro-batches differ in length: pipeline stages send each activation's shape first.
     get_model_config(chunks[0]).variable_seq_lengths = True

@@ -20,15 +20,19 @@ COMPARED = ("loss", "pg_loss", "kl", "entropy", "grad_norm", "reward/mean", "rew
             "response/length_mean", "logprob_gap")
 
 
-def _save_init(folder: str, extra=()) -> None:
+def _save_init(folder: str, extra=(), seed: int = 11, with_tokenizer: bool = False) -> None:
+    """Randomly initialised weights of the SMALL model (+ extra) saved as an r1mega model folder; with its
+    tokenizer where a test reads one from it (a distillation teacher's)."""
     from r1mega.checkpoint.mcore import save_model
     from r1mega.models.builder import build_model
     from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.model_setup import run_tokenizer
 
     cfg = config(folder + ".unused", extra)
-    initialize(cfg.parallel, seed=11)
+    initialize(cfg.parallel, seed=seed)
     try:
-        save_model(build_model(cfg.model, cfg.parallel), cfg.model, folder)
+        tokenizer = run_tokenizer(cfg) if with_tokenizer else None
+        save_model(build_model(cfg.model, cfg.parallel), cfg.model, folder, tokenizer)
     finally:
         destroy()
 

@@ -23,7 +23,7 @@ def _engine_against_trainer(folder: str, extra):
     from r1mega.trainer.model_setup import build_policy, initial_weights, run_tokenizer
     from r1mega.trainer.rl.batch import StepBatch, micro_batches
     from r1mega.trainer.rl.routing import enable, record_old_routing
-    from r1mega.trainer.rl.step import forward_logprobs
+    from r1mega.trainer.rl.logprob_passes import forward_logprobs
 
     cfg = config(folder, [*MOE, "algorithm.routing_replay=rollout", *extra],
                  world_size=2 if "parallel.tp=2" in extra else 1)

@@ -88,6 +88,17 @@ def test_moe_preset_is_typed():
     (["model=tiny_dsv3", "model.mtp.loss_scale=-1"], None, "model.mtp.loss_scale=-1.0 must be >= 0"),
     (["model=tiny_dsv3", "parallel.cp=2", "model.attention_backend=te"], 2,
      "model.mtp (multi-token prediction) with parallel.cp > 1 is not supported"),
+    (["algorithm=opd"], None, "algorithm.opd.teacher.path is not set"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.ratio_level=sequence"], None,
+     "algorithm.ratio_level=sequence (GSPO)"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.teacher.parallel.cp=2"], None,
+     "algorithm.opd.teacher.parallel.cp=2"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.teacher.parallel.tp=4"], 2,
+     "tp x pp = 4 x 1 must divide the 2 ranks"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.kl_coef=0"], None, "nothing to learn from"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.kl_clip=0"], None, "kl_clip=0.0 must be > 0"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.reward_weight=1",
+      "algorithm.group_size=1"], None, "algorithm.group_size=1"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -133,3 +144,9 @@ def test_an_optional_section_is_switched_on_from_the_command_line():
         load_config(["model=tiny", "model.moe.num_experts=4"])
     with pytest.raises(ConfigError, match="model.mtp.nope=1: Key 'nope' not in 'MTPConfig'"):
         load_config(["model=tiny", "model.mtp.nope=1"])
+
+
+def test_distillation_alone_needs_no_groups():
+    cfg = load_config(["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.group_size=1"])
+    assert cfg.algorithm.opd.teacher.path == "t" and cfg.algorithm.kl_beta == 0.0
+    assert load_config(["algorithm.opd.teacher.path=t"]).algorithm.opd.kl_coef == 1.0  # off by default: an override

@@ -50,8 +50,40 @@ def test_summary_table_lists_finished_stages(tmp_path):
         {"eval/greedy_accuracy": 0.925, "eval/mean_at_k": 0.8125, "eval/pass_at_k": 0.98, "eval/k": 4.0}))
     rows = summary(p)
     table = format_table(rows)
-    assert "| data | cold_start_data |  |  |  | 0m03s |" in table
-    assert "| sft | sft | 92.5% | 81.2% | 98.0% (k=4) | 1m15s + 0m12s |" in table
+    assert "| data | cold_start_data |  |  |  |  |  | 0m03s |" in table
+    assert "| sft | sft | 92.5% | 81.2% | 98.0% (k=4) |  |  | 1m15s + 0m12s |" in table
+
+
+def test_summary_counts_the_tokens_of_sampling_and_distillation(tmp_path):
+    p = PipelineConfig(output_dir=str(tmp_path), stages=[StageConfig(name="traces", kind="sample"),
+                                                         StageConfig(name="opd", kind="opd")])
+    for name in ("traces", "opd"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text(json.dumps({"seconds": 61.0}))
+    (tmp_path / "traces" / "stats.json").write_text(json.dumps({"all": {"response_tokens": 1_234_567}}))
+    rows = [{"step": 1, "response/tokens": 900.0, "opd/teacher_tokens": 900.0},
+            {"step": 2, "response/tokens": 700.0, "opd/teacher_tokens": 700.0},
+            {"step": 2, "response/tokens": 800.0, "opd/teacher_tokens": 800.0},  # a resumed run's repeat counts once
+            {"step": 2, "eval/greedy_accuracy": 0.5}]
+    (tmp_path / "opd" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = format_table(summary(p))
+    assert "| traces | sample |  |  |  | 1.23M |  | 1m01s |" in table
+    assert "| opd | opd |  |  |  | 1.7k | 1.7k | 1m01s |" in table
+
+
+def test_a_distillation_stage_runs_train_with_the_opd_preset(tmp_path):
+    p = PipelineConfig(output_dir=str(tmp_path), stages=[
+        StageConfig(name="teacher", kind="rl"),
+        StageConfig(name="opd", kind="opd", overrides=["algorithm.opd.teacher.path={teacher}/model"])])
+    dirs = stage_dirs(p)
+    args = stage_overrides(p, p.stages[1], dirs, [])
+    assert args[0] == "algorithm=opd" and args[-1] == "trainer.load=auto"
+    cfg = load_config(args)
+    assert cfg.algorithm.name == "opd" and cfg.algorithm.opd.teacher.path == f"{tmp_path}/teacher/model"
+    validate_stages(p, [])  # the teacher's model and tokenizer: those the teacher stage will export
+    p.stages[1].overrides.append("model.vocab_size=320")  # a student of another built-in tokenizer
+    with pytest.raises(ConfigError, match="stage 'opd': algorithm.opd.teacher.path=.*the teacher's tokenizer"):
+        validate_stages(p, [])
 
 
 def test_experiment_r1_tiny_composes_and_validates():
@@ -114,16 +146,18 @@ def test_full_scale_experiment_needs_its_paths_and_then_validates():
 
 
 def test_context_parallelism_is_refused_where_sequences_are_not_split(tmp_path):
-    def run(entry, *overrides):
-        return subprocess.run([sys.executable, "-m", f"r1mega.cli.{entry}", "parallel.cp=2", "parallel.nproc=2",
-                               f"trainer.output_dir={tmp_path}", *overrides], capture_output=True, text=True,
-                              timeout=120)
+    """The rules each entry point checks at its world size (test_config: the command line's one-line exit)."""
+    from r1mega.config.stage_rules import check_sft_run
 
-    rl = run("train", "trainer.pack=false", "model.mcore_path=/m")  # RL splits THD packs only
-    assert rl.returncode == 2 and "parallel.cp > 1 splits THD packs" in rl.stderr
-    sft = run("sft", "sft.train_files=[a.jsonl]", "model.mcore_path=/m")
-    assert sft.returncode == 2 and "parallel.cp > 1: SFT, rejection sampling and evaluation" in sft.stderr
-    base = run("train")  # the built-in base model's pre-training runs whole sequences
-    assert base.returncode == 2 and "pre-training does not split its sequences" in base.stderr
-    flash = run("train", "model.attention_backend=flash", "model.mcore_path=/m")
-    assert flash.returncode == 2 and "te or sdpa attention backend, not flash" in flash.stderr
+    def refused(*overrides, rules=None):
+        with pytest.raises(ConfigError) as err:
+            load_config(["parallel.cp=2", f"trainer.output_dir={tmp_path}", *overrides], world_size=2,
+                        entry_rules=rules)
+        return str(err.value)
+
+    assert "parallel.cp > 1 splits THD packs" in refused("trainer.pack=false", "model.mcore_path=/m")  # RL: packs
+    assert "parallel.cp > 1: SFT, rejection sampling and evaluation" in refused(
+        "sft.train_files=[a.jsonl]", "model.mcore_path=/m", rules=check_sft_run)
+    # the built-in base model's pre-training runs whole sequences
+    assert "pre-training does not split its sequences" in refused()
+    assert "te or sdpa attention backend, not flash" in refused("model.attention_backend=flash", "model.mcore_path=/m")

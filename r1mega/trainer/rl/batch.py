@@ -57,6 +57,7 @@ class StepBatch:
     rollout_logp: List[torch.Tensor]  # [R_i] the engine's log-probs of the response tokens
     old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
     ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
+    teacher_logp: Optional[List[torch.Tensor]] = None  # the distillation teacher's (algorithm.opd)
     # experts each input position is routed to in every MoE layer, [len_i - 1, M, k], for replay
     routing: Optional[List[torch.Tensor]] = None
 
@@ -137,6 +138,7 @@ class MicroBatch:
     col_of: Optional[torch.Tensor] = None  # [K]
     routing: Optional[torch.Tensor] = None  # like tokens, [b, L, M, k]: experts to replay
     row_index: Optional[torch.Tensor] = None  # a pack's, like tokens: the row of each position, -1 at padding
+    teacher_logp: Optional[torch.Tensor] = None  # [b, W] the distillation teacher's log-probs (algorithm.opd)
 
     def input_spans(self) -> List[Tuple[int, int, int]]:
         """(b index, first position, positions) of each row's input tokens in `tokens` (whole packs)."""
@@ -192,7 +194,8 @@ class MicroBatch:
 
 
 def _per_token_fields(batch: StepBatch) -> Dict[str, List[torch.Tensor]]:
-    fields_ = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp}
+    fields_ = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp,
+               "teacher_logp": batch.teacher_logp}
     return {k: v for k, v in fields_.items() if v is not None}
 
 
@@ -228,7 +231,7 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
                       window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad,
                       routing=torch.stack([_padded_routing(batch, i, width) for i in rows])
-                      if batch.routing is not None else None)
+                      if batch.routing is not None else None, teacher_logp=window.get("teacher_logp"))
 
 
 def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
@@ -281,7 +284,7 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         positions=torch.cat(positions).unsqueeze(0), pad=torch.cat(pads).unsqueeze(0),
         logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
         col_of=torch.cat([torch.arange(r) for r in responses]), routing=routing,
-        row_index=torch.cat(row_index).unsqueeze(0))
+        row_index=torch.cat(row_index).unsqueeze(0), teacher_logp=layout.get("teacher_logp"))
     return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
 
 

@@ -33,6 +33,7 @@ class RLContext:
     synced_version: int = -1
     async_rollout: Any = None  # AsyncRollout under rollout.mode=async: workers generate, the engine only evaluates
     one_step_off: Any = None  # OneStepOff under rollout.mode=async with colocated engines
+    teacher: Any = None  # Teacher under algorithm.opd: scores the student's tokens in its own parallel layout
 
     @property
     def temperature(self) -> float:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
+from r1mega.algorithms.distill import opd_advantages, reverse_kl
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.off_policy import (QUANTILES, correction_weights, empty_histogram, histogram_quantiles,
                                           log_rho, ratio_histogram)
@@ -29,7 +30,7 @@ from r1mega.trainer.rl.batch import MicroBatch
 
 # Sums reduced over data-parallel ranks and micro-batches (divided by `tokens` for means).
 STAT_SUMS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio", "logprob_gap", "off_policy/rejected_share",
-             "off_policy/truncated_share", "off_policy/weight_mean", "tokens")
+             "off_policy/truncated_share", "off_policy/weight_mean", "opd/reverse_kl", "tokens")
 STAT_MAXES = ("logprob_gap_max", "ratio_max")
 
 
@@ -76,18 +77,24 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     old = micro.old_logp if micro.old_logp is not None else logp.detach()  # the proximal policy
     weights, corrected = off_policy_weights(old, micro.rollout_logp, mask, a.correction)
     counts = dict(mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs, norm_length=s.norm_length)
-    terms = policy_terms(logp, old, micro.ref_logp, micro.advantages, mask, weights, Surrogate.of(a), **counts)
+    advantages, distilled = micro.advantages, torch.zeros((), dtype=torch.float64)
+    if a.opd is not None:  # each token's advantage from the teacher's log-prob of it (r1mega.algorithms.distill)
+        o = a.opd
+        advantages = opd_advantages(old, micro.teacher_logp, mask, o.kl_coef, o.kl_clip, micro.advantages,
+                                    o.reward_weight)
+        distilled = reverse_kl(old, micro.teacher_logp, mask).detach().sum()
+    terms = policy_terms(logp, old, micro.ref_logp, advantages, mask, weights, Surrogate.of(a), **counts)
     loss = terms.loss
     if a.entropy_coeff:
         loss = loss - a.entropy_coeff * aggregate(entropy, mask, **counts)
-    clip = surrogate_stats(terms.ratio, micro.advantages, mask, a.eps_low, a.eps_high, a.dual_clip)
+    clip = surrogate_stats(terms.ratio, advantages, mask, a.eps_low, a.eps_high, a.dual_clip)
     gap = logprob_gap_stats(old, micro.rollout_logp, mask)
     n = mask.sum().float()
     masked_sum = lambda x: torch.where(mask, x.detach(), 0.0).sum()  # noqa: E731
     sums = torch.stack([loss.detach(), aggregate(terms.pg, mask, **counts), masked_sum(terms.kl),
                         masked_sum(entropy), clip["clip_fraction"] * n, clip["ratio_mean"] * n,
                         gap["logprob_gap_mean"] * n, corrected["rejected"], corrected["truncated"],
-                        corrected["weight"], n])
+                        corrected["weight"], distilled.to(n.device, n.dtype), n])
     maxes = torch.stack([gap["logprob_gap_max"], clip["ratio_max"]])
     rows = torch.stack([corrected["rejected_rows"], mask.any(-1).sum().double()])
     hist = ratio_histogram(log_rho(old, micro.rollout_logp, mask), mask)

@@ -20,22 +20,21 @@ from r1mega.algorithms.filtering import varied_groups
 from r1mega.algorithms.off_policy import empty_histogram
 from r1mega.models.mtp import mtp_metrics
 from r1mega.ops.advantage import group_offsets, kernel_group_advantages
-from r1mega.ops.logprobs import target_logprobs
 from r1mega.platform.distributed import current_device, dp_max, dp_sum, replica_broadcast
 from r1mega.rewards.code import OUTCOMES
 from r1mega.rewards.stack import StreamingScore
 from r1mega.rollout.ledger import staleness_metrics
 from r1mega.rollout.setup import reward_input, reward_inputs
 from r1mega.rollout.types import Rollouts, SamplingParams
-from r1mega.trainer.forward_backward import run_schedule, train_step
+from r1mega.trainer.forward_backward import train_step
 from r1mega.trainer.model_setup import copy_weights
 from r1mega.trainer.optimizer import current_lr
-from r1mega.trainer.rl.batch import (MicroBatch, StepBatch, balance_over_dp, layout_stats, micro_batches,
-                                     row_slices)
+from r1mega.trainer.rl.batch import MicroBatch, StepBatch, balance_over_dp, layout_stats, micro_batches
 from r1mega.trainer.rl.context import RLContext
+from r1mega.trainer.rl.logprob_passes import logprobs
 from r1mega.trainer.rl.loss import LossSettings, policy_loss, ratio_quantiles, reduce_stats
 from r1mega.trainer.rl.offload import rollout_turn, training_turn
-from r1mega.trainer.rl.routing import record_old_routing, recording_forward_step, replay_metrics
+from r1mega.trainer.rl.routing import replay_metrics
 from r1mega.trainer.timing import PhaseTimer
 
 
@@ -94,6 +93,7 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
             batch = balance_over_dp(batch)
     with timer("logprobs"):
         logprobs(ctx, batch)
+    scored = teacher_metrics(ctx, batch)
     if ahead is not None:
         hand_back(ctx, step, timer)
     with timer("update"):
@@ -108,7 +108,7 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
         ahead.step_done()
     if ctx.cfg.algorithm.routing_replay != "none":
         stats.update(replay_metrics(ctx.chunks))
-    return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
+    return {**rollout_metrics(ctx, gen, adv), **stats, **scored, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
 
@@ -227,6 +227,8 @@ def _concat(groups):
 def advantages(ctx: RLContext, gen: Generated) -> torch.Tensor:
     """Per-row advantages of the groups (the CUDA kernel on a GPU, the PyTorch definition elsewhere)."""
     a = ctx.cfg.algorithm
+    if a.opd is not None and not a.opd.reward_weight:  # distillation alone: the teacher's tokens are the signal
+        return torch.zeros(len(gen.rollouts))
     # float64 on the PyTorch path: in float32 the mean of equal rewards is off by an ulp, which
     # eps alone would amplify (the kernel accumulates in float64)
     device = current_device()
@@ -243,41 +245,6 @@ def advantages_by_offsets(rewards: torch.Tensor, offsets: torch.Tensor, mode: st
     definition = partial(group_advantages, group_index=index, mode=mode, std=std, eps=eps)
     out = kernel_group_advantages(rewards, offsets, mode, std, eps, lambda: definition(rewards.double()))
     return out if out is not None else definition(rewards)
-
-
-def needs_old_logprobs(a) -> bool:
-    """Whether the update needs the old policy's log-probs recomputed: it runs off-policy (more
-    than one optimizer step per batch) and does not take the engine's."""
-    return not a.use_rollout_logprobs and (a.ppo_epochs > 1 or a.minibatches > 1)
-
-
-def logprobs(ctx: RLContext, batch: StepBatch) -> None:
-    """Fill batch.old_logp (when the update needs them) and batch.ref_logp (when KL is on)."""
-    a = ctx.cfg.algorithm
-    if a.use_rollout_logprobs:
-        batch.old_logp = batch.rollout_logp
-    need_old = needs_old_logprobs(a)
-    if not need_old and ctx.ref_chunks is None:
-        return
-    micro = micro_batches(ctx.cfg, batch, list(range(len(batch))))
-    if need_old:
-        recorded = {} if a.routing_replay == "old" else None  # R2: the update replays this pass's routing
-        batch.old_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ddp_chunks, micro, ctx.temperature,
-                                                                      recorded))
-        if recorded is not None:
-            record_old_routing(batch, micro, recorded, ctx.chunks[0].config)
-    if ctx.ref_chunks is not None:
-        batch.ref_logp = _per_row(len(batch), micro, forward_logprobs(ctx.ref_chunks, micro, ctx.temperature))
-
-
-def _per_row(n: int, micro, values) -> Optional[List[torch.Tensor]]:
-    if values is None:  # not the last pipeline stage: the loss never runs here
-        return None
-    out: List[Optional[torch.Tensor]] = [None] * n
-    for m, v in zip(micro, values):
-        for row, vals in zip(m.rows, row_slices(m, v)):
-            out[row] = vals
-    return out
 
 
 def update(ctx: RLContext, batch: StepBatch, step: int) -> Dict[str, float]:
@@ -315,22 +282,6 @@ def batch_metrics(layout: Dict[str, float]) -> Dict[str, float]:
             "batch/tokens_per_microbatch_max": most}
 
 
-def forward_logprobs(chunks, micro: List[MicroBatch], temperature: float,
-                     recorded: Optional[dict] = None) -> Optional[List[torch.Tensor]]:
-    """Log-probs per micro-batch in the [b, W] layout of its mask, without gradients, on the last
-    pipeline stage; None on others. With `recorded`, the experts the routers chose go there as well
-    (routing.recording_forward_step)."""
-
-    def collect(m, logits):
-        logp, _ = target_logprobs(logits, m.targets, temperature, with_entropy=False)
-        return logits.new_zeros(()), {"logp": m.per_row(logp).detach().float().cpu()}
-
-    step = recording_forward_step(recorded, collect) if recorded is not None else None
-    with torch.no_grad():
-        out = run_schedule(chunks, micro, collect, forward_only=True, step=step)
-    return [o["logp"] for o in out] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
-
-
 def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSettings):
     """Forward/backward with the policy loss over this rank's micro-batches, one optimizer step: its
     statistics, and its histogram of the off-policy ratio."""
@@ -343,6 +294,8 @@ def train_minibatch(ctx: RLContext, micro: List[MicroBatch], settings: LossSetti
                                            partial(policy_loss, s=settings, scale=scale),
                                            mtp_token_weight=scale / max(settings.num_tokens, 1.0))
     stats, hist = reduce_stats(out)
+    if settings.algo.opd is None:
+        stats.pop("opd/reverse_kl")
     out = {**stats, "grad_norm": grad_norm, "update_skipped": float(not update_ok), **mtp_metrics(ctx.ddp_chunks)}
     return out, hist
 
@@ -366,6 +319,7 @@ def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[s
     out.update({
         "response/length_mean": sums[base] / n,
         "response/length_max": longest,
+        "response/tokens": sums[base],
         "response/truncated_share": sums[base + 1] / n,
         "reward/failures": sums[base + 3],
         "reward/timeouts": sums[base + 4],
@@ -376,6 +330,13 @@ def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[s
     # programs' tests by how they ended, over all ranks (no_code: responses without a code block)
     out.update({f"reward/code_{k}": sums[base + 8 + i] for i, k in enumerate(counted)})
     return out
+
+
+def teacher_metrics(ctx: RLContext, batch: StepBatch) -> Dict[str, float]:
+    """Response tokens the distillation teacher scored this step, over all data-parallel ranks."""
+    if ctx.teacher is None:
+        return {}
+    return {"opd/teacher_tokens": dp_sum([batch.response_tokens(range(len(batch)))])[0]}
 
 
 def throughput(gen: Generated, seconds: float) -> Dict[str, float]:

@@ -1,0 +1,154 @@
+"""On-policy distillation on gloo ranks: the student samples, a frozen teacher in its own parallel layout
+scores every token, and the student learns from the per-token reverse KL.
+
+A teacher equal to the student gives every token advantage 0, so the step leaves the weights exactly as
+they were; teachers under TP=2, PP=2 and (MoE) EP=2 beside students of other layouts score the same as
+on one rank; a resumed run takes the uninterrupted run's steps; a teacher with another tokenizer is
+refused before any rank starts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_helpers import SMALL, config, run
+from test_rl_run import _close, _save_init
+from r1mega.platform.launch import spawn
+
+pytestmark = pytest.mark.distributed
+
+TEACHER = ["model.num_layers=4", "model.hidden_size=96", "model.ffn_hidden_size=192"]  # larger than the student
+OPD = ["algorithm=opd", "optimizer.lr=3e-3"]
+COMPARED = ("loss", "pg_loss", "grad_norm", "opd/reverse_kl", "opd/teacher_tokens", "reward/mean",
+            "response/length_mean")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd")
+    spawn(1, _save_init, str(root / "student"), (), 11, True)
+    spawn(1, _save_init, str(root / "teacher"), TEACHER, 7, True)
+    return root
+
+
+def _weights(folder: str) -> dict:
+    from r1mega.checkpoint.mcore import load_model, read_model_config
+    from r1mega.config.schema import ParallelConfig
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+
+    initialize(ParallelConfig(), seed=0)
+    try:
+        chunks = build_model(read_model_config(folder), ParallelConfig())
+        load_model(chunks, folder)
+        return {k: v.clone() for k, v in chunks[0].state_dict().items() if v is not None and hasattr(v, "shape")}
+    finally:
+        destroy()
+
+
+def test_a_teacher_equal_to_the_student_leaves_the_weights_unchanged(models, tmp_path):
+    student = str(models / "student")
+    metrics = spawn(1, run, [*OPD, f"model.mcore_path={student}", f"algorithm.opd.teacher.path={student}",
+                             "trainer.steps=2", "trainer.eval_at_ends=false"], str(tmp_path / "same"), 1)[0]
+    for m in metrics:  # the teacher's log-prob of each token is the student's: every advantage is 0
+        assert m["opd/reverse_kl"] == 0.0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
+        assert m["opd/teacher_tokens"] == m["response/tokens"] > 0
+    before, after = spawn(1, _weights, student)[0], spawn(1, _weights, str(tmp_path / "same" / "model"))[0]
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].equal(after[name]), name
+
+
+def _score(teacher: str, layouts: list, student_parallel: list, world: int) -> dict:
+    """Every rank's rows (different on each data-parallel rank of the student) scored by a teacher under
+    each layout; the log-probs by layout, gathered from every rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.rl.batch import StepBatch
+    from r1mega.trainer.rl.teacher import Teacher
+
+    base = [*OPD, f"algorithm.opd.teacher.path={teacher}", *student_parallel]
+    cfg = config("/tmp/unused-opd", base, world_size=world)
+    initialize(cfg.parallel, seed=0)
+    try:
+        g = torch.Generator().manual_seed(100 + ps.get_data_parallel_rank())
+        vocab = 384
+        rows = [torch.randint(1, vocab, (int(n),), generator=g) for n in torch.randint(8, 30, (5,), generator=g)]
+        batch = StepBatch(rows, [4, 6, 3, 5, 7], torch.zeros(5), [torch.zeros(len(r) - n) for r, n in
+                                                                  zip(rows, [4, 6, 3, 5, 7])])
+        out = {}
+        for name, extra in layouts:
+            teacher_cfg = config("/tmp/unused-opd", [*base, *extra], world_size=world)
+            values = Teacher(teacher_cfg).logprobs(batch)
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, [v.tolist() for v in values])
+            out[name] = every
+        return out
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("student", ["tp1", "tp2"])
+def test_teacher_layouts_score_as_one_rank(models, student):
+    """A TP=2 teacher beside TP=1 students (two data-parallel ranks holding different rows) and a TP=1
+    teacher beside a TP=2 student: the same log-probs as the teacher on one rank; PP=2 as well."""
+    t = "algorithm.opd.teacher.parallel"
+    layouts = [("one", []), ("tp2", [f"{t}.tp=2"]), ("pp2", [f"{t}.pp=2"])]
+    parallel = ["parallel.tp=2"] if student == "tp2" else []
+    got = spawn(2, _score, str(models / "teacher"), layouts, parallel, 2)[0]
+    for name in ("tp2", "pp2"):
+        for rank_rows, ref_rows in zip(got[name], got["one"]):
+            for a, b in zip(rank_rows, ref_rows):
+                assert len(a) == len(b) > 0
+                assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, name
+    if student == "tp1":  # the two ranks' rows differ, and each got its own back
+        assert got["one"][0] != got["one"][1]
+
+
+def test_an_expert_parallel_teacher_scores_as_one_rank(tmp_path):
+    moe = ["model=tiny_moe", "model.num_layers=2"]
+    spawn(1, _save_init, str(tmp_path / "moe"), moe, 5, True)
+    t = "algorithm.opd.teacher.parallel"
+    got = spawn(2, _score, str(tmp_path / "moe"), [("one", []), ("ep2", [f"{t}.ep=2"])], [], 2)[0]
+    for rank_rows, ref_rows in zip(got["ep2"], got["one"]):
+        for a, b in zip(rank_rows, ref_rows):
+            assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd-runs")
+    common = [*OPD, f"model.mcore_path={models / 'student'}", f"algorithm.opd.teacher.path={models / 'teacher'}",
+              "trainer.eval_at_ends=false", "algorithm.opd.teacher.parallel.tp=2"]
+    out = {"whole": spawn(2, run, [*common, "trainer.steps=4"], str(root / "whole"), 2)[0]}
+    spawn(2, run, [*common, "trainer.steps=2"], str(root / "split"), 2)
+    out["rest"] = spawn(2, run, [*common, "trainer.steps=4", "trainer.load=auto"], str(root / "split"), 2)[0]
+    return out
+
+
+def test_a_resumed_run_takes_the_same_steps(runs):
+    whole, rest = runs["whole"], runs["rest"]
+    assert [m["step"] for m in rest] == [3, 4]
+    assert all(m["opd/reverse_kl"] > 0 for m in whole)
+    for a, b in zip(rest, whole[2:]):
+        for key in COMPARED:
+            assert _close(a[key], b[key], 1e-6), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_any_rank_starts(tmp_path):
+    other = tmp_path / "other"  # the built-in tokenizer of another size: other tokens under other ids
+    spawn(1, _save_init, str(other), ["model.vocab_size=320"], 3, True)
+    out = tmp_path / "run"
+    args = [*SMALL, *OPD, f"algorithm.opd.teacher.path={other}", f"trainer.output_dir={out}", "parallel.nproc=2"]
+    done = subprocess.run([sys.executable, "-m", "r1mega.cli.train", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=300)
+    assert done.returncode != 0
+    assert "the teacher's tokenizer" in done.stderr and "not the student's" in done.stderr
+    assert not out.exists()  # no rank started (a rank makes the output folder first)
