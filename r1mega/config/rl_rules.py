@@ -92,6 +92,9 @@ def _check_opd(cfg: R1Config, dp: Optional[int]) -> None:
     require(o.kl_coef >= 0 and o.reward_weight >= 0, f"{key}.kl_coef and reward_weight must be >= 0")
     require(o.kl_coef > 0 or o.reward_weight > 0, f"{key}.kl_coef and reward_weight are both 0: nothing to learn from")
     require(o.kl_clip is None or o.kl_clip > 0, f"{key}.kl_clip={o.kl_clip} must be > 0")
+    require(0 <= o.top_k <= cfg.model.vocab_size, f"{key}.top_k={o.top_k} must be in [0, model.vocab_size]")
+    require(not (o.top_k and o.kl_clip is not None), f"{key}.kl_clip clips the sampled tokens' log-ratios, which "
+            f"{key}.top_k={o.top_k} replaces with a loss over the teacher's top tokens; set one of them")
     require(cfg.algorithm.ratio_level == "token", f"{key}: the teacher's advantages are per token; "
             "algorithm.ratio_level=sequence (GSPO) gives a whole response one ratio")
     p = t.parallel

@@ -234,6 +234,9 @@ class TeacherConfig:
     path: Optional[str] = None  # an r1mega model folder (a stage's model/, with model.yaml) or an HF checkpoint
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # its tp, pp, ep, etp (cp 1; nproc unused)
     micro_batch_tokens: Optional[int] = None  # tokens of one teacher forward; default trainer.micro_batch_tokens
+    # http://host:port of an SGLang server serving the teacher (GPU): it returns the prompt log-probs of the
+    # student's tokens instead of a model in the job; `path` then names the folder it serves (tokenizer check)
+    server: Optional[str] = None
 
 
 @dataclass
@@ -246,6 +249,9 @@ class OPDConfig:
     kl_coef: float = 1.0  # weight of the reverse-KL advantage
     kl_clip: Optional[float] = None  # each token's log-ratio clipped to [-kl_clip, kl_clip] in the advantage
     reward_weight: float = 0.0  # weight of the task reward's group advantage added to every token's
+    # 0: the reverse KL on the sampled tokens (as advantages); k: instead, a loss term of its own, the reverse KL
+    # of the full-vocabulary distributions coarsened onto the teacher's k most likely tokens and the rest
+    top_k: int = 0
 
 
 @dataclass

@@ -223,3 +223,64 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
     vocab_start = ps.get_tensor_model_parallel_rank() * logits.size(-1)
     return token_logprobs(logits, targets, tp_group, vocab_start, temperature, with_entropy)
+
+
+# -- several candidate tokens per position (on-policy distillation over a teacher's top-k) --------------------
+
+def _tp() -> tuple:
+    group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return group, ps.get_tensor_model_parallel_rank()
+
+
+def _logsumexp(z: torch.Tensor, group) -> torch.Tensor:
+    """log sum exp over the whole vocabulary of this rank's slice z [..., V_local], differentiable: the shift is a
+    constant, the sum an all-reduce whose gradient each rank keeps for its own slice (megatron's
+    reduce_from_tensor_model_parallel_region)."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    m = z.detach().amax(dim=-1, keepdim=True)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = (z - m).exp().sum(dim=-1, keepdim=True)
+    if group is not None:
+        s = reduce_from_tensor_model_parallel_region(s, group=group)
+    return m + s.log()
+
+
+def _at(z: torch.Tensor, ids: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+    """z at global vocab ids [..., k] from this rank's slice (0 where another rank holds the id), summed over ranks."""
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    local = ids - vocab_start
+    held = (local >= 0) & (local < z.size(-1))
+    out = torch.where(held, z.gather(-1, local.clamp(0, z.size(-1) - 1)), torch.zeros((), dtype=z.dtype))
+    return reduce_from_tensor_model_parallel_region(out, group=group) if group is not None else out
+
+
+def candidate_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) over the whole vocabulary at `ids` [..., k] (global ids), from this
+    tensor-parallel rank's vocab slice; differentiable (plain autograd: a [..., V_local] buffer per input).
+    fp32 (fp64 for fp64 input), as token_logprobs."""
+    group, tp_rank = _tp()
+    z = logits.to(_compute_dtype(logits.dtype)) / temperature
+    return _at(z, ids, tp_rank * logits.size(-1), group) - _logsumexp(z, group)
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, ids) [..., k] of the k most likely tokens at each position (temperature 1), most likely
+    first, from this rank's vocab slice: each rank's own k best, gathered, then the k best of those."""
+    group, tp_rank = _tp()
+    with torch.no_grad():
+        z = logits.to(_compute_dtype(logits.dtype))
+        lse = _logsumexp(z, group)
+        values, ids = z.topk(min(k, z.size(-1)), dim=-1)
+        ids = ids + tp_rank * z.size(-1)
+        if group is not None:
+            size = dist.get_world_size(group)
+            every_v = [torch.empty_like(values) for _ in range(size)]
+            every_i = [torch.empty_like(ids) for _ in range(size)]
+            dist.all_gather(every_v, values.contiguous(), group=group)
+            dist.all_gather(every_i, ids.contiguous(), group=group)
+            values, ids = torch.cat(every_v, dim=-1), torch.cat(every_i, dim=-1)
+        best, where = values.topk(k, dim=-1)
+        return best - lse, ids.gather(-1, where)

@@ -141,7 +141,8 @@ def loads(payload: str):
 class StandIn:
     """The engine state behind one server; `tp` payload entries per weight update."""
 
-    def __init__(self, model_cfg, tp: int, seed: int, server_args: Dict | None = None):
+    def __init__(self, model_cfg, tp: int, seed: int, server_args: Dict | None = None, hf_path: str | None = None):
+        """hf_path: serve that checkpoint's weights (a server started on a model folder), else random ones."""
         from transformers import AutoModelForCausalLM
 
         from r1mega.checkpoint.hf_config import transformers_config
@@ -149,7 +150,12 @@ class StandIn:
         # a server is a process of its own: the trainer's random stream (its ranks' initial weights) stays untouched
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg), torch_dtype=torch.float32)
+            if hf_path is not None:
+                self.model = AutoModelForCausalLM.from_pretrained(hf_path, torch_dtype=torch.float32,
+                                                                  local_files_only=True)
+            else:
+                self.model = AutoModelForCausalLM.from_config(transformers_config(model_cfg),
+                                                              torch_dtype=torch.float32)
         self.model.eval()
         self.expected = {k: v for k, v in checkpoint_names(self.model.state_dict()).items()
                          if not (k == "lm_head.weight" and model_cfg.tie_word_embeddings)}
@@ -273,6 +279,14 @@ class StandIn:
             raise Refused(f"{len(per_prompt)} sampling_params for {len(prompts)} prompts")
         if len({p.get("n", 1) for p in per_prompt}) > 1:  # io_struct: parallel sampling reads n of the first
             raise Refused("the parallel sampling number must be the same for every request of a batch")
+        starts = body.get("logprob_start_len", -1)  # one for all, or one per request (then n must be 1)
+        if isinstance(starts, list) and per_prompt[0].get("n", 1) > 1:
+            raise Refused("per-request logprob_start_len with parallel sampling (n > 1)")
+        starts = starts if isinstance(starts, list) else [starts] * len(prompts)
+        for start, prompt in zip(starts, prompts):
+            if start > len(prompt):  # tokenizer_manager: aborted with 400
+                raise Refused(f"logprob_start_len ({start}) is higher than the number of input tokens "
+                              f"({len(prompt)}). Request with a lower logprob_start_len.")
         for params in per_prompt:
             unknown = set(params) - SAMPLING_KEYS
             if unknown:
@@ -292,17 +306,24 @@ class StandIn:
                 raise Dead(self.dead)
             self.readers += 1
             self.busy += 1
-            self.calls.append(("generate", len(prompts), per_prompt[0]["n"]))
+            self.calls.append(("generate", len(prompts), per_prompt[0].get("n", 1)))
             self.seeds += [p.get("sampling_seed") for p in per_prompt]
             reqs = [{"out": [], "events": [], "abort": False, "started": self.weight_version, "waits": False,
                      "held": self.hold is not None and p.get("sampling_seed") in self.hold[0],
                      "gated": self.gate is not None and p.get("sampling_seed") in self.gate}
-                    for p in per_prompt for _ in range(p["n"])]
+                    for p in per_prompt for _ in range(p.get("n", 1))]
             self.live += reqs
         try:
-            rows = [(p, params) for p, params in zip(prompts, per_prompt) for _ in range(params["n"])]
+            rows = [(p, params, start) for p, params, start in zip(prompts, per_prompt, starts)
+                    for _ in range(params.get("n", 1))]
             routed = bool(body.get("return_routed_experts")) and self.return_routed_experts
-            return [self._sample(p, params, req, routed) for (p, params), req in zip(rows, reqs)]
+            out = [self._sample(p, params, req, routed) for (p, params, _), req in zip(rows, reqs)]
+            top = body.get("top_logprobs_num") or 0
+            for o, (p, _, start) in zip(out, rows):
+                o["meta_info"]["input_token_logprobs"], tops = self._input_logprobs(p, start, top)
+                if top:
+                    o["meta_info"]["input_top_logprobs"] = tops
+            return out
         finally:
             with self.sched:
                 self.live = [r for r in self.live if not any(r is q for q in reqs)]
@@ -449,14 +470,33 @@ class StandIn:
             p.copy_(torch.randn(p.shape, generator=garbage) * 3)
 
     @torch.no_grad()
+    def _input_logprobs(self, ids: List[int], start: int, top: int = 0) -> tuple:
+        """logprob_result_processor: from `start` on, each input token's log-prob given the ones before it, of
+        the raw logits (no temperature); the first entry's is None (never computed); -1: none (output only).
+        With `top`, the k most likely tokens of the same distributions, aligned the same way (first None).
+        Ids at vocab_size - 1 come back as 0 (the returned ids are clipped; the values are not)."""
+        if start < 0 or start >= len(ids):
+            return [], []
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        last = self.model.config.vocab_size - 1
+        shown = lambda t: t if t < last else 0  # noqa: E731
+        tokens = [[None, shown(ids[start]), None]] + [[float(logp[j - 1, ids[j]]), shown(ids[j]), None]
+                                                      for j in range(start + 1, len(ids))]
+        tops = [None]
+        for j in range(start + 1, len(ids)):
+            values, best = logp[j - 1].topk(top) if top else (torch.zeros(0), torch.zeros(0))
+            tops.append([[float(v), shown(int(t)), None] for v, t in zip(values, best)])
+        return tokens, tops
+
     def _sample(self, prompt: List[int], params: Dict, req: dict, routed: bool = False) -> dict:
         ids, out, logprobs = list(prompt), req["out"], []
         experts: Dict[int, torch.Tensor] = {}  # position -> [num_hidden_layers, k], from the forward that cached it
         layers = len(self.model.model.layers)
-        finish = {"type": "length", "length": params["max_new_tokens"]}
+        finish = {"type": "length", "length": params.get("max_new_tokens", 128)}
         past, retracts, retractions = None, self.retracts, 0
         req["active"] = True
-        for position in range(params["max_new_tokens"]):
+        for position in range(params.get("max_new_tokens", 128)):
             with self.sched:  # one decode step, never across a pause or a weight load
                 if req["gated"] and position == 0:
                     req["waits"] = True
@@ -485,8 +525,9 @@ class StandIn:
                     for layer, chosen in self.routed.items():
                         experts[p][layer] = chosen[p - first].int()
                 past, logits = step.past_key_values, step.logits[0, -1].float()
-                greedy = params["temperature"] == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
-                logp = torch.log_softmax(logits / (1.0 if greedy else params["temperature"]), dim=-1)
+                temperature = params.get("temperature", 1.0)
+                greedy = temperature == 0  # SGLang: temperature 0 is greedy, log-probs unscaled
+                logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
                 if greedy:
                     token = int(logp.argmax())
                 elif self.deterministic:  # sampler.multinomial_with_seed: noise from (seed, position) only
@@ -500,7 +541,7 @@ class StandIn:
                 out.append(token)
                 logprobs.append([float(logp[token]), token, None])
                 ids.append(token)
-            if token in params["stop_token_ids"]:
+            if token in (params.get("stop_token_ids") or []):
                 finish = {"type": "stop", "matched": token}
                 break
         with self.sched:

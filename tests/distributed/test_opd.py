@@ -3,7 +3,8 @@ scores every token, and the student learns from the per-token reverse KL.
 
 A teacher equal to the student gives every token advantage 0, so the step leaves the weights exactly as
 they were; teachers under TP=2, PP=2 and (MoE) EP=2 beside students of other layouts score the same as
-on one rank; a resumed run takes the uninterrupted run's steps; a teacher with another tokenizer is
+on one rank, and so does an SGLang server (the stand-in) serving the teacher's HF export; a resumed run
+takes the uninterrupted run's steps; a teacher with another tokenizer is
 refused before any rank starts.
 """
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rl_helpers import SMALL, config, run
 from test_rl_run import _close, _save_init
@@ -50,13 +52,19 @@ def _weights(folder: str) -> dict:
         destroy()
 
 
-def test_a_teacher_equal_to_the_student_leaves_the_weights_unchanged(models, tmp_path):
+@pytest.mark.parametrize("kl", ["sampled", "top4"])
+def test_a_teacher_equal_to_the_student_leaves_the_weights_unchanged(models, tmp_path, kl):
+    """Sampled tokens: every advantage is 0. Top-k: the coarsened distributions are equal, the KL and its
+    gradient 0. Either way Adam takes a zero step."""
     student = str(models / "student")
-    metrics = spawn(1, run, [*OPD, f"model.mcore_path={student}", f"algorithm.opd.teacher.path={student}",
+    top = ["algorithm.opd.top_k=4"] if kl == "top4" else []
+    metrics = spawn(1, run, [*OPD, *top, f"model.mcore_path={student}", f"algorithm.opd.teacher.path={student}",
                              "trainer.steps=2", "trainer.eval_at_ends=false"], str(tmp_path / "same"), 1)[0]
-    for m in metrics:  # the teacher's log-prob of each token is the student's: every advantage is 0
+    for m in metrics:
         assert m["opd/reverse_kl"] == 0.0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
         assert m["opd/teacher_tokens"] == m["response/tokens"] > 0
+    if kl == "top4":
+        return
     before, after = spawn(1, _weights, student)[0], spawn(1, _weights, str(tmp_path / "same" / "model"))[0]
     assert before.keys() == after.keys()
     for name in before:
@@ -86,10 +94,15 @@ def _score(teacher: str, layouts: list, student_parallel: list, world: int) -> d
         out = {}
         for name, extra in layouts:
             teacher_cfg = config("/tmp/unused-opd", [*base, *extra], world_size=world)
-            values = Teacher(teacher_cfg).logprobs(batch)
+            scores = Teacher(teacher_cfg).score(batch)
             every: list = [None] * dist.get_world_size()
-            dist.all_gather_object(every, [v.tolist() for v in values])
+            dist.all_gather_object(every, [v.tolist() for v in scores.logp])
             out[name] = every
+            if scores.topk_logp is not None:
+                tops: list = [None] * dist.get_world_size()
+                dist.all_gather_object(tops, [(v.tolist(), i.tolist()) for v, i in zip(scores.topk_logp,
+                                                                                       scores.topk_ids)])
+                out[name + "/top"] = tops
         return out
     finally:
         destroy()
@@ -98,9 +111,11 @@ def _score(teacher: str, layouts: list, student_parallel: list, world: int) -> d
 @pytest.mark.parametrize("student", ["tp1", "tp2"])
 def test_teacher_layouts_score_as_one_rank(models, student):
     """A TP=2 teacher beside TP=1 students (two data-parallel ranks holding different rows) and a TP=1
-    teacher beside a TP=2 student: the same log-probs as the teacher on one rank; PP=2 as well."""
+    teacher beside a TP=2 student: the same log-probs as the teacher on one rank; PP=2 as well; and the same
+    top-k tokens (gathered over the vocab slices of a TP=2 teacher)."""
     t = "algorithm.opd.teacher.parallel"
-    layouts = [("one", []), ("tp2", [f"{t}.tp=2"]), ("pp2", [f"{t}.pp=2"])]
+    top = ["algorithm.opd.top_k=4"] if student == "tp1" else []
+    layouts = [("one", top), ("tp2", [f"{t}.tp=2", *top]), ("pp2", [f"{t}.pp=2", *top])]
     parallel = ["parallel.tp=2"] if student == "tp2" else []
     got = spawn(2, _score, str(models / "teacher"), layouts, parallel, 2)[0]
     for name in ("tp2", "pp2"):
@@ -108,6 +123,10 @@ def test_teacher_layouts_score_as_one_rank(models, student):
             for a, b in zip(rank_rows, ref_rows):
                 assert len(a) == len(b) > 0
                 assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, name
+        for rank_rows, ref_rows in zip(got.get(name + "/top", []), got.get("one/top", [])):
+            for (va, ia), (vb, ib) in zip(rank_rows, ref_rows):
+                assert ia == ib and torch.allclose(torch.tensor(va), torch.tensor(vb), atol=1e-5), name
+    assert ("one/top" in got) == (student == "tp1")
     if student == "tp1":  # the two ranks' rows differ, and each got its own back
         assert got["one"][0] != got["one"][1]
 
@@ -120,6 +139,78 @@ def test_an_expert_parallel_teacher_scores_as_one_rank(tmp_path):
     for rank_rows, ref_rows in zip(got["ep2"], got["one"]):
         for a, b in zip(rank_rows, ref_rows):
             assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def _export_hf(folder: str, out: str) -> None:
+    from r1mega.checkpoint.hf_convert import save_hf
+    from r1mega.checkpoint.mcore import load_model, read_model_config
+    from r1mega.config.schema import ParallelConfig
+    from r1mega.models.builder import build_model
+    from r1mega.platform.distributed import destroy, initialize
+
+    initialize(ParallelConfig(), seed=0)
+    try:
+        model = read_model_config(folder)
+        chunks = build_model(model, ParallelConfig())
+        load_model(chunks, folder)
+        save_hf(chunks, model, out, carry_from=[folder])
+    finally:
+        destroy()
+
+
+def _served(teacher: str, hf: str, student_parallel: list) -> tuple:
+    """The teacher's log-probs of every rank's rows from an SGLang server (the stand-in, on the teacher's HF
+    export, in rank 0) and from the teacher in the job."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from r1mega.checkpoint.mcore import read_model_config
+    from r1mega.platform.distributed import destroy, initialize
+    from r1mega.trainer.rl.batch import StepBatch
+    from r1mega.trainer.rl.teacher import ServedTeacher, Teacher, make_teacher
+    from sglang_standin import StandIn, serve
+
+    box = [None]
+    base = [*OPD, f"algorithm.opd.teacher.path={teacher}", *student_parallel]
+    cfg = config("/tmp/unused-opd", base, world_size=2)
+    initialize(cfg.parallel, seed=0)
+    try:
+        if dist.get_rank() == 0:
+            server = serve(StandIn(read_model_config(teacher), 1, seed=0, hf_path=hf))
+            box = [f"http://127.0.0.1:{server.server_address[1]}"]
+        dist.broadcast_object_list(box, src=0)
+        g = torch.Generator().manual_seed(200 + ps.get_data_parallel_rank())
+        lens = [3, 5, 4, 6]
+        rows = [torch.randint(1, 384, (n + int(r),), generator=g)
+                for n, r in zip(lens, torch.randint(1, 12, (4,), generator=g))]
+        batch = StepBatch(rows, lens, torch.zeros(4), [torch.zeros(len(r) - n) for r, n in zip(rows, lens)])
+        served = make_teacher(config("/tmp/unused-opd", [*base, f"algorithm.opd.teacher.server={box[0]}"],
+                                     world_size=2))
+        assert isinstance(served, ServedTeacher)
+        a, b = served.score(batch), Teacher(cfg).score(batch)
+        listed = lambda xs: [x.tolist() for x in xs or []]  # noqa: E731
+        return [(listed(x), listed(y)) for x, y in
+                ((a.logp, b.logp), (a.topk_logp, b.topk_logp), (a.topk_ids, b.topk_ids))]
+    finally:
+        destroy()
+
+
+@pytest.mark.parametrize("student", ["tp1", "tp2"])
+def test_an_sglang_teacher_returns_the_teachers_logprobs(models, tmp_path, student):
+    """The served route (prefill only, prompt log-probs from one before the response, the first None) gives
+    the in-job teacher's log-probs, to each data-parallel rank its own rows (tp1), and to every rank of a
+    replica the first's answer (tp2)."""
+    hf = tmp_path / "hf"
+    spawn(1, _export_hf, str(models / "teacher"), str(hf))
+    for (logp, top, ids) in spawn(2, _served, str(models / "teacher"), str(hf),
+                                  ["parallel.tp=2" if student == "tp2" else "algorithm.opd.top_k=5"]):
+        for a, b in zip(*logp):
+            assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+        if student == "tp1":  # the teacher's 5 most likely tokens at each position, most likely first
+            assert ids[0] == ids[1] and len(ids[0]) == 4 and all(len(p) == 5 for row in ids[0] for p in row)
+            for a, b in zip(*top):
+                assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 
 @pytest.fixture(scope="module")

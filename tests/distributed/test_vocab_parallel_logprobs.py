@@ -81,3 +81,37 @@ def test_vocab_split_matches_single_process(ranks, dtype_name, pad, temperature)
     assert ((grad - ref_grad).norm() / ref_grad.norm()).item() < tol
     if pad:
         assert torch.equal(grad[:, VOCAB - PAD:], torch.zeros(ROWS, PAD, dtype=grad.dtype))
+
+
+def _candidates():
+    """Top-k and several candidates' log-probs with the vocabulary split over a TP=2 pair (megatron's groups)."""
+    from megatron.core import parallel_state as ps
+
+    from r1mega.config.schema import ParallelConfig
+    from r1mega.ops.logprobs import candidate_logprobs, top_logprobs
+    from r1mega.platform.distributed import destroy, initialize
+
+    initialize(ParallelConfig(tp=2), seed=0)
+    try:
+        logits, _, weights = _problem(torch.float64, False)
+        start = ps.get_tensor_model_parallel_rank() * (VOCAB // 2)
+        local = logits[:, start:start + VOCAB // 2].clone().requires_grad_(True)
+        top, ids = top_logprobs(local, 6)
+        chosen = candidate_logprobs(local, ids, temperature=0.7)
+        (chosen * weights[0][:, None]).sum().backward()
+        return start, top, ids, chosen.detach(), local.grad
+    finally:
+        destroy()
+
+
+def test_top_k_and_candidates_over_a_split_vocabulary():
+    """The k most likely tokens (each rank's k best gathered, then the best of those) and the log-probs of
+    given tokens (differentiable) equal the whole vocabulary's log_softmax."""
+    logits, _, weights = _problem(torch.float64, False)
+    best, best_ids = torch.log_softmax(logits, -1).topk(6, dim=-1)
+    full = logits.clone().requires_grad_(True)
+    (torch.log_softmax(full / 0.7, -1).gather(-1, best_ids) * weights[0][:, None]).sum().backward()
+    for start, top, ids, chosen, grad in spawn(2, _candidates):
+        assert ids.equal(best_ids) and torch.allclose(top, best, atol=1e-12)
+        assert torch.allclose(chosen, torch.log_softmax(logits / 0.7, -1).gather(-1, best_ids), atol=1e-12)
+        assert torch.allclose(grad, full.grad[:, start:start + VOCAB // 2], atol=1e-12)

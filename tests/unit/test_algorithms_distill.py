@@ -45,3 +45,29 @@ def test_loss_and_gradient_by_hand():
     assert torch.allclose(grad, torch.tensor([[0.125, -0.25, 0.0], [0.0, -0.5, 0.0]]))
     # and the reported loss is the sampled reverse KL when the student has not moved
     assert abs(terms.loss.item() - reverse_kl(STUDENT, TEACHER, MASK).sum().item() / 4) < 1e-7
+
+
+def _coarse_kl(ps: torch.Tensor, pt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """KL(p_s || p_t) of the two distributions over {ids..., the rest}, from whole distributions [V]."""
+    a, b = ps[ids], pt[ids]
+    a, b = torch.cat([a, (1 - a.sum()).reshape(1)]), torch.cat([b, (1 - b.sum()).reshape(1)])
+    return (a * (a.log() - b.log())).sum()
+
+
+def test_top_k_reverse_kl_is_the_coarsened_and_with_every_token_the_full_reverse_kl():
+    from r1mega.algorithms.distill import topk_reverse_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 12, generator=g, dtype=torch.float64).log_softmax(-1).unbind(0)
+    mask = torch.tensor([[True, True, False]])
+    student, teacher = student[None], teacher[None]
+    ids = teacher.topk(4, dim=-1).indices
+    kl = topk_reverse_kl(student.gather(-1, ids), teacher.gather(-1, ids), mask)
+    for t in range(2):
+        assert abs(kl[0, t] - _coarse_kl(student[0, t].exp(), teacher[0, t].exp(), ids[0, t])) < 1e-12
+        full = (student[0, t].exp() * (student[0, t] - teacher[0, t])).sum()
+        assert 0 <= kl[0, t] <= full  # coarsening never raises a divergence
+    assert kl[0, 2] == 0
+    every = torch.arange(12).expand(1, 3, 12)
+    whole = topk_reverse_kl(student.gather(-1, every), teacher.gather(-1, every), mask)
+    assert torch.allclose(whole[0, :2], (student.exp() * (student - teacher)).sum(-1)[0, :2], atol=1e-12)

@@ -89,8 +89,10 @@ def test_a_distillation_stage_runs_train_with_the_opd_preset(tmp_path):
 def test_experiment_r1_tiny_composes_and_validates():
     cfg = load_config(["experiment=r1_tiny"])
     kinds = [s.kind for s in cfg.pipeline.stages]
-    assert kinds == ["eval", "cold_start_data", "sft", "rl", "sample", "sft", "rl", "sample", "eval", "sft"]
-    assert cfg.pipeline.stages[-1].overrides[0] == "model=tiny_student"
+    assert kinds == ["eval", "cold_start_data", "sft", "rl", "sample", "sft", "rl", "sample", "eval", "sft", "eval",
+                     "sft", "opd"]
+    assert cfg.pipeline.stages[9].overrides[0] == "model=tiny_student"
+    assert [s.overrides[0] for s in cfg.pipeline.stages[10:]] == ["model=tiny_small"] * 3
     validate_stages(cfg.pipeline, [])  # every stage's own config composes and validates
 
 

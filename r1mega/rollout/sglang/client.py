@@ -84,6 +84,41 @@ class SGLangClient:
         out = self.request("/generate", body)
         return out if isinstance(out, list) else [out]
 
+    def prompt_logprobs(self, input_ids: List[List[int]], starts: List[int], top_k: int = 0) -> List[tuple]:
+        """(log p(ids[j] | ids[:j]) for j = starts[i] .. len - 1, and with top_k the k most likely tokens' (log-prob,
+        id) pairs at each of those positions, most likely first, else None) of each sequence, under the server's
+        model, generating nothing. SGLang returns input log-probs (and top log-probs, aligned with them) from
+        position logprob_start_len on, the first entry always None (that token's own log-prob is never
+        computed), so each request starts one earlier; they are log-softmaxes of the raw logits (no
+        temperature). max_new_tokens=0 makes a prefill-only request (no token sampled) when the whole batch
+        is such requests."""
+        if any(not 1 <= s < len(ids) for s, ids in zip(starts, input_ids)):
+            raise ValueError("prompt_logprobs: every start must leave a token before it and one at it")
+        body = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "n": 1}, "return_logprob": True,
+                "logprob_start_len": [s - 1 for s in starts], "stream": False}
+        if top_k:
+            body["top_logprobs_num"] = top_k
+        out = self.request("/generate", body)
+        out = out if isinstance(out, list) else [out]
+        if len(out) != len(input_ids):
+            raise SGLangError(f"{self.url}/generate: {len(out)} outputs for {len(input_ids)} sequences")
+        values = []
+        for i, (o, ids, s) in enumerate(zip(out, input_ids, starts)):
+            meta = o.get("meta_info") or {}
+            entries, want = meta.get("input_token_logprobs") or [], len(ids) - s
+            if len(entries) != want + 1 or any(e[0] is None for e in entries[1:]):
+                raise SGLangError(f"{self.url}/generate: sequence {i}: {len(entries)} input log-probs from "
+                                  f"position {s - 1}, expected {want + 1} (the first None)")
+            top = None
+            if top_k:
+                tops = meta.get("input_top_logprobs") or []
+                if len(tops) != want + 1 or any(t is None or len(t) != top_k for t in tops[1:]):
+                    raise SGLangError(f"{self.url}/generate: sequence {i}: input top log-probs missing or not "
+                                      f"{top_k} per position")
+                top = [sorted(((float(e[0]), int(e[1])) for e in t), key=lambda e: -e[0]) for t in tops[1:]]
+            values.append(([float(e[0]) for e in entries[1:]], top))
+        return values
+
     # -- memory and weights ------------------------------------------------------------------
 
     def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:

@@ -58,6 +58,9 @@ class StepBatch:
     old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
     ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
     teacher_logp: Optional[List[torch.Tensor]] = None  # the distillation teacher's (algorithm.opd)
+    # its k most likely tokens at each response position ([R_i, k] log-probs and ids; algorithm.opd.top_k)
+    teacher_topk_logp: Optional[List[torch.Tensor]] = None
+    teacher_topk_ids: Optional[List[torch.Tensor]] = None
     # experts each input position is routed to in every MoE layer, [len_i - 1, M, k], for replay
     routing: Optional[List[torch.Tensor]] = None
 
@@ -139,6 +142,8 @@ class MicroBatch:
     routing: Optional[torch.Tensor] = None  # like tokens, [b, L, M, k]: experts to replay
     row_index: Optional[torch.Tensor] = None  # a pack's, like tokens: the row of each position, -1 at padding
     teacher_logp: Optional[torch.Tensor] = None  # [b, W] the distillation teacher's log-probs (algorithm.opd)
+    teacher_topk_logp: Optional[torch.Tensor] = None  # [b, W, k] its k most likely tokens' log-probs
+    teacher_topk_ids: Optional[torch.Tensor] = None  # [b, W, k] and their ids
 
     def input_spans(self) -> List[Tuple[int, int, int]]:
         """(b index, first position, positions) of each row's input tokens in `tokens` (whole packs)."""
@@ -182,10 +187,17 @@ class MicroBatch:
         each rank's values reach every rank's loss, and each rank's gradient is its own part's)."""
         if self.logits_at is None:
             return values
-        out = values.new_zeros(self.mask.shape).index_put((self.row_of, self.col_of), values.reshape(-1))
+        extra = values.shape[2:]  # values of several tokens per position ([1, K, k]) keep their last dim
+        out = values.new_zeros(self.mask.shape + extra).index_put((self.row_of, self.col_of),
+                                                                  values.reshape(-1, *extra))
         if self.cp_size > 1:
             out = reduce_from_tensor_model_parallel_region(out, group=ps.get_context_parallel_group())
         return out
+
+    def in_output_layout(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values in the [b, W, ...] layout of the mask, laid out like `targets` (the model's output
+        positions; this rank's part under context parallelism): per_row's inverse."""
+        return values if self.logits_at is None else values[self.row_of, self.col_of].unsqueeze(0)
 
     def to(self, device) -> "MicroBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -195,8 +207,15 @@ class MicroBatch:
 
 def _per_token_fields(batch: StepBatch) -> Dict[str, List[torch.Tensor]]:
     fields_ = {"rollout_logp": batch.rollout_logp, "old_logp": batch.old_logp, "ref_logp": batch.ref_logp,
-               "teacher_logp": batch.teacher_logp}
+               "teacher_logp": batch.teacher_logp, "teacher_topk_logp": batch.teacher_topk_logp,
+               "teacher_topk_ids": batch.teacher_topk_ids}
     return {k: v for k, v in fields_.items() if v is not None}
+
+
+def _blank(values: List[torch.Tensor], rows: int, width: int) -> torch.Tensor:
+    """Zeros [rows, width, ...] for a per-token field: its values' trailing dims and dtype."""
+    first = values[0]
+    return torch.zeros(rows, width, *first.shape[1:], dtype=first.dtype)
 
 
 def _padded_routing(batch: StepBatch, i: int, width: int) -> torch.Tensor:
@@ -217,7 +236,7 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     mask = torch.zeros(b, width, dtype=torch.bool)
     pad = torch.ones(b, width, dtype=torch.bool)
     per_token = _per_token_fields(batch)
-    padded = {k: torch.zeros(b, width) for k in per_token}
+    padded = {k: _blank(v, b, width) for k, v in per_token.items()}
     for j, i in enumerate(rows):
         seq, start = batch.tokens[i], batch.prompt_lens[i] - 1
         n = len(seq) - 1
@@ -231,7 +250,9 @@ def collate(batch: StepBatch, rows: List[int], multiple: int = 1) -> MicroBatch:
     return MicroBatch(rows, tokens, targets[:, start:], mask[:, start:], batch.advantages[rows],
                       window["rollout_logp"], window.get("old_logp"), window.get("ref_logp"), start, pad=pad,
                       routing=torch.stack([_padded_routing(batch, i, width) for i in rows])
-                      if batch.routing is not None else None, teacher_logp=window.get("teacher_logp"))
+                      if batch.routing is not None else None, teacher_logp=window.get("teacher_logp"),
+                      teacher_topk_logp=window.get("teacher_topk_logp"),
+                      teacher_topk_ids=window.get("teacher_topk_ids"))
 
 
 def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
@@ -241,7 +262,7 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
     responses = [len(batch.tokens[i]) - batch.prompt_lens[i] for i in rows]
     width = max(responses)
     per_token = _per_token_fields(batch)
-    layout = {k: torch.zeros(len(rows), width) for k in per_token}
+    layout = {k: _blank(v, len(rows), width) for k, v in per_token.items()}
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     tokens, positions, targets, logits_at, row_of, cu, real = [], [], [], [], [], [0], [0]
     pads, row_index = [], []
@@ -284,7 +305,8 @@ def pack(batch: StepBatch, rows: List[int], multiple: int = 1, cp_size: int = 1,
         positions=torch.cat(positions).unsqueeze(0), pad=torch.cat(pads).unsqueeze(0),
         logits_at=torch.cat(logits_at), row_of=torch.cat(row_of),
         col_of=torch.cat([torch.arange(r) for r in responses]), routing=routing,
-        row_index=torch.cat(row_index).unsqueeze(0), teacher_logp=layout.get("teacher_logp"))
+        row_index=torch.cat(row_index).unsqueeze(0), teacher_logp=layout.get("teacher_logp"),
+        teacher_topk_logp=layout.get("teacher_topk_logp"), teacher_topk_ids=layout.get("teacher_topk_ids"))
     return _cp_part(micro, torch.tensor(real, dtype=torch.int32), cp_size, cp_rank) if cp_size > 1 else micro
 
 

@@ -29,7 +29,8 @@ def logprobs(ctx: RLContext, batch: StepBatch) -> None:
     if a.use_rollout_logprobs:
         batch.old_logp = batch.rollout_logp
     if ctx.teacher is not None:  # collective over the whole job, in the teacher's own layout
-        batch.teacher_logp = ctx.teacher.logprobs(batch)
+        scores = ctx.teacher.score(batch)
+        batch.teacher_logp, batch.teacher_topk_logp, batch.teacher_topk_ids = scores
     need_old = needs_old_logprobs(a)
     if not need_old and ctx.ref_chunks is None:
         return

@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 
 from r1mega.algorithms.aggregation import aggregate, token_weights
-from r1mega.algorithms.distill import opd_advantages, reverse_kl
+from r1mega.algorithms.distill import opd_advantages, reverse_kl, topk_reverse_kl
 from r1mega.algorithms.kl import kl_penalty
 from r1mega.algorithms.off_policy import (QUANTILES, correction_weights, empty_histogram, histogram_quantiles,
                                           log_rho, ratio_histogram)
 from r1mega.algorithms.policy_loss import logprob_gap_stats, surrogate_and_ratio, surrogate_stats, token_advantages
 from r1mega.config.schema import AlgorithmConfig, CorrectionConfig
 from r1mega.ops import grpo_loss as kernel
-from r1mega.ops.logprobs import target_logprobs
+from r1mega.ops.logprobs import candidate_logprobs, target_logprobs
 from r1mega.platform.distributed import reduce_last_stage
 from r1mega.trainer.rl.batch import MicroBatch
 
@@ -77,14 +77,11 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     old = micro.old_logp if micro.old_logp is not None else logp.detach()  # the proximal policy
     weights, corrected = off_policy_weights(old, micro.rollout_logp, mask, a.correction)
     counts = dict(mode=a.loss_agg, num_tokens=s.num_tokens, num_seqs=s.num_seqs, norm_length=s.norm_length)
-    advantages, distilled = micro.advantages, torch.zeros((), dtype=torch.float64)
-    if a.opd is not None:  # each token's advantage from the teacher's log-prob of it (r1mega.algorithms.distill)
-        o = a.opd
-        advantages = opd_advantages(old, micro.teacher_logp, mask, o.kl_coef, o.kl_clip, micro.advantages,
-                                    o.reward_weight)
-        distilled = reverse_kl(old, micro.teacher_logp, mask).detach().sum()
+    advantages, distilled, distill_loss = micro.advantages, torch.zeros((), dtype=torch.float64), 0.0
+    if a.opd is not None:  # on-policy distillation (r1mega.algorithms.distill)
+        advantages, distilled, distill_loss = distillation(micro, logits, old, s, counts)
     terms = policy_terms(logp, old, micro.ref_logp, advantages, mask, weights, Surrogate.of(a), **counts)
-    loss = terms.loss
+    loss = terms.loss + distill_loss
     if a.entropy_coeff:
         loss = loss - a.entropy_coeff * aggregate(entropy, mask, **counts)
     clip = surrogate_stats(terms.ratio, advantages, mask, a.eps_low, a.eps_high, a.dual_clip)
@@ -102,6 +99,23 @@ def policy_loss(micro: MicroBatch, logits: torch.Tensor, s: LossSettings, scale:
     # gradients over data-parallel ranks; the loss already carries global denominators.
     return loss * scale, {"sums": sums.double().cpu(), "maxes": maxes.double().cpu(), "rows": rows.cpu(),
                           "ratio_hist": hist.cpu()}
+
+
+def distillation(micro: MicroBatch, logits: torch.Tensor, old: torch.Tensor, s: LossSettings, counts: dict):
+    """(advantages, summed per-token reverse KL, loss term) of on-policy distillation. Sampled tokens: each
+    token's advantage is the teacher's log-prob of it minus the student's, plus the reward's share. Top-k:
+    the reverse KL over the teacher's k best tokens and the rest is a loss of its own (its gradient reaches
+    every candidate's logit, not just the sampled token's), and the advantages are the reward's share only."""
+    o, mask = s.algo.opd, micro.mask
+    if not o.top_k:
+        advantages = opd_advantages(old, micro.teacher_logp, mask, o.kl_coef, o.kl_clip, micro.advantages,
+                                    o.reward_weight)
+        return advantages, reverse_kl(old, micro.teacher_logp, mask).detach().sum(), 0.0
+    ids = micro.in_output_layout(micro.teacher_topk_ids)
+    student = micro.per_row(candidate_logprobs(logits, ids, s.temperature))
+    kl = topk_reverse_kl(student, micro.teacher_topk_logp, mask)
+    advantages = opd_advantages(old, micro.teacher_logp, mask, 0.0, None, micro.advantages, o.reward_weight)
+    return advantages, kl.detach().sum(), o.kl_coef * aggregate(kl, mask, **counts)
 
 
 def off_policy_weights(prox_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,

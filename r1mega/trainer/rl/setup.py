@@ -28,7 +28,7 @@ from r1mega.trainer.model_setup import (build_kl_reference, build_policy, initia
 from r1mega.trainer.rl.async_rollout import AsyncRollout
 from r1mega.trainer.rl.context import RLContext
 from r1mega.trainer.rl.one_step_off import OneStepOff
-from r1mega.trainer.rl.teacher import Teacher
+from r1mega.trainer.rl.teacher import make_teacher
 from r1mega.trainer.rl.offload import TrainState
 from r1mega.trainer.rl import routing
 
@@ -132,7 +132,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
                      engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
                      test_records=test, sampling=sampling, train_state=train_state(cfg, ddp, optimizer),
                      async_rollout=workers, one_step_off=ahead,
-                     teacher=Teacher(cfg) if cfg.algorithm.opd is not None else None)
+                     teacher=make_teacher(cfg) if cfg.algorithm.opd is not None else None)
 
 
 def rollout_workers(cfg: R1Config) -> bool:

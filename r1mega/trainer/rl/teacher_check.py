@@ -33,7 +33,8 @@ def check_teacher(cfg: R1Config, world_size: Optional[int] = None,
     stage = (promised or {}).get(folder.resolve()) if not folder.exists() else None
     model = stage.model if stage is not None else _model(folder)
     try:
-        check_layout(replace(model, mtp=None), t.parallel, world_size)
+        if not t.server:  # a served teacher is laid out by its server
+            check_layout(replace(model, mtp=None), t.parallel, world_size)
     except ConfigError as e:
         raise ConfigError(f"{KEY} (model {model.name} from {t.path}), in {KEY}.parallel: {e}") from None
     student = tokenizer_source(cfg, promised)
