@@ -57,7 +57,6 @@ def runs(tmp_path_factory):
     moe += [*ALGO, f"model.mcore_path={root / 'moe_init'}", "trainer.steps=2"]
     out["moe_ref"] = spawn(1, run, [*moe, "trainer.micro_batch_tokens=192"], str(root / "moe_ref"), 1)[0]
     out["moe_ep2cp2"] = spawn(2, run, [*moe, "parallel.ep=2", "parallel.cp=2"], str(root / "moe_ep2cp2"), 2)[0]
-    out["dp2"] = spawn(2, run, common, str(root / "dp2"), 2)[0]
     # resume: 4 steps straight vs 2 steps, a checkpoint, and 2 more from it
     four = [*ALGO, f"model.mcore_path={init}", "trainer.steps=4"]
     out["whole"] = spawn(1, run, four, str(root / "whole"), 1)[0]
@@ -82,13 +81,6 @@ def test_model_parallel_steps_match_single_rank(runs, layout):
             assert _close(a[key], b[key], 1e-4, key), f"{layout} step {a['step']} {key}: {a[key]} vs {b[key]}"
     assert ref[1]["clip_fraction"] >= 0 and ref[0]["kl"] >= 0
     assert any(m["grad_norm"] > 0 for m in ref) and any(m["advantage/abs_mean"] > 0 for m in ref)
-
-
-def test_data_parallel_run_is_sane(runs):
-    # DP=2 splits the prompts (and sampling seeds) differently: finite numbers, same shapes of metrics
-    for m in runs["dp2"]:
-        assert m["grad_norm"] == m["grad_norm"] and m["loss"] == m["loss"]
-        assert set(runs["ref"][0]) <= set(m) | {"eval/greedy_accuracy"}
 
 
 def test_resume_continues_exactly(runs):
