@@ -58,7 +58,9 @@ def topk_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask
     tiny = torch.finfo(student_logp.dtype).tiny
     ps_rest = (1.0 - student_logp.exp().sum(-1)).clamp(min=tiny)
     pt_rest = (1.0 - teacher_logp.exp().sum(-1)).clamp(min=tiny)
-    tokens = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    p = student_logp.exp()  # a token the student cannot produce (log-prob -inf) adds nothing, nor a NaN gradient
+    finite = torch.where(p > 0, student_logp, torch.zeros_like(student_logp))
+    tokens = torch.where(p > 0, p * (finite - teacher_logp), torch.zeros_like(p)).sum(-1)
     rest = ps_rest * (ps_rest.log() - pt_rest.log())
     kl = tokens + rest
     return torch.where(m, kl, torch.zeros_like(kl))

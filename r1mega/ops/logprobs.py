@@ -260,21 +260,29 @@ def _at(z: torch.Tensor, ids: torch.Tensor, vocab_start: int, group) -> torch.Te
 def candidate_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) over the whole vocabulary at `ids` [..., k] (global ids), from this
     tensor-parallel rank's vocab slice; differentiable (plain autograd: a [..., V_local] buffer per input).
-    fp32 (fp64 for fp64 input), as token_logprobs."""
+    fp32 (fp64 for fp64 input), as token_logprobs; -inf at ids past the vocabulary."""
     group, tp_rank = _tp()
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
-    return _at(z, ids, tp_rank * logits.size(-1), group) - _logsumexp(z, group)
+    out = _at(z, ids, tp_rank * logits.size(-1), group) - _logsumexp(z, group)
+    vocab = logits.size(-1) * (dist.get_world_size(group) if group is not None else 1)
+    return torch.where(ids < vocab, out, torch.full((), float("-inf"), dtype=out.dtype))  # no such token here
 
 
-def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_logprobs(logits: torch.Tensor, k: int, below: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, ids) [..., k] of the k most likely tokens at each position (temperature 1), most likely
-    first, from this rank's vocab slice: each rank's own k best, gathered, then the k best of those."""
+    first, from this rank's vocab slice: each rank's own k best, gathered, then the k best of those. With
+    `below`, only ids under it are candidates (another model's vocabulary: the rows past a tokenizer's
+    tokens that padding adds to the embedding), though the log-probs are of the whole distribution."""
     group, tp_rank = _tp()
     with torch.no_grad():
         z = logits.to(_compute_dtype(logits.dtype))
         lse = _logsumexp(z, group)
+        start = tp_rank * z.size(-1)
+        if below is not None and start + z.size(-1) > below:
+            z = z.clone()
+            z[..., max(below - start, 0):] = float("-inf")
         values, ids = z.topk(min(k, z.size(-1)), dim=-1)
-        ids = ids + tp_rank * z.size(-1)
+        ids = ids + start
         if group is not None:
             size = dist.get_world_size(group)
             every_v = [torch.empty_like(values) for _ in range(size)]

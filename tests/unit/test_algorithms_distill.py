@@ -71,3 +71,17 @@ def test_top_k_reverse_kl_is_the_coarsened_and_with_every_token_the_full_reverse
     every = torch.arange(12).expand(1, 3, 12)
     whole = topk_reverse_kl(student.gather(-1, every), teacher.gather(-1, every), mask)
     assert torch.allclose(whole[0, :2], (student.exp() * (student - teacher)).sum(-1)[0, :2], atol=1e-12)
+
+
+def test_a_candidate_the_student_cannot_produce_adds_nothing():
+    """A teacher candidate past the student's vocabulary has student log-prob -inf: no term, no NaN gradient."""
+    from r1mega.algorithms.distill import topk_reverse_kl
+
+    student = torch.tensor([[[-0.5, -1.5, float("-inf")]]], requires_grad=True)
+    teacher = torch.tensor([[[-0.7, -1.0, -3.0]]])
+    kl = topk_reverse_kl(student, teacher, torch.tensor([[True]]))
+    kl.sum().backward()
+    s, t = student.detach()[0, 0, :2], teacher[0, 0]
+    rest_s, rest_t = 1 - s.exp().sum(), 1 - t.exp().sum()
+    want = (s.exp() * (s - t[:2])).sum() + rest_s * (rest_s.log() - rest_t.log())
+    assert torch.isclose(kl[0, 0], want) and torch.isfinite(student.grad).all() and student.grad[0, 0, 2] == 0

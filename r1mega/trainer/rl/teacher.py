@@ -69,6 +69,7 @@ class Teacher:
         # micro-batching (packing, sequence-parallel multiples) as the student's, under the teacher's model
         self.cfg = replace(cfg, model=self.model, parallel=t.parallel, trainer=trainer)
         self.top_k = cfg.algorithm.opd.top_k
+        self.student_vocab = cfg.model.vocab_size  # top-k candidates the student's output layer has
         self.layout = ParallelLayout(t.parallel)
         with self.layout.active():
             self.chunks = build_model(self.model, t.parallel)
@@ -115,7 +116,7 @@ class Teacher:
             logp, _ = target_logprobs(logits, m.targets, 1.0, with_entropy=False)
             report = {"logp": m.per_row(logp).float().cpu()}
             if k:
-                top, ids = top_logprobs(logits, k)
+                top, ids = top_logprobs(logits, k, below=self.student_vocab)
                 report.update(top=m.per_row(top).float().cpu(), ids=m.per_row(ids).cpu())
             return logits.new_zeros(()), report
 
