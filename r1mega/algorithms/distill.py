@@ -50,17 +50,12 @@ def opd_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask:
 def topk_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T] reverse KL over the teacher's top-k tokens at each position plus one bucket for all other tokens:
     KL(p_s || p_t) of the two distributions coarsened onto {v_1 .. v_k, rest}. student_logp, teacher_logp
-    [B, T, k] are full-vocabulary log-probs of the same k tokens (the teacher's most likely); the rest's
-    log-prob is log(1 - sum of the k). Exact when the k tokens hold all of both distributions' mass, a lower
-    bound of the full KL otherwise (coarsening never raises a divergence); 0 off the mask. Differentiable in
-    student_logp."""
+    [B, T, k + 1] are full-vocabulary log-probs of the same k tokens (the teacher's most likely), then of the
+    rest (summed where it lies: 1 minus the k's mass would lose it to rounding once they hold nearly all).
+    Exact when the k tokens hold all of both distributions' mass, a lower bound of the full KL otherwise
+    (coarsening never raises a divergence); 0 off the mask. Differentiable in student_logp."""
     m = mask.bool()
-    tiny = torch.finfo(student_logp.dtype).tiny
-    ps_rest = (1.0 - student_logp.exp().sum(-1)).clamp(min=tiny)
-    pt_rest = (1.0 - teacher_logp.exp().sum(-1)).clamp(min=tiny)
-    p = student_logp.exp()  # a token the student cannot produce (log-prob -inf) adds nothing, nor a NaN gradient
+    p = student_logp.exp()  # a bucket the student gives no mass (log-prob -inf) adds nothing, nor a NaN gradient
     finite = torch.where(p > 0, student_logp, torch.zeros_like(student_logp))
-    tokens = torch.where(p > 0, p * (finite - teacher_logp), torch.zeros_like(p)).sum(-1)
-    rest = ps_rest * (ps_rest.log() - pt_rest.log())
-    kl = tokens + rest
+    kl = torch.where(p > 0, p * (finite - teacher_logp), torch.zeros_like(p)).sum(-1)
     return torch.where(m, kl, torch.zeros_like(kl))

@@ -105,12 +105,14 @@ def _check_opd(cfg: R1Config, dp: Optional[int]) -> None:
     require(min(p.tp, p.pp, p.ep) >= 1, f"{key}.teacher.parallel: tp, pp and ep must be >= 1")
     require(t.micro_batch_tokens is None or t.micro_batch_tokens >= 1,
             f"{key}.teacher.micro_batch_tokens={t.micro_batch_tokens} must be >= 1")
-    if dp is not None:
+    require(not (cfg.algorithm.dynamic_sampling and not o.reward_weight),
+            "algorithm.dynamic_sampling drops groups whose rewards are all equal; with algorithm.opd.reward_weight=0 "
+            "the rewards train nothing and those groups carry the teacher's signal as much as any")
+    if dp is not None:  # the rest of the teacher's layout is checked with its model (teacher_check.py)
         s = cfg.parallel
         world = dp * s.tp * s.pp * s.cp
-        require(world % (p.tp * p.pp) == 0 and (world // (p.tp * p.pp)) % p.ep == 0,
-                f"{key}.teacher.parallel: tp x pp = {p.tp} x {p.pp} must divide the {world} ranks of the job, and "
-                f"ep={p.ep} the teacher's data-parallel ranks")
+        require(world % (p.tp * p.pp) == 0,
+                f"{key}.teacher.parallel: tp x pp = {p.tp} x {p.pp} must divide the {world} ranks of the job")
 
 
 def _check_routing_replay(cfg: R1Config) -> None:

@@ -146,9 +146,12 @@ def _pipeline_layout(layers_per_stage: List[int], mtp_layers: int = 0) -> list:
     return stages
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig) -> List[GPTModel]:
-    """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving)."""
+def build_model(model: ModelConfig, parallel: ParallelConfig, initialize: bool = True) -> List[GPTModel]:
+    """GPTModel chunks of this rank's pipeline stage (one, or vpp under interleaving); `initialize=False`
+    leaves the weights uninitialised, for a model whose weights are loaded or copied next (megatron would
+    otherwise draw every full weight matrix first)."""
     config = transformer_config(model, parallel)
+    config.perform_initialization = initialize
     megatron_fixes.apply(config, f"model {model.name}")
     backend = resolve_backend(model.attention_backend)
     if model.mla is not None and parallel.cp > 1 and backend != "te":

@@ -235,12 +235,13 @@ def _tp() -> tuple:
 def _logsumexp(z: torch.Tensor, group) -> torch.Tensor:
     """log sum exp over the whole vocabulary of this rank's slice z [..., V_local], differentiable: the shift is a
     constant, the sum an all-reduce whose gradient each rank keeps for its own slice (megatron's
-    reduce_from_tensor_model_parallel_region)."""
+    reduce_from_tensor_model_parallel_region). -inf where every entry is -inf."""
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
     m = z.detach().amax(dim=-1, keepdim=True)
     if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     s = (z - m).exp().sum(dim=-1, keepdim=True)
     if group is not None:
         s = reduce_from_tensor_model_parallel_region(s, group=group)
@@ -257,31 +258,48 @@ def _at(z: torch.Tensor, ids: torch.Tensor, vocab_start: int, group) -> torch.Te
     return reduce_from_tensor_model_parallel_region(out, group=group) if group is not None else out
 
 
+def _without(z: torch.Tensor, ids: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """z with the entries of global ids [..., k] set to -inf (this rank's slice)."""
+    size = z.size(-1)
+    local = ids - vocab_start
+    local = torch.where((local >= 0) & (local < size), local, size)  # another rank's: a spare column
+    hit = torch.zeros(*z.shape[:-1], size + 1, dtype=torch.bool, device=z.device)
+    hit.scatter_(-1, local, True)
+    return z.masked_fill(hit[..., :size], float("-inf"))
+
+
 def candidate_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) over the whole vocabulary at `ids` [..., k] (global ids), from this
-    tensor-parallel rank's vocab slice; differentiable (plain autograd: a [..., V_local] buffer per input).
-    fp32 (fp64 for fp64 input), as token_logprobs; -inf at ids past the vocabulary."""
+    """[..., k + 1]: log softmax(logits / temperature) over the whole vocabulary at `ids` [..., k] (global ids),
+    then the log of the mass of every other token (summed where it lies, not as 1 minus the rest: exact when
+    the candidates hold nearly all of it). From this tensor-parallel rank's vocab slice; differentiable
+    (plain autograd: [..., V_local] buffers per input). fp32 (fp64 for fp64 input), as token_logprobs; -inf
+    at ids past the vocabulary."""
     group, tp_rank = _tp()
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
-    out = _at(z, ids, tp_rank * logits.size(-1), group) - _logsumexp(z, group)
+    start = tp_rank * logits.size(-1)
+    lse = _logsumexp(z, group)
+    out = _at(z, ids, start, group) - lse
     vocab = logits.size(-1) * (dist.get_world_size(group) if group is not None else 1)
-    return torch.where(ids < vocab, out, torch.full((), float("-inf"), dtype=out.dtype))  # no such token here
+    out = torch.where(ids < vocab, out, torch.full((), float("-inf"), dtype=out.dtype))  # no such token here
+    return torch.cat([out, _logsumexp(_without(z, ids, start), group) - lse], dim=-1)
 
 
 def top_logprobs(logits: torch.Tensor, k: int, below: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, ids) [..., k] of the k most likely tokens at each position (temperature 1), most likely
-    first, from this rank's vocab slice: each rank's own k best, gathered, then the k best of those. With
-    `below`, only ids under it are candidates (another model's vocabulary: the rows past a tokenizer's
-    tokens that padding adds to the embedding), though the log-probs are of the whole distribution."""
+    """(log-probs [..., k + 1], ids [..., k]) of the k most likely tokens at each position (temperature 1), most
+    likely first, and last the log of all other tokens' mass (as candidate_logprobs), from this rank's vocab
+    slice: each rank's own k best, gathered, then the k best of those. With `below`, only ids under it are
+    candidates (another model's vocabulary: the rows past a tokenizer's tokens that padding adds to the
+    embedding), though the log-probs are of the whole distribution."""
     group, tp_rank = _tp()
     with torch.no_grad():
         z = logits.to(_compute_dtype(logits.dtype))
         lse = _logsumexp(z, group)
         start = tp_rank * z.size(-1)
+        eligible = z
         if below is not None and start + z.size(-1) > below:
-            z = z.clone()
-            z[..., max(below - start, 0):] = float("-inf")
-        values, ids = z.topk(min(k, z.size(-1)), dim=-1)
+            eligible = z.clone()
+            eligible[..., max(below - start, 0):] = float("-inf")
+        values, ids = eligible.topk(min(k, z.size(-1)), dim=-1)
         ids = ids + start
         if group is not None:
             size = dist.get_world_size(group)
@@ -291,4 +309,6 @@ def top_logprobs(logits: torch.Tensor, k: int, below: int | None = None) -> tupl
             dist.all_gather(every_i, ids.contiguous(), group=group)
             values, ids = torch.cat(every_v, dim=-1), torch.cat(every_i, dim=-1)
         best, where = values.topk(k, dim=-1)
-        return best - lse, ids.gather(-1, where)
+        ids = ids.gather(-1, where)
+        rest = _logsumexp(_without(z, ids, start), group) - lse
+        return torch.cat([best - lse, rest], dim=-1), ids

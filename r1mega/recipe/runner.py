@@ -96,6 +96,8 @@ def validate_stages(p: PipelineConfig, extra: Sequence[str]) -> None:
                     f"evaluate: true needs a stage that exports a model ({', '.join(sorted(MODEL_KINDS))})")
             rules = {"sft": check_sft_run, "opd": partial(check_teacher, promised=dict(promised))}.get(st.kind)
             cfg = load_config(args, entry_rules=rules)
+            require(st.kind != "opd" or cfg.algorithm.opd is not None,
+                    "a stage of kind opd needs algorithm.opd (its overrides set another algorithm)")
             if st.kind in MODEL_KINDS:
                 promised[dirs[st.name] / "model"] = cfg
             if st.evaluate:

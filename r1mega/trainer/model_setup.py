@@ -97,7 +97,8 @@ def build_kl_reference(cfg: R1Config, source: Optional[str], policy: list) -> Op
     """The KL reference model: a frozen copy of the initial policy (none when kl_beta = 0)."""
     if cfg.algorithm.kl_beta == 0:
         return None
-    ref = build_model(replace(cfg.model, mtp=None), cfg.parallel)  # its log-probs never run MTP layers
+    # its log-probs never run MTP layers; its weights are the policy's, copied next
+    ref = build_model(replace(cfg.model, mtp=None), cfg.parallel, initialize=False)
     copy_weights(policy, ref)
     exchange_shapes(ref)
     for chunk in ref:

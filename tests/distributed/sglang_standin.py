@@ -474,7 +474,8 @@ class StandIn:
         """logprob_result_processor: from `start` on, each input token's log-prob given the ones before it, of
         the raw logits (no temperature); the first entry's is None (never computed); -1: none (output only).
         With `top`, the k most likely tokens of the same distributions, aligned the same way (first None).
-        Ids at vocab_size - 1 come back as 0 (the returned ids are clipped; the values are not)."""
+        Ids at vocab_size - 1 come back as 0 in input_token_logprobs (those ids are clipped; the values and the
+        top log-probs' ids are not)."""
         if start < 0 or start >= len(ids):
             return [], []
         with torch.no_grad():
@@ -486,7 +487,7 @@ class StandIn:
         tops = [None]
         for j in range(start + 1, len(ids)):
             values, best = logp[j - 1].topk(top) if top else (torch.zeros(0), torch.zeros(0))
-            tops.append([[float(v), shown(int(t)), None] for v, t in zip(values, best)])
+            tops.append([[float(v), int(t), None] for v, t in zip(values, best)])  # (only the tokens' ids are)
         return tokens, tops
 
     def _sample(self, prompt: List[int], params: Dict, req: dict, routed: bool = False) -> dict:

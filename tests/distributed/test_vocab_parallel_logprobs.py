@@ -106,12 +106,16 @@ def _candidates():
 
 def test_top_k_and_candidates_over_a_split_vocabulary():
     """The k most likely tokens (each rank's k best gathered, then the best of those) and the log-probs of
-    given tokens (differentiable) equal the whole vocabulary's log_softmax."""
+    given tokens and of the rest (differentiable) equal the whole vocabulary's log_softmax."""
+    def with_rest(logp, ids):  # at ids, then the log of every other token's mass
+        return torch.cat([logp.gather(-1, ids), logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
+
     logits, _, weights = _problem(torch.float64, False)
-    best, best_ids = torch.log_softmax(logits, -1).topk(6, dim=-1)
+    best_ids = torch.log_softmax(logits, -1).topk(6, dim=-1).indices
+    best = with_rest(torch.log_softmax(logits, -1), best_ids)
     full = logits.clone().requires_grad_(True)
-    (torch.log_softmax(full / 0.7, -1).gather(-1, best_ids) * weights[0][:, None]).sum().backward()
+    (with_rest(torch.log_softmax(full / 0.7, -1), best_ids) * weights[0][:, None]).sum().backward()
     for start, top, ids, chosen, grad in spawn(2, _candidates):
-        assert ids.equal(best_ids) and torch.allclose(top, best, atol=1e-12)
-        assert torch.allclose(chosen, torch.log_softmax(logits / 0.7, -1).gather(-1, best_ids), atol=1e-12)
+        assert ids.equal(best_ids) and top.shape == (ROWS, 7) and torch.allclose(top, best, atol=1e-12)
+        assert torch.allclose(chosen, with_rest(torch.log_softmax(logits / 0.7, -1), best_ids), atol=1e-12)
         assert torch.allclose(grad, full.grad[:, start:start + VOCAB // 2], atol=1e-12)

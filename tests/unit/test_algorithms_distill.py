@@ -54,6 +54,12 @@ def _coarse_kl(ps: torch.Tensor, pt: torch.Tensor, ids: torch.Tensor) -> torch.T
     return (a * (a.log() - b.log())).sum()
 
 
+def _with_rest(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[..., k + 1]: logp at ids, then the log of every other token's mass (summed where it lies)."""
+    others = logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([logp.gather(-1, ids), others], dim=-1)
+
+
 def test_top_k_reverse_kl_is_the_coarsened_and_with_every_token_the_full_reverse_kl():
     from r1mega.algorithms.distill import topk_reverse_kl
 
@@ -62,14 +68,14 @@ def test_top_k_reverse_kl_is_the_coarsened_and_with_every_token_the_full_reverse
     mask = torch.tensor([[True, True, False]])
     student, teacher = student[None], teacher[None]
     ids = teacher.topk(4, dim=-1).indices
-    kl = topk_reverse_kl(student.gather(-1, ids), teacher.gather(-1, ids), mask)
+    kl = topk_reverse_kl(_with_rest(student, ids), _with_rest(teacher, ids), mask)
     for t in range(2):
         assert abs(kl[0, t] - _coarse_kl(student[0, t].exp(), teacher[0, t].exp(), ids[0, t])) < 1e-12
         full = (student[0, t].exp() * (student[0, t] - teacher[0, t])).sum()
         assert 0 <= kl[0, t] <= full  # coarsening never raises a divergence
     assert kl[0, 2] == 0
-    every = torch.arange(12).expand(1, 3, 12)
-    whole = topk_reverse_kl(student.gather(-1, every), teacher.gather(-1, every), mask)
+    every = torch.arange(12).expand(1, 3, 12)  # every token a candidate: the rest is empty (log-prob -inf)
+    whole = topk_reverse_kl(_with_rest(student, every), _with_rest(teacher, every), mask)
     assert torch.allclose(whole[0, :2], (student.exp() * (student - teacher)).sum(-1)[0, :2], atol=1e-12)
 
 
@@ -77,11 +83,11 @@ def test_a_candidate_the_student_cannot_produce_adds_nothing():
     """A teacher candidate past the student's vocabulary has student log-prob -inf: no term, no NaN gradient."""
     from r1mega.algorithms.distill import topk_reverse_kl
 
-    student = torch.tensor([[[-0.5, -1.5, float("-inf")]]], requires_grad=True)
-    teacher = torch.tensor([[[-0.7, -1.0, -3.0]]])
+    rest_s, rest_t = 1 - torch.tensor([-0.5, -1.5]).exp().sum(), 1 - torch.tensor([-0.7, -1.0, -3.0]).exp().sum()
+    student = torch.tensor([[[-0.5, -1.5, float("-inf"), float(rest_s.log())]]], requires_grad=True)
+    teacher = torch.tensor([[[-0.7, -1.0, -3.0, float(rest_t.log())]]])
     kl = topk_reverse_kl(student, teacher, torch.tensor([[True]]))
     kl.sum().backward()
     s, t = student.detach()[0, 0, :2], teacher[0, 0]
-    rest_s, rest_t = 1 - s.exp().sum(), 1 - t.exp().sum()
     want = (s.exp() * (s - t[:2])).sum() + rest_s * (rest_s.log() - rest_t.log())
     assert torch.isclose(kl[0, 0], want) and torch.isfinite(student.grad).all() and student.grad[0, 0, 2] == 0

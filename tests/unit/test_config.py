@@ -99,6 +99,10 @@ def test_moe_preset_is_typed():
     (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.kl_clip=0"], None, "kl_clip=0.0 must be > 0"),
     (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.reward_weight=1",
       "algorithm.group_size=1"], None, "algorithm.group_size=1"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.dynamic_sampling=true"], None,
+     "carry the teacher's signal"),
+    (["algorithm=opd", "algorithm.opd.teacher.path=t", "algorithm.opd.top_k=4", "algorithm.opd.kl_clip=1"], None,
+     "set one of them"),
 ])
 def test_bad_configs_are_refused(overrides, world, needle):
     with pytest.raises(ConfigError, match=None) as err:

@@ -58,7 +58,8 @@ class StepBatch:
     old_logp: Optional[List[torch.Tensor]] = None  # trainer's, before the update (last stage only)
     ref_logp: Optional[List[torch.Tensor]] = None  # reference model's (last stage only)
     teacher_logp: Optional[List[torch.Tensor]] = None  # the distillation teacher's (algorithm.opd)
-    # its k most likely tokens at each response position ([R_i, k] log-probs and ids; algorithm.opd.top_k)
+    # its k most likely tokens at each response position ([R_i, k + 1] log-probs, the rest's mass last, and
+    # [R_i, k] ids; algorithm.opd.top_k)
     teacher_topk_logp: Optional[List[torch.Tensor]] = None
     teacher_topk_ids: Optional[List[torch.Tensor]] = None
     # experts each input position is routed to in every MoE layer, [len_i - 1, M, k], for replay
@@ -142,7 +143,7 @@ class MicroBatch:
     routing: Optional[torch.Tensor] = None  # like tokens, [b, L, M, k]: experts to replay
     row_index: Optional[torch.Tensor] = None  # a pack's, like tokens: the row of each position, -1 at padding
     teacher_logp: Optional[torch.Tensor] = None  # [b, W] the distillation teacher's log-probs (algorithm.opd)
-    teacher_topk_logp: Optional[torch.Tensor] = None  # [b, W, k] its k most likely tokens' log-probs
+    teacher_topk_logp: Optional[torch.Tensor] = None  # [b, W, k + 1] its k most likely tokens' log-probs, the rest
     teacher_topk_ids: Optional[torch.Tensor] = None  # [b, W, k] and their ids
 
     def input_spans(self) -> List[Tuple[int, int, int]]:

@@ -106,6 +106,8 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
     tokenizer = run_tokenizer(cfg)
     train, test = prompts(cfg, tokenizer)
     source = initial_weights(cfg, runtime, tokenizer)
+    # the teacher takes its memory before a separate engine sizes its KV cache from what is free
+    teacher = make_teacher(cfg) if cfg.algorithm.opd is not None else None
     separate = cfg.rollout.engine != "native"  # the engine keeps its own copy of the weights
     # such an engine starts before the policy takes memory: SGLang sizes its KV cache from what is free
     engine = build_engine(cfg, None, tokenizer) if separate else None
@@ -122,6 +124,10 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
                             ps.get_data_parallel_world_size())
     if cfg.rollout.mode == "async":
         warn_if_uncorrected(cfg)
+    if cfg.algorithm.opd is not None and cfg.rollout.temperature != 1.0 and dist.get_rank() == 0:
+        log.warning("rollout.temperature=%g with algorithm=opd: the student's log-probs are of its tempered sampling "
+                    "distribution and the teacher's of its own (temperature 1), so the student's sampling learns "
+                    "the teacher's untempered distribution", cfg.rollout.temperature)
     workers = AsyncRollout(cfg, chunks, train, tokenizer_path(cfg), sglang) if rollout_workers(cfg) else None
     sampling = sampling_params(cfg)
     ahead = None
@@ -131,8 +137,7 @@ def setup(cfg: R1Config, runtime: Runtime) -> RLContext:
                      scheduler=scheduler, ref_chunks=build_kl_reference(cfg, source, chunks), engine=engine,
                      engine_shares_weights=not separate, rewards=rewards, reward_names=names, sampler=sampler,
                      test_records=test, sampling=sampling, train_state=train_state(cfg, ddp, optimizer),
-                     async_rollout=workers, one_step_off=ahead,
-                     teacher=make_teacher(cfg) if cfg.algorithm.opd is not None else None)
+                     async_rollout=workers, one_step_off=ahead, teacher=teacher)
 
 
 def rollout_workers(cfg: R1Config) -> bool:

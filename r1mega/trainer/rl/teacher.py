@@ -72,7 +72,7 @@ class Teacher:
         self.student_vocab = cfg.model.vocab_size  # top-k candidates the student's output layer has
         self.layout = ParallelLayout(t.parallel)
         with self.layout.active():
-            self.chunks = build_model(self.model, t.parallel)
+            self.chunks = build_model(self.model, t.parallel, initialize=False)  # loaded next
             if (Path(t.path) / MODEL_YAML).is_file():
                 load_model(self.chunks, t.path)
             else:
@@ -144,7 +144,8 @@ class Teacher:
 
 class TeacherScores(NamedTuple):
     logp: List[torch.Tensor]  # [R_i] of each row's response tokens
-    topk_logp: Optional[List[torch.Tensor]]  # [R_i, k] the teacher's k most likely tokens, most likely first
+    # [R_i, k + 1] the teacher's k most likely tokens, most likely first, then the log of all other tokens' mass
+    topk_logp: Optional[List[torch.Tensor]]
     topk_ids: Optional[List[torch.Tensor]]
 
     @staticmethod
@@ -187,8 +188,8 @@ class ServedTeacher:
 
     def _request(self, batch: StepBatch) -> list:
         k = self.top_k
-        empty = torch.zeros(0, k) if k else None
-        out = [(torch.zeros(0), empty, empty.long() if k else None)] * len(batch)  # rows with no response
+        out = [(torch.zeros(0), torch.zeros(0, k + 1), torch.zeros(0, k, dtype=torch.long)) if k else
+               (torch.zeros(0), None, None)] * len(batch)  # rows with no response
         rows = [i for i in range(len(batch)) if len(batch.tokens[i]) > batch.prompt_lens[i]]
         for start in range(0, len(rows), self.ROWS_PER_REQUEST):
             part = rows[start:start + self.ROWS_PER_REQUEST]
@@ -196,6 +197,14 @@ class ServedTeacher:
                                               [batch.prompt_lens[i] for i in part], k)
             for i, (values, top) in zip(part, got):
                 top = torch.tensor(top, dtype=torch.float64) if k else None  # [R, k, (log-prob, id)]
-                out[i] = (torch.tensor(values, dtype=torch.float32),
-                          top[..., 0].float() if k else None, top[..., 1].long() if k else None)
+                out[i] = (torch.tensor(values, dtype=torch.float32), _with_rest(top[..., 0]) if k else None,
+                          top[..., 1].long() if k else None)
         return out
+
+
+def _with_rest(top: torch.Tensor) -> torch.Tensor:
+    """[R, k + 1]: a server's top-k log-probs and the log of the rest's mass, 1 minus theirs, in float64. The
+    server's log-probs are fp32: a rest below their rounding (float32's epsilon) is taken as that epsilon."""
+    floor = torch.finfo(torch.float32).eps
+    rest = torch.log((1.0 - top.exp().sum(-1)).clamp(min=floor))
+    return torch.cat([top, rest.unsqueeze(-1)], dim=-1).float()

@@ -39,14 +39,17 @@ def check_teacher(cfg: R1Config, world_size: Optional[int] = None,
         raise ConfigError(f"{KEY} (model {model.name} from {t.path}), in {KEY}.parallel: {e}") from None
     student = tokenizer_source(cfg, promised)
     teacher = tokenizer_source(stage, promised) if stage is not None else _tokenizer_folder(folder)
-    if student.resolve() == teacher.resolve():
-        return
-    ours, theirs = _vocabulary(student, cfg), _vocabulary(teacher, stage or cfg)
-    if ours != theirs:
-        raise ConfigError(f"{KEY}.path={t.path}: the teacher's tokenizer ({teacher}) is not the student's "
-                          f"({student}): {_difference(ours, theirs)}. On-policy distillation scores the student's "
-                          "token ids with the teacher, so both must share one tokenizer; pick a student of the "
-                          "teacher's family (distilling across tokenizers is not supported)")
+    if student.resolve() != teacher.resolve():
+        ours, theirs = _vocabulary(student, cfg), _vocabulary(teacher, stage or cfg)
+        if ours != theirs:
+            raise ConfigError(f"{KEY}.path={t.path}: the teacher's tokenizer ({teacher}) is not the student's "
+                              f"({student}): {_difference(ours, theirs)}. On-policy distillation scores the "
+                              "student's token ids with the teacher, so both must share one tokenizer; pick a "
+                              "student of the teacher's family (distilling across tokenizers is not supported)")
+    if model.vocab_size < cfg.model.vocab_size:  # the student may sample ids the teacher has no row for
+        raise ConfigError(f"{KEY}.path={t.path}: the teacher's model.vocab_size={model.vocab_size} is below the "
+                          f"student's {cfg.model.vocab_size} (the same tokenizer, padded otherwise): the student can "
+                          "sample ids the teacher cannot score; pad the student's vocabulary to at most the teacher's")
 
 
 def _model(folder: Path) -> ModelConfig:
