@@ -37,11 +37,17 @@ STUDENT = ["model=tiny_small", "trainer.progress=false", "trainer.plot=false", "
            "rollout.eval_samples=0"]
 SFT = ["sft.template=r1_zero", "sft.samples_per_step=32", "optimizer.lr=3e-4"]  # as the pipeline's small_sft
 SFT_STEPS = [8, 16, 32, 64]  # and the pipeline's own budget: two epochs over the traces
-OPD = ["algorithm=opd", "optimizer.lr=3e-4"]  # as the pipeline's small_opd
+OPD = ["algorithm=opd", "optimizer.lr=3e-4"]  # as the pipeline's small_opd: 16 prompts x 8 samples a step
+VARIANTS = {"opd": [], "opd_2_per_prompt": ["algorithm.group_size=2"], "opd_top8": ["algorithm.opd.top_k=8"]}
+NAMES = {"sft": "SFT", "opd": "OPD, 16 x 8 samples", "opd_2_per_prompt": "OPD, 16 x 2 samples",
+         "opd_top8": "OPD top-8, 16 x 8 samples"}
 OPD_STEPS, EVAL_EVERY = 60, 5
 
 
-def _run(entry: str, args: List[str], log: Path) -> None:
+def _run(entry: str, args: List[str], log: Path, product: Path) -> None:
+    """The entry point's run, unless an earlier one left its product (a stopped comparison goes on)."""
+    if product.is_file():
+        return
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as sink:
         done = subprocess.run([sys.executable, "-m", f"r1mega.cli.{entry}", *args], cwd=ROOT, stdout=sink,
@@ -67,9 +73,10 @@ def sft_curve(pipe: Path, work: Path) -> List[dict]:
     for steps in [*SFT_STEPS, math.ceil(2 * kept / 32)]:
         folder = work / f"sft-{steps}"
         _run("sft", [*STUDENT, *SFT, f"sft.train_files=[{pipe / 'distill_data' / 'data.jsonl'}]",
-                     f"sft.steps={steps}", f"trainer.output_dir={folder}"], folder / "run.log")
+                     f"sft.steps={steps}", f"trainer.output_dir={folder}"], folder / "run.log",
+             folder / "model" / "model.yaml")
         _run("evaluate", [*STUDENT, f"model.mcore_path={folder / 'model'}",
-                          f"trainer.output_dir={folder / 'eval'}"], folder / "eval.log")
+                          f"trainer.output_dir={folder / 'eval'}"], folder / "eval.log", folder / "eval" / "eval.json")
         share = min(1.0, 32 * steps / kept)  # of the prompts whose traces the run read
         train_s = sum(r.get("time/step", 0.0) for r in _rows(folder))
         points.append({"steps": steps, "train_seconds": train_s, "sampling_seconds": share * sampling_s,
@@ -78,11 +85,11 @@ def sft_curve(pipe: Path, work: Path) -> List[dict]:
     return points
 
 
-def opd_curve(pipe: Path, work: Path) -> List[dict]:
-    folder = work / "opd"
-    _run("train", [*STUDENT, *OPD, f"algorithm.opd.teacher.path={pipe / 'rl2' / 'model'}",
+def opd_curve(pipe: Path, work: Path, name: str) -> List[dict]:
+    folder = work / name
+    _run("train", [*STUDENT, *OPD, *VARIANTS[name], f"algorithm.opd.teacher.path={pipe / 'rl2' / 'model'}",
                    f"trainer.steps={OPD_STEPS}", f"trainer.eval_every={EVAL_EVERY}", f"trainer.output_dir={folder}"],
-         folder / "run.log")  # evaluated before the first step too
+         folder / "run.log", folder / "model" / "model.yaml")  # evaluated before the first step too
     points, seconds, tokens, generated = [], 0.0, 0.0, 0.0
     for r in _rows(folder):
         seconds += r.get("time/step", 0.0)
@@ -104,25 +111,25 @@ def first_reaching(points: List[dict], target: float) -> dict | None:
 
 
 def table(result: dict) -> str:
-    sft, opd, target = result["sft"], result["opd"], result["target"]
+    sides, target = ["sft", *VARIANTS], result["target"]
     lines = [f"teacher greedy pass@1 {100 * result['teacher']:.1f}%; 90% of it: {100 * target:.1f}%", "",
-             "| budget | SFT-distilled | on-policy-distilled |", "|---|---|---|"]
+             "| budget | " + " | ".join(NAMES[s] for s in sides) + " |", "|---|" + "---|" * len(sides)]
     for s in result["seconds_budgets"]:
-        lines.append(f"| {s:.0f} s of training | {100 * at(sft, 'seconds', s):.1f}% "
-                     f"| {100 * at(opd, 'seconds', s):.1f}% |")
+        lines.append(f"| {s:.0f} s of training | " + " | ".join(
+            f"{100 * at(result[side], 'seconds', s):.1f}%" for side in sides) + " |")
     for t in result["token_budgets"]:
-        lines.append(f"| {t / 1e3:.0f}k teacher tokens | {100 * at(sft, 'teacher_tokens', t):.1f}% "
-                     f"| {100 * at(opd, 'teacher_tokens', t):.1f}% |")
-    for name, points in (("SFT-distilled", sft), ("on-policy-distilled", opd)):
-        hit = first_reaching(points, target)
-        lines.append(f"| {name} reaches {100 * target:.1f}% | " + (
-            f"after {hit['seconds']:.0f} s, {hit['teacher_tokens'] / 1e3:.0f}k teacher tokens "
-            f"(step {hit['steps']})"
-            if hit else "not within the runs") + " | |")
+        lines.append(f"| {t / 1e3:.0f}k teacher tokens | " + " | ".join(
+            f"{100 * at(result[side], 'teacher_tokens', t):.1f}%" for side in sides) + " |")
+    cells = []
+    for side in sides:
+        hit = first_reaching(result[side], target)
+        cells.append(f"{hit['seconds']:.0f} s, {hit['teacher_tokens'] / 1e3:.0f}k tokens (step {hit['steps']})"
+                     if hit else "not reached")
+    lines.append(f"| first at {100 * target:.1f}% | " + " | ".join(cells) + " |")
     lines += ["", "| side | step | seconds | teacher tokens | greedy |", "|---|---|---|---|---|"]
-    for name in ("sft", "opd"):
-        for p in result[name]:
-            lines.append(f"| {name} | {p['steps']} | {p['seconds']:.0f} | {p['teacher_tokens'] / 1e3:.1f}k "
+    for side in sides:
+        for p in result[side]:
+            lines.append(f"| {NAMES[side]} | {p['steps']} | {p['seconds']:.0f} | {p['teacher_tokens'] / 1e3:.1f}k "
                          f"| {100 * p['greedy']:.1f}% |")
     return "\n".join(lines) + "\n"
 
@@ -132,13 +139,14 @@ def main() -> None:
     teacher = json.loads((pipe / "rl2" / "eval" / "eval.json").read_text())["eval/greedy_accuracy"]
     work = pipe / "distill-compare"
     start = time.perf_counter()
-    opd = opd_curve(pipe, work)
-    sft = sft_curve(pipe, work)
-    longest = min(sft[-1]["seconds"], opd[-1]["seconds"])
-    most = min(sft[-1]["teacher_tokens"], opd[-1]["teacher_tokens"])
-    result = {"teacher": teacher, "target": 0.9 * teacher, "sft": sft, "opd": opd,
-              "seconds_budgets": [longest / 8, longest / 4, longest / 2, longest],
-              "token_budgets": [most / 8, most / 4, most / 2, most], "wall_seconds": time.perf_counter() - start}
+    result = {"teacher": teacher, "target": 0.9 * teacher, "sft": sft_curve(pipe, work)}
+    for name in VARIANTS:
+        result[name] = opd_curve(pipe, work, name)
+    curves = [result[side] for side in ("sft", *VARIANTS)]
+    longest = min(c[-1]["seconds"] for c in curves)
+    most = min(c[-1]["teacher_tokens"] for c in curves)
+    result.update({"seconds_budgets": [longest / 8, longest / 4, longest / 2, longest],
+                   "token_budgets": [most / 8, most / 4, most / 2, most], "wall_seconds": time.perf_counter() - start})
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "compare.json").write_text(json.dumps(result, indent=2))
     (OUT / "compare.md").write_text(table(result))

@@ -194,12 +194,18 @@ def _eval_of(st: StageConfig, folder: Path) -> Optional[dict]:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _tokens(st: StageConfig, folder: Path) -> Dict[str, Optional[float]]:
-    """Tokens the stage's model generated (a sampling stage's every sample; an RL run's rollouts) and, in on-policy
-    distillation, the teacher scored: the cost of distilling either way."""
+def _tokens(st: StageConfig, folder: Path, record: dict, samples: Dict[Path, Optional[float]]) -> Dict:
+    """Tokens the stage's model generated (a sampling stage's every sample; an RL run's rollouts) and the teacher
+    tokens it cost: in on-policy distillation those the teacher scored; in SFT on a sampling stage's data, the
+    tokens that stage generated (every sample, kept or not). The cost of distilling either way."""
     generated = teacher = None
     if st.kind == "sample" and (folder / PRODUCT["sample"]).is_file():
         generated = json.loads((folder / PRODUCT["sample"]).read_text())["all"].get("response_tokens")
+    elif st.kind == "sft":
+        files = next((o.split("=", 1)[1] for o in reversed(record.get("overrides", []))
+                      if o.startswith("sft.train_files=")), "")
+        spent = [n for data, n in samples.items() if str(data) in files and n is not None]
+        teacher = sum(spent) if spent else None
     elif st.kind in RUNS and (folder / METRICS_FILE).is_file():
         latest = {r["step"]: r for r in read_rows(folder / METRICS_FILE) if "response/tokens" in r}  # resumed: last
         generated = sum(r["response/tokens"] for r in latest.values())
@@ -211,14 +217,17 @@ def _tokens(st: StageConfig, folder: Path) -> Dict[str, Optional[float]]:
 def summary(p: PipelineConfig) -> List[Dict]:
     """Rows of the results table: every stage with its held-out accuracy (where evaluated) and wall time."""
     dirs = stage_dirs(p)
-    rows = []
+    rows, samples = [], {}  # a sampling stage's data file -> the tokens it generated
     for st in p.stages:
         done = dirs[st.name] / DONE
         if not done.is_file():
             continue
         record = json.loads(done.read_text())
         metrics = _eval_of(st, dirs[st.name]) or {}
-        rows.append({"stage": st.name, "kind": st.kind, "seconds": record["seconds"], **_tokens(st, dirs[st.name]),
+        tokens = _tokens(st, dirs[st.name], record, samples)
+        if st.kind == "sample":
+            samples[dirs[st.name] / "data.jsonl"] = tokens["generated_tokens"]
+        rows.append({"stage": st.name, "kind": st.kind, "seconds": record["seconds"], **tokens,
                      "eval_seconds": record.get("eval_seconds", 0.0),
                      "greedy_accuracy": metrics.get("eval/greedy_accuracy"),
                      "mean_at_k": metrics.get("eval/mean_at_k"), "pass_at_k": metrics.get("eval/pass_at_k"),
@@ -237,7 +246,7 @@ def format_table(rows: List[Dict]) -> str:
     def count(n):
         return "" if n is None else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
-    lines = ["| stage | kind | greedy pass@1 | sampled pass@1 | pass@k | tokens generated | teacher tokens scored "
+    lines = ["| stage | kind | greedy pass@1 | sampled pass@1 | pass@k | tokens generated | teacher tokens "
              "| wall time (stage + eval) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

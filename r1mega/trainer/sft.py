@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from functools import partial
 from typing import Dict, List, Sequence, Tuple
 
@@ -49,10 +50,10 @@ def train(cfg: R1Config, runtime: Runtime) -> List[Dict[str, float]]:
                             ps.get_data_parallel_world_size())
 
     def step(n: int) -> Dict[str, float]:
-        lr = current_lr(optimizer)
+        start, lr = time.perf_counter(), current_lr(optimizer)
         parts = micro_batches(sampler.next_batch(), cfg.sft, cfg.parallel, cfg.model.fp8)
         metrics = sft_step(ddp, optimizer, scheduler, parts)
-        return {**metrics, "lr": lr, "epoch": float(sampler.epoch)}
+        return {**metrics, "lr": lr, "epoch": float(sampler.epoch), "time/step": time.perf_counter() - start}
 
     def evaluate_due(n: int) -> Dict[str, float]:
         every = cfg.sft.eval_every

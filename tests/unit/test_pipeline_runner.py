@@ -56,10 +56,14 @@ def test_summary_table_lists_finished_stages(tmp_path):
 
 def test_summary_counts_the_tokens_of_sampling_and_distillation(tmp_path):
     p = PipelineConfig(output_dir=str(tmp_path), stages=[StageConfig(name="traces", kind="sample"),
+                                                         StageConfig(name="sft", kind="sft"),
                                                          StageConfig(name="opd", kind="opd")])
-    for name in ("traces", "opd"):
+    for name in ("traces", "sft", "opd"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "stage.json").write_text(json.dumps({"seconds": 61.0}))
+        record = {"seconds": 61.0}
+        if name == "sft":  # SFT on the sampling stage's traces: what the teacher generated for them
+            record["overrides"] = [f"sft.train_files=[{tmp_path / 'traces' / 'data.jsonl'}]"]
+        (tmp_path / name / "stage.json").write_text(json.dumps(record))
     (tmp_path / "traces" / "stats.json").write_text(json.dumps({"all": {"response_tokens": 1_234_567}}))
     rows = [{"step": 1, "response/tokens": 900.0, "opd/teacher_tokens": 900.0},
             {"step": 2, "response/tokens": 700.0, "opd/teacher_tokens": 700.0},
@@ -68,6 +72,7 @@ def test_summary_counts_the_tokens_of_sampling_and_distillation(tmp_path):
     (tmp_path / "opd" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = format_table(summary(p))
     assert "| traces | sample |  |  |  | 1.23M |  | 1m01s |" in table
+    assert "| sft | sft |  |  |  |  | 1.23M | 1m01s |" in table
     assert "| opd | opd |  |  |  | 1.7k | 1.7k | 1m01s |" in table
 
 
