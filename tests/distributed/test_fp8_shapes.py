@@ -30,8 +30,8 @@ def _guarded(recipe: str, seen: list):
 
     rows, last = RULES[recipe]
 
-    def build(model, parallel):
-        chunks = builder.build_model(model, parallel)
+    def build(model, parallel, **kwargs):
+        chunks = builder.build_model(model, parallel, **kwargs)
         for chunk in chunks:
             for name, module in chunk.named_modules():
                 if ".layers." in name and isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
