@@ -87,6 +87,17 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
             timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
         )
+    model_parallel_groups(parallel)
+    _start_replica_group(parallel.cp)
+    seed_everything(seed)
+    dp = ps.get_data_parallel_world_size()
+    return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
+
+
+
+def model_parallel_groups(parallel: ParallelConfig, gloo: bool = True) -> None:
+    """megatron's parallel_state groups of the layout (collective: every rank makes every group); `gloo`: also
+    the gloo data-parallel groups, which only a layout that keeps optimizer state needs."""
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -95,11 +106,8 @@ def initialize(parallel: ParallelConfig, seed: int, env: DistEnv | None = None) 
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         distributed_timeout_minutes=parallel.timeout_minutes,
+        create_gloo_process_groups=gloo,
     )
-    _start_replica_group(parallel.cp)
-    seed_everything(seed)
-    dp = ps.get_data_parallel_world_size()
-    return Runtime(env, device, backend, parallel.tp, parallel.pp, parallel.ep, parallel.cp, dp)
 
 
 _REPLICA_GROUP = None

@@ -19,6 +19,7 @@ from typing import Dict, Iterator
 from megatron.core import parallel_state as ps
 
 from r1mega.config.schema import ParallelConfig
+from r1mega.platform.distributed import model_parallel_groups
 
 _STATE = re.compile(r"_[A-Z][A-Z0-9_]*")  # parallel_state's module globals: groups, ranks, sizes
 
@@ -42,16 +43,7 @@ class ParallelLayout:
         home = _snapshot()
         vars(ps).update(_fresh(home))
         try:
-            ps.initialize_model_parallel(
-                tensor_model_parallel_size=parallel.tp,
-                pipeline_model_parallel_size=parallel.pp,
-                virtual_pipeline_model_parallel_size=parallel.vpp,
-                context_parallel_size=parallel.cp,
-                expert_model_parallel_size=parallel.ep,
-                expert_tensor_parallel_size=parallel.etp,
-                distributed_timeout_minutes=parallel.timeout_minutes,
-                create_gloo_process_groups=False,  # no optimizer state is kept under this layout
-            )
+            model_parallel_groups(parallel, gloo=False)  # no optimizer state is kept under this layout
             self._state = _snapshot()
         finally:
             vars(ps).update(home)

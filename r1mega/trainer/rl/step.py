@@ -93,7 +93,6 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
             batch = balance_over_dp(batch)
     with timer("logprobs"):
         logprobs(ctx, batch)
-    scored = teacher_metrics(ctx, batch)
     if ahead is not None:
         hand_back(ctx, step, timer)
     with timer("update"):
@@ -108,7 +107,7 @@ def rl_step(ctx: RLContext, step: int) -> Dict[str, float]:
         ahead.step_done()
     if ctx.cfg.algorithm.routing_replay != "none":
         stats.update(replay_metrics(ctx.chunks))
-    return {**rollout_metrics(ctx, gen, adv), **stats, **scored, **sync, "lr": lr,
+    return {**rollout_metrics(ctx, gen, adv), **stats, **sync, "lr": lr,
             **throughput(gen, time.perf_counter() - start), **timer.metrics()}
 
 
@@ -329,14 +328,9 @@ def rollout_metrics(ctx: RLContext, gen: Generated, adv: torch.Tensor) -> Dict[s
     })
     # programs' tests by how they ended, over all ranks (no_code: responses without a code block)
     out.update({f"reward/code_{k}": sums[base + 8 + i] for i, k in enumerate(counted)})
+    if ctx.teacher is not None:  # the distillation teacher scores every response token
+        out["opd/teacher_tokens"] = out["response/tokens"]
     return out
-
-
-def teacher_metrics(ctx: RLContext, batch: StepBatch) -> Dict[str, float]:
-    """Response tokens the distillation teacher scored this step, over all data-parallel ranks."""
-    if ctx.teacher is None:
-        return {}
-    return {"opd/teacher_tokens": dp_sum([batch.response_tokens(range(len(batch)))])[0]}
 
 
 def throughput(gen: Generated, seconds: float) -> Dict[str, float]:

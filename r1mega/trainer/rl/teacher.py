@@ -25,9 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from r1mega.checkpoint.hf_config import model_config_from_hf
-from r1mega.checkpoint.hf_convert import load_hf_weights
 from r1mega.checkpoint.hf_io import CheckpointError
-from r1mega.checkpoint.mcore import MODEL_YAML, load_model, read_model_config
+from r1mega.checkpoint.mcore import MODEL_YAML, read_model_config
 from r1mega.config.schema import FP8Config, ModelConfig, R1Config
 from r1mega.models.builder import build_model
 from r1mega.ops.logprobs import target_logprobs, top_logprobs
@@ -35,19 +34,21 @@ from r1mega.platform.distributed import rank, replica_group
 from r1mega.platform.layouts import ParallelLayout
 from r1mega.rollout.sglang.client import SGLangClient
 from r1mega.trainer.forward_backward import run_schedule
-from r1mega.trainer.model_setup import exchange_shapes
+from r1mega.trainer.model_setup import exchange_shapes, load_weights
 from r1mega.trainer.rl.batch import StepBatch, micro_batches
 
 log = logging.getLogger(__name__)
 
 
 def teacher_model_config(path: str | Path) -> ModelConfig:
-    """The teacher's architecture: an r1mega model folder's model.yaml, or an HF checkpoint's config.json."""
+    """The teacher's architecture, with the folder as where its weights load from (model.mcore_path or
+    model.hf_path, as load_weights reads them): an r1mega model folder's model.yaml, or an HF checkpoint's
+    config.json."""
     folder = Path(path)
     if (folder / MODEL_YAML).is_file():
-        return read_model_config(folder)
+        return replace(read_model_config(folder), mcore_path=str(folder), hf_path=None)
     if (folder / "config.json").is_file():
-        return model_config_from_hf(folder)
+        return replace(model_config_from_hf(folder), hf_path=str(folder), mcore_path=None)
     raise CheckpointError(f"algorithm.opd.teacher.path={path}: neither an r1mega model folder ({MODEL_YAML}) nor "
                           "an HF checkpoint (config.json)")
 
@@ -58,12 +59,12 @@ def make_teacher(cfg: R1Config):
 
 
 class Teacher:
-    """Built collectively on every rank; `logprobs` is collective too."""
+    """Built collectively on every rank; `score` is collective too."""
 
     def __init__(self, cfg: R1Config):
         t = cfg.algorithm.opd.teacher
-        # the job's precision and attention kernels; a frozen scorer needs no FP8 and no MTP layers
-        self.model = replace(teacher_model_config(t.path), dtype=cfg.model.dtype, fp8=FP8Config(), mtp=None,
+        # the job's precision and attention kernels; a frozen scorer needs no FP8 (nor MTP layers: below)
+        self.model = replace(teacher_model_config(t.path), dtype=cfg.model.dtype, fp8=FP8Config(),
                              attention_backend=cfg.model.attention_backend)
         trainer = replace(cfg.trainer, micro_batch_tokens=t.micro_batch_tokens or cfg.trainer.micro_batch_tokens)
         # micro-batching (packing, sequence-parallel multiples) as the student's, under the teacher's model
@@ -72,11 +73,9 @@ class Teacher:
         self.student_vocab = cfg.model.vocab_size  # top-k candidates the student's output layer has
         self.layout = ParallelLayout(t.parallel)
         with self.layout.active():
-            self.chunks = build_model(self.model, t.parallel, initialize=False)  # loaded next
-            if (Path(t.path) / MODEL_YAML).is_file():
-                load_model(self.chunks, t.path)
-            else:
-                load_hf_weights(self.chunks, self.model, t.path)
+            # built without MTP layers, loaded (checked against the folder's model) as generation loads a model
+            self.chunks = build_model(replace(self.model, mtp=None), t.parallel, initialize=False)
+            load_weights(self.chunks, self.cfg, self.model.mcore_path or self.model.hf_path)
             exchange_shapes(self.chunks)
             for chunk in self.chunks:
                 chunk.eval()
